@@ -1,0 +1,1 @@
+"""Everything that touches a QEMU process: command lines, launching, QMP, vhost-user."""
