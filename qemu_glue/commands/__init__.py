@@ -1,0 +1,1 @@
+"""``vioasid`` subcommands that drive QEMU (image, boot, demo, migrate)."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``vioasid`` CLI, one module each (see ``vioasid.cli``)."""
