@@ -158,7 +158,7 @@ class Layout:
 
     def words_of(self, data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, ...]:
         """The raw words (fast path, no construct): ``struct.unpack_from``."""
-        return self._unpack.unpack_from(data, offset)  # type: ignore[no-any-return]
+        return self._unpack.unpack_from(data, offset)
 
     def flat(self, data: bytes | bytearray | memoryview) -> dict[str, int]:
         """Every named field of ``data`` in one flat dict (for dumps and JSON)."""

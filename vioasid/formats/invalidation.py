@@ -42,7 +42,9 @@ def desc_type(qw0: int) -> int:
     return (qw0 & 0xF) | ((qw0 >> 5) & 0x70)
 
 
-def _desc(name: str, qw0: list[Field], qw1: list[Field], doc: str, rsvd0: int, rsvd1: int) -> Layout:
+def _desc(
+    name: str, qw0: list[Field], qw1: list[Field], doc: str, rsvd0: int, rsvd1: int
+) -> Layout:
     return Layout(
         name,
         [Word("qw0", _type_fields() + qw0, reserved=rsvd0), Word("qw1", qw1, reserved=rsvd1)],
@@ -118,7 +120,8 @@ DEV_PIOTLB_DESC = _desc(
         F("PFSID_HI", 63, 52),
     ],
     [F("G", 0), F("S", 11), F("ADDR", 63, 12, addr=True)],
-    "§6.5.2.6 PASID-based device-TLB invalidate; VTD_INV_DESC_PASID_DEVICE_IOTLB_*, QI_DEV_EIOTLB_*.",
+    "§6.5.2.6 PASID-based device-TLB invalidate; "
+    "VTD_INV_DESC_PASID_DEVICE_IOTLB_*, QI_DEV_EIOTLB_*.",
     0x000F000000000000,
     0x7FE,
 )

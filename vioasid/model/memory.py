@@ -9,6 +9,7 @@ which the walker turns into the VT-d fault the spec names. Nothing ever reads ou
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -120,10 +121,8 @@ class GuestMemory:
                 keep.release()
                 keep = getattr(keep, "obj", None)
             if isinstance(keep, mmap.mmap):
-                try:
+                with contextlib.suppress(BufferError):
                     keep.close()
-                except BufferError:
-                    pass
 
     # -- lookup -------------------------------------------------------------------------
     @property
