@@ -1,0 +1,355 @@
+"""Launch and supervise one QEMU process with asyncio.
+
+:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.vmspec.VmSpec`, captures the serial
+console line by line (history, async iteration, callbacks, optional live echo), connects QMP,
+and on every exit path (``async with``) shuts QEMU down, kills it if it will not go, and removes
+the temporary files it created (QMP socket, shared RAM file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TextIO
+
+from .qmp import Qmp, QmpError
+from .vmspec import DEFAULT_SHM_DIR, VmSpec
+
+log = logging.getLogger(__name__)
+
+ConsoleCallback = Callable[[str], None]
+
+
+class QemuError(Exception):
+    """QEMU failed to start, exited unexpectedly, or a wait on it timed out."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message + (f"\n{stderr.strip()}" if stderr.strip() else ""))
+        self.stderr = stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleLine:
+    """One serial console line and when it arrived (seconds since QEMU started)."""
+
+    t: float
+    text: str
+
+
+class QemuProcess:
+    """A running QEMU. Create with :meth:`start` (or ``async with QemuProcess.start(...)``)."""
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        proc: asyncio.subprocess.Process,
+        tmpdir: Path,
+        owned_files: list[Path],
+        echo: TextIO | None,
+    ) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.started_at = time.monotonic()
+        self.console: list[ConsoleLine] = []
+        self.qmp: Qmp | None = None
+        self._tmpdir = tmpdir
+        self._owned_files = owned_files
+        self._echo = echo
+        self._callbacks: list[ConsoleCallback] = []
+        self._waiters: list[asyncio.Queue[ConsoleLine | None]] = []
+        self._stderr: list[str] = []
+        self._console_done = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # ----- construction -----
+
+    @classmethod
+    async def start(
+        cls,
+        spec: VmSpec,
+        *,
+        echo: bool | TextIO = False,
+        connect_qmp: bool = True,
+        qmp_timeout: float = 10.0,
+        stdin_inherit: bool = False,
+    ) -> QemuProcess:
+        """Start QEMU. Missing ``ram_path``/``qmp_socket`` get temp paths removed on exit.
+
+        ``echo`` shows the console live (True: stderr, or a given stream). ``stdin_inherit``
+        gives QEMU this process's stdin (interactive console, serial on stdio).
+        """
+        tmpdir = Path(tempfile.mkdtemp(prefix=f"vioasid-{spec.name}-"))
+        owned: list[Path] = []
+        if spec.qmp_socket is None:
+            spec = dataclasses.replace(spec, qmp_socket=tmpdir / "qmp.sock")
+        if spec.ram_path is None:
+            shm = DEFAULT_SHM_DIR if DEFAULT_SHM_DIR.is_dir() else tmpdir
+            ram = shm / f"{tmpdir.name}-ram"
+            owned.append(ram)
+            spec = dataclasses.replace(spec, ram_path=ram)
+        argv = spec.argv()
+        log.info("starting %s", " ".join(argv))
+        binary = shutil.which(argv[0])
+        if binary is None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise QemuError(f"{argv[0]} not found: install qemu-system-x86 (QEMU >= 10.0)")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                *argv[1:],
+                stdin=None if stdin_inherit else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=not stdin_inherit,
+            )
+        except OSError as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise QemuError(f"cannot start {binary}: {exc}") from exc
+        stream: TextIO | None = sys.stderr if echo is True else (echo or None)
+        self = cls(spec, proc, tmpdir, owned, stream)
+        self._tasks.append(asyncio.create_task(self._read_console()))
+        self._tasks.append(asyncio.create_task(self._read_stderr()))
+        if connect_qmp:
+            try:
+                self.qmp = await Qmp.connect(
+                    spec.qmp_socket or "",
+                    timeout=qmp_timeout,
+                    is_alive=lambda: proc.returncode is None,
+                )
+            except BaseException as exc:
+                await self.close()
+                if isinstance(exc, QmpError):
+                    await asyncio.sleep(0.05)
+                    raise QemuError(f"QEMU did not come up: {exc}", self.stderr) from exc
+                raise
+        return self
+
+    # ----- async context manager -----
+
+    async def __aenter__(self) -> QemuProcess:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ----- state -----
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    @property
+    def stderr(self) -> str:
+        """QEMU's stderr so far."""
+        return "".join(self._stderr)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def require_qmp(self) -> Qmp:
+        if self.qmp is None:
+            raise QemuError("QMP is not connected")
+        return self.qmp
+
+    # ----- console -----
+
+    def on_console(self, callback: ConsoleCallback) -> Callable[[], None]:
+        """Call ``callback(line)`` for every new console line; returns an unsubscribe function."""
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return remove
+
+    async def console_lines(self, from_start: bool = True) -> AsyncIterator[ConsoleLine]:
+        """Console lines (history first if ``from_start``), ending when QEMU closes stdout."""
+        q: asyncio.Queue[ConsoleLine | None] = asyncio.Queue()
+        backlog = list(self.console) if from_start else []
+        self._waiters.append(q)
+        try:
+            for line in backlog:
+                yield line
+            if self._console_done:
+                return
+            while True:
+                item = await q.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(q)
+
+    async def wait_console(
+        self, pattern: str | re.Pattern[str], timeout: float, from_start: bool = True
+    ) -> re.Match[str]:
+        """Wait for a console line matching ``pattern`` (``re.search``)."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+        async def scan() -> re.Match[str]:
+            async for line in self.console_lines(from_start):
+                m = rx.search(line.text)
+                if m:
+                    return m
+            raise QemuError(
+                f"QEMU exited (rc={self.returncode}) before console matched {rx.pattern!r}",
+                self.stderr,
+            )
+
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except TimeoutError:
+            raise QemuError(f"console did not match {rx.pattern!r} within {timeout:.1f}s") from None
+
+    async def _read_console(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    break
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                line = ConsoleLine(self.elapsed(), text)
+                self.console.append(line)
+                if self._echo is not None:
+                    self._echo.write(text + "\n")
+                    self._echo.flush()
+                for cb in list(self._callbacks):
+                    try:
+                        cb(text)
+                    except Exception:
+                        log.exception("console callback failed")
+                for q in self._waiters:
+                    q.put_nowait(line)
+        finally:
+            self._console_done = True
+            for q in self._waiters:
+                q.put_nowait(None)
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while True:
+            raw = await self.proc.stderr.readline()
+            if not raw:
+                return
+            text = raw.decode("utf-8", "replace")
+            self._stderr.append(text)
+            log.debug("qemu stderr: %s", text.rstrip())
+
+    # ----- lifecycle -----
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit (e.g. the guest powered off); its exit status."""
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise QemuError(f"QEMU still running after {timeout:.1f}s") from None
+        await self._drain_readers()
+        return rc
+
+    async def _drain_readers(self) -> None:
+        for t in self._tasks:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(t), 2.0)
+
+    async def shutdown(self, timeout: float = 5.0, powerdown: bool = False) -> int:
+        """Stop QEMU: ACPI powerdown (if ``powerdown``) then QMP ``quit``, SIGTERM, SIGKILL."""
+        if self.running and self.qmp is not None:
+            if powerdown:
+                with contextlib.suppress(QmpError):
+                    await self.qmp.execute("system_powerdown", timeout=2.0)
+                with contextlib.suppress(QemuError):
+                    return await self.wait(timeout)
+            with contextlib.suppress(QmpError):
+                await self.qmp.execute("quit", timeout=2.0)
+            with contextlib.suppress(QemuError):
+                return await self.wait(timeout)
+        if self.running:
+            self._signal(signal.SIGTERM)
+            with contextlib.suppress(QemuError):
+                return await self.wait(timeout)
+        return await self.kill()
+
+    async def kill(self) -> int:
+        """SIGKILL QEMU and reap it."""
+        if self.running:
+            self._signal(signal.SIGKILL)
+        return await self.wait(10.0)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    async def close(self) -> None:
+        """Shut down (gracefully if possible), close QMP, remove temp files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.running:
+                await asyncio.shield(self.shutdown(timeout=3.0))
+        except BaseException:
+            if self.running:
+                self._signal(signal.SIGKILL)
+            raise
+        finally:
+            if self.qmp is not None:
+                await self.qmp.close()
+            for t in self._tasks:
+                if not t.done():
+                    t.cancel()
+            for f in self._owned_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def launch(
+    spec: VmSpec,
+    *,
+    echo: bool | TextIO = False,
+    connect_qmp: bool = True,
+    qmp_timeout: float = 10.0,
+    stdin_inherit: bool = False,
+) -> AsyncIterator[QemuProcess]:
+    """``async with launch(spec) as vm:`` — start QEMU; always stopped and cleaned up after."""
+    vm = await QemuProcess.start(
+        spec,
+        echo=echo,
+        connect_qmp=connect_qmp,
+        qmp_timeout=qmp_timeout,
+        stdin_inherit=stdin_inherit,
+    )
+    try:
+        yield vm
+    finally:
+        await vm.close()

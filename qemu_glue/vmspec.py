@@ -1,0 +1,274 @@
+"""A typed description of a QEMU VM (q35 + intel-iommu) and its translation into a QEMU argv.
+
+Pure data and string building: nothing here starts a process or touches a file. Guest RAM is
+always a ``memory-backend-file,share=on`` (by default in /dev/shm) so vioasid can map it; virtio
+devices get ``disable-legacy=on`` and ``iommu_platform=on`` (QEMU's words) so their DMA goes
+through the vIOMMU. See shared/design/qemu-notes.md for the command line this mirrors.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU_BINARY = "qemu-system-x86_64"
+DEFAULT_SHM_DIR = Path("/dev/shm")
+
+
+class IommuMode(enum.StrEnum):
+    """How the emulated intel-iommu presents itself to the guest."""
+
+    SCALABLE_SS = "scalable-ss"  # x-scalable-mode=on: second-stage only (PGTT=2)
+    SCALABLE_FS = "scalable-fs"  # x-scalable-mode=on,x-flts=on,aw-bits=48: first stage (PGTT=1)
+    LEGACY = "legacy"  # legacy (non-scalable) root/context tables
+
+    @property
+    def scalable(self) -> bool:
+        return self is not IommuMode.LEGACY
+
+
+class Accel(enum.StrEnum):
+    """Resolved accelerator (``auto`` is resolved by :mod:`qemu_glue.accel` before argv)."""
+
+    TCG = "tcg"
+    KVM = "kvm"
+
+
+@dataclass(frozen=True)
+class IommuSpec:
+    """``-device intel-iommu,...``."""
+
+    mode: IommuMode = IommuMode.SCALABLE_SS
+    caching_mode: bool = False
+    intremap: bool = True
+    aw_bits: int | None = None  # None: 48 for scalable-fs (required by x-flts), QEMU default else
+    device_iotlb: bool = False
+    extra: tuple[tuple[str, str], ...] = ()  # more intel-iommu properties, e.g. (("pt", "on"),)
+
+    def device_arg(self) -> str:
+        props = ["intel-iommu"]
+        if self.intremap:
+            props.append("intremap=on")
+        if self.mode.scalable:
+            props.append("x-scalable-mode=on")
+        if self.mode is IommuMode.SCALABLE_FS:
+            props.append("x-flts=on")
+        aw = self.aw_bits
+        if aw is None and self.mode is IommuMode.SCALABLE_FS:
+            aw = 48
+        if aw is not None:
+            props.append(f"aw-bits={aw}")
+        if self.caching_mode:
+            props.append("caching-mode=on")
+        if self.device_iotlb:
+            props.append("device-iotlb=on")
+        props.extend(f"{k}={v}" for k, v in self.extra)
+        return ",".join(props)
+
+
+@dataclass(frozen=True)
+class VirtioBlk:
+    """QEMU's built-in ``virtio-blk-pci`` on a drive file (the reference device)."""
+
+    path: Path
+    id: str = "disk0"
+    format: str = "raw"
+    readonly: bool = False
+    iommu_platform: bool = True
+    addr: str | None = None  # PCI slot on the root bus, e.g. "04.0"
+    cache: str | None = None  # QEMU -drive cache= mode (None: QEMU's default, writeback)
+    serial: str | None = None
+
+    def args(self) -> list[str]:
+        drive = [
+            f"file={self.path}",
+            f"format={self.format}",
+            "if=none",
+            f"id=drv-{self.id}",
+        ]
+        if self.readonly:
+            drive.append("readonly=on")
+        if self.cache:
+            drive.append(f"cache={self.cache}")
+        dev = ["virtio-blk-pci", f"id={self.id}", f"drive=drv-{self.id}", "disable-legacy=on"]
+        dev.append(f"iommu_platform={'on' if self.iommu_platform else 'off'}")
+        if self.addr:
+            dev.append(f"addr={self.addr}")
+        if self.serial:
+            dev.append(f"serial={self.serial}")
+        return ["-drive", ",".join(drive), "-device", ",".join(dev)]
+
+
+@dataclass(frozen=True)
+class VhostUserBlk:
+    """``vhost-user-blk-pci`` whose back-end (vioasid) listens on ``socket``.
+
+    QEMU connects to the socket as a client (the back-end must be listening before launch),
+    unless ``server`` is true, in which case QEMU listens and waits for the back-end.
+    """
+
+    socket: Path
+    id: str = "vublk0"
+    num_queues: int = 1
+    queue_size: int | None = None
+    iommu_platform: bool = True
+    ats: bool = False
+    addr: str | None = None
+    server: bool = False
+    reconnect_s: int | None = None  # chardev reconnect= (client mode)
+
+    def args(self) -> list[str]:
+        chardev = ["socket", f"id=chr-{self.id}", f"path={self.socket}"]
+        if self.server:
+            chardev += ["server=on", "wait=on"]
+        elif self.reconnect_s is not None:
+            chardev.append(f"reconnect={self.reconnect_s}")
+        dev = [
+            "vhost-user-blk-pci",
+            f"id={self.id}",
+            f"chardev=chr-{self.id}",
+            f"num-queues={self.num_queues}",
+            "disable-legacy=on",
+            f"iommu_platform={'on' if self.iommu_platform else 'off'}",
+        ]
+        if self.queue_size is not None:
+            dev.append(f"queue-size={self.queue_size}")
+        if self.ats:
+            dev.append("ats=on")
+        if self.addr:
+            dev.append(f"addr={self.addr}")
+        return ["-chardev", ",".join(chardev), "-device", ",".join(dev)]
+
+
+@dataclass(frozen=True)
+class RawArgs:
+    """Escape hatch: arguments passed to QEMU as they are."""
+
+    argv: tuple[str, ...]
+
+    def args(self) -> list[str]:
+        return list(self.argv)
+
+
+Device = VirtioBlk | VhostUserBlk | RawArgs
+
+
+def kernel_cmdline(
+    mode: IommuMode | None = IommuMode.SCALABLE_SS,
+    *,
+    strict: bool = True,
+    tests: Sequence[str] | None = None,
+    loop: bool = False,
+    extra: str = "",
+) -> str:
+    """The guest kernel command line the test guest expects.
+
+    ``mode`` None leaves the IOMMU off in the guest. ``tests`` becomes ``vioasid.tests=a,b``
+    (guest_tests/init reads it; None runs every test), ``loop`` sets ``vioasid.loop=1``.
+    """
+    parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4"]
+    if mode is not None:
+        parts.append("intel_iommu=on,sm_on" if mode.scalable else "intel_iommu=on,sm_off")
+        parts.append(f"iommu.strict={1 if strict else 0}")
+    if tests is not None:
+        parts.append("vioasid.tests=" + (",".join(tests) if tests else "none"))
+    if loop:
+        parts.append("vioasid.loop=1")
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything needed to start one QEMU VM. ``argv()`` turns it into a command line.
+
+    Paths left as None are filled by the launcher (:func:`qemu_glue.process.QemuProcess.start`)
+    with per-VM temporary files it removes on exit.
+    """
+
+    name: str = "vioasid"
+    memory_mib: int = 512
+    smp: int = 1
+    accel: Accel = Accel.TCG
+    cpu: str | None = None  # None: "max" (TCG) / "host" (KVM)
+    iommu: IommuSpec | None = field(default_factory=IommuSpec)
+    devices: tuple[Device, ...] = ()
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    ram_path: Path | None = None  # the shared memory-backend file (None: launcher picks /dev/shm)
+    qmp_socket: Path | None = None  # None: launcher picks a temp path
+    serial_file: Path | None = None  # None: the serial console is QEMU's stdout
+    incoming_defer: bool = False  # -incoming defer (migration destination)
+    trace_events: tuple[str, ...] = ()
+    trace_file: Path | None = None
+    no_reboot: bool = True
+    qemu_binary: str = QEMU_BINARY
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def default_cpu(self) -> str:
+        return self.cpu or ("host" if self.accel is Accel.KVM else "max")
+
+    def argv(self) -> list[str]:
+        """The full command line (binary first). Requires ``ram_path`` and ``qmp_socket``."""
+        if self.ram_path is None or self.qmp_socket is None:
+            raise ValueError("VmSpec.argv needs ram_path and qmp_socket (the launcher fills them)")
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("VmSpec: initrd given without a kernel")
+        if self.append is not None and self.kernel is None:
+            raise ValueError("VmSpec: append given without a kernel")
+        mem = f"{self.memory_mib}M"
+        argv = [
+            self.qemu_binary,
+            "-name",
+            self.name,
+            "-accel",
+            str(self.accel),
+            "-machine",
+            "q35,memory-backend=mem",
+            "-cpu",
+            self.default_cpu,
+            "-smp",
+            str(self.smp),
+            "-m",
+            mem,
+            "-object",
+            f"memory-backend-file,id=mem,size={mem},mem-path={self.ram_path},share=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-nic",
+            "none",
+            "-qmp",
+            f"unix:{self.qmp_socket},server=on,wait=off",
+            "-serial",
+            f"file:{self.serial_file}" if self.serial_file else "stdio",
+        ]
+        if self.no_reboot:
+            argv.append("-no-reboot")
+        if self.iommu is not None:
+            argv += ["-device", self.iommu.device_arg()]
+        for dev in self.devices:
+            argv += dev.args()
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+        if self.initrd is not None:
+            argv += ["-initrd", str(self.initrd)]
+        if self.append is not None:
+            argv += ["-append", self.append]
+        if self.incoming_defer:
+            argv += ["-incoming", "defer"]
+        for i, ev in enumerate(self.trace_events):
+            opt = f"enable={ev}"
+            if i == 0 and self.trace_file is not None:
+                opt += f",file={self.trace_file}"
+            argv += ["-trace", opt]
+        argv += list(self.extra_args)
+        return argv
