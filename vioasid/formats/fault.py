@@ -49,6 +49,9 @@ class FaultReason(IntEnum):
     CONTEXT_ENTRY_RSVD = 0x0B  # qemu
     PAGING_ENTRY_RSVD = 0x0C  # qemu: reserved bit in second-stage entry
     CONTEXT_ENTRY_TT = 0x0D  # qemu
+    INTERRUPT_ADDR = (
+        0x0E  # qemu: second-stage output in the interrupt range (VTD_FR_INTERRUPT_ADDR)
+    )
     RTADDR_INV_TTM = 0x31  # qemu: legacy root table with a PASID request
     CONTEXT_PASIDE_CLEAR = 0x45  # spec: SM context PASIDE clear for request with PASID
     CONTEXT_PASID_TOO_BIG = 0x46  # spec: PASID above the directory size (PDTS)
