@@ -90,6 +90,11 @@ class GuestMemory:
         self.regions.sort(key=lambda r: r.gpa)
         return region
 
+    def remove(self, region: Region) -> None:
+        """Forget one region (its buffer is not released; the caller owns it)."""
+        self.regions = [r for r in self.regions if r is not region]
+        self._last = None
+
     def add_fd(
         self,
         fd: int,

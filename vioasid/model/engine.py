@@ -1,0 +1,725 @@
+"""The vPASID -> pPASID engine of one host: bind/unbind, device requests, ENQCMD, migration.
+
+:class:`Host` is the sans-IO heart of vioasid (README "pPASID allocation", "Conflicts",
+"Requests and faults", "Live migration"). It owns the host's functions, the host-wide pPASID
+allocator and one per-RID allocator per function, the host IOMMU tables (one VT-d PASID table
+per function, indexed by pPASID, in host memory) and the VMs placed on it.
+
+* :meth:`Host.bind` is what happens after the guest wrote its PASID entry for vPASID X on a
+  device and invalidated: the guest entry is read from guest memory, the pPASID is chosen by the
+  policy table (:mod:`vioasid.model.policy`), the conflict rules are checked *before anything
+  changes*, then the host entry (nested, PGTT=3) is installed, the device's or mediation's
+  vPASID -> pPASID table and the VM's CPU PASID translation table are programmed.
+* :meth:`Host.dma` / :meth:`Host.dma_tag` resolve a device request by walking the host table
+  with the VT-d :class:`~vioasid.model.walker.Walker` (nested: guest first stage, then the VM's
+  second stage); a fault is reported with the guest RID and the vPASID (reverse-mapped from the
+  tag) and queued as a VT-d fault record.
+* :meth:`Host.export_vm` / :meth:`Host.import_vm` move a VM's state as the versioned,
+  checksummed stream of :mod:`vioasid.formats.migration`; import re-allocates every pPASID under
+  this host's policy and occupancy and is all-or-nothing.
+
+Every refusal is a :class:`~vioasid.model.errors.VioasidError` and leaves all state unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vioasid.formats.fault import FaultReason
+from vioasid.formats.pasid import PASID_ENTRY, PGTT_FIRST_STAGE
+from vioasid.formats.prq import PAGE_REQ_DESC
+
+from .allocator import PasidAllocator
+from .cache import Caches
+from .errors import Exhausted, InvalidRequest, NotFound, PasidConflict, VioasidError
+from .faults import Fault, Translation, bdf_str
+from .host import HostFunction, HostIommu
+from .memory import GuestMemory
+from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
+from .vm import VM, Device, guest_pasid_dir, read_guest_pasid_entry
+from .walker import Request, Walker
+
+log = logging.getLogger(__name__)
+
+MAX_PASID_BITS = 20
+DID_BITS = 16
+_OWNER_SHIFT = 20  # function.owner value: (DID << 20) | vPASID
+_VPASID_MASK = (1 << _OWNER_SHIFT) - 1
+
+_PGTT = PASID_ENTRY.field("PGTT")
+_FLPTPTR = PASID_ENTRY.field("FLPTPTR")
+_FLPM = PASID_ENTRY.field("FLPM")
+_SRE = PASID_ENTRY.field("SRE")
+_WPE = PASID_ENTRY.field("WPE")
+_EAFE = PASID_ENTRY.field("EAFE")
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A live (device, vPASID) binding as the bind returns it."""
+
+    vm: str
+    device: int  # guest RID
+    vpasid: int
+    ppasid: int
+    space: str  # "per-rid" | "global"
+    function: int  # host RID
+    row: int  # policy-table row
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ppasid": self.ppasid, "space": self.space}
+
+
+@dataclass(frozen=True, slots=True)
+class DmaResult:
+    """A device request's outcome: the host address reached, or the fault the guest sees.
+
+    ``fault`` is in the guest's terms (guest RID, vPASID) and is also queued on the VM.
+    """
+
+    tag: int | None  # the PASID on the wire (None when the device emitted nothing usable)
+    gpa: int | None = None
+    hpa: int | None = None
+    fault: Fault | None = None
+    translation: Translation | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.fault is None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.tag is not None:
+            out["ppasid"] = self.tag
+            out["tag"] = hex(self.tag)
+        if self.fault is not None:
+            out["fault"] = guest_fault_json(self.fault)
+        else:
+            assert self.gpa is not None and self.hpa is not None
+            out["gpa"] = hex(self.gpa)
+            out["hpa"] = hex(self.hpa)
+        return out
+
+
+def guest_fault_json(f: Fault) -> dict[str, Any]:
+    """A fault as the scenario contract prints it (guest RID, vPASID)."""
+    out: dict[str, Any] = {
+        "reason": int(f.reason),
+        "name": f.name,
+        "device": bdf_str(f.sid),
+        "vpasid": f.pasid,
+        "addr": hex(f.addr),
+        "write": f.write,
+    }
+    if f.detail:
+        out["detail"] = f.detail
+    return out
+
+
+class Host:
+    """One host: policy, functions, allocators, host IOMMU tables, VMs. Sans-IO."""
+
+    def __init__(
+        self,
+        name: str = "host",
+        *,
+        allocation: Policy = "per-device",
+        pasid_bits: int = MAX_PASID_BITS,
+        caches: bool = True,
+    ) -> None:
+        if allocation not in POLICIES:
+            raise InvalidRequest(f"allocation must be one of {', '.join(POLICIES)}")
+        if not 1 <= pasid_bits <= MAX_PASID_BITS:
+            raise InvalidRequest(f"pasid_bits must be 1..{MAX_PASID_BITS}, not {pasid_bits}")
+        self.name = name
+        self.allocation: Policy = allocation
+        self.pasid_bits = pasid_bits
+        self.functions: dict[int, HostFunction] = {}
+        self.vms: dict[str, VM] = {}
+        self.global_alloc = PasidAllocator(pasid_bits, f"host {name} global space")
+        self.global_owner: dict[int, tuple[str, int]] = {}  # global pPASID -> (VM, vPASID)
+        self.did_alloc = PasidAllocator(DID_BITS, f"host {name} domain ids")
+        self.devices_by_did: dict[int, tuple[VM, Device]] = {}
+        self.iommu = HostIommu(pasid_bits)
+        self.walker = Walker(self.iommu.mem, caches=Caches(enabled=caches))
+        self.rtaddr = self.iommu.rtaddr
+
+    # -- configuration ----------------------------------------------------------------------
+    def add_function(
+        self, rid: int, *, enqcmd: bool = False, translating: bool = False
+    ) -> HostFunction:
+        """Declare a physical function (its PASID table is created in host memory)."""
+        if not 0 <= rid <= 0xFFFF:
+            raise InvalidRequest(f"function RID 0x{rid:x} is not a 16-bit BDF")
+        if rid in self.functions:
+            raise InvalidRequest(f"host {self.name} already has function {bdf_str(rid)}")
+        fn = HostFunction(rid, enqcmd, translating, self.pasid_bits)
+        self.iommu.add_function(rid)
+        self.functions[rid] = fn
+        return fn
+
+    def add_vm(self, name: str, memory: GuestMemory, *, rtaddr: int = 0) -> VM:
+        """Place a VM: its RAM gets a distinct host range and a second stage mapping it."""
+        if not name:
+            raise InvalidRequest("a VM needs a name")
+        if name in self.vms:
+            raise InvalidRequest(f"host {self.name} already has VM {name}")
+        if not memory.regions:
+            raise InvalidRequest(f"VM {name} has no guest memory")
+        hpa, ss, regions = self.iommu.map_vm(name, memory)
+        vm = VM(name, memory, hpa, ss, regions, rtaddr=rtaddr)
+        self.vms[name] = vm
+        return vm
+
+    def set_rtaddr(self, vm: str, rtaddr: int) -> None:
+        """The guest programmed its RTADDR register (its own root table in guest RAM)."""
+        self._vm(vm).rtaddr = rtaddr
+
+    def attach_device(self, vm: str, guest_rid: int, function: int, assign: Assign) -> Device:
+        """Give a VM a device: the whole function (vfio-pci) or a slice of it (mdev)."""
+        v = self._vm(vm)
+        if assign not in ASSIGNS:
+            raise InvalidRequest(f"assign must be one of {', '.join(ASSIGNS)}, not {assign!r}")
+        if not 0 <= guest_rid <= 0xFFFF:
+            raise InvalidRequest(f"guest RID 0x{guest_rid:x} is not a 16-bit BDF")
+        if guest_rid in v.devices:
+            raise InvalidRequest(f"VM {vm} already has device {bdf_str(guest_rid)}")
+        fn = self._function(function)
+        if fn.vfio_vm is not None:
+            raise InvalidRequest(
+                f"function {fn.bdf} is assigned whole (vfio-pci) to VM {fn.vfio_vm}"
+            )
+        if assign == "vfio-pci" and fn.mdev_users:
+            users = ", ".join(sorted(fn.mdev_users))
+            raise InvalidRequest(f"function {fn.bdf} is split into mdevs (used by {users})")
+        did = self.did_alloc.alloc()
+        if did is None:
+            raise Exhausted(f"host {self.name} has no free domain id for another device")
+        rule = rule_for(self.allocation, assign, fn.enqcmd, fn.translating)
+        dev = Device(guest_rid, fn, assign, rule, did)
+        if assign == "vfio-pci":
+            fn.vfio_vm = vm
+        else:
+            fn.mdev_users[vm] = fn.mdev_users.get(vm, 0) + 1
+        v.devices[guest_rid] = dev
+        self.devices_by_did[did] = (v, dev)
+        return dev
+
+    def detach_device(self, vm: str, guest_rid: int) -> None:
+        """Unbind every vPASID of the device, then give the function (slice) back."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        for vpasid in sorted(dev.ppasids, reverse=True):
+            self._unbind(v, dev, vpasid)
+        fn = dev.function
+        if dev.assign == "vfio-pci":
+            fn.vfio_vm = None
+        else:
+            left = fn.mdev_users[vm] - 1
+            if left:
+                fn.mdev_users[vm] = left
+            else:
+                del fn.mdev_users[vm]
+        del v.devices[guest_rid]
+        del self.devices_by_did[dev.did]
+        self.did_alloc.free(dev.did)
+
+    def remove_vm(self, vm: str) -> None:
+        """The VM is gone: every pPASID, host entry and CPU-table entry of it is freed."""
+        v = self._vm(vm)
+        for rid in sorted(v.devices, reverse=True):
+            self.detach_device(vm, rid)
+        self.iommu.unmap_vm(v.second_stage, v.host_regions)
+        del self.vms[vm]
+
+    # -- lookups ----------------------------------------------------------------------------
+    def _vm(self, name: str) -> VM:
+        v = self.vms.get(name)
+        if v is None:
+            raise NotFound(f"host {self.name} has no VM {name!r}")
+        return v
+
+    def _device(self, vm: VM, guest_rid: int) -> Device:
+        dev = vm.devices.get(guest_rid)
+        if dev is None:
+            raise NotFound(f"VM {vm.name} has no device {bdf_str(guest_rid)}")
+        return dev
+
+    def _function(self, rid: int) -> HostFunction:
+        fn = self.functions.get(rid)
+        if fn is None:
+            raise NotFound(f"host {self.name} has no function {bdf_str(rid)}")
+        return fn
+
+    def vm(self, name: str) -> VM:
+        return self._vm(name)
+
+    # -- bind / unbind ------------------------------------------------------------------------
+    def bind(self, vm: str, guest_rid: int, vpasid: int) -> Binding:
+        """The guest wrote its PASID entry for ``vpasid`` on the device and invalidated.
+
+        Re-binding a bound (device, vPASID) refreshes the host entry from the guest's entry and
+        keeps the pPASID. Refusals (conflict rules, exhaustion, a missing or unusable guest
+        entry) raise and change nothing.
+        """
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        self._check_vpasid(vpasid)
+        pasid_dir, ndir = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+        words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
+        return self._bind(v, dev, vpasid, words)
+
+    def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
+        if _PGTT.get(words[0]) != PGTT_FIRST_STAGE:
+            raise InvalidRequest(
+                f"VM {v.name} device {dev.bdf} vPASID {x}: the guest entry has PGTT="
+                f"{_PGTT.get(words[0])}; vioasid nests guest first-stage (PGTT=1) entries only"
+            )
+        fn = dev.function
+        rule = dev.rule
+        pp = dev.ppasids.get(x)
+        if pp is None:
+            pp, new_global = self._plan(v, dev, x)
+            # Everything below succeeds (the leaf PASID table is made first; it may refuse).
+            if self.iommu.entry_gpa(fn.rid, pp, create=True) is None:
+                raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
+            if rule.space == "per-rid":
+                fn.allocator.take(pp)
+            else:
+                if new_global:
+                    self.global_alloc.take(pp)
+                    v.global_ppasid[x] = pp
+                    self.global_owner[pp] = (v.name, x)
+                v.global_refs[x] = v.global_refs.get(x, 0) + 1
+            if rule.cpu_table:
+                v.cpu_table[x] = pp
+                v.cpu_refs[x] = v.cpu_refs.get(x, 0) + 1
+            fn.owner[pp] = (dev.did << _OWNER_SHIFT) | x
+            dev.ppasids[x] = pp
+        w2 = words[2]
+        self.iommu.write_nested(
+            fn.rid,
+            pp,
+            did=dev.did,
+            flptptr=_FLPTPTR.get(w2),
+            ssptptr=v.second_stage.root,
+            flpm=_FLPM.get(w2),
+            sre=_SRE.get(w2),
+            wpe=_WPE.get(w2),
+            eafe=_EAFE.get(w2),
+        )
+        self._flush(dev.did, pp)
+        return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
+
+    def _plan(self, v: VM, dev: Device, x: int) -> tuple[int, bool]:
+        """(pPASID, draws a new global value) for binding ``x`` on ``dev``; raises on conflict.
+        Changes nothing."""
+        rule = dev.rule
+        fn = dev.function
+        who = f"VM {v.name} device {dev.bdf} vPASID {x}"
+        new_global = False
+        if rule.space == "per-rid":
+            alloc = fn.allocator
+            if rule.equal_x:
+                if not alloc.in_range(x):
+                    raise PasidConflict(
+                        f"{who}: needs pPASID {x} but function {fn.bdf}'s space ends at "
+                        f"{alloc.limit - 1}",
+                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+                    )  # fmt: skip
+                if x in alloc:
+                    raise PasidConflict(
+                        f"{who}: needs pPASID {x} in function {fn.bdf}'s table but it is held "
+                        f"by {self._slot_owner(fn, x)}",
+                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+                    )  # fmt: skip
+                pp: int | None = x
+            else:
+                pp = alloc.peek()
+                if pp is None:
+                    raise Exhausted(
+                        f"{who}: function {fn.bdf}'s per-RID space is exhausted "
+                        f"({alloc.limit - 1} pPASIDs)",
+                        vm=v.name, device=dev.bdf, vpasid=x, rule=3,
+                    )  # fmt: skip
+        else:
+            g = v.global_ppasid.get(x)
+            if g is not None:
+                if rule.equal_x and g != x:
+                    where = (
+                        f"VM {v.name}'s CPU PASID translation table maps vPASID {x} to pPASID {g}"
+                        if x in v.cpu_table
+                        else f"VM {v.name}'s global pPASID for vPASID {x} is {g}"
+                    )
+                    raise PasidConflict(
+                        f"{who}: the non-translating function {fn.bdf} would see {x} from its "
+                        f"driver but {where}",
+                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=g, rule=2,
+                    )  # fmt: skip
+                pp = g
+            else:
+                alloc = self.global_alloc
+                if rule.equal_x:
+                    if not alloc.in_range(x):
+                        raise PasidConflict(
+                            f"{who}: needs global pPASID {x} but host {self.name}'s space ends "
+                            f"at {alloc.limit - 1}",
+                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+                        )  # fmt: skip
+                    if x in alloc:
+                        ovm, ox = self.global_owner[x]
+                        raise PasidConflict(
+                            f"{who}: needs global pPASID {x}, which is taken by VM {ovm} "
+                            f"vPASID {ox}",
+                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+                        )  # fmt: skip
+                    pp = x
+                else:
+                    pp = alloc.peek()
+                    if pp is None:
+                        raise Exhausted(
+                            f"{who}: host {self.name}'s global pPASID space is exhausted",
+                            vm=v.name, device=dev.bdf, vpasid=x, rule=3,
+                        )  # fmt: skip
+                new_global = True
+        if pp in fn.owner:
+            raise PasidConflict(
+                f"{who}: pPASID {pp} in function {fn.bdf}'s table is held by "
+                f"{self._slot_owner(fn, pp)}",
+                vm=v.name, device=dev.bdf, vpasid=x, ppasid=pp, rule=4,
+            )  # fmt: skip
+        return pp, new_global
+
+    def _slot_owner(self, fn: HostFunction, pp: int) -> str:
+        own = fn.owner.get(pp)
+        if own is None:
+            return "nobody"
+        ov, od = self.devices_by_did[own >> _OWNER_SHIFT]
+        return f"VM {ov.name} device {od.bdf} vPASID {own & _VPASID_MASK}"
+
+    def unbind(self, vm: str, guest_rid: int, vpasid: int) -> Binding:
+        """The guest cleared its PASID entry and invalidated: undo everything bind did."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        if vpasid not in dev.ppasids:
+            raise NotFound(f"VM {vm} device {dev.bdf} has no binding for vPASID {vpasid}")
+        return self._unbind(v, dev, vpasid)
+
+    def _unbind(self, v: VM, dev: Device, x: int) -> Binding:
+        fn = dev.function
+        rule = dev.rule
+        pp = dev.ppasids.pop(x)
+        self.iommu.clear(fn.rid, pp)
+        del fn.owner[pp]
+        if rule.space == "per-rid":
+            fn.allocator.free(pp)
+        else:
+            left = v.global_refs[x] - 1
+            if left:
+                v.global_refs[x] = left
+            else:
+                del v.global_refs[x]
+                del v.global_ppasid[x]
+                del self.global_owner[pp]
+                self.global_alloc.free(pp)
+        if rule.cpu_table:
+            left = v.cpu_refs[x] - 1
+            if left:
+                v.cpu_refs[x] = left
+            else:
+                del v.cpu_refs[x]
+                del v.cpu_table[x]
+        self._flush(dev.did, pp)
+        return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
+
+    def sync_pasid(self, vm: str, guest_rid: int, vpasid: int) -> Binding | None:
+        """PASID-cache invalidation for (device, vPASID): bind if the guest entry is present,
+        unbind if it was cleared. Returns the binding, or None when nothing is bound now."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        self._check_vpasid(vpasid)
+        try:
+            pasid_dir, ndir = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+            words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
+        except NotFound:
+            if vpasid in dev.ppasids:
+                self._unbind(v, dev, vpasid)
+            return None
+        return self._bind(v, dev, vpasid, words)
+
+    def invalidate(self, vm: str, vpasid: int | None = None, guest_rid: int | None = None) -> int:
+        """The guest invalidated its IOTLB for ``vpasid`` (or everything) on ``guest_rid`` (or
+        every device): drop the host's cached nested translations. Returns entries affected."""
+        v = self._vm(vm)
+        devs = [self._device(v, guest_rid)] if guest_rid is not None else list(v.devices.values())
+        n = 0
+        for dev in devs:
+            items = (
+                [(vpasid, dev.ppasids[vpasid])] if vpasid is not None and vpasid in dev.ppasids
+                else [] if vpasid is not None
+                else list(dev.ppasids.items())
+            )  # fmt: skip
+            for _, pp in items:
+                self.walker.caches.invalidate_piotlb_pasid(dev.did, pp)
+                n += 1
+        return n
+
+    def _flush(self, did: int, pp: int) -> None:
+        c = self.walker.caches
+        c.invalidate_pasid_pasid(did, pp)
+        c.invalidate_piotlb_pasid(did, pp)
+
+    @staticmethod
+    def _check_vpasid(vpasid: int) -> None:
+        if not 1 <= vpasid < 1 << MAX_PASID_BITS:
+            raise InvalidRequest(f"vPASID {vpasid} is not in 1..{(1 << MAX_PASID_BITS) - 1}")
+
+    # -- requests -----------------------------------------------------------------------------
+    def dma(
+        self, vm: str, guest_rid: int, vpasid: int, addr: int, *, write: bool = False
+    ) -> DmaResult:
+        """The device issues a request for ``vpasid``, tagged as that device tags it."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        pp = dev.ppasids.get(vpasid)
+        if pp is None and not dev.rule.equal_x:
+            # The device (or its mediation) converts vPASIDs and has no pPASID for this one:
+            # nothing reaches the IOMMU under any tag, the guest sees "PASID entry not present".
+            f = Fault(
+                FaultReason.PASID_ENTRY_P, addr, guest_rid, vpasid, write,
+                f"device {dev.bdf} has no pPASID for vPASID {vpasid}",
+            )  # fmt: skip
+            v.queue_fault(f)
+            return DmaResult(None, fault=f)
+        return self._request(dev.function, vpasid if pp is None else pp, addr, write, v, dev)
+
+    def dma_tag(self, function: int, tag: int, addr: int, *, write: bool = False) -> DmaResult:
+        """A request as it arrives on the wire: (host function, PASID tag, address)."""
+        fn = self._function(function)
+        own = fn.owner.get(tag)
+        if own is None:
+            if fn.vfio_vm is not None and len(self.vms[fn.vfio_vm].devices) > 0:
+                v = self.vms[fn.vfio_vm]
+                dev = next(d for d in v.devices.values() if d.function is fn)
+                return self._request(fn, tag, addr, write, v, dev)
+            res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
+            if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
+                raise AssertionError("host table has an entry nobody owns")
+            return DmaResult(tag, fault=res)
+        v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
+        return self._request(fn, tag, addr, write, v, dev)
+
+    def _request(
+        self, fn: HostFunction, tag: int, addr: int, write: bool, v: VM, dev: Device
+    ) -> DmaResult:
+        res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
+        if isinstance(res, Translation):
+            return DmaResult(tag, res.address - v.hpa, res.address, translation=res)
+        own = fn.owner.get(tag)
+        vpasid = own & _VPASID_MASK if own is not None else tag
+        f = Fault(res.reason, addr, dev.guest_rid, vpasid, write, res.detail)
+        v.queue_fault(f)
+        return DmaResult(tag, fault=f)
+
+    def dma_fast(self, function: int, tag: int, addr: int, write: bool = False) -> int | Fault:
+        """Hot path (daemon batches): the host address, or the walker's raw host-side fault."""
+        return self.walker.translate_fast(self.rtaddr, function, addr, tag, write)
+
+    def enqcmd(self, vm: str, guest_rid: int, vpasid: int) -> int:
+        """The guest CPU submits a descriptor with ENQCMD: the pPASID the CPU writes into it,
+        from the VM's CPU PASID translation table."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        if not dev.function.enqcmd:
+            raise InvalidRequest(
+                f"VM {vm} device {dev.bdf}: function {dev.function.bdf} has no shared work queue "
+                "(not enqcmd)"
+            )
+        self._check_vpasid(vpasid)
+        pp = v.cpu_table.get(vpasid)
+        if pp is None:
+            raise NotFound(
+                f"VM {vm}: vPASID {vpasid} is not in the CPU PASID translation table "
+                "(ENQCMD would #GP)"
+            )
+        return pp
+
+    def page_request(
+        self,
+        vm: str,
+        guest_rid: int,
+        vpasid: int,
+        addr: int,
+        *,
+        write: bool = False,
+        prgi: int = 0,
+        last: bool = True,
+    ) -> bytes:
+        """Queue a page request for the guest (guest RID + vPASID) as a VT-d descriptor."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        desc = PAGE_REQ_DESC.build(
+            {
+                "TYPE": 1, "PP": 1, "RID": dev.guest_rid, "PASID": vpasid, "RD": int(not write),
+                "WR": int(write), "LPIG": int(last), "PRGI": prgi, "ADDR": addr & ~0xFFF,
+            }
+        )  # fmt: skip
+        v.queue_page_request(desc)
+        return desc
+
+    # -- migration ------------------------------------------------------------------------------
+    def export_vm(self, vm: str) -> bytes:
+        """The VM's migration stream (never pPASIDs); the source is left untouched."""
+        from .migration import export_state
+
+        return export_state(self._vm(vm))
+
+    def import_vm(
+        self,
+        stream: bytes,
+        memory: GuestMemory,
+        functions: Mapping[int, int],
+        *,
+        name: str | None = None,
+    ) -> VM:
+        """Re-create a VM from its stream; all-or-nothing (raises MigrationFailed)."""
+        from .migration import import_state
+
+        return import_state(self, stream, memory, functions, name=name)
+
+    # -- views ------------------------------------------------------------------------------
+    def bindings(self) -> Iterator[Binding]:
+        for v in self.vms.values():
+            for dev in v.devices.values():
+                for x, pp in dev.ppasids.items():
+                    yield Binding(
+                        v.name, dev.guest_rid, x, pp, dev.rule.space, dev.function.rid,
+                        dev.rule.row,
+                    )  # fmt: skip
+
+    def dump(self, vm: str | None = None) -> dict[str, Any]:
+        """The vPASID/pPASID tables as they stand (JSON-ready)."""
+        vms = [self._vm(vm)] if vm is not None else list(self.vms.values())
+        out_vms: dict[str, Any] = {}
+        for v in vms:
+            out_vms[v.name] = {
+                "host": self.name,
+                "hpa": hex(v.hpa),
+                "rtaddr": hex(v.rtaddr),
+                "devices": {
+                    dev.bdf: {
+                        "function": dev.function.bdf,
+                        "assign": dev.assign,
+                        "row": dev.rule.row,
+                        "space": dev.rule.space,
+                        "tag": dev.rule.tag,
+                        "did": dev.did,
+                        "bindings": {str(x): pp for x, pp in sorted(dev.ppasids.items())},
+                    }
+                    for dev in sorted(v.devices.values(), key=lambda d: d.guest_rid)
+                },
+                "cpu_table": {str(x): pp for x, pp in sorted(v.cpu_table.items())},
+                "faults": len(v.faults),
+                "page_requests": len(v.page_requests),
+            }
+        names = {v.name for v in vms}
+        out_fns: dict[str, Any] = {}
+        for fn in sorted(self.functions.values(), key=lambda f: f.rid):
+            table = {}
+            for pp, own in sorted(fn.owner.items()):
+                ov, od = self.devices_by_did[own >> _OWNER_SHIFT]
+                if vm is None or ov.name in names:
+                    table[str(pp)] = {
+                        "vm": ov.name,
+                        "device": od.bdf,
+                        "vpasid": own & _VPASID_MASK,
+                    }
+            if vm is not None and not table and fn.vfio_vm != vm and vm not in fn.mdev_users:
+                continue
+            out_fns[f"{self.name}/{fn.bdf}"] = {
+                "enqcmd": fn.enqcmd,
+                "translating": fn.translating,
+                "assigned": fn.assigned,
+                "vms": [fn.vfio_vm] if fn.vfio_vm else sorted(fn.mdev_users),
+                "table": table,
+            }
+        return {
+            "host": self.name,
+            "allocation": self.allocation,
+            "vms": out_vms,
+            "functions": out_fns,
+            "global": {str(pp): {"vm": o[0], "vpasid": o[1]} for pp, o in
+                       sorted(self.global_owner.items()) if vm is None or o[0] in names},
+        }  # fmt: skip
+
+    def check_invariants(self) -> list[str]:
+        """Every model invariant that can be checked from the outside (tests); [] when sound."""
+        errs: list[str] = []
+        per_rid: dict[int, set[int]] = {rid: set() for rid in self.functions}
+        owners: dict[int, dict[int, int]] = {rid: {} for rid in self.functions}
+        global_used: dict[int, tuple[str, int]] = {}
+        for v in self.vms.values():
+            refs: dict[int, int] = {}
+            cpu: dict[int, int] = {}
+            for dev in v.devices.values():
+                fn = dev.function
+                for x, pp in dev.ppasids.items():
+                    slot = owners[fn.rid]
+                    if pp in slot:
+                        errs.append(f"{fn.bdf}: pPASID {pp} shared by two bindings")
+                    slot[pp] = (dev.did << _OWNER_SHIFT) | x
+                    if dev.rule.equal_x and pp != x:
+                        errs.append(f"{v.name} {dev.bdf}: needs pPASID == {x}, has {pp}")
+                    if self.iommu.entry_words(fn.rid, pp) is None:
+                        errs.append(f"{fn.bdf}: no host entry for pPASID {pp}")
+                    if dev.rule.space == "per-rid":
+                        per_rid[fn.rid].add(pp)
+                    else:
+                        if v.global_ppasid.get(x) != pp:
+                            errs.append(f"{v.name}: vPASID {x} has two global pPASIDs")
+                        refs[x] = refs.get(x, 0) + 1
+                    if dev.rule.cpu_table:
+                        cpu[x] = cpu.get(x, 0) + 1
+            if refs != v.global_refs or set(refs) != set(v.global_ppasid):
+                errs.append(f"{v.name}: global refcounts {v.global_refs} != {refs}")
+            if cpu != v.cpu_refs or {x: v.global_ppasid.get(x) for x in cpu} != v.cpu_table:
+                errs.append(f"{v.name}: CPU table {v.cpu_table} does not match its bindings")
+            for x, g in v.global_ppasid.items():
+                if g in global_used:
+                    errs.append(f"global pPASID {g} held by {global_used[g]} and {v.name}")
+                global_used[g] = (v.name, x)
+        if self.global_alloc.used() != frozenset(global_used):
+            errs.append("global allocator's used set != live global pPASIDs")
+        if self.global_owner != global_used:
+            errs.append("global owner map != live global pPASIDs")
+        for rid, fn in self.functions.items():
+            if fn.allocator.used() != frozenset(per_rid[rid]):
+                errs.append(f"{fn.bdf}: per-RID allocator used set != live per-RID bindings")
+            if fn.owner != owners[rid]:
+                errs.append(f"{fn.bdf}: table owners != live bindings")
+        return errs
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a refused operation must leave unchanged (tests compare before/after)."""
+        tables = {rid: self.iommu.present_entries(rid) for rid in self.functions}
+        return {
+            "dump": self.dump(),
+            "global": self.global_alloc.snapshot(),
+            "per_rid": {rid: fn.allocator.snapshot() for rid, fn in self.functions.items()},
+            "dids": self.did_alloc.snapshot(),
+            "tables": tables,
+            "cpu": {n: dict(v.cpu_table) for n, v in self.vms.items()},
+            "regions": [(r.gpa, r.size) for r in self.iommu.mem.regions],
+        }
+
+
+__all__ = [
+    "Binding",
+    "DmaResult",
+    "Host",
+    "VioasidError",
+    "guest_fault_json",
+]

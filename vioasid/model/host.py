@@ -1,0 +1,244 @@
+"""A host's physical functions and its IOMMU tables in host memory.
+
+:class:`HostFunction` is one physical PCI function (its host RID, ``enqcmd``/``translating``
+capabilities, its per-RID pPASID allocator, who holds it, and which binding owns each slot of
+its PASID table). :class:`HostIommu` is the host side of VT-d: a scalable-mode root table whose
+context entry for every function points at that function's one PASID directory/table, indexed by
+pPASID, in host memory. Its entries are nested (PGTT=3): FLPTPTR is the guest's first-stage table
+(a guest-physical address) and SSPTPTR the VM's second stage (guest-physical -> host-physical).
+The entries are written by :class:`~vioasid.model.guest_driver.GuestIommuDriver` (the same
+Linux-like table writer the guest uses), the hot per-bind entry write with masks derived from
+``formats.pasid.PASID_ENTRY``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from vioasid.formats.context import pasid_dir_entries
+from vioasid.formats.paging import PTE_SIZE, SECOND_STAGE_PTE
+from vioasid.formats.pasid import (
+    PASID_DIR_ENTRY,
+    PASID_DIR_ENTRY_SIZE,
+    PASID_DIR_SHIFT,
+    PASID_ENTRIES_PER_TABLE,
+    PASID_ENTRY,
+    PASID_ENTRY_SIZE,
+    PASID_TABLE_MASK,
+    PGTT_NESTED,
+)
+
+from .allocator import PasidAllocator
+from .faults import bdf_str
+from .guest_driver import GuestIommuDriver, PageAllocator, SecondStagePageTable
+from .memory import GuestMemory, Region
+
+# Host-physical layout: IOMMU tables, then each VM's RAM at a distinct 1 GiB-aligned range.
+HOST_TABLES_BASE = 0x1000_0000
+HOST_TABLES_SIZE = 0x4000_0000  # 1 GiB of lazily-backed host memory for root/context/PASID/SS
+VM_HPA_BASE = 0x1_0000_0000
+VM_HPA_ALIGN = 0x4000_0000
+SS_LEVELS = 4  # second stage AW = 2 (48-bit guest-physical)
+
+_P = PASID_ENTRY.field("P")
+_AW = PASID_ENTRY.field("AW")
+_PGTT = PASID_ENTRY.field("PGTT")
+_DID = PASID_ENTRY.field("DID")
+_SRE = PASID_ENTRY.field("SRE")
+_FLPM = PASID_ENTRY.field("FLPM")
+_WPE = PASID_ENTRY.field("WPE")
+_EAFE = PASID_ENTRY.field("EAFE")
+_FLPTPTR = PASID_ENTRY.field("FLPTPTR")
+_SSPTPTR = PASID_ENTRY.field("SSPTPTR")
+_PDE_P = PASID_DIR_ENTRY.field("P").mask
+_PDE_PTP = PASID_DIR_ENTRY.field("PTP").mask
+_TAIL = struct.Struct("<7Q")  # qw1..qw7
+_SS_PRESENT = SECOND_STAGE_PTE.field("R").mask | SECOND_STAGE_PTE.field("W").mask
+_SS_PS = SECOND_STAGE_PTE.field("PS").mask
+_SS_ADDR = SECOND_STAGE_PTE.field("ADDR").mask
+
+
+@dataclass
+class HostFunction:
+    """One physical function of a host (README "Host functions and how a guest gets them")."""
+
+    rid: int
+    enqcmd: bool = False
+    translating: bool = False
+    pasid_bits: int = 20
+    allocator: PasidAllocator = field(init=False)
+    # Slot owners of this function's PASID table: pPASID -> (DID << 20) | vPASID.
+    owner: dict[int, int] = field(default_factory=dict)
+    vfio_vm: str | None = None  # the VM holding the whole function (vfio-pci)
+    mdev_users: dict[str, int] = field(default_factory=dict)  # VM -> mdevs it holds
+
+    def __post_init__(self) -> None:
+        self.allocator = PasidAllocator(self.pasid_bits, f"function {bdf_str(self.rid)}")
+
+    @property
+    def bdf(self) -> str:
+        return bdf_str(self.rid)
+
+    @property
+    def assigned(self) -> str | None:
+        if self.vfio_vm is not None:
+            return "vfio-pci"
+        return "mdev" if self.mdev_users else None
+
+
+class HostIommu:
+    """The host IOMMU's tables in host memory: one PASID table per function, by pPASID."""
+
+    def __init__(self, pasid_bits: int) -> None:
+        self.mem = GuestMemory()
+        self._tables_buf = mmap.mmap(-1, HOST_TABLES_SIZE)
+        self.mem.add(HOST_TABLES_BASE, self._tables_buf, name="host-tables")
+        self.pages = PageAllocator(self.mem, HOST_TABLES_BASE, HOST_TABLES_SIZE)
+        self.driver = GuestIommuDriver.for_pasid_bits(self.mem, self.pages, pasid_bits)
+        self.rtaddr = self.driver.rtaddr
+        self._next_hpa = VM_HPA_BASE
+        self._ndir = pasid_dir_entries(self.driver.pdts)
+        self._leaves: dict[tuple[int, int], int] = {}  # (function RID, dir index) -> leaf table
+        self._journal: list[tuple[int, int]] | None = None
+
+    # -- functions ------------------------------------------------------------------------
+    def add_function(self, rid: int) -> None:
+        """Context entry + PASID directory for the function (its one PASID table)."""
+        self.driver.attach_device(rid)
+
+    def entry_gpa(self, rid: int, ppasid: int, *, create: bool) -> int | None:
+        """Host-physical address of the function's PASID-table entry for ``ppasid``; ``create``
+        makes the leaf PASID table (lazily, like Linux). None when there is none / no room."""
+        didx = ppasid >> PASID_DIR_SHIFT
+        key = (rid, didx)
+        leaf = self._leaves.get(key)
+        if leaf is None:
+            if not create or didx >= self._ndir or rid not in self.driver.pasid_dirs:
+                return None
+            try:
+                leaf = self.pages.alloc()
+            except ValueError:
+                return None
+            dgpa = self.driver.pasid_dirs[rid] + didx * PASID_DIR_ENTRY_SIZE
+            self.mem.write_u64(dgpa, _PDE_P | _PDE_PTP & leaf)
+            self._leaves[key] = leaf
+            if self._journal is not None:
+                self._journal.append(key)
+        return leaf + (ppasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+
+    # -- all-or-nothing sections (migration import) ----------------------------------------
+    def begin(self) -> tuple[list[tuple[int, int]], int]:
+        """Start recording what is created, so :meth:`rollback` can give it back."""
+        self._journal = []
+        return self._journal, self._next_hpa
+
+    def rollback(self, saved: tuple[list[tuple[int, int]], int]) -> None:
+        """Free the leaf PASID tables made since :meth:`begin` (their entries are clear by
+        now) and give back the host range."""
+        journal, next_hpa = saved
+        for rid, didx in reversed(journal):
+            leaf = self._leaves.pop((rid, didx))
+            self.mem.write_u64(self.driver.pasid_dirs[rid] + didx * PASID_DIR_ENTRY_SIZE, 0)
+            self.mem.write(leaf, bytes(4096))
+            self.pages.release(leaf)
+        self._next_hpa = next_hpa
+        self._journal = None
+
+    def commit(self, saved: tuple[list[tuple[int, int]], int]) -> None:
+        self._journal = None
+
+    def write_nested(
+        self,
+        rid: int,
+        ppasid: int,
+        *,
+        did: int,
+        flptptr: int,
+        ssptptr: int,
+        flpm: int = 0,
+        sre: int = 0,
+        wpe: int = 0,
+        eafe: int = 0,
+    ) -> None:
+        """Install a nested (PGTT=3) entry like ``pasid_pte_config_nestd``: tail words, then
+        qw0 with P last."""
+        gpa = self.entry_gpa(rid, ppasid, create=True)
+        if gpa is None:
+            raise ValueError(f"no PASID table for {bdf_str(rid)} pPASID {ppasid}")
+        qw0 = _P.mask | _AW.put(SS_LEVELS - 2) | _PGTT.put(PGTT_NESTED) | _SSPTPTR.put(ssptptr)
+        qw2 = (
+            _SRE.put(sre)
+            | _FLPM.put(flpm)
+            | _WPE.put(wpe)
+            | _EAFE.put(eafe)
+            | _FLPTPTR.put(flptptr)
+        )
+        mem = self.mem
+        mem.write_u64(gpa, 0)
+        mem.write(gpa + 8, _TAIL.pack(_DID.put(did), qw2, 0, 0, 0, 0, 0))
+        mem.write_u64(gpa, qw0)
+
+    def clear(self, rid: int, ppasid: int) -> None:
+        """Tear the entry down (``intel_pasid_tear_down_entry``: clear P, then the entry)."""
+        gpa = self.entry_gpa(rid, ppasid, create=False)
+        if gpa is None:
+            return
+        self.mem.write_u64(gpa, self.mem.read_u64(gpa) & ~_P.mask)
+        self.mem.write(gpa, bytes(PASID_ENTRY_SIZE))
+
+    def entry_words(self, rid: int, ppasid: int) -> tuple[int, ...] | None:
+        gpa = self.entry_gpa(rid, ppasid, create=False)
+        if gpa is None:
+            return None
+        words = PASID_ENTRY.words_of(self.mem.view(gpa, PASID_ENTRY_SIZE))
+        return words if words[0] & _P.mask else None
+
+    def present_entries(self, rid: int) -> dict[int, tuple[int, ...]]:
+        """Every present entry of the function's PASID table, by pPASID (tests, dumps)."""
+        out: dict[int, tuple[int, ...]] = {}
+        pdir = self.driver.pasid_dirs[rid]
+        ndir = pasid_dir_entries(self.driver.pdts)
+        for didx, pde in enumerate(self.mem.words(pdir, ndir)):
+            if not pde & _PDE_P:
+                continue
+            table = pde & _PDE_PTP
+            for tidx in range(PASID_ENTRIES_PER_TABLE):
+                words = PASID_ENTRY.words_of(self.mem.view(table + tidx * PASID_ENTRY_SIZE, 64))
+                if any(words):
+                    out[(didx << PASID_DIR_SHIFT) | tidx] = words
+        return out
+
+    # -- VM ranges ------------------------------------------------------------------------
+    def map_vm(
+        self, name: str, guest: GuestMemory
+    ) -> tuple[int, SecondStagePageTable, list[Region]]:
+        """Give the VM a distinct host range: its RAM appears in host memory at ``hpa + gpa``
+        and a second-stage table maps exactly that. Returns (hpa, table, host regions)."""
+        hpa = self._next_hpa
+        top = max((r.end for r in guest.regions), default=0)
+        self._next_hpa += max(VM_HPA_ALIGN, -(-top // VM_HPA_ALIGN) * VM_HPA_ALIGN)
+        ss = SecondStagePageTable(self.mem, self.pages, levels=SS_LEVELS)
+        added: list[Region] = []
+        for r in guest.regions:
+            added.append(self.mem.add(hpa + r.gpa, r.buf, name=f"{name}:{r.name or hex(r.gpa)}"))
+            start = -(-r.gpa // 4096) * 4096
+            end = r.end // 4096 * 4096
+            if end > start:
+                ss.map(start, hpa + start, end - start)
+        return hpa, ss, added
+
+    def unmap_vm(self, ss: SecondStagePageTable, regions: list[Region]) -> None:
+        """Drop a VM's host regions and free its second-stage pages."""
+        for r in regions:
+            self.mem.remove(r)
+        self._release_table(ss.root, ss.levels)
+
+    def _release_table(self, table: int, level: int) -> None:
+        if level > 1:
+            for pte in self.mem.words(table, 512):
+                if pte & _SS_PRESENT and not (pte & _SS_PS and level in (2, 3)):
+                    self._release_table(pte & _SS_ADDR, level - 1)
+        self.mem.write(table, bytes(512 * PTE_SIZE))
+        self.pages.release(table)

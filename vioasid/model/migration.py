@@ -1,0 +1,227 @@
+"""VM migration state: export to and import from the stream of :mod:`vioasid.formats.migration`.
+
+:func:`export_state` writes what the guest can see that is not in its RAM — devices, bound
+vPASIDs per device, the CPU table's vPASIDs, queued faults and page requests, the vIOMMU
+registers — and never a pPASID. :func:`import_state` refuses a corrupt, truncated or
+future-version stream, then re-creates the VM on the destination host: devices attached to the
+functions the caller maps them to, every binding re-bound from the guest's own PASID entries
+(in the migrated guest RAM) under the destination's policy and occupancy, re-allocating pPASIDs
+and reprogramming devices and the CPU table. Any failure undoes everything on the destination
+(it keeps nothing) and raises :class:`~vioasid.model.errors.MigrationFailed`; the source is only
+ever read.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import construct as cs
+
+from vioasid.formats.fault import FAULT_RECORD, FaultReason
+from vioasid.formats.migration import (
+    ASSIGN_CODES,
+    ASSIGN_NAMES,
+    BODY,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    STREAM,
+    VERSION,
+)
+from vioasid.formats.prq import PAGE_REQ_DESC
+from vioasid.formats.registers import REG_RTADDR
+
+from .errors import MigrationFailed, VioasidError
+from .faults import Fault, bdf_str
+from .memory import GuestMemory
+from .vm import VM, guest_pasid_dir, read_guest_pasid_entry
+
+_REASONS = frozenset(int(r) for r in FaultReason)
+
+if TYPE_CHECKING:
+    from .engine import Host
+
+
+def export_state(vm: VM) -> bytes:
+    """The VM's migration stream."""
+    devices = [
+        {
+            "guest_rid": dev.guest_rid,
+            "assign": ASSIGN_CODES[dev.assign],
+            "caps": {"enqcmd": dev.function.enqcmd, "translating": dev.function.translating},
+            "function": dev.function.rid,
+            "vpasids": sorted(dev.ppasids),
+        }
+        for dev in sorted(vm.devices.values(), key=lambda d: d.guest_rid)
+    ]
+    body = {
+        "name": vm.name,
+        "memory_size": vm.memory_size,
+        "registers": [{"offset": REG_RTADDR, "value": vm.rtaddr}],
+        "devices": devices,
+        "cpu_vpasids": sorted(vm.cpu_table),
+        "faults": [FAULT_RECORD.parse(f.record()) for f in vm.faults],
+        "fault_overflow": vm.fault_overflow,
+        "page_requests": [PAGE_REQ_DESC.parse(d) for d in vm.page_requests],
+        "prq_overflow": vm.prq_overflow,
+    }
+    data: bytes = STREAM.build(
+        {"header": {"version": VERSION, "flags": 0}, "body": {"value": body}, "crc32": None}
+    )
+    return data
+
+
+def decode_stream(stream: bytes) -> Any:
+    """The parsed body of a stream; MigrationFailed for anything that is not a whole,
+    intact stream of a version this build reads."""
+    if len(stream) < HEADER_SIZE:
+        raise MigrationFailed(
+            f"migration stream truncated: {len(stream)} bytes, the header alone is {HEADER_SIZE}"
+        )
+    try:
+        header = HEADER.parse(stream[:HEADER_SIZE])
+    except cs.ConstructError:
+        raise MigrationFailed(
+            f"not a vioasid migration stream (magic {bytes(stream[:8])!r}, expected {MAGIC!r})"
+        ) from None
+    if header.version > VERSION:
+        raise MigrationFailed(
+            f"migration stream version {header.version} is newer than this vioasid "
+            f"(reads version {VERSION})"
+        )
+    if header.version < 1 or header.flags:
+        raise MigrationFailed(
+            f"migration stream version {header.version} flags 0x{header.flags:x} not understood"
+        )
+    try:
+        parsed = STREAM.parse(stream)
+    except cs.ChecksumError:
+        raise MigrationFailed("migration stream checksum mismatch (corrupt stream)") from None
+    except cs.ConstructError as exc:
+        size = len(stream)
+        raise MigrationFailed(
+            f"migration stream truncated or malformed ({size} bytes): {_first_line(exc)}"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MigrationFailed(f"migration stream malformed: {exc}") from None
+    return parsed.body.value
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def import_state(
+    host: Host,
+    stream: bytes,
+    memory: GuestMemory,
+    functions: Mapping[int, int],
+    *,
+    name: str | None = None,
+) -> VM:
+    """Re-create the VM of ``stream`` on ``host``; all-or-nothing."""
+    body = decode_stream(stream)
+    vm_name = name if name is not None else body.name
+    if vm_name in host.vms:
+        raise MigrationFailed(f"host {host.name} already has a VM named {vm_name}")
+    top = max((r.end for r in memory.regions), default=0)
+    if top < body.memory_size:
+        raise MigrationFailed(
+            f"VM {vm_name}: destination guest memory ends at 0x{top:x}, the source's at "
+            f"0x{body.memory_size:x}"
+        )
+    regs = {r.offset: r.value for r in body.registers}
+    # Check the device map before touching anything.
+    seen: set[int] = set()
+    for d in body.devices:
+        rid = d.guest_rid
+        if rid in seen:
+            raise MigrationFailed(f"VM {vm_name}: device {bdf_str(rid)} appears twice in stream")
+        seen.add(rid)
+        if d.assign not in ASSIGN_NAMES:
+            raise MigrationFailed(f"VM {vm_name}: device {bdf_str(rid)} has unknown assign code")
+        if rid not in functions:
+            raise MigrationFailed(
+                f"VM {vm_name}: no destination function given for device {bdf_str(rid)}"
+            )
+        fn = host.functions.get(functions[rid])
+        if fn is None:
+            raise MigrationFailed(
+                f"VM {vm_name}: destination host {host.name} has no function "
+                f"{bdf_str(functions[rid])} for device {bdf_str(rid)}"
+            )
+        if fn.enqcmd != bool(d.caps.enqcmd):
+            want = "an enqcmd" if d.caps.enqcmd else "a non-enqcmd"
+            raise MigrationFailed(
+                f"VM {vm_name}: device {bdf_str(rid)} needs {want} function; "
+                f"{host.name}/{fn.bdf} is not"
+            )
+    for rec in body.faults:
+        if rec.qw1.FR not in _REASONS:
+            raise MigrationFailed(f"VM {vm_name}: queued fault has unknown reason 0x{rec.qw1.FR:x}")
+    extra = set(functions) - seen
+    if extra:
+        raise MigrationFailed(
+            f"VM {vm_name}: function map names devices the VM does not have: "
+            + ", ".join(bdf_str(r) for r in sorted(extra))
+        )
+    saved = host.iommu.begin()
+    vm: VM | None = None
+    try:
+        vm = host.add_vm(vm_name, memory, rtaddr=regs.get(REG_RTADDR, 0))
+        devs = []
+        for d in body.devices:
+            devs.append(
+                (
+                    host.attach_device(
+                        vm_name, d.guest_rid, functions[d.guest_rid], ASSIGN_NAMES[d.assign]
+                    ),
+                    d.vpasids,
+                )
+            )
+        # Devices that need pPASID == vPASID first: they cannot take what is left over.
+        devs.sort(key=lambda item: (not item[0].rule.equal_x, item[0].guest_rid))
+        for dev, vpasids in devs:
+            pasid_dir, ndir = guest_pasid_dir(memory, vm.rtaddr, dev.guest_rid)
+            for x in vpasids:
+                words = read_guest_pasid_entry(memory, pasid_dir, ndir, dev.guest_rid, x)
+                host._bind(vm, dev, x, words)
+        if set(vm.cpu_table) != set(body.cpu_vpasids):
+            raise MigrationFailed(
+                f"VM {vm_name}: CPU PASID table vPASIDs {sorted(vm.cpu_table)} differ from the "
+                f"source's {list(body.cpu_vpasids)}"
+            )
+        for rec in body.faults:
+            qw1 = rec.qw1
+            vm.queue_fault(
+                Fault(FaultReason(qw1.FR), rec.qw0.FI, qw1.SID, qw1.PV if qw1.PP else None,
+                      not qw1.T)
+            )  # fmt: skip
+        vm.fault_overflow = body.fault_overflow
+        for desc in body.page_requests:
+            vm.queue_page_request(PAGE_REQ_DESC.struct.build(desc))
+        vm.prq_overflow = body.prq_overflow
+    except VioasidError as exc:
+        if vm is not None:
+            host.remove_vm(vm_name)
+        host.iommu.rollback(saved)
+        if isinstance(exc, MigrationFailed):
+            raise
+        raise MigrationFailed(f"VM {vm_name} cannot be re-created on {host.name}: {exc}") from exc
+    except BaseException:
+        if vm is not None:
+            host.remove_vm(vm_name)
+        host.iommu.rollback(saved)
+        raise
+    host.iommu.commit(saved)
+    return vm
+
+
+def stream_crc(stream: bytes) -> int:
+    """The CRC-32 a stream carries over its length-prefixed body (docs)."""
+    return zlib.crc32(stream[HEADER_SIZE:-4])
+
+
+__all__ = ["BODY", "decode_stream", "export_state", "import_state"]
