@@ -36,7 +36,7 @@ from .allocator import PasidAllocator
 from .cache import Caches
 from .errors import Exhausted, InvalidRequest, NotFound, PasidConflict, VioasidError
 from .faults import Fault, Translation, bdf_str
-from .host import HostFunction, HostIommu
+from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
 from .vm import VM, Device, guest_pasid_dir, read_guest_pasid_entry
@@ -120,7 +120,11 @@ def guest_fault_json(f: Fault) -> dict[str, Any]:
 
 
 class Host:
-    """One host: policy, functions, allocators, host IOMMU tables, VMs. Sans-IO."""
+    """One host: policy, functions, allocators, host IOMMU tables, VMs. Sans-IO.
+
+    ``hpa_base``: where this host places its first VM's RAM in host-physical space (VMs get
+    distinct 1 GiB-aligned ranges from there); ``caches=False`` walks without the IOTLB.
+    """
 
     def __init__(
         self,
@@ -129,6 +133,7 @@ class Host:
         allocation: Policy = "per-device",
         pasid_bits: int = MAX_PASID_BITS,
         caches: bool = True,
+        hpa_base: int = VM_HPA_BASE,
     ) -> None:
         if allocation not in POLICIES:
             raise InvalidRequest(f"allocation must be one of {', '.join(POLICIES)}")
@@ -143,7 +148,7 @@ class Host:
         self.global_owner: dict[int, tuple[str, int]] = {}  # global pPASID -> (VM, vPASID)
         self.did_alloc = PasidAllocator(DID_BITS, f"host {name} domain ids")
         self.devices_by_did: dict[int, tuple[VM, Device]] = {}
-        self.iommu = HostIommu(pasid_bits)
+        self.iommu = HostIommu(pasid_bits, hpa_base=hpa_base)
         self.walker = Walker(self.iommu.mem, caches=Caches(enabled=caches))
         self.rtaddr = self.iommu.rtaddr
 
@@ -385,6 +390,7 @@ class Host:
                             vm=v.name, device=dev.bdf, vpasid=x, rule=3,
                         )  # fmt: skip
                 new_global = True
+        assert pp is not None
         if pp in fn.owner:
             raise PasidConflict(
                 f"{who}: pPASID {pp} in function {fn.bdf}'s table is held by "

@@ -91,14 +91,16 @@ class HostFunction:
 class HostIommu:
     """The host IOMMU's tables in host memory: one PASID table per function, by pPASID."""
 
-    def __init__(self, pasid_bits: int) -> None:
+    def __init__(self, pasid_bits: int, *, hpa_base: int = VM_HPA_BASE) -> None:
         self.mem = GuestMemory()
         self._tables_buf = mmap.mmap(-1, HOST_TABLES_SIZE)
         self.mem.add(HOST_TABLES_BASE, self._tables_buf, name="host-tables")
         self.pages = PageAllocator(self.mem, HOST_TABLES_BASE, HOST_TABLES_SIZE)
         self.driver = GuestIommuDriver.for_pasid_bits(self.mem, self.pages, pasid_bits)
         self.rtaddr = self.driver.rtaddr
-        self._next_hpa = VM_HPA_BASE
+        if hpa_base < VM_HPA_BASE or hpa_base % VM_HPA_ALIGN:
+            raise ValueError("VM host ranges start 1 GiB aligned, at or above 4 GiB")
+        self._next_hpa = hpa_base
         self._ndir = pasid_dir_entries(self.driver.pdts)
         self._leaves: dict[tuple[int, int], int] = {}  # (function RID, dir index) -> leaf table
         self._journal: list[tuple[int, int]] | None = None

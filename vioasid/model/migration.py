@@ -22,7 +22,6 @@ import construct as cs
 from vioasid.formats.fault import FAULT_RECORD, FaultReason
 from vioasid.formats.migration import (
     ASSIGN_CODES,
-    ASSIGN_NAMES,
     BODY,
     HEADER,
     HEADER_SIZE,
@@ -36,8 +35,10 @@ from vioasid.formats.registers import REG_RTADDR
 from .errors import MigrationFailed, VioasidError
 from .faults import Fault, bdf_str
 from .memory import GuestMemory
+from .policy import Assign
 from .vm import VM, guest_pasid_dir, read_guest_pasid_entry
 
+_ASSIGNS: dict[int, Assign] = {ASSIGN_CODES["vfio-pci"]: "vfio-pci", ASSIGN_CODES["mdev"]: "mdev"}
 _REASONS = frozenset(int(r) for r in FaultReason)
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def import_state(
         if rid in seen:
             raise MigrationFailed(f"VM {vm_name}: device {bdf_str(rid)} appears twice in stream")
         seen.add(rid)
-        if d.assign not in ASSIGN_NAMES:
+        if d.assign not in _ASSIGNS:
             raise MigrationFailed(f"VM {vm_name}: device {bdf_str(rid)} has unknown assign code")
         if rid not in functions:
             raise MigrationFailed(
@@ -176,7 +177,7 @@ def import_state(
             devs.append(
                 (
                     host.attach_device(
-                        vm_name, d.guest_rid, functions[d.guest_rid], ASSIGN_NAMES[d.assign]
+                        vm_name, d.guest_rid, functions[d.guest_rid], _ASSIGNS[d.assign]
                     ),
                     d.vpasids,
                 )
