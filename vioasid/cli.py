@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "vioasid.commands.walk",
     "vioasid.commands.dump",
+    "vioasid.commands.example_image",
     "vioasid.commands.scenario",
     "vioasid.commands.serve",
     "vioasid.commands.status",

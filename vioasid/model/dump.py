@@ -1,0 +1,186 @@
+"""Enumerate every present root / context / PASID entry of a VT-d table tree (for dumps).
+
+Reads with the ``vioasid.formats`` layouts; hostile trees are handled with bounded work: a total
+entry budget (``max_entries``), shared tables decoded once, every unreadable table reported as
+an error string instead of raising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vioasid.formats.context import (
+    LEGACY_CONTEXT_ENTRY,
+    LEGACY_CONTEXT_ENTRY_SIZE,
+    SM_CONTEXT_ENTRY,
+    SM_CONTEXT_ENTRY_SIZE,
+    pasid_dir_entries,
+)
+from vioasid.formats.pasid import (
+    PASID_DIR_ENTRY,
+    PASID_ENTRIES_PER_TABLE,
+    PASID_ENTRY,
+    PASID_ENTRY_SIZE,
+    PGTT_NAMES,
+)
+from vioasid.formats.registers import RTADDR, TTM_LEGACY, TTM_SCALABLE
+from vioasid.formats.root import LEGACY_ROOT_ENTRY, ROOT_ENTRY_SIZE, SM_ROOT_ENTRY
+
+from .faults import bdf_str
+from .memory import GuestMemory, MemoryAccessError
+
+_CTX_TT_NAMES = {0: "multi-level", 1: "device-iotlb", 2: "pass-through"}
+
+
+@dataclass
+class TableDump:
+    """What :func:`dump_tables` found."""
+
+    rtaddr: int
+    mode: str
+    contexts: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    truncated: bool = False
+    visited: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rtaddr": hex(self.rtaddr),
+            "mode": self.mode,
+            "devices": self.contexts,
+            "errors": self.errors,
+            "truncated": self.truncated,
+        }
+
+
+class _Budget(Exception):
+    pass
+
+
+def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 500_000) -> TableDump:
+    """Every present context entry (and, in scalable mode, PASID entry) under ``rtaddr``."""
+    ttm = RTADDR.field("TTM").get(rtaddr)
+    root = RTADDR.field("RTA").get(rtaddr)
+    mode = {TTM_LEGACY: "legacy", TTM_SCALABLE: "scalable"}.get(ttm, f"ttm-{ttm}")
+    out = TableDump(rtaddr, mode)
+    if mode not in ("legacy", "scalable"):
+        out.errors.append(f"RTADDR TTM={ttm} is not a supported translation-table mode")
+        return out
+
+    def words(gpa: int, count: int, what: str) -> tuple[int, ...] | None:
+        out.visited += 1
+        if out.visited > max_entries:
+            raise _Budget
+        try:
+            return mem.words(gpa, count)
+        except MemoryAccessError:
+            out.errors.append(f"{what} at 0x{gpa:x} is outside guest memory")
+            return None
+
+    pasid_tables: dict[int, list[dict[str, Any]]] = {}
+    try:
+        for bus in range(256):
+            re = words(root + bus * ROOT_ENTRY_SIZE, 2, f"root entry {bus:02x}")
+            if re is None:
+                break  # the root table itself is unreadable
+            if mode == "legacy":
+                if not re[0] & 1:
+                    continue
+                ctp = LEGACY_ROOT_ENTRY.field("CTP").get(re[0])
+                for devfn in range(256):
+                    sid = (bus << 8) | devfn
+                    ce = words(ctp + devfn * LEGACY_CONTEXT_ENTRY_SIZE, 2, "context entry")
+                    if ce is None:
+                        break
+                    if not ce[0] & 1:
+                        continue
+                    f = LEGACY_CONTEXT_ENTRY.words[0].decode(ce[0])
+                    f.update(LEGACY_CONTEXT_ENTRY.words[1].decode(ce[1]))
+                    out.contexts.append(
+                        {
+                            "bdf": bdf_str(sid),
+                            "sid": sid,
+                            "tt": _CTX_TT_NAMES.get(f["TT"], f"reserved-{f['TT']}"),
+                            "did": f["DID"],
+                            "aw": f["AW"],
+                            "ssptptr": hex(f["SSPTPTR"]),
+                            "fpd": bool(f["FPD"]),
+                        }
+                    )
+                continue
+            for upper in (0, 1):
+                half = re[upper]
+                if not half & 1:
+                    continue
+                ctp = SM_ROOT_ENTRY.field("LCTP").get(half)
+                for low in range(128):
+                    devfn = upper * 128 + low
+                    sid = (bus << 8) | devfn
+                    ce = words(ctp + low * SM_CONTEXT_ENTRY_SIZE, 4, "context entry")
+                    if ce is None:
+                        break
+                    if not ce[0] & 1:
+                        continue
+                    f = SM_CONTEXT_ENTRY.words[0].decode(ce[0])
+                    f.update(SM_CONTEXT_ENTRY.words[1].decode(ce[1]))
+                    dev: dict[str, Any] = {
+                        "bdf": bdf_str(sid),
+                        "sid": sid,
+                        "pasid_dir": hex(f["PASIDDIRPTR"]),
+                        "pdts": f["PDTS"],
+                        "rid_pasid": f["RID_PASID"],
+                        "paside": bool(f["PASIDE"]),
+                        "pre": bool(f["PRE"]),
+                        "dte": bool(f["DTE"]),
+                        "fpd": bool(f["FPD"]),
+                        "pasids": [],
+                    }
+                    out.contexts.append(dev)
+                    for didx in range(pasid_dir_entries(f["PDTS"])):
+                        gpa = f["PASIDDIRPTR"] + didx * 8
+                        de = words(gpa, 1, f"{bdf_str(sid)} PASID dir entry {didx}")
+                        if de is None:
+                            break
+                        if not de[0] & 1:
+                            continue
+                        ptp = PASID_DIR_ENTRY.field("PTP").get(de[0])
+                        if ptp not in pasid_tables:
+                            pasid_tables[ptp] = _pasid_table(ptp, words)
+                        for e in pasid_tables[ptp]:
+                            dev["pasids"].append(dict(e, pasid=didx * 64 + e["index"]))
+    except _Budget:
+        out.truncated = True
+        out.errors.append(f"stopped after {max_entries} entries (budget)")
+    for dev in out.contexts:
+        for e in dev.get("pasids", []):
+            e.pop("index", None)
+    return out
+
+
+def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for idx in range(PASID_ENTRIES_PER_TABLE):
+        pe = words(ptp + idx * PASID_ENTRY_SIZE, 8, "PASID entry")
+        if pe is None:
+            break
+        if not pe[0] & 1:
+            continue
+        f: dict[str, int] = {}
+        for w, v in zip(PASID_ENTRY.words, pe, strict=True):
+            f.update(w.decode(v))
+        found.append(
+            {
+                "index": idx,
+                "pgtt": PGTT_NAMES.get(f["PGTT"], f"invalid-{f['PGTT']}"),
+                "did": f["DID"],
+                "aw": f["AW"],
+                "ssptptr": hex(f["SSPTPTR"]),
+                "flptptr": hex(f["FLPTPTR"]),
+                "flpm": f["FLPM"],
+                "sre": bool(f["SRE"]),
+                "wpe": bool(f["WPE"]),
+                "fpd": bool(f["FPD"]),
+            }
+        )
+    return found
