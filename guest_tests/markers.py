@@ -21,7 +21,7 @@ DONE = "VIOASID-TESTS-DONE"
 STOPPED = "VIOASID-LOOP-STOPPED"
 ERROR = "VIOASID-ERROR"
 
-MARKER_RE = re.compile(r"(VIOASID-[A-Z-]+)((?:\s+\w+=\S*)*)(?:\s+detail=(.*))?\s*$")
+_KIND_RE = re.compile(r"VIOASID-[A-Z]+(?:-[A-Z]+)*")
 _KV_RE = re.compile(r"(\w+)=(\S*)")
 
 
@@ -42,13 +42,18 @@ def parse_marker(line: str) -> Marker | None:
     i = line.find("VIOASID-")
     if i < 0:
         return None
-    m = MARKER_RE.match(line[i:].rstrip("\r\n"))
+    text = line[i:].rstrip("\r\n")
+    m = _KIND_RE.match(text)
     if not m:
         return None
-    fields = dict(_KV_RE.findall(m.group(2) or ""))
-    if m.group(3) is not None:
-        fields["detail"] = m.group(3).strip()
-    return Marker(m.group(1), fields)
+    rest = text[m.end() :]
+    if rest and not rest[0].isspace():
+        return None
+    head, sep, detail = rest.partition(" detail=")
+    fields = dict(_KV_RE.findall(head))
+    if sep:
+        fields["detail"] = detail.strip()
+    return Marker(m.group(0), fields)
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,12 @@ class VmSpec:
     def default_cpu(self) -> str:
         return self.cpu or ("host" if self.accel is Accel.KVM else "max")
 
+    def machine_arg(self) -> str:
+        m = "q35,memory-backend=mem"
+        if self.accel is Accel.KVM and self.iommu is not None and self.iommu.intremap:
+            m += ",kernel-irqchip=split"  # KVM refuses intremap=on with the in-kernel IOAPIC
+        return m
+
     def argv(self) -> list[str]:
         """The full command line (binary first). Requires ``ram_path`` and ``qmp_socket``."""
         if self.ram_path is None or self.qmp_socket is None:
@@ -229,7 +235,7 @@ class VmSpec:
             "-accel",
             str(self.accel),
             "-machine",
-            "q35,memory-backend=mem",
+            self.machine_arg(),
             "-cpu",
             self.default_cpu,
             "-smp",

@@ -45,3 +45,5 @@ if [ "${ver:-0}" -lt 10 ]; then
 fi
 echo "setup: installing the Python package"
 python3 -m pip install -q -e '.[test]'
+echo "setup: building the test guest image (cached)"
+python3 -m vioasid.cli image build
