@@ -1,0 +1,77 @@
+"""``vioasid serve``: run the daemon in the foreground on a unix socket.
+
+Exits 0 on SIGTERM/SIGINT after closing every client (their VMs are released) and removing the
+socket file; exits 2 with one line on stderr for a bad host file or an unusable socket path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from vioasid.cli import UsageError
+from vioasid.daemon.hostconfig import HostConfigError, default_host, load_host
+from vioasid.daemon.server import Server
+from vioasid.daemon.service import Service
+from vioasid.model.engine import Host
+
+log = logging.getLogger("vioasid.serve")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the vioasid daemon on a unix socket (foreground)",
+        description="Serve the vioasid protocol (docs/protocol.md) on a unix socket until "
+        "SIGTERM/SIGINT.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket path to listen on")
+    p.add_argument(
+        "--host",
+        metavar="FILE.toml",
+        help="host description: the [[host]] table of the scenario format (default: one "
+        "per-device host with functions 3a:00.0, 3b:00.0 translating, 5e:00.0 enqcmd, "
+        "5f:00.0 enqcmd+translating)",
+    )
+    p.add_argument("--host-name", metavar="NAME", help="which [[host]] when FILE has several")
+    p.add_argument(
+        "--log-level",
+        dest="serve_log_level",
+        choices=["debug", "info", "warning", "error"],
+        help="logging verbosity on stderr (overrides the global --log-level)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.serve_log_level:
+        logging.getLogger().setLevel(getattr(logging, args.serve_log_level.upper()))
+    try:
+        host = load_host(args.host, args.host_name) if args.host else default_host()
+    except HostConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return asyncio.run(serve(args.socket, host))
+
+
+async def serve(path: str, host: Host) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean shutdown."""
+    server = Server(Service(host), path)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.warning("serving host %s on %s", host.name, path)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.close()
+    log.warning("stopped; socket %s removed", path)
+    return 0

@@ -1,0 +1,106 @@
+"""``vioasid status``: the running daemon's VMs, devices and vPASID/pPASID tables.
+
+Human tables by default, the daemon's dump as one JSON object with ``--json``. Exits 1 when the
+daemon cannot be reached (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from vioasid.client import Client, ClientError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="show a running daemon's VMs, devices and vPASID/pPASID tables",
+        description="Query a vioasid daemon (vioasid serve) and print its state.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's unix socket")
+    p.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    p.add_argument("--vm", metavar="NAME", help="only this VM")
+    p.set_defaults(func=run)
+
+
+async def fetch(path: str, vm: str | None) -> dict[str, Any]:
+    client = await Client.connect(path, timeout=0)
+    try:
+        vm_id = None if vm is None else await client.open_vm(vm)
+        return await client.dump(vm_id)
+    finally:
+        await client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        doc = asyncio.run(fetch(args.socket, args.vm))
+    except (OSError, ClientError) as exc:
+        print(f"vioasid status: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(render(doc), end="")
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The dump as human tables: VMs, devices, bindings (vPASID → pPASID), functions."""
+    out = [
+        f"host {doc.get('host')}  allocation {doc.get('allocation')}  "
+        f"sessions {len(doc.get('sessions', []))}\n\n"
+    ]
+    vms = doc.get("vms", {})
+    out.append(
+        _table(
+            ["VM", "ID", "OWNER", "DEVICES", "BINDINGS", "CPU TABLE", "FAULTS", "PRQ"],
+            [
+                [
+                    name,
+                    str(v.get("id", "")),
+                    str(v.get("owner", "")),
+                    str(len(v["devices"])),
+                    str(sum(len(d["bindings"]) for d in v["devices"].values())),
+                    " ".join(f"{x}→{p}" for x, p in v["cpu_table"].items()) or "-",
+                    str(v["faults"]),
+                    str(v["page_requests"]),
+                ]
+                for name, v in sorted(vms.items())
+            ],
+        )
+    )
+    rows = []
+    for name, v in sorted(vms.items()):
+        for bdf, d in v["devices"].items():
+            binds = " ".join(f"{x}→{p}" for x, p in d["bindings"].items()) or "-"
+            rows.append([name, bdf, d["function"], d["assign"], d["space"], d["tag"], binds])
+    out.append("\n")
+    out.append(
+        _table(["VM", "DEVICE", "FUNCTION", "ASSIGN", "SPACE", "TAG", "vPASID→pPASID"], rows)
+    )
+    rows = []
+    for bdf, f in sorted(doc.get("functions", {}).items()):
+        caps = ",".join(c for c in ("enqcmd", "translating") if f[c]) or "-"
+        table = " ".join(
+            f"{pp}:{o['vm']}/{o['device']}/{o['vpasid']}" for pp, o in f["table"].items()
+        )
+        rows.append([bdf, caps, f["assigned"] or "-", table or "-"])
+    out.append("\n")
+    out.append(_table(["FUNCTION", "CAPS", "ASSIGNED", "pPASID:VM/DEVICE/vPASID"], rows))
+    return "".join(out)

@@ -1,0 +1,316 @@
+"""Sans-IO codec of the daemon protocol: bytes and fds in, messages out; messages in, bytes out.
+
+Like h11, the codec never touches a socket. The I/O layer feeds it whatever ``recvmsg`` returned
+(:meth:`Codec.receive`), pulls complete messages (:meth:`Codec.next_message`) and tells it about
+end of file (:meth:`Codec.receive_eof`). Anything malformed raises :class:`ProtocolViolation`
+with a one-line reason; the connection that sent it is then closed and nothing else is touched.
+
+One codec class serves both ends: ``Codec(Role.DAEMON)`` decodes requests from clients,
+``Codec(Role.CLIENT)`` decodes the daemon's replies and pushed events.
+
+File descriptors: the kernel hands SCM_RIGHTS fds over with the ``recvmsg`` call that reads the
+first byte of the ``sendmsg`` that carried them, and stops reading right after that send's first
+buffer. So the fds received with a chunk of bytes ``[start, end)`` belong to the *last* message
+whose header starts inside that chunk; the sender must put a message's fds on the ``sendmsg``
+that carries its header (one ``sendmsg`` per message, as vhost-user does). A message must carry
+exactly the fds its payload announces; fds that belong to no message are an error too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import construct as cs
+
+from vioasid.formats import wire
+from vioasid.formats.wire import Request
+
+
+class Role(Enum):
+    DAEMON = "daemon"  # decodes requests
+    CLIENT = "client"  # decodes replies and events
+
+
+class ProtocolViolation(Exception):
+    """Malformed input: the connection that sent it must be closed. ``str()`` is the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class DmaBatch:
+    """A ``DMA`` request's payload kept raw: the hot path unpacks entries with
+    ``wire.DMA_ENTRY_S.iter_unpack(entries)``."""
+
+    vm: int
+    count: int
+    entries: bytes
+
+
+@dataclass(slots=True)
+class Message:
+    """One decoded message. ``body`` is the parsed payload (a construct ``Container``, a
+    :class:`DmaBatch`, or for a reply the ``(status, body)`` pair's container)."""
+
+    request: int
+    flags: int
+    body: Any
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & wire.FLAG_NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & wire.FLAG_REPLY)
+
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return str(request)
+
+
+class Codec:
+    """Framing, validation and payload parsing for one connection (see the module docstring)."""
+
+    def __init__(self, role: Role, *, max_payload: int = wire.MAX_PAYLOAD) -> None:
+        self.role = role
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0]
+        self._received = 0  # stream offset of the end of everything received
+        self._fd_batches: deque[tuple[int, int, list[int]]] = deque()  # (start, end, fds)
+        self._header: tuple[int, int, int] | None = None
+        self._closed = False
+
+    # -- input --------------------------------------------------------------------------
+    def receive(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        """Feed what one ``recvmsg`` returned. The codec owns ``fds`` from now on."""
+        if self._closed:
+            for fd in fds or ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise ProtocolViolation("data after the connection was closed")
+        start = self._received
+        self._buf += data
+        self._received += len(data)
+        if fds:
+            if len(fds) > wire.MAX_FDS:
+                self._fd_batches.append((start, self._received, list(fds)))
+                raise ProtocolViolation(f"{len(fds)} fds in one message (max {wire.MAX_FDS})")
+            if not data:
+                self._fd_batches.append((start, start + 1, list(fds)))
+                raise ProtocolViolation("fds without data")
+            self._fd_batches.append((start, self._received, list(fds)))
+
+    def receive_eof(self) -> None:
+        """The peer closed. Raises :class:`ProtocolViolation` if it left a partial message."""
+        pending = len(self._buf)
+        if pending == 0:
+            return
+        if pending < wire.HEADER_SIZE:
+            raise ProtocolViolation(f"short header: {pending} of {wire.HEADER_SIZE} bytes at EOF")
+        request, _, size = self._header or wire.HEADER_S.unpack_from(self._buf)
+        raise ProtocolViolation(
+            f"truncated payload of {_name(request)}: "
+            f"{pending - wire.HEADER_SIZE} of {size} bytes at EOF"
+        )
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive."""
+        buf = self._buf
+        if self._header is None:
+            if len(buf) < wire.HEADER_SIZE:
+                self._check_orphan_fds(self._base)
+                return None
+            self._header = self._check_header(*wire.HEADER_S.unpack_from(buf))
+        request, flags, size = self._header
+        total = wire.HEADER_SIZE + size
+        if len(buf) < total:
+            return None
+        start = self._base
+        payload = bytes(buf[wire.HEADER_SIZE : total])
+        del buf[:total]
+        self._base += total
+        self._header = None
+        fds = self._claim_fds(start, start + total)
+        try:
+            body = self._parse(request, flags, payload)
+            want = wire.request_fds(Request(request), body) if self.role is Role.DAEMON else 0
+            if len(fds) != want:
+                what = "missing" if len(fds) < want else "extra"
+                raise ProtocolViolation(
+                    f"fds {what}: {_name(request)} carries {len(fds)} fds, needs {want}"
+                )
+        except ProtocolViolation:
+            Message(request, flags, None, fds).close_fds()
+            raise
+        return Message(request, flags, body, fds)
+
+    def close(self) -> None:
+        """Drop buffered input and close every fd not yet handed out in a message."""
+        self._closed = True
+        self._buf.clear()
+        while self._fd_batches:
+            for fd in self._fd_batches.popleft()[2]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- validation ---------------------------------------------------------------------
+    def _check_header(self, request: int, flags: int, size: int) -> tuple[int, int, int]:
+        version = flags & wire.FLAG_VERSION_MASK
+        if version != wire.VERSION:
+            raise ProtocolViolation(f"wrong version {version} (flags 0x{flags:x}), expected 1")
+        if flags & wire.FLAG_RESERVED:
+            raise ProtocolViolation(f"reserved flag bits set (flags 0x{flags:x})")
+        if size > self.max_payload:
+            raise ProtocolViolation(
+                f"size {size} of {_name(request)} above the maximum {self.max_payload}"
+            )
+        is_reply = bool(flags & wire.FLAG_REPLY)
+        if self.role is Role.DAEMON:
+            if is_reply:
+                raise ProtocolViolation(f"reply flag on a request ({_name(request)})")
+            if request not in _REQUESTS:
+                raise ProtocolViolation(f"unknown request {request}")
+        else:
+            known = wire.REPLY_LAYOUTS if is_reply else wire.EVENT_LAYOUTS
+            if request not in known and not (is_reply and request in _REQUESTS):
+                raise ProtocolViolation(
+                    f"unknown {'reply' if is_reply else 'event'} {_name(request)}"
+                )
+            if flags & wire.FLAG_NEED_REPLY:
+                raise ProtocolViolation("need_reply on a daemon message")
+        return request, flags, size
+
+    def _parse(self, request: int, flags: int, payload: bytes) -> Any:
+        if self.role is Role.DAEMON:
+            if request == Request.DMA:
+                return _parse_dma(payload)
+            layout = wire.REQUEST_LAYOUTS[Request(request)]
+        elif flags & wire.FLAG_REPLY:
+            if request == Request.DMA and payload[:8] == bytes(8):
+                return _parse_dma_reply(payload)
+            layout = wire.REPLY_LAYOUTS.get(Request(request), wire.STATUS_REPLY)
+        else:
+            layout = wire.EVENT_LAYOUTS[Request(request)]
+        try:
+            return layout.parse(payload)
+        except (cs.ConstructError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ProtocolViolation(
+                f"unparsable {_name(request)} payload ({len(payload)} bytes): {first}"
+            ) from None
+
+    def _claim_fds(self, start: int, end: int) -> list[int]:
+        """The fds of the message occupying ``[start, end)`` of the stream."""
+        self._check_orphan_fds(start)
+        fds: list[int] = []
+        batches = self._fd_batches
+        # a batch is ours when our header starts in its chunk and no later header does
+        while batches and batches[0][0] <= start < batches[0][1] and end >= batches[0][1]:
+            fds += batches.popleft()[2]
+        return fds
+
+    def _check_orphan_fds(self, offset: int) -> None:
+        """fds whose chunk ended before ``offset`` with no message claiming them."""
+        if self._fd_batches and self._fd_batches[0][1] <= offset:
+            n = len(self._fd_batches[0][2])
+            raise ProtocolViolation(f"fds extra: {n} fds belong to no message")
+
+
+_REQUESTS = frozenset(int(r) for r in wire.REQUEST_LAYOUTS)
+
+
+def _parse_dma(payload: bytes) -> DmaBatch:
+    if len(payload) < wire.DMA_HEAD_S.size:
+        raise ProtocolViolation(f"unparsable DMA payload ({len(payload)} bytes): no head")
+    vm, count = wire.DMA_HEAD_S.unpack_from(payload)
+    if count > wire.MAX_DMA_BATCH:
+        raise ProtocolViolation(f"unparsable DMA payload: {count} entries (max 4096)")
+    want = wire.DMA_HEAD_S.size + count * wire.DMA_ENTRY_S.size
+    if len(payload) != want:
+        raise ProtocolViolation(
+            f"unparsable DMA payload: {len(payload)} bytes for {count} entries (want {want})"
+        )
+    return DmaBatch(vm, count, payload[wire.DMA_HEAD_S.size :])
+
+
+def _parse_dma_reply(payload: bytes) -> cs.Container:
+    """A successful ``DMA`` reply, results kept raw (``wire.DMA_RESULT_S.iter_unpack``)."""
+    head = 8 + wire.DMA_HEAD_S.size
+    if len(payload) < head:
+        raise ProtocolViolation(f"unparsable DMA reply ({len(payload)} bytes)")
+    (count,) = _U32.unpack_from(payload, 8)
+    if len(payload) != head + count * wire.DMA_RESULT_S.size:
+        raise ProtocolViolation(f"unparsable DMA reply: {len(payload)} bytes for {count} results")
+    return cs.Container(status=0, body=DmaResults(count, payload[head:]))
+
+
+@dataclass(frozen=True, slots=True)
+class DmaResults:
+    """A ``DMA`` reply's results kept raw."""
+
+    count: int
+    results: bytes
+
+
+_U32 = struct.Struct("<I")
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def frame(request: int, flags: int, payload: bytes | bytearray = b"") -> bytes:
+    """Header + payload."""
+    return wire.HEADER_S.pack(request, flags, len(payload)) + payload
+
+
+def encode_request(request: Request, body: Any = None, *, need_reply: bool = False) -> bytes:
+    """A client request; ``body`` is the construct dict of its layout (DMA: the raw payload
+    bytes are accepted too)."""
+    flags = wire.VERSION | (wire.FLAG_NEED_REPLY if need_reply else 0)
+    if isinstance(body, bytes | bytearray):
+        return frame(request, flags, body)
+    layout = wire.REQUEST_LAYOUTS[request]
+    return frame(request, flags, layout.build(body if body is not None else {}))
+
+
+REPLY_FLAGS = wire.VERSION | wire.FLAG_REPLY
+_OK = (0).to_bytes(8, "little")
+
+
+def encode_ok(request: int, result: Any = None) -> bytes:
+    """A success reply (status 0 + the request's result built with its reply layout)."""
+    if request == Request.GET_FEATURES:
+        return frame(request, REPLY_FLAGS, wire.FEATURES.build({"features": result}))
+    layout = wire.REPLY_LAYOUTS.get(Request(request), wire.STATUS_REPLY)
+    return frame(request, REPLY_FLAGS, layout.build({"status": 0, "body": result or {}}))
+
+
+def encode_ok_raw(request: int, result: bytes | bytearray) -> bytes:
+    """A success reply whose result bytes were packed by the hot path."""
+    return wire.HEADER_S.pack(request, REPLY_FLAGS, 8 + len(result)) + _OK + result
+
+
+def encode_error(request: int, code: wire.ErrorCode, message: str) -> bytes:
+    """A failure reply: status ``code`` and a UTF-8 message (valid for every reply layout)."""
+    return frame(request, REPLY_FLAGS, int(code).to_bytes(8, "little") + message.encode())
+
+
+def encode_event(event: Request, body: Any) -> bytes:
+    """A pushed event (no reply bit)."""
+    return frame(event, wire.VERSION, wire.EVENT_LAYOUTS[event].build(body))

@@ -1,0 +1,562 @@
+"""What each request does: the daemon's requests mapped onto the engine (:class:`Host`).
+
+Sans-IO like the codec: :meth:`Service.handle` takes a decoded :class:`Message` from a
+:class:`Session`, calls the engine, and appends the encoded reply to that session's outbox and
+any fault / page-request events to the outboxes of the VM's subscribers. The server flushes.
+
+Ownership: a VM belongs to the session that registered (or imported) it; it lives until that
+session sends ``UNREGISTER_VM`` or its connection ends, and then :meth:`Host.remove_vm` frees
+every pPASID, host PASID-table entry and CPU-table entry it held. Other sessions may use a VM
+(``OPEN_VM``, device requests, subscriptions) but not unregister it.
+
+Errors: an engine refusal (:class:`VioasidError`) becomes a reply with its kind's status code
+(requests without a result reply only when they asked with need_reply, else the refusal is
+logged). Anything else is a daemon bug: logged with its traceback, answered with ``INTERNAL``,
+and the connection stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vioasid.formats import invalidation as inv
+from vioasid.formats import wire
+from vioasid.formats.fault import FaultReason
+from vioasid.formats.pasid import PASID_ENTRY
+from vioasid.formats.wire import DmaFlag, DmaStatus, ErrorCode, EventMask, Request
+from vioasid.model.engine import _OWNER_SHIFT, Host
+from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
+from vioasid.model.faults import Fault, bdf_str
+from vioasid.model.memory import GuestMemory
+from vioasid.model.migration import decode_stream
+from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
+
+from .codec import Message, encode_error, encode_event, encode_ok, encode_ok_raw
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+_DID = PASID_ENTRY.field("DID")
+_SPACE = {"per-rid": wire.Space.PER_RID, "global": wire.Space.GLOBAL}
+_PAGE_REQUEST_REASONS = frozenset({FaultReason.FS_PAGING_ENTRY_P, FaultReason.SS_ENTRY_P})
+_DMA_RESULT = wire.DMA_RESULT_S
+_DMA_COUNT = wire.DMA_HEAD_S  # (count, padding) at the head of the reply body
+_PERM_R, _PERM_W = 1, 2
+
+
+@dataclass(eq=False)
+class VmEntry:
+    """A VM the daemon serves: wire id, engine name, owner, guest memory, subscribers."""
+
+    id: int
+    name: str
+    owner: Session
+    memory: GuestMemory
+    subscribers: dict[Session, int] = field(default_factory=dict)  # session -> EventMask
+
+
+Handler = Callable[[Session, Message], Any]
+
+
+class Service:
+    """The daemon's state around one :class:`Host`: sessions, VM ids, subscriptions."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.sessions: dict[int, Session] = {}
+        self.vms: dict[int, VmEntry] = {}
+        self._by_name: dict[str, VmEntry] = {}
+        self._next_session = 1
+        self._next_vm = 1
+        self._dirty: dict[Session, None] = {}
+        self._handlers: dict[int, Handler] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.REGISTER_VM: self._register_vm,
+            Request.UNREGISTER_VM: self._unregister_vm,
+            Request.OPEN_VM: self._open_vm,
+            Request.ATTACH_DEVICE: self._attach_device,
+            Request.DETACH_DEVICE: self._detach_device,
+            Request.SET_ROOT_TABLE: self._set_root_table,
+            Request.PASID_ENTRY: self._pasid_entry,
+            Request.INVALIDATE: self._invalidate,
+            Request.DMA: self._dma,
+            Request.ENQCMD: self._enqcmd,
+            Request.SUBSCRIBE: self._subscribe,
+            Request.DUMP: self._dump,
+            Request.EXPORT_VM: self._export_vm,
+            Request.IMPORT_VM: self._import_vm,
+        }
+
+    # -- sessions -------------------------------------------------------------------------
+    def open_session(self, peer: str = "") -> Session:
+        session = Session(self._next_session, peer)
+        self._next_session += 1
+        self.sessions[session.id] = session
+        return session
+
+    def end_session(self, session: Session) -> None:
+        """The connection is gone: drop its subscriptions and every VM it owns."""
+        if session.closed:
+            return
+        session.closed = True
+        session.outbox.clear()
+        self._dirty.pop(session, None)
+        for entry in self.vms.values():
+            entry.subscribers.pop(session, None)
+        for vm_id in sorted(session.owned):
+            self._release(vm_id, f"its owner {session} went away")
+        self.sessions.pop(session.id, None)
+
+    def take_dirty(self) -> list[Session]:
+        """Sessions with output to flush (each once, in the order they got it)."""
+        dirty = list(self._dirty)
+        self._dirty.clear()
+        return dirty
+
+    def _out(self, session: Session, data: bytes) -> None:
+        if not session.closed:
+            session.outbox.append(data)
+            self._dirty[session] = None
+
+    # -- the request path ------------------------------------------------------------------
+    def handle(self, session: Session, msg: Message) -> None:
+        """Run one request; its reply (if any) goes to the session's outbox."""
+        request = msg.request
+        try:
+            result = self._handlers[request](session, msg)
+        except VioasidError as exc:
+            self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
+            return
+        except Exception as exc:
+            log.exception("%s: %s failed", session, Request(request).name)
+            self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
+            return
+        finally:
+            msg.close_fds()
+        if isinstance(result, bytes | bytearray):
+            self._out(session, encode_ok_raw(request, result))
+        elif request in wire.REPLY_LAYOUTS or msg.need_reply:
+            self._out(session, encode_ok(request, result))
+
+    def _refuse(self, session: Session, msg: Message, code: ErrorCode, message: str) -> None:
+        name = Request(msg.request).name
+        if msg.request in wire.REPLY_LAYOUTS or msg.need_reply:
+            log.info("%s: %s refused: %s: %s", session, name, code.kind, message)
+            self._out(session, encode_error(msg.request, code, message))
+        else:
+            log.warning(
+                "%s: %s refused (no reply asked): %s: %s", session, name, code.kind, message
+            )
+
+    # -- helpers --------------------------------------------------------------------------
+    def _entry(self, vm_id: int) -> VmEntry:
+        entry = self.vms.get(vm_id)
+        if entry is None:
+            raise NotFound(f"no VM with id {vm_id}")
+        return entry
+
+    def _model(self, entry: VmEntry) -> VM:
+        return self.host.vm(entry.name)
+
+    def _add_entry(self, session: Session, name: str, memory: GuestMemory) -> VmEntry:
+        entry = VmEntry(self._next_vm, name, session, memory)
+        self._next_vm += 1
+        self.vms[entry.id] = entry
+        self._by_name[name] = entry
+        session.owned.add(entry.id)
+        log.info("%s: VM %s (id %d) registered", session, name, entry.id)
+        return entry
+
+    def _release(self, vm_id: int, why: str) -> None:
+        entry = self.vms.pop(vm_id)
+        self._by_name.pop(entry.name, None)
+        entry.owner.owned.discard(vm_id)
+        try:
+            self.host.remove_vm(entry.name)
+        finally:
+            entry.memory.close()
+        log.info("VM %s (id %d) released: %s", entry.name, vm_id, why)
+
+    @staticmethod
+    def _map_memory(regions: Any, fds: list[int]) -> GuestMemory:
+        """Guest memory from vhost-user style regions and their fds (validated first: a region
+        past the end of its file would SIGBUS the daemon on access)."""
+        if len(regions) > wire.MAX_REGIONS:
+            raise InvalidRequest(f"{len(regions)} memory regions (max {wire.MAX_REGIONS})")
+        mem = GuestMemory()
+        try:
+            for i, (r, fd) in enumerate(zip(regions, fds, strict=True)):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidRequest(f"memory region {i}: fd is not a file or memfd")
+                if r.memory_size == 0 or r.mmap_offset + r.memory_size > st.st_size:
+                    raise InvalidRequest(
+                        f"memory region {i}: 0x{r.mmap_offset:x}+0x{r.memory_size:x} is not "
+                        f"inside its file (0x{st.st_size:x} bytes)"
+                    )
+                try:
+                    mem.add_fd(
+                        fd,
+                        r.mmap_offset,
+                        r.memory_size,
+                        r.guest_phys_addr,
+                        uaddr=r.userspace_addr or None,
+                        name=f"region{i}",
+                    )
+                except (OSError, ValueError) as exc:
+                    raise InvalidRequest(f"memory region {i}: {exc}") from None
+        except BaseException:
+            mem.close()
+            raise
+        return mem
+
+    # -- features -------------------------------------------------------------------------
+    def _get_features(self, session: Session, msg: Message) -> int:
+        return int(wire.ALL_FEATURES)
+
+    def _set_features(self, session: Session, msg: Message) -> None:
+        features = msg.body.features
+        if features & ~wire.ALL_FEATURES:
+            raise InvalidRequest(f"features 0x{features & ~wire.ALL_FEATURES:x} not offered")
+        session.features = features
+
+    # -- VMs ------------------------------------------------------------------------------
+    def _register_vm(self, session: Session, msg: Message) -> dict[str, int]:
+        body = msg.body
+        if body.flags:
+            raise InvalidRequest(f"REGISTER_VM flags 0x{body.flags:x} are reserved")
+        if not body.regions:
+            raise InvalidRequest(f"VM {body.name!r} has no memory regions")
+        mem = self._map_memory(body.regions, msg.fds)
+        try:
+            self.host.add_vm(body.name, mem)
+        except BaseException:
+            mem.close()
+            raise
+        return {"vm": self._add_entry(session, body.name, mem).id}
+
+    def _unregister_vm(self, session: Session, msg: Message) -> None:
+        entry = self._entry(msg.body.vm)
+        if entry.owner is not session:
+            raise InvalidRequest(f"VM {entry.name} belongs to {entry.owner}, not {session}")
+        self._release(entry.id, "unregistered")
+
+    def _open_vm(self, session: Session, msg: Message) -> dict[str, int]:
+        entry = self._by_name.get(msg.body.name)
+        if entry is None:
+            raise NotFound(f"no VM named {msg.body.name!r}")
+        return {"vm": entry.id}
+
+    def _attach_device(self, session: Session, msg: Message) -> None:
+        b = msg.body
+        try:
+            assign = wire.Assign(b.assign).label
+        except ValueError:
+            raise InvalidRequest(
+                f"assign {b.assign} is neither vfio-pci (0) nor mdev (1)"
+            ) from None
+        self.host.attach_device(self._entry(b.vm).name, b.rid, b.function, assign)  # type: ignore[arg-type]
+
+    def _detach_device(self, session: Session, msg: Message) -> None:
+        self.host.detach_device(self._entry(msg.body.vm).name, msg.body.rid)
+
+    # -- guest-side notifications -----------------------------------------------------------
+    def _set_root_table(self, session: Session, msg: Message) -> None:
+        self.host.set_rtaddr(self._entry(msg.body.vm).name, msg.body.rtaddr)
+
+    def _pasid_entry(self, session: Session, msg: Message) -> dict[str, int]:
+        b = msg.body
+        binding = self.host.sync_pasid(self._entry(b.vm).name, b.rid, b.vpasid)
+        if binding is None:
+            return {"bound": 0, "space": wire.Space.NONE, "ppasid": 0}
+        return {"bound": 1, "space": _SPACE[binding.space], "ppasid": binding.ppasid}
+
+    def _invalidate(self, session: Session, msg: Message) -> dict[str, int]:
+        entry = self._entry(msg.body.vm)
+        return {"changes": self._apply_invalidation(entry, msg.body.desc)}
+
+    def _apply_invalidation(self, entry: VmEntry, desc: bytes) -> int:
+        """One guest invalidation descriptor (VT-d §6.5.2.x) → binds, unbinds, cache drops."""
+        qw = inv.PC_DESC.words_of(desc)
+        kind = inv.desc_type(qw[0])
+        layout = inv.LAYOUTS.get(kind)
+        if layout is None:
+            raise InvalidRequest(f"invalidation descriptor type {kind} is not defined")
+        bad = layout.reserved_violations(qw)
+        if bad or any(desc[16:32]):
+            raise InvalidRequest(
+                f"{inv.TYPE_NAMES[kind]} descriptor has reserved bits set "
+                f"({', '.join(bad) or 'qw2/qw3'})"
+            )
+        f = layout.flat(desc)
+        host, vm = self.host, self._model(entry)
+        if kind == inv.TYPE_PC:
+            if f["G"] == inv.PC_PASID_SI:
+                return self._resync(entry, f["DID"], f["PASID"])
+            if f["G"] in (inv.PC_DSI, inv.PC_GLOBAL):
+                did = f["DID"] if f["G"] == inv.PC_DSI else None
+                return self._resync(entry, did, None)
+            raise InvalidRequest(f"PASID-cache invalidation granularity {f['G']} is reserved")
+        if kind == inv.TYPE_PIOTLB:
+            return host.invalidate(entry.name, vpasid=f["PASID"])
+        if kind == inv.TYPE_IOTLB:
+            return host.invalidate(entry.name)
+        if kind == inv.TYPE_CC:
+            if f["G"] == inv.CC_DEVICE:
+                if f["SID"] not in vm.devices:
+                    return 0
+                return self._resync(entry, None, None, only_rid=f["SID"])
+            return self._resync(entry, None, None)
+        # wait, interrupt-entry cache, device-TLB and page-group responses change nothing here
+        return 0
+
+    def _guest_did(self, vm: VM, rid: int, vpasid: int) -> int | None:
+        """The DID of the guest's present PASID entry, or None (missing or unreadable)."""
+        try:
+            pdir, ndir = guest_pasid_dir(vm.memory, vm.rtaddr, rid)
+            words = read_guest_pasid_entry(vm.memory, pdir, ndir, rid, vpasid)
+        except VioasidError:
+            return None
+        return _DID.get(words[1])
+
+    def _resync(
+        self, entry: VmEntry, did: int | None, vpasid: int | None, only_rid: int | None = None
+    ) -> int:
+        """Re-read the guest entries a PASID-cache / context-cache invalidation covers: the
+        bound (device, vPASID)s it names, and for a PASID-selective one every device whose
+        guest entry for that vPASID is present under the DID (a new binding)."""
+        vm = self._model(entry)
+        work: list[tuple[int, int]] = []
+        for rid, dev in sorted(vm.devices.items()):
+            if only_rid is not None and rid != only_rid:
+                continue
+            if vpasid is not None:
+                gdid = self._guest_did(vm, rid, vpasid)
+                if vpasid in dev.ppasids or (gdid is not None and gdid == did):
+                    work.append((rid, vpasid))
+                continue
+            for x in sorted(dev.ppasids):
+                gdid = self._guest_did(vm, rid, x)
+                if did is None or gdid is None or gdid == did:
+                    work.append((rid, x))
+        for rid, x in work:
+            self.host.sync_pasid(entry.name, rid, x)
+        return len(work)
+
+    # -- device side ----------------------------------------------------------------------
+    def _dma(self, session: Session, msg: Message) -> bytearray:
+        """Batched device requests: the hot path (cached translations never leave this loop;
+        faults and errors take the engine's full path so the guest sees them)."""
+        batch = msg.body
+        entry = self._entry(batch.vm)
+        vm = self._model(entry)
+        host = self.host
+        out = bytearray(_DMA_COUNT.size + batch.count * _DMA_RESULT.size)
+        _DMA_COUNT.pack_into(out, 0, batch.count, 0)
+        pack = _DMA_RESULT.pack_into
+        fast = host.dma_fast
+        devices = vm.devices
+        base, top = vm.hpa, vm.hpa + vm.memory_size
+        off = _DMA_COUNT.size
+        for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(batch.entries):
+            write = bool(flags & DmaFlag.WRITE)
+            dev = None if flags & DmaFlag.BY_TAG else devices.get(rid)
+            if dev is not None:
+                pp = dev.ppasids.get(pasid)
+                if pp is not None or dev.rule.equal_x:
+                    tag = pasid if pp is None else pp
+                    hpa = fast(dev.function.rid, tag, addr, write)
+                    if type(hpa) is int and base <= hpa < top:
+                        pack(
+                            out,
+                            off,
+                            0,
+                            0,
+                            _PERM_R | (_PERM_W if write else 0),
+                            tag,
+                            hpa - base,
+                            hpa,
+                        )
+                        off += _DMA_RESULT.size
+                        continue
+            self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, write)
+            off += _DMA_RESULT.size
+        self._deliver(entry)
+        return out
+
+    def _dma_slow(
+        self,
+        entry: VmEntry,
+        vm: VM,
+        out: bytearray,
+        off: int,
+        rid: int,
+        flags: int,
+        pasid: int,
+        addr: int,
+        write: bool,
+    ) -> None:
+        host = self.host
+        try:
+            if flags & DmaFlag.BY_TAG:
+                self._check_tag_owner(vm, rid, pasid)
+                res = host.dma_tag(rid, pasid, addr, write=write)
+            else:
+                res = host.dma(entry.name, rid, pasid, addr, write=write)
+        except VioasidError as exc:
+            code = ErrorCode.from_kind(exc.kind)
+            _DMA_RESULT.pack_into(out, off, DmaStatus.ERROR, code, 0, 0, addr, 0)
+            return
+        f = res.fault
+        if f is None:
+            assert res.hpa is not None and res.gpa is not None
+            if not vm.hpa <= res.hpa < vm.hpa + vm.memory_size:  # never another VM's memory
+                _DMA_RESULT.pack_into(out, off, DmaStatus.ERROR, ErrorCode.NOT_FOUND, 0, 0, addr, 0)
+                return
+            perm = _PERM_R | (_PERM_W if write else 0)
+            _DMA_RESULT.pack_into(out, off, DmaStatus.OK, 0, perm, res.tag or 0, res.gpa, res.hpa)
+            return
+        status = DmaStatus.FAULT
+        if flags & DmaFlag.PAGE_REQUEST and f.reason in _PAGE_REQUEST_REASONS and f.pasid:
+            if vm.faults and vm.faults[-1] is f:
+                vm.faults.pop()  # the device asks for the page instead of faulting
+            host.page_request(entry.name, f.sid, f.pasid, addr, write=write)
+            status = DmaStatus.PAGE_REQUEST
+        _DMA_RESULT.pack_into(out, off, status, int(f.reason), 0, f.pasid or 0, addr, 0)
+
+    def _check_tag_owner(self, vm: VM, function: int, tag: int) -> None:
+        """A by-tag request may only reach a binding of the VM it names."""
+        fn = self.host.functions.get(function)
+        if fn is None:
+            raise NotFound(f"no host function {bdf_str(function)}")
+        own = fn.owner.get(tag)
+        if own is None:
+            if fn.vfio_vm == vm.name:
+                return
+        else:
+            owner = self.host.devices_by_did.get(own >> _OWNER_SHIFT)
+            if owner is not None and owner[0] is vm:
+                return
+        raise NotFound(f"tag {tag} on {fn.bdf} is not a binding of VM {vm.name}")
+
+    def _enqcmd(self, session: Session, msg: Message) -> dict[str, int]:
+        b = msg.body
+        return {"ppasid": self.host.enqcmd(self._entry(b.vm).name, b.rid, b.vpasid)}
+
+    # -- events ---------------------------------------------------------------------------
+    def _subscribe(self, session: Session, msg: Message) -> None:
+        entry = self._entry(msg.body.vm)
+        mask = msg.body.events
+        if mask & ~(EventMask.FAULTS | EventMask.PAGE_REQUESTS):
+            raise InvalidRequest(f"event mask 0x{mask:x} has undefined bits")
+        if mask:
+            entry.subscribers[session] = mask
+        else:
+            entry.subscribers.pop(session, None)
+        self._deliver(entry)
+
+    def _deliver(self, entry: VmEntry) -> None:
+        """Push the VM's queued faults / page requests to its subscribers; what was delivered
+        leaves the queue (what nobody took stays queued, bounded, and migrates)."""
+        if not entry.subscribers:
+            return
+        vm = self._model(entry)
+        if vm.faults:
+            takers = [s for s, m in entry.subscribers.items() if m & EventMask.FAULTS]
+            if takers:
+                for f in vm.faults:
+                    data = self._fault_event(entry.id, f)
+                    for s in takers:
+                        self._out(s, data)
+                vm.faults.clear()
+        if vm.page_requests:
+            takers = [s for s, m in entry.subscribers.items() if m & EventMask.PAGE_REQUESTS]
+            if takers:
+                for desc in vm.page_requests:
+                    data = encode_event(Request.PAGE_REQUEST_EVENT, {"vm": entry.id, "desc": desc})
+                    for s in takers:
+                        self._out(s, data)
+                vm.page_requests.clear()
+
+    @staticmethod
+    def _fault_event(vm_id: int, f: Fault) -> bytes:
+        flags = (wire.FAULT_PASID_PRESENT if f.pasid is not None else 0) | (
+            wire.FAULT_WRITE if f.write else 0
+        )
+        body = {
+            "vm": vm_id,
+            "rid": f.sid,
+            "reason": int(f.reason),
+            "flags": flags,
+            "vpasid": f.pasid or 0,
+            "addr": f.addr,
+            "record": f.record(),
+        }
+        return encode_event(Request.FAULT_EVENT, body)
+
+    # -- state ----------------------------------------------------------------------------
+    def _dump(self, session: Session, msg: Message) -> dict[str, str]:
+        vm_id = msg.body.vm
+        name = None if vm_id == wire.ALL_VMS else self._entry(vm_id).name
+        return {"json": json.dumps(self.dump(name), sort_keys=True)}
+
+    def dump(self, name: str | None = None) -> dict[str, Any]:
+        """The engine's dump plus the daemon's view: VM ids, owners, subscribers, sessions, and
+        the allocators' and host tables' occupancy (what a released VM must leave empty)."""
+        host = self.host
+        doc = host.dump(name)
+        for entry in self.vms.values():
+            v = doc["vms"].get(entry.name)
+            if v is not None:
+                v["id"] = entry.id
+                v["owner"] = entry.owner.id
+                v["subscribers"] = sorted(s.id for s in entry.subscribers)
+                v["memory"] = [
+                    {"gpa": hex(r.gpa), "size": hex(r.size)} for r in entry.memory.regions
+                ]
+        doc["sessions"] = sorted(self.sessions)
+        doc["allocators"] = {
+            "global": sorted(host.global_alloc.used()),
+            "domain_ids": sorted(host.did_alloc.used()),
+            "functions": {
+                fn.bdf: {
+                    "per_rid": sorted(fn.allocator.used()),
+                    "host_entries": sorted(host.iommu.present_entries(rid)),
+                }
+                for rid, fn in sorted(host.functions.items())
+            },
+            "cpu_tables": {n: len(v.cpu_table) for n, v in sorted(host.vms.items())},
+        }
+        return doc
+
+    # -- migration ------------------------------------------------------------------------
+    def _export_vm(self, session: Session, msg: Message) -> dict[str, bytes]:
+        return {"stream": self.host.export_vm(self._entry(msg.body.vm).name)}
+
+    def _import_vm(self, session: Session, msg: Message) -> dict[str, Any]:
+        b = msg.body
+        functions = {m.rid: m.function for m in b.map}
+        if len(functions) != len(b.map):
+            raise InvalidRequest("function map names a guest device twice")
+        if not functions:  # default: the same function RIDs as on the source
+            functions = {d.guest_rid: d.function for d in decode_stream(b.stream).devices}
+        mem = self._map_memory(b.regions, msg.fds)
+        try:
+            vm = self.host.import_vm(b.stream, mem, functions, name=b.name or None)
+        except BaseException:
+            mem.close()
+            raise
+        entry = self._add_entry(session, vm.name, mem)
+        bindings = [
+            {"rid": dev.guest_rid, "space": _SPACE[dev.rule.space], "vpasid": x, "ppasid": pp}
+            for dev in sorted(vm.devices.values(), key=lambda d: d.guest_rid)
+            for x, pp in sorted(dev.ppasids.items())
+        ]
+        return {"vm": entry.id, "count": len(bindings), "bindings": bindings}

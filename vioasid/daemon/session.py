@@ -1,0 +1,35 @@
+"""One client connection's state: what it negotiated, which VMs it owns, what it subscribed to.
+
+A session is sans-IO: the service appends encoded messages to :attr:`Session.outbox` (its own
+replies) and to other sessions' outboxes (pushed events); the server flushes outboxes to sockets
+after each batch of input. When the connection ends, the service releases every VM the session
+owns (see :meth:`vioasid.daemon.service.Service.end_session`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Session:
+    """A connected client."""
+
+    id: int
+    peer: str = ""  # "pid 1234" from SO_PEERCRED, for logs
+    features: int = 0  # acknowledged with SET_FEATURES
+    owned: set[int] = field(default_factory=set)  # VM ids this connection registered/imported
+    subscriptions: dict[int, int] = field(default_factory=dict)  # VM id -> wire.EventMask
+    outbox: list[bytes] = field(default_factory=list)
+    closed: bool = False
+
+    def __str__(self) -> str:
+        return f"session {self.id}" + (f" ({self.peer})" if self.peer else "")
+
+    def push(self, data: bytes) -> None:
+        if not self.closed:
+            self.outbox.append(data)
+
+    def take_output(self) -> bytes:
+        out, self.outbox = self.outbox, []
+        return out[0] if len(out) == 1 else b"".join(out)

@@ -1,0 +1,181 @@
+"""A non-blocking unix stream socket on the asyncio loop, with SCM_RIGHTS fd passing.
+
+asyncio's stream and protocol APIs drop ancillary data, so this layer drives a raw socket with
+``loop.add_reader``/``add_writer``: each readable callback does one ``recvmsg`` (bytes + fds) and
+hands the result to ``on_data``; ``send`` writes right away when the socket takes it and queues
+the rest (fds go with the first byte of their message, so a message with fds is never merged with
+queued bytes). Used by both the daemon and :mod:`vioasid.client`.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from vioasid.formats import wire
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 18
+_ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
+
+
+class TooManyFds(Exception):
+    """The peer sent more fds than one message may carry (the kernel truncated them)."""
+
+
+def recv_with_fds(sock: socket.socket, size: int = RECV_SIZE) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: the bytes and every fd that came with them (raises ``TooManyFds``
+    after closing them when the ancillary buffer overflowed)."""
+    data, anc, flags, _ = sock.recvmsg(size, _ANC_SIZE)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise TooManyFds(f"more than {wire.MAX_FDS} fds in one message")
+    return data, fds
+
+
+class Transport:
+    """One connected socket. ``on_data(bytes, fds)`` gets what arrives; ``on_close(reason)``
+    is called once, when the peer closes (reason None) or an I/O error happens."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_data: Callable[[bytes, list[int]], None],
+        on_close: Callable[[str | None], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.sock = sock
+        self.loop = loop or asyncio.get_running_loop()
+        self.on_data = on_data
+        self.on_close = on_close
+        self._fd = sock.fileno()
+        self._queue: deque[tuple[memoryview, Sequence[int]]] = deque()
+        self._writing = False
+        self._drained: asyncio.Event | None = None
+        self.closed = False
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        self.loop.add_reader(self._fd, self._readable)
+
+    # -- reading ------------------------------------------------------------------------
+    def _readable(self) -> None:
+        try:
+            data, fds = recv_with_fds(self.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except TooManyFds as exc:
+            self._fail(str(exc))
+            return
+        except OSError as exc:
+            self._fail(f"recvmsg: {exc}")
+            return
+        if not data and not fds:
+            self.close(None)
+            return
+        self.on_data(data, fds)
+
+    # -- writing ------------------------------------------------------------------------
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``data`` (one or more whole messages), ``fds`` with its first byte."""
+        if self.closed:
+            return
+        if self._queue:
+            self._queue.append((memoryview(data), fds))
+            return
+        try:
+            if fds:
+                sent = self.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(f"send: {exc}")
+            return
+        if sent < len(data):
+            self._queue.append((memoryview(data)[sent:], () if sent else fds))
+            self._start_writing()
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued but not yet taken by the socket."""
+        return sum(len(v) for v, _ in self._queue)
+
+    async def drain(self) -> None:
+        """Wait until every queued byte is written (or the transport closes)."""
+        while self._queue and not self.closed:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            await self._drained.wait()
+
+    def _start_writing(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self.loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        while self._queue:
+            view, fds = self._queue[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg(
+                        [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    )
+                else:
+                    sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(f"send: {exc}")
+                return
+            if sent < len(view):
+                self._queue[0] = (view[sent:], ())
+                return
+            self._queue.popleft()
+        self.loop.remove_writer(self._fd)
+        self._writing = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    # -- closing ------------------------------------------------------------------------
+    def _fail(self, reason: str) -> None:
+        self.close(reason)
+
+    def close(self, reason: str | None = None) -> None:
+        """Close the socket now (queued bytes are dropped); calls ``on_close`` once."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self._fd)
+        if self._writing:
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(self._fd)
+            self._writing = False
+        self._queue.clear()
+        self._wake_drain()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.on_close(reason)
