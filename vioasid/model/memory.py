@@ -123,8 +123,9 @@ class GuestMemory:
             r.buf.release()
             keep = r._keep
             if isinstance(keep, memoryview):
+                obj = keep.obj  # read before release: a released view refuses every attribute
                 keep.release()
-                keep = getattr(keep, "obj", None)
+                keep = obj
             if isinstance(keep, mmap.mmap):
                 with contextlib.suppress(BufferError):
                     keep.close()
