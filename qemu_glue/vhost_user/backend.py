@@ -1,0 +1,601 @@
+"""The asyncio vhost-user-blk back-end QEMU connects to (``-device vhost-user-blk-pci``).
+
+One listening unix socket; one front-end session at a time. The path of a request, top to bottom:
+
+1. ``_on_readable`` → ``recvmsg`` (data + SCM_RIGHTS fds) → ``Decoder.feed`` → ``_dispatch``:
+   every front-end message is handled synchronously, in order, and answered at once (QEMU blocks
+   on the replies; nothing here may wait on QEMU).
+2. A kick eventfd becomes readable → ``_run_queue`` (one task per virtqueue): pop chains, let
+   :class:`BlkDevice` serve them through :class:`Dma` (every address an IOVA translated by the
+   :class:`DeviceTranslator`), push used entries, signal the call eventfd.
+3. In QEMU-IOTLB or cross-check mode a translation miss goes out on the backend channel
+   (``BACKEND_IOTLB_MSG`` miss) and its answer comes back on the main socket as an ``IOTLB_MSG``
+   update, handled by step 1 while the queue task waits.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from vioasid.formats.virtio import (
+    VHOST_USER_CONFIG_HDR,
+    VHOST_USER_IOTLB,
+    VHOST_USER_MEM_HDR,
+    VHOST_USER_MEM_REGION,
+    VHOST_USER_VRING_ADDR,
+    VHOST_USER_VRING_IDX_MASK,
+    VHOST_USER_VRING_NOFD,
+    VHOST_USER_VRING_STATE,
+    IotlbPerm,
+    IotlbType,
+    VhostUserBackendRequest,
+    VhostUserProtocolFeature,
+    VhostUserRequest,
+    VirtioFeature,
+)
+from vioasid.model.memory import GuestMemory, MemoryAccessError
+
+from ..translate import (
+    DeviceTranslator,
+    DmaFault,
+    IdentityResolver,
+    QemuResolver,
+    RegsReader,
+    Resolver,
+    WalkResolver,
+)
+from .blk import BlkDevice
+from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64
+from .virtqueue import MAX_QUEUE_SIZE, ChainError, Dma, SplitQueue
+
+log = logging.getLogger(__name__)
+
+R = VhostUserRequest
+PF = VhostUserProtocolFeature
+MAX_QUEUES = 8
+MAX_FDS = 16  # SET_MEM_TABLE carries at most 8; leave room
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+
+PROTOCOL_FEATURES = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
+VIRTIO_FEATURES = (
+    (1 << VirtioFeature.VERSION_1)
+    | (1 << VirtioFeature.ACCESS_PLATFORM)
+    | (1 << VirtioFeature.PROTOCOL_FEATURES)
+    | (1 << VirtioFeature.RING_INDIRECT_DESC)
+)
+
+TRANSLATE_MODES = ("walk", "qemu", "identity")
+
+
+@dataclass
+class BackendStats:
+    messages: Counter[str] = field(default_factory=Counter)
+    sessions: int = 0
+    kicks: int = 0
+    calls: int = 0
+    requests: int = 0
+    ring_faults: int = 0
+    device_starts: int = 0
+    iotlb_updates: int = 0
+    iotlb_invalidates: int = 0
+
+
+class VhostUserBlkBackend:
+    """A vhost-user-blk device on ``disk`` served at ``socket_path``.
+
+    ``translate``: ``walk`` (vioasid walks the guest's VT-d tables; needs ``regs`` and the
+    device's RID via :meth:`set_sid`), ``qemu`` (every miss asked of QEMU) or ``identity``.
+    ``cross_check`` (walk mode) also asks QEMU for every miss and counts agreement.
+    """
+
+    def __init__(
+        self,
+        disk: str | os.PathLike[str],
+        socket_path: str | os.PathLike[str],
+        *,
+        translate: str = "walk",
+        cross_check: bool = False,
+        regs: RegsReader | None = None,
+        sid: int = 0,
+        trace: IO[str] | None = None,
+        serial: str = "",
+    ) -> None:
+        if translate not in TRANSLATE_MODES:
+            raise ValueError(f"translate must be one of {TRANSLATE_MODES}")
+        self.blk = BlkDevice(disk, serial=serial)
+        self.socket_path = Path(socket_path)
+        self.mode = translate
+        self.cross_check = cross_check
+        self.stats = BackendStats()
+        self.memory: GuestMemory | None = None
+        self.queues = [SplitQueue(i) for i in range(MAX_QUEUES)]
+        self.features = 0
+        self.protocol_features = 0
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._backend_sock: socket.socket | None = None
+        self._decoder = Decoder()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._kicked: set[int] = set()
+        self._closed = asyncio.Event()
+        self._session_done: asyncio.Event | None = None
+        self._restart_pending = True
+
+        mem = self._get_memory
+        self.walk = WalkResolver(mem, sid, regs) if translate == "walk" else None
+        self.qemu = (
+            QemuResolver(mem, sid, self._send_miss)
+            if (translate == "qemu" or cross_check)
+            else None
+        )
+        primary: Resolver
+        if translate == "walk":
+            assert self.walk is not None
+            primary = self.walk
+        elif translate == "qemu":
+            assert self.qemu is not None
+            primary = self.qemu
+        else:
+            primary = IdentityResolver(mem, sid)
+        reference = self.qemu if (cross_check and translate == "walk") else None
+        self.translator = DeviceTranslator(primary, sid=sid, reference=reference, trace=trace)
+        self._identity = DeviceTranslator(IdentityResolver(mem, sid), sid=sid)
+        self.dma = Dma(mem, self.translator)
+
+    # -- public ---------------------------------------------------------------------------
+    def set_sid(self, sid: int) -> None:
+        """The device's guest requester id (from QMP ``query-pci``)."""
+        self.translator.sid = sid
+        for r in (self.walk, self.qemu):
+            if r is not None:
+                r.sid = sid
+
+    @property
+    def sid(self) -> int:
+        return self.translator.sid
+
+    async def start(self) -> None:
+        """Listen on the socket (QEMU connects as a client)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.socket_path))
+        sock.listen(1)
+        sock.setblocking(False)
+        self._listener = sock
+
+    async def serve_forever(self) -> None:
+        """Accept and serve front-end sessions until :meth:`close`."""
+        if self._listener is None:
+            await self.start()
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while not self._closed.is_set():
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except (OSError, asyncio.CancelledError):
+                break
+            await self._serve_session(conn)
+
+    async def close(self) -> None:
+        self._closed.set()
+        self._end_session()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        self.blk.close()
+
+    def summary(self) -> dict[str, Any]:
+        out = self.translator.stats.to_json()
+        b = self.blk.stats
+        out["blk"] = {
+            "reads": b.reads,
+            "writes": b.writes,
+            "flushes": b.flushes,
+            "bytes_read": b.bytes_read,
+            "bytes_written": b.bytes_written,
+            "ioerr": b.ioerr,
+        }
+        out["requests"] = self.stats.requests
+        out["device_starts"] = self.stats.device_starts
+        out["ring_faults"] = self.stats.ring_faults
+        out["iotlb_invalidates_from_qemu"] = self.stats.iotlb_invalidates
+        if self.qemu is not None:
+            out["qemu_misses"] = self.qemu.misses
+            out["qemu_unanswered"] = self.qemu.unanswered
+            if self.qemu.misses:
+                out["qemu_miss_ms"] = round(1000 * self.qemu.latency_s / self.qemu.misses, 3)
+        if self.walk is not None:
+            out["regs_reads"] = self.walk.regs_reads
+        return out
+
+    # -- session ----------------------------------------------------------------------------
+    def _get_memory(self) -> GuestMemory | None:
+        return self.memory
+
+    async def _serve_session(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        self._conn = conn
+        self._decoder = Decoder()
+        self.stats.sessions += 1
+        done = asyncio.Event()
+        self._session_done = done
+        loop.add_reader(conn.fileno(), self._on_readable)
+        log.info("vhost-user front-end connected")
+        try:
+            await done.wait()
+        finally:
+            self._end_session()
+            log.info("vhost-user front-end disconnected")
+
+    def _end_session(self) -> None:
+        loop = asyncio.get_event_loop()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._conn.fileno())
+            self._conn.close()
+            self._conn = None
+        for q in self.queues:
+            self._stop_queue(q)
+            for name in ("call_fd", "err_fd"):
+                fd = getattr(q, name)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    setattr(q, name, None)
+        for t in self._tasks.values():
+            t.cancel()
+        self._tasks.clear()
+        if self.qemu is not None:
+            self.qemu.cancel_all()
+        if self._backend_sock is not None:
+            self._backend_sock.close()
+            self._backend_sock = None
+        self._decoder.close()
+        if self.memory is not None:
+            self.memory = None  # views may still be alive in cancelled tasks; GC unmaps
+        if self._session_done is not None:
+            self._session_done.set()
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        fds = array.array("i")
+        try:
+            data, ancdata, _flags, _addr = conn.recvmsg(
+                65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("vhost-user socket error: %s", exc)
+            self._end_session()
+            return
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(cdata) - (len(cdata) % fds.itemsize)
+                fds.frombytes(cdata[:usable])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._end_session()
+            return
+        try:
+            messages = self._decoder.feed(data, list(fds))
+        except ProtocolError as exc:
+            log.error("vhost-user protocol error: %s", exc)
+            self._end_session()
+            return
+        for msg in messages:
+            try:
+                self._dispatch(msg)
+            except (ProtocolError, ValueError, OSError, MemoryAccessError) as exc:
+                log.error("vhost-user %s failed: %s", msg.name, exc)
+                if msg.need_reply:
+                    self._send(encode_reply(msg.request, encode_u64(1)))
+            finally:
+                msg.close_fds()
+            if self._conn is None:
+                return
+
+    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        _sendall(conn, data, fds)
+
+    # -- front-end messages ---------------------------------------------------------------------
+    def _dispatch(self, msg: Message) -> None:
+        name = msg.name
+        self.stats.messages[name] += 1
+        log.debug(
+            "vhost-user %s flags=0x%x size=%d fds=%d",
+            name,
+            msg.flags,
+            len(msg.payload),
+            len(msg.fds),
+        )
+        handler: Callable[[Message], bytes | None] | None = getattr(self, f"_on_{name}", None)
+        if handler is None:
+            log.warning("vhost-user: unsupported request %s", name)
+            if msg.need_reply:
+                self._send(encode_reply(msg.request, encode_u64(1)))
+            return
+        reply = handler(msg)
+        if reply is not None:
+            self._send(encode_reply(msg.request, reply))
+        elif msg.need_reply and self.protocol_features & (1 << PF.REPLY_ACK):
+            self._send(encode_reply(msg.request, encode_u64(0)))
+
+    def _on_GET_FEATURES(self, msg: Message) -> bytes:
+        return encode_u64(VIRTIO_FEATURES | self.blk.features)
+
+    def _on_SET_FEATURES(self, msg: Message) -> None:
+        self.features = msg.u64()
+        log.info("features 0x%x", self.features)
+
+    def _on_GET_PROTOCOL_FEATURES(self, msg: Message) -> bytes:
+        return encode_u64(PROTOCOL_FEATURES)
+
+    def _on_SET_PROTOCOL_FEATURES(self, msg: Message) -> None:
+        self.protocol_features = msg.u64() & PROTOCOL_FEATURES
+
+    def _on_GET_QUEUE_NUM(self, msg: Message) -> bytes:
+        return encode_u64(MAX_QUEUES)
+
+    def _on_SET_OWNER(self, msg: Message) -> None:
+        return None
+
+    def _on_RESET_OWNER(self, msg: Message) -> None:
+        for q in self.queues:
+            self._stop_queue(q)
+
+    def _on_RESET_DEVICE(self, msg: Message) -> None:
+        self._on_RESET_OWNER(msg)
+
+    def _on_SET_BACKEND_REQ_FD(self, msg: Message) -> None:
+        fd = msg.take_fd()
+        if fd is None:
+            raise ProtocolError("SET_BACKEND_REQ_FD without an fd")
+        if self._backend_sock is not None:
+            self._backend_sock.close()
+        self._backend_sock = socket.socket(fileno=fd)
+        self._backend_sock.setblocking(True)
+
+    def _on_GET_CONFIG(self, msg: Message) -> bytes:
+        off, size, flags = VHOST_USER_CONFIG_HDR.packer.unpack_from(msg.payload)
+        cfg = self.blk.config(num_queues=1)
+        body = cfg[off : off + size].ljust(size, b"\0")
+        return VHOST_USER_CONFIG_HDR.packer.pack(off, size, flags) + body
+
+    def _on_SET_CONFIG(self, msg: Message) -> None:
+        return None  # nothing writable (no CONFIG_WCE)
+
+    def _on_SET_MEM_TABLE(self, msg: Message) -> None:
+        nregions, _pad = VHOST_USER_MEM_HDR.packer.unpack_from(msg.payload)
+        if nregions > 8 or len(msg.fds) < nregions:
+            raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions, {len(msg.fds)} fds")
+        mem = GuestMemory()
+        for i in range(nregions):
+            gpa, size, uaddr, mmap_off = VHOST_USER_MEM_REGION.packer.unpack_from(
+                msg.payload, VHOST_USER_MEM_HDR.size + i * VHOST_USER_MEM_REGION.size
+            )
+            mem.add_fd(msg.fds[i], mmap_off, size, gpa, uaddr=uaddr, name=f"region{i}")
+            log.info(
+                "memory region %d: gpa 0x%x size 0x%x uaddr 0x%x offset 0x%x",
+                i,
+                gpa,
+                size,
+                uaddr,
+                mmap_off,
+            )
+        self.memory = mem
+        self.translator.flush()
+
+    def _queue(self, index: int) -> SplitQueue:
+        if not 0 <= index < MAX_QUEUES:
+            raise ProtocolError(f"vring index {index} out of range")
+        return self.queues[index]
+
+    def _on_SET_VRING_NUM(self, msg: Message) -> None:
+        index, num = VHOST_USER_VRING_STATE.packer.unpack_from(msg.payload)
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise ProtocolError(f"bad queue size {num}")
+        self._queue(index).num = num
+
+    def _on_SET_VRING_BASE(self, msg: Message) -> None:
+        index, base = VHOST_USER_VRING_STATE.packer.unpack_from(msg.payload)
+        q = self._queue(index)
+        q.last_avail = base & 0xFFFF
+        q.used_idx = base & 0xFFFF
+        q.broken = False
+
+    def _on_SET_VRING_ADDR(self, msg: Message) -> None:
+        index, _flags, desc, used, avail, _log = VHOST_USER_VRING_ADDR.packer.unpack_from(
+            msg.payload
+        )
+        q = self._queue(index)
+        if not self.features & (1 << VirtioFeature.ACCESS_PLATFORM):
+            # Without ACCESS_PLATFORM ring addresses are the front-end's virtual addresses.
+            mem = self.memory
+            if mem is None:
+                raise ProtocolError("SET_VRING_ADDR before SET_MEM_TABLE")
+            desc, used, avail = (mem.uaddr_to_gpa(a) for a in (desc, used, avail))
+        q.desc, q.used, q.avail = desc, used, avail
+        q.broken = False
+        self._restart_pending = True  # the guest may have turned translation on meanwhile
+        log.info("vring %d: desc 0x%x avail 0x%x used 0x%x", index, desc, avail, used)
+
+    def _on_SET_VRING_KICK(self, msg: Message) -> None:
+        val = msg.u64()
+        q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        self._stop_queue(q)
+        fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+        q.kick_fd = fd
+        q.started = True
+        if not self.features & (1 << VirtioFeature.PROTOCOL_FEATURES):
+            q.enabled = True  # without PROTOCOL_FEATURES rings start enabled
+        if fd is not None:
+            os.set_blocking(fd, False)
+            asyncio.get_event_loop().add_reader(fd, self._on_kick, q.index)
+        self.stats.device_starts += int(q.index == 0)
+        self._schedule(q.index)
+
+    def _on_SET_VRING_CALL(self, msg: Message) -> None:
+        val = msg.u64()
+        q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        if q.call_fd is not None:
+            os.close(q.call_fd)
+        q.call_fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+
+    def _on_SET_VRING_ERR(self, msg: Message) -> None:
+        val = msg.u64()
+        q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        if q.err_fd is not None:
+            os.close(q.err_fd)
+        q.err_fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+
+    def _on_SET_VRING_ENABLE(self, msg: Message) -> None:
+        index, enable = VHOST_USER_VRING_STATE.packer.unpack_from(msg.payload)
+        q = self._queue(index)
+        q.enabled = bool(enable)
+        if q.enabled:
+            self._schedule(index)
+
+    def _on_GET_VRING_BASE(self, msg: Message) -> bytes:
+        index, _ = VHOST_USER_VRING_STATE.packer.unpack_from(msg.payload)
+        q = self._queue(index)
+        self._stop_queue(q)
+        q.enabled = False
+        return VHOST_USER_VRING_STATE.packer.pack(index, q.last_avail)
+
+    def _on_IOTLB_MSG(self, msg: Message) -> None:
+        iova, size, uaddr, perm, kind = VHOST_USER_IOTLB.packer.unpack_from(msg.payload)
+        if kind == IotlbType.UPDATE:
+            self.stats.iotlb_updates += 1
+            if self.qemu is not None:
+                self.qemu.on_update(iova, size, uaddr, perm)
+        elif kind == IotlbType.INVALIDATE:
+            self.stats.iotlb_invalidates += 1
+            self.translator.invalidate(iova, size)
+        else:
+            log.warning("IOTLB_MSG type %d ignored", kind)
+
+    # -- backend channel ------------------------------------------------------------------------
+    def _send_miss(self, iova: int, write: bool) -> None:
+        sock = self._backend_sock
+        if sock is None:
+            raise OSError("no backend channel (SET_BACKEND_REQ_FD not received)")
+        payload = VHOST_USER_IOTLB.build(
+            iova=iova,
+            size=0,
+            uaddr=0,
+            perm=int(IotlbPerm.RW if write else IotlbPerm.RO),
+            type=int(IotlbType.MISS),
+        )
+        _sendall(sock, encode(VhostUserBackendRequest.IOTLB_MSG, payload))
+
+    # -- virtqueues -----------------------------------------------------------------------------
+    def _stop_queue(self, q: SplitQueue) -> None:
+        if q.kick_fd is not None:
+            loop = asyncio.get_event_loop()
+            with contextlib.suppress(Exception):
+                loop.remove_reader(q.kick_fd)
+            with contextlib.suppress(OSError):
+                os.close(q.kick_fd)
+            q.kick_fd = None
+        q.started = False
+
+    def _on_kick(self, index: int) -> None:
+        q = self.queues[index]
+        if q.kick_fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(q.kick_fd, 8)
+        self.stats.kicks += 1
+        self._schedule(index)
+
+    def _schedule(self, index: int) -> None:
+        self._kicked.add(index)
+        task = self._tasks.get(index)
+        if task is None or task.done():
+            self._tasks[index] = asyncio.get_event_loop().create_task(self._run_queue(index))
+
+    async def _run_queue(self, index: int) -> None:
+        q = self.queues[index]
+        while index in self._kicked:
+            self._kicked.discard(index)
+            if not (q.started and q.ready) or self.memory is None:
+                return
+            if self._restart_pending:
+                self._restart_pending = False
+                await self.translator.restart()
+            dma = (
+                self.dma
+                if self.features & (1 << VirtioFeature.ACCESS_PLATFORM)
+                else Dma(self._get_memory, self._identity)
+            )
+            served = 0
+            while q.started and q.ready:
+                try:
+                    chain = await q.pop(dma)
+                except (DmaFault, MemoryAccessError, ChainError) as exc:
+                    self._ring_fault(q, exc)
+                    break
+                if chain is None:
+                    break
+                written = await self.blk.handle(dma, chain)
+                self.stats.requests += 1
+                try:
+                    await q.push(dma, chain.head, written)
+                except (DmaFault, MemoryAccessError, ChainError) as exc:
+                    self._ring_fault(q, exc)
+                    break
+                served += 1
+                if served % 16 == 0:
+                    self._call(q)
+            if served:
+                self._call(q)
+
+    def _ring_fault(self, q: SplitQueue, exc: Exception) -> None:
+        self.stats.ring_faults += 1
+        q.broken = True
+        log.warning("vring %d stopped: %s", q.index, exc)
+        if q.err_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(q.err_fd, _EVENTFD_ONE)
+
+    def _call(self, q: SplitQueue) -> None:
+        if q.call_fd is not None:
+            self.stats.calls += 1
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(q.call_fd, _EVENTFD_ONE)
+
+
+def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
+    """Send a small message completely (briefly blocking: QEMU reads its socket promptly)."""
+    blocking = sock.getblocking()
+    sock.setblocking(True)
+    try:
+        anc = []
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], anc)
+        if sent < len(data):
+            sock.sendall(data[sent:])
+    finally:
+        sock.setblocking(blocking)

@@ -1,0 +1,230 @@
+"""Split virtqueues (virtio 1.2 §2.7) read and written through the device's DMA translator.
+
+Every address the ring holds — the rings themselves and each buffer — is an IOVA: :class:`Dma`
+translates it page by page (``DeviceTranslator.translate``) and only then touches guest memory.
+A translation failure raises ``DmaFault`` before any byte of the request is accessed. Guest data
+is hostile: chains are bounded by the queue size, indirect tables by their length, and any
+out-of-memory pointer ends in a fault, never in an exception escaping or a stray access.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vioasid.formats.fault import FaultReason
+from vioasid.formats.virtio import (
+    VRING_AVAIL_HDR,
+    VRING_DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_ELEM,
+    VRING_USED_HDR,
+)
+from vioasid.model.faults import Fault
+from vioasid.model.memory import GuestMemory, MemoryAccessError
+
+from ..translate import PAGE_MASK, PAGE_SIZE, DmaFault
+
+log = logging.getLogger(__name__)
+
+_DESC = VRING_DESC.packer
+_U16 = VRING_AVAIL_HDR.packer  # two u16s; single u16 reads use the idx offset below
+_USED_ELEM = VRING_USED_ELEM.packer
+AVAIL_IDX_OFF = 2  # offsetof(virtq_avail, idx)
+AVAIL_RING_OFF = VRING_AVAIL_HDR.size
+USED_IDX_OFF = 2  # offsetof(virtq_used, idx)
+USED_RING_OFF = VRING_USED_HDR.size
+MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
+
+
+class Translator(Protocol):
+    async def translate(self, iova: int, write: bool) -> int: ...
+
+
+class ChainError(Exception):
+    """A malformed descriptor chain (loop, bad index, bad indirect table)."""
+
+
+class Dma:
+    """Guest memory accessed by IOVA through a translator."""
+
+    def __init__(self, memory: Callable[[], GuestMemory | None], translator: Translator) -> None:
+        self._memory = memory
+        self.translator = translator
+
+    def _mem(self) -> GuestMemory:
+        mem = self._memory()
+        if mem is None:
+            raise MemoryAccessError(0, 0)
+        return mem
+
+    async def views(self, iova: int, length: int, write: bool) -> list[memoryview]:
+        """Zero-copy views covering ``[iova, iova + length)``, translated page by page.
+
+        Contiguous guest-physical pages in one region merge into one view. Every page is
+        translated before any view is returned (a fault leaves memory untouched).
+        """
+        mem = self._mem()
+        spans: list[tuple[int, int]] = []
+        pos = iova
+        end = iova + length
+        while pos < end:
+            n = min(end - pos, PAGE_SIZE - (pos & PAGE_MASK))
+            gpa = await self.translator.translate(pos, write)
+            if spans and spans[-1][0] + spans[-1][1] == gpa:
+                spans[-1] = (spans[-1][0], spans[-1][1] + n)
+            else:
+                spans.append((gpa, n))
+            pos += n
+        out: list[memoryview] = []
+        for gpa, n in spans:
+            try:
+                out.extend(_region_views(mem, gpa, n))
+            except MemoryAccessError as exc:
+                raise DmaFault(
+                    Fault(FaultReason.ADDR_BEYOND_MGAW, iova, 0, None, write, str(exc))
+                ) from None
+        return out
+
+    async def read(self, iova: int, length: int) -> bytes:
+        return b"".join(bytes(v) for v in await self.views(iova, length, False))
+
+    async def write(self, iova: int, data: bytes) -> None:
+        pos = 0
+        for v in await self.views(iova, len(data), True):
+            v[:] = data[pos : pos + len(v)]
+            pos += len(v)
+
+    async def read_u16(self, iova: int) -> int:
+        if iova & 1:
+            raise ChainError("misaligned u16")
+        gpa = await self.translator.translate(iova, False)
+        mem = self._mem()
+        r = mem.region_of(gpa, 2)
+        return int.from_bytes(r.buf[gpa - r.gpa : gpa - r.gpa + 2], "little")
+
+    async def write_u16(self, iova: int, value: int) -> None:
+        if iova & 1:
+            raise ChainError("misaligned u16")
+        gpa = await self.translator.translate(iova, True)
+        mem = self._mem()
+        r = mem.region_of(gpa, 2)
+        r.buf[gpa - r.gpa : gpa - r.gpa + 2] = value.to_bytes(2, "little")
+
+
+def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    while n > 0:
+        r = mem.region_of(gpa, 1)
+        take = min(n, r.end - gpa)
+        out.append(mem.view(gpa, take))
+        gpa += take
+        n -= take
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """One descriptor's buffer: IOVA, length, device-writable or not."""
+
+    addr: int
+    len: int
+    write: bool
+
+
+@dataclass
+class Chain:
+    """A descriptor chain popped from the available ring."""
+
+    head: int
+    buffers: list[Buffer] = field(default_factory=list)
+
+    @property
+    def readable(self) -> list[Buffer]:
+        return [b for b in self.buffers if not b.write]
+
+    @property
+    def writable(self) -> list[Buffer]:
+        return [b for b in self.buffers if b.write]
+
+
+@dataclass
+class SplitQueue:
+    """Device-side state of one split virtqueue (what the SET_VRING_* messages set)."""
+
+    index: int
+    num: int = 0
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    last_avail: int = 0  # next avail ring slot to consume (free-running u16)
+    used_idx: int = 0  # next used ring slot (free-running u16)
+    enabled: bool = False
+    started: bool = False  # addresses set and kick fd present
+    broken: bool = False  # a ring access faulted: stop until the driver restarts it
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    popped: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.enabled and self.num > 0 and not self.broken and self.desc != 0
+
+    async def avail_idx(self, dma: Dma) -> int:
+        return await dma.read_u16(self.avail + AVAIL_IDX_OFF)
+
+    async def pop(self, dma: Dma) -> Chain | None:
+        """The next available chain, or None when the ring is empty."""
+        idx = await self.avail_idx(dma)
+        pending = (idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.num:
+            raise ChainError(f"avail idx {idx} is {pending} ahead of {self.last_avail}")
+        slot = self.last_avail % self.num
+        head = await dma.read_u16(self.avail + AVAIL_RING_OFF + 2 * slot)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.popped += 1
+        chain = Chain(head)
+        await self._walk(dma, chain, head)
+        return chain
+
+    async def _walk(self, dma: Dma, chain: Chain, head: int) -> None:
+        if head >= self.num:
+            raise ChainError(f"head {head} >= queue size {self.num}")
+        table, size, idx = self.desc, self.num, head
+        budget = self.num  # §2.7.5.3.1/§2.7.5.2: a chain never exceeds the queue size
+        indirect = False
+        while True:
+            if budget <= 0:
+                raise ChainError("descriptor chain loops or is longer than the queue")
+            budget -= 1
+            raw = await dma.read(table + 16 * idx, VRING_DESC.size)
+            addr, length, flags, nxt = _DESC.unpack(raw)
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect:
+                    raise ChainError("nested indirect descriptor")
+                if flags & VRING_DESC_F_NEXT or length % 16 or length == 0:
+                    raise ChainError("bad indirect descriptor")
+                table, size, idx = addr, length // 16, 0
+                budget = size
+                indirect = True
+                continue
+            chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
+            if not flags & VRING_DESC_F_NEXT:
+                return
+            if nxt >= size:
+                raise ChainError(f"next {nxt} >= table size {size}")
+            idx = nxt
+
+    async def push(self, dma: Dma, head: int, written: int) -> None:
+        """Return a chain to the driver: used elem, then the used idx (§2.7.8.2)."""
+        slot = self.used_idx % self.num
+        await dma.write(self.used + USED_RING_OFF + 8 * slot, _USED_ELEM.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        await dma.write_u16(self.used + USED_IDX_OFF, self.used_idx)
