@@ -108,3 +108,101 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await serve
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class BlkRunResult:
+    """One boot → guest disk tests → power-off run with the vioasid disk."""
+
+    accel: str
+    iommu: str
+    translate: str
+    cross_check: bool
+    init_s: float | None
+    tests_done_s: float | None
+    exit_s: float | None
+    passed: int
+    failed: int
+    failures: list[dict[str, object]]
+    errors: list[str]
+    timed_out: bool
+    returncode: int | None
+    disk_ok: bool
+    disk_mismatches: list[str]
+    backend: dict[str, object]
+    console_tail: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.timed_out
+            and self.failed == 0
+            and self.passed > 0
+            and not self.errors
+            and self.disk_ok
+        )
+
+    def to_json(self) -> dict[str, object]:
+        b = self.backend
+        return {
+            "ok": self.ok,
+            "accel": self.accel,
+            "iommu": self.iommu,
+            "translate": self.translate,
+            "cross_check": self.cross_check,
+            "boot_seconds": _r(self.init_s),
+            "tests_done_seconds": _r(self.tests_done_s),
+            "total_seconds": _r(self.exit_s),
+            "guest_tests": {"passed": self.passed, "failed": self.failed},
+            "failures": self.failures,
+            "guest_errors": self.errors,
+            "timed_out": self.timed_out,
+            "disk_matches": self.disk_ok,
+            "disk_mismatches": self.disk_mismatches,
+            "translations": b.get("translations", 0),
+            "iotlb_hit_rate": b.get("iotlb_hit_rate", 0.0),
+            "invalidations": b.get("invalidations", 0),
+            "faults": b.get("faults", 0),
+            "qemu_agreement": b.get("qemu_agreement", {"agree": 0, "disagree": 0}),
+            "backend": b,
+        }
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+async def run_guest_tests(opts: GuestOptions, timeout: float = 300.0) -> BlkRunResult:
+    """Boot the test guest with the vioasid disk, follow its markers, check the backing file.
+
+    ``opts.disk`` must be a disk made by ``guest_tests.patterns.make_disk`` (the guest tests
+    write their patterns to it; the host then compares).
+    """
+    from guest_tests import patterns
+    from guest_tests.runner import watch_guest
+
+    async with vhost_blk_guest(opts) as g:
+        run = await watch_guest(g.vm, timeout)
+        summary = g.backend.summary()
+        tail = [line.text for line in g.vm.console[-40:]]
+    mismatches = patterns.check_disk(opts.disk) if run.report.done else []
+    disk_ok = bool(run.report.done) and not mismatches
+    return BlkRunResult(
+        accel=str(opts.accel),
+        iommu=str(opts.iommu.mode) if opts.iommu is not None else "none",
+        translate=opts.translate if opts.iommu is not None else "identity",
+        cross_check=opts.cross_check,
+        init_s=run.init_s,
+        tests_done_s=run.tests_done_s,
+        exit_s=run.exit_s,
+        passed=run.report.passed,
+        failed=run.report.failed,
+        failures=[{"name": r.name, "detail": r.detail} for r in run.report.results if not r.passed],
+        errors=list(run.report.errors),
+        timed_out=run.timed_out,
+        returncode=run.returncode,
+        disk_ok=disk_ok,
+        disk_mismatches=[f"{m.test}@0x{m.first_bad:x}" for m in mismatches],
+        backend=summary,
+        console_tail=tail,
+    )
