@@ -357,11 +357,11 @@ class Host:
                     where = (
                         f"VM {v.name}'s CPU PASID translation table maps vPASID {x} to pPASID {g}"
                         if x in v.cpu_table
-                        else f"VM {v.name}'s global pPASID for vPASID {x} is {g}"
+                        else f"VM {v.name}'s global pPASID for vPASID {x} is pPASID {g}"
                     )
                     raise PasidConflict(
                         f"{who}: the non-translating function {fn.bdf} would see {x} from its "
-                        f"driver but {where}",
+                        f"driver (needs pPASID {x}) but {where}",
                         vm=v.name, device=dev.bdf, vpasid=x, ppasid=g, rule=2,
                     )  # fmt: skip
                 pp = g
