@@ -223,8 +223,9 @@ class Service:
 
     def _set_features(self, session: Session, msg: Message) -> None:
         features = msg.body.features
-        if features & ~wire.ALL_FEATURES:
-            raise InvalidRequest(f"features 0x{features & ~wire.ALL_FEATURES:x} not offered")
+        unknown = features & ~int(wire.ALL_FEATURES)
+        if unknown:
+            raise InvalidRequest(f"features 0x{unknown:x} not offered")
         session.features = features
 
     # -- VMs ------------------------------------------------------------------------------
@@ -454,7 +455,7 @@ class Service:
     def _subscribe(self, session: Session, msg: Message) -> None:
         entry = self._entry(msg.body.vm)
         mask = msg.body.events
-        if mask & ~(EventMask.FAULTS | EventMask.PAGE_REQUESTS):
+        if mask & ~int(EventMask.FAULTS | EventMask.PAGE_REQUESTS):
             raise InvalidRequest(f"event mask 0x{mask:x} has undefined bits")
         if mask:
             entry.subscribers[session] = mask
