@@ -322,6 +322,8 @@ class TranslatorStats:
             "invalidations": self.invalidations,
             "faults": self.faults,
             "qemu_agreement": {"agree": self.agree, "disagree": self.disagree},
+            "fault_log": self.fault_log[:16],
+            "disagreements": self.disagreements[:16],
         }
 
 

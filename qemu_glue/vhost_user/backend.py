@@ -56,7 +56,7 @@ from ..translate import (
 )
 from .blk import BlkDevice
 from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64
-from .virtqueue import MAX_QUEUE_SIZE, ChainError, Dma, SplitQueue
+from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class VhostUserBlkBackend:
     ``translate``: ``walk`` (vioasid walks the guest's VT-d tables; needs ``regs`` and the
     device's RID via :meth:`set_sid`), ``qemu`` (every miss asked of QEMU) or ``identity``.
     ``cross_check`` (walk mode) also asks QEMU for every miss and counts agreement.
+    ``inject_bad_iova`` (tests): the first read request served while the guest has DMA
+    translation on gets its data buffer moved to this IOVA, as a buggy device would do; the
+    real walk of the guest's tables must fault and the guest must see an I/O error.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class VhostUserBlkBackend:
         sid: int = 0,
         trace: IO[str] | None = None,
         serial: str = "",
+        inject_bad_iova: int | None = None,
     ) -> None:
         if translate not in TRANSLATE_MODES:
             raise ValueError(f"translate must be one of {TRANSLATE_MODES}")
@@ -130,6 +134,8 @@ class VhostUserBlkBackend:
         self._closed = asyncio.Event()
         self._session_done: asyncio.Event | None = None
         self._restart_pending = True
+        self.inject_bad_iova = inject_bad_iova
+        self.injected: list[int] = []  # heads of the chains that got the bad IOVA
 
         mem = self._get_memory
         self.walk = WalkResolver(mem, sid, regs) if translate == "walk" else None
@@ -558,6 +564,8 @@ class VhostUserBlkBackend:
                     break
                 if chain is None:
                     break
+                if self.inject_bad_iova is not None:
+                    self._maybe_inject(chain)
                 written = await self.blk.handle(dma, chain)
                 self.stats.requests += 1
                 try:
@@ -570,6 +578,18 @@ class VhostUserBlkBackend:
                     self._call(q)
             if served:
                 self._call(q)
+
+    def _maybe_inject(self, chain: Chain) -> None:
+        regs = self.walk.regs if self.walk is not None else None
+        if self.injected or regs is None or not regs.translating:
+            return
+        bufs = chain.buffers
+        if len(bufs) >= 3 and not bufs[0].write and bufs[1].write and bufs[-1].write:
+            assert self.inject_bad_iova is not None
+            b = bufs[1]
+            bufs[1] = Buffer(self.inject_bad_iova, b.len, b.write)
+            self.injected.append(chain.head)
+            log.warning("injected bad IOVA 0x%x into request %d", self.inject_bad_iova, chain.head)
 
     def _ring_fault(self, q: SplitQueue, exc: Exception) -> None:
         self.stats.ring_faults += 1

@@ -48,6 +48,7 @@ class GuestOptions:
     stdin_inherit: bool = False
     extra_devices: tuple[Device, ...] = ()
     name: str = "vioasid-blk"
+    inject_bad_iova: int | None = None  # tests: see VhostUserBlkBackend
 
 
 @dataclass
@@ -78,6 +79,7 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
         cross_check=opts.cross_check and opts.iommu is not None,
         regs=read_regs if opts.iommu is not None else None,
         trace=opts.trace,
+        inject_bad_iova=opts.inject_bad_iova,
     )
     await backend.start()
     serve = asyncio.create_task(backend.serve_forever())
@@ -131,6 +133,7 @@ class BlkRunResult:
     disk_mismatches: list[str]
     backend: dict[str, object]
     console_tail: list[str] = field(default_factory=list)
+    guest_io_errors: list[str] = field(default_factory=list)  # kernel "I/O error" lines
 
     @property
     def ok(self) -> bool:
@@ -164,6 +167,7 @@ class BlkRunResult:
             "invalidations": b.get("invalidations", 0),
             "faults": b.get("faults", 0),
             "qemu_agreement": b.get("qemu_agreement", {"agree": 0, "disagree": 0}),
+            "guest_io_errors": len(self.guest_io_errors),
             "backend": b,
         }
 
@@ -185,6 +189,7 @@ async def run_guest_tests(opts: GuestOptions, timeout: float = 300.0) -> BlkRunR
         run = await watch_guest(g.vm, timeout)
         summary = g.backend.summary()
         tail = [line.text for line in g.vm.console[-40:]]
+        io_errors = [line.text for line in g.vm.console if "I/O error" in line.text]
     mismatches = patterns.check_disk(opts.disk) if run.report.done else []
     disk_ok = bool(run.report.done) and not mismatches
     return BlkRunResult(
@@ -205,4 +210,5 @@ async def run_guest_tests(opts: GuestOptions, timeout: float = 300.0) -> BlkRunR
         disk_mismatches=[f"{m.test}@0x{m.first_bad:x}" for m in mismatches],
         backend=summary,
         console_tail=tail,
+        guest_io_errors=io_errors,
     )

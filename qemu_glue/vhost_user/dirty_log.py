@@ -1,0 +1,118 @@
+"""Dirty-page logging of the vhost-user back-end during live migration (vhost-user.rst "Migration").
+
+QEMU turns logging on with ``SET_LOG_BASE`` (the log's shared memory fd, ``log_description``
+``mmap_size``/``mmap_offset``, protocol feature ``LOG_SHMFD``) and ``SET_FEATURES`` with
+``VHOST_F_LOG_ALL`` (bit 26). From then on every guest page the device writes — used ring
+entries and indices, data of block reads, status bytes — must have its bit set in the log: one
+bit per 4 KiB page of guest-physical address (``VHOST_LOG_PAGE``), bit ``page % 8`` of byte
+``page // 8``, as libvhost-user's ``vu_log_page`` does. QEMU syncs (and clears) the bitmap
+after every RAM pass and once more after it stopped the device, so a page marked before its
+write lands is carried.
+
+:class:`DirtyLog` is the mapped bitmap; :class:`LoggingTranslator` wraps the device's DMA
+translator so that every translation for a write marks the guest-physical page it returns (the
+device writes guest memory only through translations made for writing). The bitmap is shared
+with QEMU, which clears 64-bit chunks atomically; a byte-wide read-modify-write here can only
+re-set bits QEMU already collected (one page sent twice), never lose one.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Protocol
+
+from vioasid.formats.virtio import VHOST_USER_LOG
+
+log = logging.getLogger(__name__)
+
+VHOST_LOG_PAGE = 0x1000
+"""Bytes of guest-physical address space per log bit (QEMU ``VHOST_LOG_PAGE``)."""
+_PAGE_SHIFT = 12
+
+
+class Translator(Protocol):
+    async def translate(self, iova: int, write: bool) -> int: ...
+
+
+class DirtyLog:
+    """The shared dirty bitmap QEMU handed over with ``SET_LOG_BASE``."""
+
+    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
+        if size <= 0:
+            raise ValueError(f"dirty log of {size} bytes")
+        page = mmap.ALLOCATIONGRANULARITY
+        base = offset - offset % page
+        self._mm = mmap.mmap(fd, size + (offset - base), mmap.MAP_SHARED, offset=base)
+        self._view = memoryview(self._mm)[offset - base :]
+        self.size = size
+        self.pages = size * 8
+        self.marked = 0  # marks made (pages may repeat)
+        self.beyond = 0  # writes past the end of the log (a log too small for guest memory)
+
+    @classmethod
+    def from_message(cls, payload: bytes, fd: int) -> DirtyLog:
+        """Map the log of a ``SET_LOG_BASE`` payload (``log_description``) and its fd."""
+        size, offset = VHOST_USER_LOG.packer.unpack_from(payload)
+        return cls(fd, size, offset)
+
+    def mark(self, gpa: int, length: int = 1) -> None:
+        """Set the bits of every 4 KiB page of ``[gpa, gpa + length)``."""
+        if length <= 0:
+            return
+        view = self._view
+        first = gpa >> _PAGE_SHIFT
+        last = (gpa + length - 1) >> _PAGE_SHIFT
+        for page in range(first, last + 1):
+            byte = page >> 3
+            if byte >= self.size:
+                self.beyond += 1
+                continue
+            view[byte] |= 1 << (page & 7)
+            self.marked += 1
+
+    def is_marked(self, gpa: int) -> bool:
+        page = gpa >> _PAGE_SHIFT
+        byte = page >> 3
+        return byte < self.size and bool(self._view[byte] & (1 << (page & 7)))
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere; the GC unmaps it later
+            log.debug("dirty log still referenced at close")
+
+
+class LoggingTranslator:
+    """A DMA translator that marks each page translated for writing in the dirty log (while
+    ``log`` is set); everything else is the wrapped translator's."""
+
+    def __init__(self, inner: Translator) -> None:
+        self.inner = inner
+        self.log: DirtyLog | None = None
+
+    async def translate(self, iova: int, write: bool) -> int:
+        gpa = await self.inner.translate(iova, write)
+        dlog = self.log
+        if write and dlog is not None:
+            dlog.mark(gpa)
+        return gpa
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def open_log(payload: bytes, fds: list[int]) -> DirtyLog:
+    """The log of a ``SET_LOG_BASE`` message (takes and closes the fd after mapping)."""
+    if not fds:
+        raise ValueError("SET_LOG_BASE without a log fd (LOG_SHMFD)")
+    fd = fds.pop(0)
+    try:
+        return DirtyLog.from_message(payload, fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["VHOST_LOG_PAGE", "DirtyLog", "LoggingTranslator", "open_log"]
