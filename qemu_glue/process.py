@@ -73,6 +73,7 @@ class QemuProcess:
         self._console_done = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.shutdown_timeout = 3.0  # per step of close(): quit, SIGTERM, then SIGKILL
 
     # ----- construction -----
 
@@ -315,7 +316,7 @@ class QemuProcess:
         self._closed = True
         try:
             if self.running:
-                await asyncio.shield(self.shutdown(timeout=3.0))
+                await asyncio.shield(self.shutdown(timeout=self.shutdown_timeout))
         except BaseException:
             if self.running:
                 self._signal(signal.SIGKILL)

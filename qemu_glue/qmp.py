@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -174,6 +175,11 @@ class Qmp:
         while True:
             if is_alive is not None and not is_alive():
                 raise QmpError("connect", f"QEMU exited before QMP was up at {path}")
+            if not os.path.exists(path):  # not up yet: don't let qemu.qmp log a failed connect
+                if time.monotonic() >= deadline:
+                    raise QmpTimeout("connect", f"no QMP socket at {path} after {timeout:.1f}s")
+                await asyncio.sleep(0.02)
+                continue
             client = QMPClient(name)
             try:
                 left = max(0.05, deadline - time.monotonic())

@@ -159,3 +159,21 @@ def test_modules_missing_and_cycle(tmp_path: Path) -> None:
         modules.resolve(["a"], idx)
     with pytest.raises(ImageError, match="nope"):
         modules.resolve(["c"], idx)
+
+
+def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from images import apt
+
+    monkeypatch.setattr(apt.shutil, "which", lambda _name: None)
+    with pytest.raises(ImageError, match=r"zstd not found: install it with 'apt-get install zstd'"):
+        apt.require_tool("zstd", "zstd")
+    with pytest.raises(ImageError, match="apt-get install apt"):
+        apt.newest_kernel()
+
+
+def test_deb_filename_escapes_the_epoch() -> None:
+    from images.apt import DebPackage
+
+    pkg = DebPackage("busybox-static", "1:1.35.0-4+deb12u1+b1")
+    assert pkg.deb_filename() == "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
+    assert pkg.key == "busybox-static=1:1.35.0-4+deb12u1+b1"
