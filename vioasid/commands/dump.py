@@ -73,6 +73,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rtaddr", required=True, metavar="VALUE", help="raw RTADDR register value")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument(
-        "--max-entries", type=int, default=500_000, help="entry budget for hostile tables"
+        "--max-entries", type=int, default=200_000, help="entry budget for hostile tables"
     )
     p.set_defaults(func=run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vioasid.formats.bitfields import Layout
 from vioasid.formats.context import (
     LEGACY_CONTEXT_ENTRY,
     LEGACY_CONTEXT_ENTRY_SIZE,
@@ -58,7 +59,26 @@ class _Budget(Exception):
     pass
 
 
-def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 500_000) -> TableDump:
+def _decoder(layout: Layout) -> Any:
+    """A fast ``words -> {field: value}`` for ``layout`` (masks derived from its fields)."""
+    plan = [
+        (i, f.name, f.lo, f.vmask, f.mask if f.addr else 0)
+        for i, w in enumerate(layout.words)
+        for f in w.fields
+    ]
+
+    def decode(words: tuple[int, ...]) -> dict[str, int]:
+        return {n: (words[i] & m if m else (words[i] >> lo) & vm) for i, n, lo, vm, m in plan}
+
+    return decode
+
+
+_DEC_LEGACY_CTX = _decoder(LEGACY_CONTEXT_ENTRY)
+_DEC_SM_CTX = _decoder(SM_CONTEXT_ENTRY)
+_DEC_PASID = _decoder(PASID_ENTRY)
+
+
+def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) -> TableDump:
     """Every present context entry (and, in scalable mode, PASID entry) under ``rtaddr``."""
     ttm = RTADDR.field("TTM").get(rtaddr)
     root = RTADDR.field("RTA").get(rtaddr)
@@ -95,8 +115,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 500_000) ->
                         break
                     if not ce[0] & 1:
                         continue
-                    f = LEGACY_CONTEXT_ENTRY.words[0].decode(ce[0])
-                    f.update(LEGACY_CONTEXT_ENTRY.words[1].decode(ce[1]))
+                    f = _DEC_LEGACY_CTX(ce)
                     out.contexts.append(
                         {
                             "bdf": bdf_str(sid),
@@ -122,8 +141,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 500_000) ->
                         break
                     if not ce[0] & 1:
                         continue
-                    f = SM_CONTEXT_ENTRY.words[0].decode(ce[0])
-                    f.update(SM_CONTEXT_ENTRY.words[1].decode(ce[1]))
+                    f = _DEC_SM_CTX(ce)
                     dev: dict[str, Any] = {
                         "bdf": bdf_str(sid),
                         "sid": sid,
@@ -147,7 +165,11 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 500_000) ->
                         ptp = PASID_DIR_ENTRY.field("PTP").get(de[0])
                         if ptp not in pasid_tables:
                             pasid_tables[ptp] = _pasid_table(ptp, words)
-                        for e in pasid_tables[ptp]:
+                        found = pasid_tables[ptp]
+                        out.visited += len(found)  # the output counts against the budget too
+                        if out.visited > max_entries:
+                            raise _Budget
+                        for e in found:
                             dev["pasids"].append(dict(e, pasid=didx * 64 + e["index"]))
     except _Budget:
         out.truncated = True
@@ -166,9 +188,7 @@ def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
             break
         if not pe[0] & 1:
             continue
-        f: dict[str, int] = {}
-        for w, v in zip(PASID_ENTRY.words, pe, strict=True):
-            f.update(w.decode(v))
+        f = _DEC_PASID(pe)
         found.append(
             {
                 "index": idx,

@@ -1,0 +1,142 @@
+"""Hostile guest tables (hypothesis): random words everywhere, self-pointing tables, pointers
+beyond memory. The walker, the table dump and the IQ processor must always return (a Fault or a
+Translation; a dump; an error list), never raise, with bounded work."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vioasid.model.cache import Caches
+from vioasid.model.dump import dump_tables
+from vioasid.model.faults import Fault, Translation
+from vioasid.model.iq import InvalidationQueue
+from vioasid.model.memory import GuestMemory
+from vioasid.model.walker import Request, Walker
+
+PAGES = 12
+SIZE = PAGES * 4096
+HAW = 48
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def hostile_word(rng: random.Random) -> int:
+    """Mostly pointer-shaped words: a page of memory (often the word's own table) plus random
+    low flag bits; sometimes beyond memory, sometimes fully random."""
+    kind = rng.random()
+    low = rng.getrandbits(12)
+    if kind < 0.55:
+        return rng.randrange(PAGES) * 4096 | low | 1
+    if kind < 0.65:
+        return rng.randrange(PAGES) * 4096 | (low & 0xF07) | 1  # few reserved bits
+    if kind < 0.75:
+        return (SIZE + rng.getrandbits(20) * 4096) | low
+    if kind < 0.85:
+        return 0
+    return rng.getrandbits(64)
+
+
+def hostile_memory(seed: int) -> GuestMemory:
+    rng = random.Random(seed)
+    raw = struct.pack(f"<{SIZE // 8}Q", *(hostile_word(rng) for _ in range(SIZE // 8)))
+    mem = GuestMemory()
+    mem.add(0, bytearray(raw), name="ram")
+    return mem
+
+
+requests = st.builds(
+    Request,
+    sid=st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 0x18, 0x80, 0xFF])),
+    addr=st.one_of(st.integers(0, (1 << 64) - 1), st.integers(0, 1 << 32)),
+    pasid=st.one_of(st.none(), st.integers(0, (1 << 20) - 1), st.integers(0, 200)),
+    write=st.booleans(),
+    supervisor=st.booleans(),
+    execute=st.booleans(),
+)
+rtaddrs = st.one_of(
+    st.integers(0, PAGES - 1).map(lambda p: p * 4096 | 0x400),
+    st.integers(0, PAGES - 1).map(lambda p: p * 4096),
+    st.integers(0, (1 << 64) - 1),
+)
+
+
+def check(res: Translation | Fault, req: Request) -> None:
+    assert isinstance(res, (Translation, Fault))
+    if isinstance(res, Translation):
+        assert res.page_size in (4096, 1 << 21, 1 << 30)
+        if res.pgtt == "pass-through":
+            # pass-through hands the input address back unchanged
+            assert res.address == req.addr
+        else:
+            # table-walk outputs come from page frames whose bits above HAW are reserved; they
+            # need not be backed by RAM (VT-d allows MMIO targets), but never exceed the HAW
+            assert 0 <= res.address < 1 << HAW
+            assert res.address & (res.page_size - 1) == req.addr & (res.page_size - 1)
+    else:
+        assert int(res.reason) > 0 and res.name
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8), st.booleans())
+def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[Request], cached: bool) -> None:
+    mem = hostile_memory(seed)
+    w = Walker(mem, haw=HAW, caches=Caches(enabled=cached))
+    for req in reqs:
+        check(w.translate(rtaddr, req), req)
+        fast = w.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+        assert isinstance(fast, (int, Fault))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), st.integers(0, PAGES - 1), requests)
+def test_nested_memory_never_raises(seed: int, root_page: int, req: Request) -> None:
+    host = hostile_memory(seed)
+    guest = hostile_memory(seed + 1)
+    w = Walker(host, nested_memory=guest)
+    check(w.translate(root_page * 4096 | 0x400, req), req)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), st.integers(0, PAGES - 1))
+def test_self_pointing_tables_terminate(seed: int, page: int) -> None:
+    """Every word of the memory points at one page (itself a table of such words)."""
+    rng = random.Random(seed)
+    mem = GuestMemory.from_bytes(SIZE)
+    mem.write(0, (page * 4096 | rng.getrandbits(12) | 1).to_bytes(8, "little") * (SIZE // 8))
+    w = Walker(mem)
+    for pasid in (None, 0, 5, 1000):
+        req = Request(rng.getrandbits(16), rng.getrandbits(48), pasid)
+        check(w.translate(page * 4096 | 0x400, req), req)
+        check(w.translate(page * 4096, Request(req.sid, req.addr)), req)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), st.integers(0, PAGES - 1), st.booleans())
+def test_dump_is_bounded(seed: int, root_page: int, scalable: bool) -> None:
+    mem = hostile_memory(seed)
+    d = dump_tables(mem, root_page * 4096 | (0x400 if scalable else 0), max_entries=3_000)
+    assert d.visited <= 3_000 + 64
+    assert isinstance(d.to_json()["devices"], list)
+
+
+@SETTINGS
+@given(
+    st.integers(0, 2**32),
+    st.integers(0, PAGES - 1),
+    st.integers(0, 7),
+    st.booleans(),
+    st.integers(0, 0x7FFF0),
+    st.integers(0, 0x7FFF0),
+)
+def test_iq_never_raises(seed: int, page: int, qs: int, wide: bool, iqh: int, iqt: int) -> None:
+    mem = hostile_memory(seed)
+    w = Walker(mem)
+    iq = InvalidationQueue(mem, w)
+    iqa = page * 4096 | qs | (0x800 if wide else 0)
+    head, decoded, errors = iq.process(iqa, iqh & ~0xF, iqt & ~0xF)
+    assert 0 <= head < 4096 << qs or errors
+    assert len(decoded) <= (4096 << qs) // (32 if wide else 16)
+    assert all(e.startswith("IQE") for e in errors)
