@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from vioasid.formats.registers import (
@@ -142,3 +142,13 @@ class VtdRegisterReader:
             if time.monotonic() >= deadline:
                 raise QmpTimeout("vtd-regs", f"condition not met within {timeout:.1f}s: {regs}")
             await asyncio.sleep(poll_s)
+
+    async def watch(self, poll_s: float = 0.05) -> AsyncIterator[VtdRegisters]:
+        """Yield the registers now and then every time GSTS or RTADDR change (polling)."""
+        regs, _ = await self.refresh_if_changed()
+        yield regs
+        while True:
+            await asyncio.sleep(poll_s)
+            regs, changed = await self.refresh_if_changed()
+            if changed:
+                yield regs

@@ -61,6 +61,10 @@ async def test_vtd_registers_through_xp(tmp_path: Path) -> None:
         assert again == regs and not changed
         got = await reader.wait_until(lambda r: r.translation_enabled, timeout=2)
         assert got == regs
+        watcher = reader.watch(poll_s=0.01)
+        assert await anext(watcher) == regs
+        with pytest.raises(TimeoutError):  # nothing changes: nothing more is yielded
+            await asyncio.wait_for(anext(watcher), 0.1)
         with pytest.raises(QmpTimeout):
             await reader.wait_until(lambda r: not r.scalable, timeout=0.3, poll_s=0.05)
 
