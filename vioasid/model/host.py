@@ -205,9 +205,10 @@ class HostIommu:
         for didx, pde in enumerate(self.mem.words(pdir, ndir)):
             if not pde & _PDE_P:
                 continue
-            table = pde & _PDE_PTP
+            n = len(PASID_ENTRY.words)
+            leaf = self.mem.words(pde & _PDE_PTP, PASID_ENTRIES_PER_TABLE * n)
             for tidx in range(PASID_ENTRIES_PER_TABLE):
-                words = PASID_ENTRY.words_of(self.mem.view(table + tidx * PASID_ENTRY_SIZE, 64))
+                words = leaf[tidx * n : (tidx + 1) * n]
                 if any(words):
                     out[(didx << PASID_DIR_SHIFT) | tidx] = words
         return out
