@@ -180,8 +180,8 @@ def test_example_image_subprocess(tmp_path: Path) -> None:
     p = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "vioasid.cli",
+            "-c",
+            CLI,
             "walk",
             "--memory",
             str(out),
@@ -199,8 +199,8 @@ def test_example_image_subprocess(tmp_path: Path) -> None:
     p = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "vioasid.cli",
+            "-c",
+            CLI,
             "walk",
             "--memory",
             str(out),
