@@ -34,6 +34,9 @@ from vioasid.model.memory import GuestMemory, MemoryAccessError
 
 log = logging.getLogger(__name__)
 
+# Invalidation descriptor types (VT-d §6.5.2; vioasid.formats.invalidation TYPE_*).
+_IQ_CC, _IQ_IOTLB, _IQ_PIOTLB, _IQ_PC = 1, 2, 6, 7
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
@@ -49,6 +52,7 @@ class Resolved:
     read: bool
     write: bool
     source: str = ""  # "walk" | "identity" | "qemu"
+    pasid: int | None = None  # the PASID the walk used (RID_PASID for requests without one)
 
 
 class DmaFault(Exception):
@@ -183,7 +187,7 @@ class WalkResolver:
             return out
         gpa = out.address + ((iova & ~PAGE_MASK) - (out.iova & ~PAGE_MASK))
         page = gpa & ~PAGE_MASK
-        return Resolved(page, bool(out.read), bool(out.write), "walk")
+        return Resolved(page, bool(out.read), bool(out.write), "walk", out.pasid)
 
     async def refresh(self) -> None:
         if self._regs_reader is not None:
@@ -304,6 +308,7 @@ class TranslatorStats:
     faults: int = 0
     invalidations: int = 0
     invalidated_pages: int = 0
+    iq_descriptors: int = 0
     agree: int = 0
     disagree: int = 0
     fault_log: list[dict[str, Any]] = field(default_factory=list)
@@ -320,6 +325,7 @@ class TranslatorStats:
             "iotlb_misses": self.misses,
             "iotlb_hit_rate": round(self.hit_rate, 4),
             "invalidations": self.invalidations,
+            "iq_descriptors": self.iq_descriptors,
             "faults": self.faults,
             "qemu_agreement": {"agree": self.agree, "disagree": self.disagree},
             "fault_log": self.fault_log[:16],
@@ -462,6 +468,37 @@ class DeviceTranslator:
                 }
             )
 
+    def on_iq_descriptor(self, desc: dict[str, Any]) -> None:
+        """A descriptor from the guest's invalidation queue (decoded by ``IqFollower``).
+
+        IOTLB / PASID-IOTLB page-selective descriptors drop their range; domain, global,
+        context-cache and PASID-cache ones drop the whole device IOTLB. Waits are only counted.
+        """
+        st = self.stats
+        st.iq_descriptors += 1
+        t = desc.get("type_code")
+        dropped_before = len(self._iotlb)
+        if t in (_IQ_IOTLB, _IQ_PIOTLB) and desc.get("G") == 3:
+            addr = int(desc.get("ADDR", 0)) & ~PAGE_MASK
+            size = PAGE_SIZE << int(desc.get("AM", 0))
+            first, last = addr >> PAGE_SHIFT, (addr + size - 1) >> PAGE_SHIFT
+            if last - first + 1 >= len(self._iotlb):
+                self._iotlb = {p: e for p, e in self._iotlb.items() if not first <= p <= last}
+            else:
+                for p in range(first, last + 1):
+                    self._iotlb.pop(p, None)
+        elif t in (_IQ_IOTLB, _IQ_PIOTLB, _IQ_CC, _IQ_PC):
+            self._iotlb.clear()
+        if self.trace is not None:
+            rec = {k: (hex(v) if k == "ADDR" else v) for k, v in desc.items()}
+            self._write(
+                {
+                    "event": "iq-descriptor",
+                    "dropped": dropped_before - len(self._iotlb),
+                    **rec,
+                }
+            )
+
     async def restart(self) -> None:
         """The device (re)started: registers may have changed, drop everything."""
         self._iotlb.clear()
@@ -476,7 +513,7 @@ class DeviceTranslator:
             {
                 "event": "translation",
                 "bdf": bdf_str(self.sid),
-                "pasid": getattr(self.primary, "pasid", None),
+                "pasid": ent.pasid,
                 "iova": hex(iova),
                 "address": hex(ent.gpa | (iova & PAGE_MASK)),
                 "perm": ("r" if ent.read else "-") + ("w" if ent.write else "-"),

@@ -135,9 +135,10 @@ class VhostUserBlkBackend:
         self._session_done: asyncio.Event | None = None
         self._restart_pending = True
         self.inject_bad_iova = inject_bad_iova
+        self.on_invalidate: Callable[[], None] | None = None  # e.g. IqFollower.poke
         self.injected: list[int] = []  # heads of the chains that got the bad IOVA
 
-        mem = self._get_memory
+        mem = self.get_memory
         self.walk = WalkResolver(mem, sid, regs) if translate == "walk" else None
         self.qemu = (
             QemuResolver(mem, sid, self._send_miss)
@@ -228,7 +229,7 @@ class VhostUserBlkBackend:
         return out
 
     # -- session ----------------------------------------------------------------------------
-    def _get_memory(self) -> GuestMemory | None:
+    def get_memory(self) -> GuestMemory | None:
         return self.memory
 
     async def _serve_session(self, conn: socket.socket) -> None:
@@ -498,6 +499,8 @@ class VhostUserBlkBackend:
         elif kind == IotlbType.INVALIDATE:
             self.stats.iotlb_invalidates += 1
             self.translator.invalidate(iova, size)
+            if self.on_invalidate is not None:
+                self.on_invalidate()
         else:
             log.warning("IOTLB_MSG type %d ignored", kind)
 
@@ -553,7 +556,7 @@ class VhostUserBlkBackend:
             dma = (
                 self.dma
                 if self.features & (1 << VirtioFeature.ACCESS_PLATFORM)
-                else Dma(self._get_memory, self._identity)
+                else Dma(self.get_memory, self._identity)
             )
             served = 0
             while q.started and q.ready:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from ..iq_follower import IqFollower
 from ..process import QemuProcess, launch
 from ..translate import VtdRegs
 from ..vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
-from ..vtd_regs import VtdRegisterReader
+from ..vtd_regs import REG_IQA, REG_IQT, VtdRegisterReader
 from .backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class GuestOptions:
     extra_devices: tuple[Device, ...] = ()
     name: str = "vioasid-blk"
     inject_bad_iova: int | None = None  # tests: see VhostUserBlkBackend
+    follow_iq: bool = True  # decode the guest's invalidation queue too (IqFollower)
 
 
 @dataclass
@@ -100,10 +102,24 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
             backend.set_sid(pci.rid)
             log.info("vhost-user-blk device is %s (RID 0x%04x)", pci.bdf, pci.rid)
             reader = VtdRegisterReader(qmp) if opts.iommu is not None else None
+            follower = None
             if reader is not None:
                 holder["regs"] = reader
                 qmp_ready.set()
-            yield BlkGuest(vm, backend, reader)
+                if opts.follow_iq:
+                    follower = IqFollower(
+                        lambda: reader.read_u64(REG_IQA),
+                        lambda: reader.read_u64(REG_IQT),
+                        backend.get_memory,
+                        backend.translator.on_iq_descriptor,
+                    )
+                    backend.on_invalidate = follower.poke
+            try:
+                yield BlkGuest(vm, backend, reader)
+            finally:
+                backend.on_invalidate = None
+                if follower is not None:
+                    await follower.close()
     finally:
         await backend.close()
         serve.cancel()

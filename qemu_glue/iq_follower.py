@@ -1,0 +1,140 @@
+"""Follow the guest's VT-d invalidation queue from the host, read-only, for the device's IOTLB.
+
+QEMU consumes the guest's invalidation descriptors itself (it owns the IQ registers); what reaches
+a vhost-user back-end is only ``IOTLB_MSG`` invalidations, without DID or PASID. To see the
+guest's own descriptors, :class:`IqFollower` reads IQA/IQT through QMP (``xp``) after each
+forwarded invalidation (coalesced: one catch-up at a time) and decodes the 128/256-bit
+descriptors between the last position it saw and IQT straight from guest memory with the
+``vioasid.formats.invalidation`` layouts. It never writes guest memory (QEMU already did the
+wait-descriptor status writes). Each decoded descriptor goes to ``on_descriptor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from vioasid.formats.invalidation import DESC_128, DESC_256, LAYOUTS, TYPE_NAMES, desc_type
+from vioasid.formats.registers import IQA
+from vioasid.model.memory import GuestMemory, MemoryAccessError
+
+log = logging.getLogger(__name__)
+
+_IQ_OFFSET_MASK = 0x7FFF0  # IQH/IQT bits 18:4 (QEMU VTD_IQH_QH / VTD_IQT_QT)
+_QS = IQA.field("QS")
+_DW = IQA.field("DW")
+_BASE = IQA.field("IQA").mask
+
+U64Reader = Callable[[], Awaitable[int]]
+
+
+def decode_descriptor(words: tuple[int, ...]) -> dict[str, Any]:
+    """Named fields of one descriptor (qw0/qw1 per its type's layout); unknown types by code."""
+    t = desc_type(words[0])
+    out: dict[str, Any] = {"type": TYPE_NAMES.get(t, f"unknown-{t}"), "type_code": t}
+    layout = LAYOUTS.get(t)
+    if layout is None:
+        return out
+    for w, val in zip(layout.words, words[:2], strict=True):
+        for name, v in w.decode(val).items():
+            if not name.startswith("TYPE_"):
+                out[name] = v
+    return out
+
+
+class IqFollower:
+    """Decodes the guest's invalidation descriptors shortly after QEMU processed them."""
+
+    def __init__(
+        self,
+        read_iqa: U64Reader,
+        read_iqt: U64Reader,
+        memory: Callable[[], GuestMemory | None],
+        on_descriptor: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self._read_iqa = read_iqa
+        self._read_iqt = read_iqt
+        self._memory = memory
+        self._on_descriptor = on_descriptor
+        self._iqa: int | None = None
+        self._head: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self.decoded = 0
+        self.catch_ups = 0
+        self.errors = 0
+
+    def poke(self) -> None:
+        """Something was invalidated: catch up with the queue soon (coalesced)."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def reset(self) -> None:
+        """The guest may have re-programmed the queue (device restart): re-read IQA."""
+        self._iqa = None
+        self._head = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            try:
+                await self.catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # QMP gone (QEMU exiting), queue moved ...
+                self.errors += 1
+                log.debug("IQ catch-up failed: %s", exc)
+                return
+
+    async def catch_up(self) -> int:
+        """Decode descriptors from the last seen position up to IQT; returns how many."""
+        self.catch_ups += 1
+        if self._iqa is None:
+            self._iqa = await self._read_iqa()
+        iqa = self._iqa
+        tail = (await self._read_iqt()) & _IQ_OFFSET_MASK
+        if self._head is None:
+            self._head = tail  # start following from now
+            return 0
+        mem = self._memory()
+        if mem is None or not iqa & _BASE:
+            return 0
+        wide = bool(_DW.get(iqa))
+        dsize = DESC_256 if wide else DESC_128
+        qbytes = 4096 << _QS.get(iqa)
+        base = iqa & _BASE
+        head = self._head
+        n = 0
+        if head >= qbytes or tail >= qbytes:
+            self.reset()
+            return 0
+        for _ in range(qbytes // dsize):
+            if head == tail:
+                break
+            try:
+                raw = mem.read(base + head, dsize)
+            except MemoryAccessError:
+                self.errors += 1
+                break
+            words = struct.unpack(f"<{dsize // 8}Q", raw)
+            desc = decode_descriptor(words)
+            desc["index"] = head // dsize
+            self._on_descriptor(desc)
+            n += 1
+            head = (head + dsize) % qbytes
+        self._head = tail
+        self.decoded += n
+        return n
