@@ -132,24 +132,35 @@ class Codec:
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes arrive."""
         buf = self._buf
-        if self._header is None:
-            if len(buf) < wire.HEADER_SIZE:
-                self._check_orphan_fds(self._base)
+        header = self._header
+        if header is None:
+            if len(buf) < _HEADER_SIZE:
+                if self._fd_batches:
+                    self._check_orphan_fds(self._base)
                 return None
-            self._header = self._check_header(*wire.HEADER_S.unpack_from(buf))
-        request, flags, size = self._header
-        total = wire.HEADER_SIZE + size
-        if len(buf) < total:
+            header = self._header = self._check_header(*_HEADER_UNPACK(buf))
+        request, flags, size = header
+        total = _HEADER_SIZE + size
+        have = len(buf)
+        if have < total:
             return None
         start = self._base
-        payload = bytes(buf[wire.HEADER_SIZE : total])
-        del buf[:total]
-        self._base += total
+        if have == total:
+            payload = bytes(buf[_HEADER_SIZE:])
+            buf.clear()
+        else:
+            payload = bytes(buf[_HEADER_SIZE:total])
+            del buf[:total]
+        self._base = start + total
         self._header = None
-        fds = self._claim_fds(start, start + total)
+        fds = self._claim_fds(start, start + total) if self._fd_batches else []
         try:
             body = self._parse(request, flags, payload)
-            want = wire.request_fds(Request(request), body) if self.role is Role.DAEMON else 0
+            want = (
+                wire.request_fds(Request(request), body)
+                if request in _FD_REQUESTS and self.role is Role.DAEMON
+                else 0
+            )
             if len(fds) != want:
                 what = "missing" if len(fds) < want else "extra"
                 raise ProtocolViolation(
@@ -171,6 +182,9 @@ class Codec:
 
     # -- validation ---------------------------------------------------------------------
     def _check_header(self, request: int, flags: int, size: int) -> tuple[int, int, int]:
+        common = flags in _PLAIN_FLAGS if self.role is Role.DAEMON else flags == _REPLY
+        if common and size <= self.max_payload and request in _REQUESTS:
+            return request, flags, size  # the usual case, checked in one go
         version = flags & wire.FLAG_VERSION_MASK
         if version != wire.VERSION:
             raise ProtocolViolation(f"wrong version {version} (flags 0x{flags:x}), expected 1")
@@ -198,11 +212,11 @@ class Codec:
 
     def _parse(self, request: int, flags: int, payload: bytes) -> Any:
         if self.role is Role.DAEMON:
-            if request == Request.DMA:
+            if request == _DMA:
                 return _parse_dma(payload)
             layout = wire.REQUEST_LAYOUTS[Request(request)]
         elif flags & wire.FLAG_REPLY:
-            if request == Request.DMA and payload[:8] == bytes(8):
+            if request == _DMA and payload[:8] == _OK:
                 return _parse_dma_reply(payload)
             layout = wire.REPLY_LAYOUTS.get(Request(request), wire.STATUS_REPLY)
         else:
@@ -232,7 +246,13 @@ class Codec:
             raise ProtocolViolation(f"fds extra: {n} fds belong to no message")
 
 
+_DMA = int(Request.DMA)
 _REQUESTS = frozenset(int(r) for r in wire.REQUEST_LAYOUTS)
+_FD_REQUESTS = frozenset({int(Request.REGISTER_VM), int(Request.IMPORT_VM)})
+_PLAIN_FLAGS = frozenset({wire.VERSION, wire.VERSION | wire.FLAG_NEED_REPLY})
+_REPLY = wire.VERSION | wire.FLAG_REPLY
+_HEADER_SIZE = wire.HEADER_SIZE
+_HEADER_UNPACK = wire.HEADER_S.unpack_from
 
 
 def _parse_dma(payload: bytes) -> DmaBatch:

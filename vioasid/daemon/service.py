@@ -48,6 +48,8 @@ _PAGE_REQUEST_REASONS = frozenset({FaultReason.FS_PAGING_ENTRY_P, FaultReason.SS
 _DMA_RESULT = wire.DMA_RESULT_S
 _DMA_COUNT = wire.DMA_HEAD_S  # (count, padding) at the head of the reply body
 _PERM_R, _PERM_W = 1, 2
+_F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the hot loop
+_F_BY_TAG = int(DmaFlag.BY_TAG)
 
 
 @dataclass(eq=False)
@@ -58,7 +60,12 @@ class VmEntry:
     name: str
     owner: Session
     memory: GuestMemory
+    model: VM  # the engine's VM (stable for the VM's life)
     subscribers: dict[Session, int] = field(default_factory=dict)  # session -> EventMask
+    host_range: tuple[int, int] = (0, 0)  # [first, end) of the host range its requests reach
+
+    def __post_init__(self) -> None:
+        self.host_range = (self.model.hpa, self.model.hpa + self.model.memory_size)
 
 
 Handler = Callable[[Session, Message], Any]
@@ -163,10 +170,11 @@ class Service:
         return entry
 
     def _model(self, entry: VmEntry) -> VM:
-        return self.host.vm(entry.name)
+        return entry.model
 
-    def _add_entry(self, session: Session, name: str, memory: GuestMemory) -> VmEntry:
-        entry = VmEntry(self._next_vm, name, session, memory)
+    def _add_entry(self, session: Session, vm: VM, memory: GuestMemory) -> VmEntry:
+        name = vm.name
+        entry = VmEntry(self._next_vm, name, session, memory, vm)
         self._next_vm += 1
         self.vms[entry.id] = entry
         self._by_name[name] = entry
@@ -237,11 +245,11 @@ class Service:
             raise InvalidRequest(f"VM {body.name!r} has no memory regions")
         mem = self._map_memory(body.regions, msg.fds)
         try:
-            self.host.add_vm(body.name, mem)
+            vm = self.host.add_vm(body.name, mem)
         except BaseException:
             mem.close()
             raise
-        return {"vm": self._add_entry(session, body.name, mem).id}
+        return {"vm": self._add_entry(session, vm, mem).id}
 
     def _unregister_vm(self, session: Session, msg: Message) -> None:
         entry = self._entry(msg.body.vm)
@@ -364,31 +372,23 @@ class Service:
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast
         devices = vm.devices
-        base, top = vm.hpa, vm.hpa + vm.memory_size
+        base, top = entry.host_range
         off = _DMA_COUNT.size
+        size = _DMA_RESULT.size
         for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(batch.entries):
-            write = bool(flags & DmaFlag.WRITE)
-            dev = None if flags & DmaFlag.BY_TAG else devices.get(rid)
+            write = flags & _F_WRITE
+            dev = None if flags & _F_BY_TAG else devices.get(rid)
             if dev is not None:
                 pp = dev.ppasids.get(pasid)
                 if pp is not None or dev.rule.equal_x:
                     tag = pasid if pp is None else pp
                     hpa = fast(dev.function.rid, tag, addr, write)
                     if type(hpa) is int and base <= hpa < top:
-                        pack(
-                            out,
-                            off,
-                            0,
-                            0,
-                            _PERM_R | (_PERM_W if write else 0),
-                            tag,
-                            hpa - base,
-                            hpa,
-                        )
-                        off += _DMA_RESULT.size
+                        pack(out, off, 0, 0, 3 if write else 1, tag, hpa - base, hpa)
+                        off += size
                         continue
-            self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, write)
-            off += _DMA_RESULT.size
+            self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, bool(write))
+            off += size
         self._deliver(entry)
         return out
 
@@ -418,7 +418,7 @@ class Service:
         f = res.fault
         if f is None:
             assert res.hpa is not None and res.gpa is not None
-            if not vm.hpa <= res.hpa < vm.hpa + vm.memory_size:  # never another VM's memory
+            if not entry.host_range[0] <= res.hpa < entry.host_range[1]:  # never another VM's
                 _DMA_RESULT.pack_into(out, off, DmaStatus.ERROR, ErrorCode.NOT_FOUND, 0, 0, addr, 0)
                 return
             perm = _PERM_R | (_PERM_W if write else 0)
@@ -554,7 +554,7 @@ class Service:
         except BaseException:
             mem.close()
             raise
-        entry = self._add_entry(session, vm.name, mem)
+        entry = self._add_entry(session, vm, mem)
         bindings = [
             {"rid": dev.guest_rid, "space": _SPACE[dev.rule.space], "vpasid": x, "ppasid": pp}
             for dev in sorted(vm.devices.values(), key=lambda d: d.guest_rid)

@@ -1,0 +1,121 @@
+"""The client library: typed errors, values, pipelining, connection loss, events ending."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+
+import pytest
+from daemon_support import running_daemon
+
+from vioasid.client import (
+    Client,
+    ConnectionLost,
+    DaemonProtocolError,
+    DmaRequest,
+    DmaResult,
+    Exhausted,
+    InternalError,
+    Invalid,
+    MigrationFailed,
+    NotFound,
+    PasidConflict,
+    RequestError,
+    error_for,
+)
+from vioasid.daemon.codec import frame
+from vioasid.formats import wire
+from vioasid.formats.wire import DmaStatus, ErrorCode, Request
+
+
+def test_error_classes_carry_their_kind() -> None:
+    for code, cls in [
+        (ErrorCode.PASID_CONFLICT, PasidConflict),
+        (ErrorCode.INVALID, Invalid),
+        (ErrorCode.NOT_FOUND, NotFound),
+        (ErrorCode.EXHAUSTED, Exhausted),
+        (ErrorCode.MIGRATION_FAILED, MigrationFailed),
+        (ErrorCode.INTERNAL, InternalError),
+    ]:
+        err = error_for(Request.DMA, code, "why")
+        assert type(err) is cls and isinstance(err, RequestError)
+        assert err.kind == code.kind and err.message == "why" and err.request == Request.DMA
+        assert str(err) == f"{code.kind}: why"
+    odd = error_for(Request.DUMP, 77, "strange")
+    assert isinstance(odd, InternalError) and "77" in odd.message
+
+
+def test_dma_request_packing_and_results() -> None:
+    raw = DmaRequest("00:03.0", 7, 0x1234, write=True, by_tag=True, page_request=True).pack()
+    assert wire.DMA_ENTRY_S.unpack(raw) == (0x18, 0b111, 7, 0x1234)
+    assert wire.DMA_ENTRY_S.unpack(DmaRequest(0x18, 7, 1).pack())[1] == 0
+    with pytest.raises(ValueError):
+        DmaRequest("not-a-bdf", 1, 0).pack()
+    with pytest.raises(ValueError):
+        DmaRequest(0x10000, 1, 0).pack()
+    ok = DmaResult(DmaStatus.OK, 5, 0x1000, 0x1_0000_1000, 0, 3)
+    assert ok.ok and ok.fault is None and ok.error is None
+    assert ok.to_json() == {"ok": True, "ppasid": 5, "gpa": "0x1000", "hpa": "0x100001000"}
+    fault = DmaResult(DmaStatus.FAULT, 5, 0x9000, 0, 0x71)
+    assert not fault.ok and fault.fault is not None and fault.fault.label.endswith("-p")
+    err = DmaResult(DmaStatus.ERROR, 0, 0, 0, ErrorCode.NOT_FOUND)
+    assert err.error == "not-found"
+
+
+@pytest.mark.asyncio
+async def test_connect_missing_socket_fails_fast() -> None:
+    with tempfile.TemporaryDirectory() as tmp, pytest.raises(FileNotFoundError):
+        await Client.connect(os.path.join(tmp, "none.sock"), timeout=0)
+
+
+@pytest.mark.asyncio
+async def test_pipelined_requests_answered_in_order() -> None:
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        futs = [c.open_vm(f"vm{i}") for i in range(20)] + [c.get_features()]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, NotFound) for r in results[:20])
+        assert [str(r).split("'")[1] for r in results[:20]] == [f"vm{i}" for i in range(20)]
+        assert results[20] == wire.ALL_FEATURES
+
+
+@pytest.mark.asyncio
+async def test_connection_lost_fails_pending_and_later_calls() -> None:
+    async with running_daemon() as (server, path):
+        c = await Client.connect(path)
+        await c.get_features()
+        for conn in list(server.connections.values()):
+            conn.close("test closes it")
+        with pytest.raises(ConnectionLost):
+            await c.next_event(timeout=5)
+        with pytest.raises(ConnectionLost):
+            await c.get_features()
+        assert [ev async for ev in c.events()] == []
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_garbage_from_the_daemon_is_a_protocol_error() -> None:
+    """A fake daemon that answers with an unknown event: the client hangs up, typed error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fake.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def fake() -> None:
+            conn, _ = await loop.sock_accept(listener)
+            await loop.sock_recv(conn, 100)
+            await loop.sock_sendall(conn, frame(4000, wire.VERSION, b""))
+            await asyncio.sleep(0.5)
+            conn.close()
+
+        task = asyncio.create_task(fake())
+        c = await Client.connect(path)
+        with pytest.raises(DaemonProtocolError, match="unknown event"):
+            await c.get_features()
+        await task
+        listener.close()
