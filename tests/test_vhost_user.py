@@ -10,6 +10,7 @@ import asyncio
 import mmap
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,10 +176,18 @@ def _queue_read(ram: mmap.mmap, base: int, sector: int) -> None:
     ram[AVAIL + 2 : AVAIL + 4] = (1).to_bytes(2, "little")
 
 
+def _setter(fut: asyncio.Future[None]) -> Callable[[], None]:
+    def cb() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    return cb
+
+
 async def _wait_call(call: int) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(call, lambda: fut.done() or fut.set_result(None))
+    loop.add_reader(call, _setter(fut))
     try:
         await asyncio.wait_for(fut, 5)
     finally:
@@ -246,11 +255,12 @@ async def test_backend_qemu_iotlb_path_misses_updates_and_invalidates(disk: Path
     channel = FrontEnd(chan_fe)
     misses = 0
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(call, lambda: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(call, _setter(done))
     while not done.done():
-        recv = asyncio.ensure_future(channel.recv())
-        finished, _ = await asyncio.wait({recv, done}, timeout=5, return_when="FIRST_COMPLETED")
+        recv: asyncio.Future[object] = asyncio.ensure_future(channel.recv())
+        waiting: set[asyncio.Future[object]] = {recv, done}  # type: ignore[arg-type]
+        finished, _ = await asyncio.wait(waiting, timeout=5, return_when="FIRST_COMPLETED")
         if recv not in finished:
             recv.cancel()
             break

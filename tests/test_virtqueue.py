@@ -82,7 +82,7 @@ class Guest:
         self.mem.write(AVAIL + 2, (self.avail_idx & 0xFFFF).to_bytes(2, "little"))
 
     def used(self, n: int) -> tuple[int, int]:
-        return VRING_USED_ELEM.packer.unpack(self.mem.read(USED + 4 + 8 * n, 8))  # type: ignore[no-any-return]
+        return VRING_USED_ELEM.packer.unpack(self.mem.read(USED + 4 + 8 * n, 8))
 
     def used_idx(self) -> int:
         return int.from_bytes(self.mem.read(USED + 2, 2), "little")
