@@ -246,3 +246,26 @@ def test_dump_shape() -> None:
         "1": {"vm": "vm1", "device": "00:04.0", "vpasid": 5}
     }
     assert "h/3c:00.0" not in d["functions"]  # vm2's
+
+
+@pytest.mark.parametrize("policy", ["per-device", "global"])
+def test_bind_many_matches_bind(policy: str) -> None:
+    labs = [_lab(policy), _lab(policy)]
+    xs = [1, 2, 3, 64, 65, 200, 7]
+    for lab in labs:
+        for x in xs:
+            lab.map("vm1", x, 0x400000, 0x100000 + 0x1000 * x)
+            for dev in ("00:03.0", "00:04.0"):
+                lab.guest_entry("vm1", dev, x)
+    one, many = labs[0].hosts["h"], labs[1].hosts["h"]
+    for dev in (0x18, 0x20):
+        for x in xs:
+            one.bind("vm1", dev, x)
+        assert many.bind_many("vm1", dev, xs) == len(xs)
+    assert one.dump() == many.dump()
+    assert one.snapshot()["tables"] == many.snapshot()["tables"]
+    assert many.check_invariants() == []
+    with pytest.raises(InvalidRequest, match="twice"):
+        many.bind_many("vm1", 0x18, [1])
+    with pytest.raises(NotFound):
+        many.bind_many("vm1", 0x18, [300])  # no guest entry

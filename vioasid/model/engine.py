@@ -24,12 +24,17 @@ Every refusal is a :class:`~vioasid.model.errors.VioasidError` and leaves all st
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vioasid.formats.fault import FaultReason
-from vioasid.formats.pasid import PASID_ENTRY, PGTT_FIRST_STAGE
+from vioasid.formats.pasid import (
+    PASID_DIR_SHIFT,
+    PASID_ENTRY,
+    PASID_TABLE_MASK,
+    PGTT_FIRST_STAGE,
+)
 from vioasid.formats.prq import PAGE_REQ_DESC
 
 from .allocator import PasidAllocator
@@ -39,7 +44,7 @@ from .faults import Fault, Translation, bdf_str
 from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
-from .vm import VM, Device, guest_pasid_dir, read_guest_pasid_entry
+from .vm import VM, Device, guest_leaf, guest_pasid_dir, read_guest_pasid_entry
 from .walker import Request, Walker
 
 log = logging.getLogger(__name__)
@@ -47,14 +52,13 @@ log = logging.getLogger(__name__)
 MAX_PASID_BITS = 20
 DID_BITS = 16
 _OWNER_SHIFT = 20  # function.owner value: (DID << 20) | vPASID
+_VPASID_LIMIT = 1 << MAX_PASID_BITS
+_DIR_SHIFT = PASID_DIR_SHIFT
+_TABLE_MASK = PASID_TABLE_MASK
+_PE_WORDS = len(PASID_ENTRY.words)
 _VPASID_MASK = (1 << _OWNER_SHIFT) - 1
 
-_PGTT = PASID_ENTRY.field("PGTT")
-_FLPTPTR = PASID_ENTRY.field("FLPTPTR")
-_FLPM = PASID_ENTRY.field("FLPM")
-_SRE = PASID_ENTRY.field("SRE")
-_WPE = PASID_ENTRY.field("WPE")
-_EAFE = PASID_ENTRY.field("EAFE")
+_PGTT_S, _PGTT_VM = PASID_ENTRY.field("PGTT").lo, PASID_ENTRY.field("PGTT").vmask
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,22 @@ def guest_fault_json(f: Fault) -> dict[str, Any]:
     if f.detail:
         out["detail"] = f.detail
     return out
+
+
+def _who(v: VM, dev: Device, x: int) -> str:
+    return f"VM {v.name} device {dev.bdf} vPASID {x}"
+
+
+class _Who:
+    """``VM v device d vPASID x``, formatted only when an error message needs it."""
+
+    __slots__ = ("dev", "v", "x")
+
+    def __init__(self, v: VM, dev: Device, x: int) -> None:
+        self.v, self.dev, self.x = v, dev, x
+
+    def __str__(self) -> str:
+        return _who(self.v, self.dev, self.x)
 
 
 class Host:
@@ -278,18 +298,23 @@ class Host:
         return self._bind(v, dev, vpasid, words)
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
-        if _PGTT.get(words[0]) != PGTT_FIRST_STAGE:
+        w0 = words[0]
+        if (w0 >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
             raise InvalidRequest(
                 f"VM {v.name} device {dev.bdf} vPASID {x}: the guest entry has PGTT="
-                f"{_PGTT.get(words[0])}; vioasid nests guest first-stage (PGTT=1) entries only"
+                f"{(w0 >> _PGTT_S) & _PGTT_VM}; vioasid nests guest first-stage (PGTT=1) "
+                "entries only"
             )
         fn = dev.function
         rule = dev.rule
         pp = dev.ppasids.get(x)
+        update = pp is not None
         if pp is None:
             pp, new_global = self._plan(v, dev, x)
             # Everything below succeeds (the leaf PASID table is made first; it may refuse).
-            if self.iommu.entry_gpa(fn.rid, pp, create=True) is None:
+            if not self.iommu.has_leaf(fn.rid, pp) and (
+                self.iommu.entry_gpa(fn.rid, pp, create=True) is None
+            ):
                 raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
             if rule.space == "per-rid":
                 fn.allocator.take(pp)
@@ -304,27 +329,78 @@ class Host:
                 v.cpu_refs[x] = v.cpu_refs.get(x, 0) + 1
             fn.owner[pp] = (dev.did << _OWNER_SHIFT) | x
             dev.ppasids[x] = pp
-        w2 = words[2]
         self.iommu.write_nested(
-            fn.rid,
-            pp,
-            did=dev.did,
-            flptptr=_FLPTPTR.get(w2),
-            ssptptr=v.second_stage.root,
-            flpm=_FLPM.get(w2),
-            sre=_SRE.get(w2),
-            wpe=_WPE.get(w2),
-            eafe=_EAFE.get(w2),
+            fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
         )
-        self._flush(dev.did, pp)
+        if update:  # a fresh slot has nothing cached (no negative caching; unbind flushed it)
+            self._flush(fn.rid, dev.did, pp)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
+
+    def bind_many(self, vm: str, guest_rid: int, vpasids: Iterable[int]) -> int:
+        """Bind many vPASIDs of one device in order (migration import, benchmarks): the same
+        rules and refusals as :meth:`bind`, each leaf of the guest's PASID table read once.
+        Stops at the first refusal (the bindings before it stay). Returns how many bound."""
+        v = self._vm(vm)
+        dev = self._device(v, guest_rid)
+        mem = v.memory
+        pasid_dir, ndir = guest_pasid_dir(mem, v.rtaddr, guest_rid)
+        fn, rule, did = dev.function, dev.rule, dev.did
+        rid, per_rid, cpu = fn.rid, rule.space == "per-rid", rule.cpu_table
+        alloc, galloc = fn.allocator, self.global_alloc
+        owner, ppasids = fn.owner, dev.ppasids
+        gmap, grefs, gown = v.global_ppasid, v.global_refs, self.global_owner
+        ctab, crefs = v.cpu_table, v.cpu_refs
+        tag_hi = did << _OWNER_SHIFT
+        write, has_leaf, iommu = self.iommu.write_nested, self.iommu.has_leaf, self.iommu
+        ss = v.second_stage.root
+        leaf_idx = -1
+        leaf: tuple[int, ...] = ()
+        n = 0
+        for x in vpasids:
+            if x >> _DIR_SHIFT != leaf_idx:
+                self._check_vpasid(x)
+                words = read_guest_pasid_entry(mem, pasid_dir, ndir, guest_rid, x)
+                leaf = guest_leaf(mem, pasid_dir, x)
+                leaf_idx = x >> _DIR_SHIFT
+            base = (x & _TABLE_MASK) * _PE_WORDS
+            if not 1 <= x < _VPASID_LIMIT or not leaf[base] & 1:
+                self._check_vpasid(x)
+                read_guest_pasid_entry(mem, pasid_dir, ndir, guest_rid, x)  # raises
+            if x in ppasids:
+                raise InvalidRequest(f"{_who(v, dev, x)}: bound twice")
+            words = leaf[base : base + _PE_WORDS]
+            if (words[0] >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
+                return n + self._bind_one(v, dev, x, words)  # raises the PGTT refusal
+            pp, new_global = self._plan(v, dev, x)
+            if not has_leaf(rid, pp) and iommu.entry_gpa(rid, pp, create=True) is None:
+                raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
+            if per_rid:
+                alloc.take(pp)
+            else:
+                if new_global:
+                    galloc.take(pp)
+                    gmap[x] = pp
+                    gown[pp] = (v.name, x)
+                grefs[x] = grefs.get(x, 0) + 1
+            if cpu:
+                ctab[x] = pp
+                crefs[x] = crefs.get(x, 0) + 1
+            owner[pp] = tag_hi | x
+            ppasids[x] = pp
+            write(rid, pp, did=did, guest_qw2=words[2], ssptptr=ss)
+            n += 1
+        return n
+
+    def _bind_one(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> int:
+        self._bind(v, dev, x, words)
+        return 1
 
     def _plan(self, v: VM, dev: Device, x: int) -> tuple[int, bool]:
         """(pPASID, draws a new global value) for binding ``x`` on ``dev``; raises on conflict.
         Changes nothing."""
         rule = dev.rule
         fn = dev.function
-        who = f"VM {v.name} device {dev.bdf} vPASID {x}"
+        who = _Who(v, dev, x)
         new_global = False
         if rule.space == "per-rid":
             alloc = fn.allocator
@@ -438,7 +514,7 @@ class Host:
             else:
                 del v.cpu_refs[x]
                 del v.cpu_table[x]
-        self._flush(dev.did, pp)
+        self._flush(fn.rid, dev.did, pp)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
     def sync_pasid(self, vm: str, guest_rid: int, vpasid: int) -> Binding | None:
@@ -473,10 +549,12 @@ class Host:
                 n += 1
         return n
 
-    def _flush(self, did: int, pp: int) -> None:
+    def _flush(self, rid: int, did: int, pp: int) -> None:
+        """The host's PASID-selective PASID-cache + P_IOTLB invalidation for one entry."""
         c = self.walker.caches
-        c.invalidate_pasid_pasid(did, pp)
-        c.invalidate_piotlb_pasid(did, pp)
+        c.pasid.pop((rid, pp), None)
+        c.fast.pop((rid, pp), None)
+        c.iotlb.pop((did, pp), None)
 
     @staticmethod
     def _check_vpasid(vpasid: int) -> None:

@@ -55,6 +55,13 @@ _SSPTPTR = PASID_ENTRY.field("SSPTPTR")
 _PDE_P = PASID_DIR_ENTRY.field("P").mask
 _PDE_PTP = PASID_DIR_ENTRY.field("PTP").mask
 _TAIL = struct.Struct("<7Q")  # qw1..qw7
+_U64 = struct.Struct("<Q")
+# Hot-path constants of a nested entry, derived from the layout's fields.
+_QW0_NESTED = _P.mask | _AW.put(SS_LEVELS - 2) | _PGTT.put(PGTT_NESTED)
+_SSPTPTR_M = _SSPTPTR.mask
+# What a nested entry takes from the guest's first-stage entry (qw2), as pasid_pte_config_nestd.
+QW2_NESTED_COPY = _SRE.mask | _FLPM.mask | _WPE.mask | _EAFE.mask | _FLPTPTR.mask
+_DID_S, _DID_VM = _DID.lo, _DID.vmask
 _SS_PRESENT = SECOND_STAGE_PTE.field("R").mask | SECOND_STAGE_PTE.field("W").mask
 _SS_PS = SECOND_STAGE_PTE.field("PS").mask
 _SS_ADDR = SECOND_STAGE_PTE.field("ADDR").mask
@@ -110,6 +117,9 @@ class HostIommu:
         """Context entry + PASID directory for the function (its one PASID table)."""
         self.driver.attach_device(rid)
 
+    def has_leaf(self, rid: int, ppasid: int) -> bool:
+        return (rid, ppasid >> PASID_DIR_SHIFT) in self._leaves
+
     def entry_gpa(self, rid: int, ppasid: int, *, create: bool) -> int | None:
         """Host-physical address of the function's PASID-table entry for ``ppasid``; ``create``
         makes the leaf PASID table (lazily, like Linux). None when there is none / no room."""
@@ -152,35 +162,26 @@ class HostIommu:
         self._journal = None
 
     def write_nested(
-        self,
-        rid: int,
-        ppasid: int,
-        *,
-        did: int,
-        flptptr: int,
-        ssptptr: int,
-        flpm: int = 0,
-        sre: int = 0,
-        wpe: int = 0,
-        eafe: int = 0,
+        self, rid: int, ppasid: int, *, did: int, guest_qw2: int, ssptptr: int
     ) -> None:
-        """Install a nested (PGTT=3) entry like ``pasid_pte_config_nestd``: tail words, then
-        qw0 with P last."""
-        gpa = self.entry_gpa(rid, ppasid, create=True)
-        if gpa is None:
-            raise ValueError(f"no PASID table for {bdf_str(rid)} pPASID {ppasid}")
-        qw0 = _P.mask | _AW.put(SS_LEVELS - 2) | _PGTT.put(PGTT_NESTED) | _SSPTPTR.put(ssptptr)
-        qw2 = (
-            _SRE.put(sre)
-            | _FLPM.put(flpm)
-            | _WPE.put(wpe)
-            | _EAFE.put(eafe)
-            | _FLPTPTR.put(flptptr)
+        """Install a nested (PGTT=3) entry like ``pasid_pte_config_nestd``: the first-stage
+        fields (FLPTPTR, FLPM, SRE, WPE, EAFE) copied from the guest's entry qw2, the VM's
+        second stage, the device's DID; tail words first, qw0 with P last."""
+        leaf = self._leaves.get((rid, ppasid >> PASID_DIR_SHIFT))
+        if leaf is None:
+            gpa = self.entry_gpa(rid, ppasid, create=True)
+            if gpa is None:
+                raise ValueError(f"no PASID table for {bdf_str(rid)} pPASID {ppasid}")
+        else:
+            gpa = leaf + (ppasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+        r = self.mem.region_of(gpa, PASID_ENTRY_SIZE)
+        off = gpa - r.gpa
+        buf = r.buf
+        _U64.pack_into(buf, off, 0)
+        _TAIL.pack_into(
+            buf, off + 8, (did & _DID_VM) << _DID_S, guest_qw2 & QW2_NESTED_COPY, 0, 0, 0, 0, 0
         )
-        mem = self.mem
-        mem.write_u64(gpa, 0)
-        mem.write(gpa + 8, _TAIL.pack(_DID.put(did), qw2, 0, 0, 0, 0, 0))
-        mem.write_u64(gpa, qw0)
+        _U64.pack_into(buf, off, _QW0_NESTED | (ssptptr & _SSPTPTR_M))  # P last
 
     def clear(self, rid: int, ppasid: int) -> None:
         """Tear the entry down (``intel_pasid_tear_down_entry``: clear P, then the entry)."""

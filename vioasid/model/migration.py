@@ -36,7 +36,7 @@ from .errors import MigrationFailed, VioasidError
 from .faults import Fault, bdf_str
 from .memory import GuestMemory
 from .policy import Assign
-from .vm import VM, guest_pasid_dir, read_guest_pasid_entry
+from .vm import VM
 
 _ASSIGNS: dict[int, Assign] = {ASSIGN_CODES["vfio-pci"]: "vfio-pci", ASSIGN_CODES["mdev"]: "mdev"}
 _REASONS = frozenset(int(r) for r in FaultReason)
@@ -185,10 +185,7 @@ def import_state(
         # Devices that need pPASID == vPASID first: they cannot take what is left over.
         devs.sort(key=lambda item: (not item[0].rule.equal_x, item[0].guest_rid))
         for dev, vpasids in devs:
-            pasid_dir, ndir = guest_pasid_dir(memory, vm.rtaddr, dev.guest_rid)
-            for x in vpasids:
-                words = read_guest_pasid_entry(memory, pasid_dir, ndir, dev.guest_rid, x)
-                host._bind(vm, dev, x, words)
+            host.bind_many(vm_name, dev.guest_rid, vpasids)
         if set(vm.cpu_table) != set(body.cpu_vpasids):
             raise MigrationFailed(
                 f"VM {vm_name}: CPU PASID table vPASIDs {sorted(vm.cpu_table)} differ from the "

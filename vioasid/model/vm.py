@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vioasid.formats.context import SM_CONTEXT_ENTRY, SM_CONTEXT_ENTRY_SIZE, pasid_dir_entries
+from vioasid.formats.context import SM_CONTEXT_ENTRY, SM_CONTEXT_ENTRY_SIZE
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import (
     PASID_DIR_ENTRY,
     PASID_DIR_ENTRY_SIZE,
+    PASID_DIR_SHIFT,
     PASID_ENTRY,
     PASID_ENTRY_SIZE,
-    pasid_indices,
+    PASID_TABLE_MASK,
 )
 from vioasid.formats.registers import RTADDR, TTM_SCALABLE
 from vioasid.formats.root import ROOT_ENTRY_SIZE, SM_ROOT_ENTRY
@@ -35,19 +36,19 @@ from .policy import Assign, Rule
 FAULT_QUEUE_LIMIT = 1024  # records kept per VM; later faults only count as overflow (PFO)
 PRQ_LIMIT = 1024
 
-_RTA = RTADDR.field("RTA")
-_TTM = RTADDR.field("TTM")
-_LP = SM_ROOT_ENTRY.field("LP")
-_LCTP = SM_ROOT_ENTRY.field("LCTP")
-_UP = SM_ROOT_ENTRY.field("UP")
-_UCTP = SM_ROOT_ENTRY.field("UCTP")
-_CE_P = SM_CONTEXT_ENTRY.field("P")
-_CE_PASIDE = SM_CONTEXT_ENTRY.field("PASIDE")
-_CE_PDTS = SM_CONTEXT_ENTRY.field("PDTS")
-_CE_DIR = SM_CONTEXT_ENTRY.field("PASIDDIRPTR")
-_PDE_P = PASID_DIR_ENTRY.field("P")
-_PDE_PTP = PASID_DIR_ENTRY.field("PTP")
-_PE_P = PASID_ENTRY.field("P")
+# Masks/shifts for the bind path, derived from the layouts.
+_TTM_S, _TTM_M = RTADDR.field("TTM").lo, RTADDR.field("TTM").vmask
+_RTA_M = RTADDR.field("RTA").mask
+_LP_M = SM_ROOT_ENTRY.field("LP").mask
+_LCTP_M = SM_ROOT_ENTRY.field("LCTP").mask
+assert SM_ROOT_ENTRY.field("UP").mask == _LP_M and SM_ROOT_ENTRY.field("UCTP").mask == _LCTP_M
+_CE_P_M = SM_CONTEXT_ENTRY.field("P").mask
+_CE_PASIDE_M = SM_CONTEXT_ENTRY.field("PASIDE").mask
+_CE_PDTS_S, _CE_PDTS_M = SM_CONTEXT_ENTRY.field("PDTS").lo, SM_CONTEXT_ENTRY.field("PDTS").vmask
+_CE_DIR_M = SM_CONTEXT_ENTRY.field("PASIDDIRPTR").mask
+_PDE_P_M = PASID_DIR_ENTRY.field("P").mask
+_PDE_PTP_M = PASID_DIR_ENTRY.field("PTP").mask
+_PE_P_M = PASID_ENTRY.field("P").mask
 
 
 @dataclass(eq=False)
@@ -128,69 +129,86 @@ class GuestEntryMissing(NotFound):
         self.reason = reason
 
 
+def _who(sid: int, pasid: int | None = None) -> str:
+    who = f"guest device {bdf_str(sid)}"
+    return who if pasid is None else f"{who} vPASID {pasid}"
+
+
 def guest_pasid_dir(mem: GuestMemory, rtaddr: int, sid: int) -> tuple[int, int]:
     """(PASID directory GPA, number of directory entries) of a guest device, from the guest's
     root and scalable-mode context entry."""
-    who = f"guest device {bdf_str(sid)}"
-    if _TTM.get(rtaddr) != TTM_SCALABLE:
+    if (rtaddr >> _TTM_S) & _TTM_M != TTM_SCALABLE:
         raise GuestEntryError(
-            f"{who}: guest RTADDR 0x{rtaddr:x} is not scalable mode", FaultReason.RTADDR_INV_TTM
+            f"{_who(sid)}: guest RTADDR 0x{rtaddr:x} is not scalable mode",
+            FaultReason.RTADDR_INV_TTM,
         )
-    root = _RTA.get(rtaddr) + (sid >> 8) * ROOT_ENTRY_SIZE
     devfn = sid & 0xFF
     try:
-        lo, hi = mem.words(root, 2)
+        half = mem.read_u64((rtaddr & _RTA_M) + (sid >> 8) * ROOT_ENTRY_SIZE + 8 * (devfn >> 7))
     except MemoryAccessError:
         raise GuestEntryError(
-            f"{who}: root entry outside guest memory", FaultReason.ROOT_TABLE_INV
+            f"{_who(sid)}: root entry outside guest memory", FaultReason.ROOT_TABLE_INV
         ) from None
-    if devfn & 0x80:
-        present, ctp = _UP.get(hi), _UCTP.get(hi)
-    else:
-        present, ctp = _LP.get(lo), _LCTP.get(lo)
-    if not present:
-        raise GuestEntryMissing(f"{who}: root entry not present", FaultReason.ROOT_ENTRY_P)
+    if not half & _LP_M:  # LP and UP are bit 0 of their halves
+        raise GuestEntryMissing(f"{_who(sid)}: root entry not present", FaultReason.ROOT_ENTRY_P)
     try:
-        ce = mem.words(ctp + (devfn & 0x7F) * SM_CONTEXT_ENTRY_SIZE, 4)
+        ce0 = mem.read_u64((half & _LCTP_M) + (devfn & 0x7F) * SM_CONTEXT_ENTRY_SIZE)
     except MemoryAccessError:
         raise GuestEntryError(
-            f"{who}: context entry outside guest memory", FaultReason.CONTEXT_TABLE_INV
+            f"{_who(sid)}: context entry outside guest memory", FaultReason.CONTEXT_TABLE_INV
         ) from None
-    if not _CE_P.get(ce[0]):
-        raise GuestEntryMissing(f"{who}: context entry not present", FaultReason.CONTEXT_ENTRY_P)
-    if not _CE_PASIDE.get(ce[0]):
-        raise GuestEntryError(
-            f"{who}: context entry has PASIDE clear", FaultReason.CONTEXT_PASIDE_CLEAR
+    if not ce0 & _CE_P_M:
+        raise GuestEntryMissing(
+            f"{_who(sid)}: context entry not present", FaultReason.CONTEXT_ENTRY_P
         )
-    return _CE_DIR.get(ce[0]), pasid_dir_entries(_CE_PDTS.get(ce[0]))
+    if not ce0 & _CE_PASIDE_M:
+        raise GuestEntryError(
+            f"{_who(sid)}: context entry has PASIDE clear", FaultReason.CONTEXT_PASIDE_CLEAR
+        )
+    return ce0 & _CE_DIR_M, 1 << (((ce0 >> _CE_PDTS_S) & _CE_PDTS_M) + 7)
 
 
 def read_guest_pasid_entry(
     mem: GuestMemory, pasid_dir: int, ndir: int, sid: int, pasid: int
 ) -> tuple[int, ...]:
     """The 8 words of the guest's present PASID entry for ``pasid`` under ``pasid_dir``."""
-    didx, tidx = pasid_indices(pasid)
-    who = f"guest device {bdf_str(sid)} vPASID {pasid}"
+    didx = pasid >> PASID_DIR_SHIFT
     if didx >= ndir:
         raise GuestEntryError(
-            f"{who}: beyond the guest's PASID directory", FaultReason.CONTEXT_PASID_TOO_BIG
+            f"{_who(sid, pasid)}: beyond the guest's PASID directory",
+            FaultReason.CONTEXT_PASID_TOO_BIG,
         )
     try:
         pde = mem.read_u64(pasid_dir + didx * PASID_DIR_ENTRY_SIZE)
     except MemoryAccessError:
         raise GuestEntryError(
-            f"{who}: PASID directory outside guest memory", FaultReason.PASID_DIR_ACCESS_ERR
+            f"{_who(sid, pasid)}: PASID directory outside guest memory",
+            FaultReason.PASID_DIR_ACCESS_ERR,
         ) from None
-    if not pde & _PDE_P.mask:
+    if not pde & _PDE_P_M:
         raise GuestEntryMissing(
-            f"{who}: PASID directory entry not present", FaultReason.PASID_DIR_ENTRY_P
+            f"{_who(sid, pasid)}: PASID directory entry not present",
+            FaultReason.PASID_DIR_ENTRY_P,
         )
     try:
-        words = mem.words(_PDE_PTP.get(pde) + tidx * PASID_ENTRY_SIZE, 8)
+        words: tuple[int, ...] = mem.words(
+            (pde & _PDE_PTP_M) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE, 8
+        )
     except MemoryAccessError:
         raise GuestEntryError(
-            f"{who}: PASID table outside guest memory", FaultReason.PASID_TABLE_ACCESS_ERR
+            f"{_who(sid, pasid)}: PASID table outside guest memory",
+            FaultReason.PASID_TABLE_ACCESS_ERR,
         ) from None
-    if not words[0] & _PE_P.mask:
-        raise GuestEntryMissing(f"{who}: PASID entry not present", FaultReason.PASID_ENTRY_P)
+    if not words[0] & _PE_P_M:
+        raise GuestEntryMissing(
+            f"{_who(sid, pasid)}: PASID entry not present", FaultReason.PASID_ENTRY_P
+        )
+    return words
+
+
+def guest_leaf(mem: GuestMemory, pasid_dir: int, pasid: int) -> tuple[int, ...]:
+    """All words of the guest's leaf PASID table holding ``pasid`` (its directory entry must
+    have been checked present, e.g. by :func:`read_guest_pasid_entry`)."""
+    pde = mem.read_u64(pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE)
+    words: tuple[int, ...] = mem.words(pde & _PDE_PTP_M, PASID_ENTRY_SIZE // 8 * 64)
     return words
