@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vioasid.model.cache import Caches
 from vioasid.model.dump import dump_tables
+from vioasid.model.example import TABLE_POOL, build_example
 from vioasid.model.faults import Fault, Translation
 from vioasid.model.iq import InvalidationQueue
 from vioasid.model.memory import GuestMemory
@@ -91,6 +92,26 @@ def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[Request], cached
 
 
 @SETTINGS
+@given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8))
+def test_direct_path_agrees_with_general_walk(seed: int, rtaddr: int, reqs: list[Request]) -> None:
+    mem = hostile_memory(seed)
+    direct = Walker(mem, haw=HAW, caches=Caches(enabled=False))
+    general = Walker(mem, haw=HAW, caches=Caches(enabled=False))
+    general.direct = False
+    for req in reqs:
+        assert direct.translate(rtaddr, req) == general.translate(rtaddr, req)
+        a = direct.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+        assert a == general.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+
+
+def test_empty_memory() -> None:
+    w = Walker(GuestMemory(), caches=Caches(enabled=False))
+    r = w.translate(0x400, Request(0x18, 0x1000))
+    assert isinstance(r, Fault)
+    assert isinstance(w.translate_fast(0x400, 0x18, 0x1000), Fault)
+
+
+@SETTINGS
 @given(st.integers(0, 2**32), st.integers(0, PAGES - 1), requests)
 def test_nested_memory_never_raises(seed: int, root_page: int, req: Request) -> None:
     host = hostile_memory(seed)
@@ -140,3 +161,42 @@ def test_iq_never_raises(seed: int, page: int, qs: int, wide: bool, iqh: int, iq
     assert 0 <= head < 4096 << qs or errors
     assert len(decoded) <= (4096 << qs) // (32 if wide else 16)
     assert all(e.startswith("IQE") for e in errors)
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(0, 40 * 4096 * 8 - 1), max_size=6),  # the pages the example uses
+    st.lists(
+        st.tuples(
+            st.sampled_from([0x18, 0x20, 0x80]),
+            st.sampled_from([0x1234, 0x40001234, 0x2000, 0x100040, 0x00FF_0000_1000, 0x7000]),
+            st.sampled_from([None, 0, 5, 9, 12]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+)
+def test_bit_flipped_example_tables(
+    flips: list[int], reqs: list[tuple[int, int, int | None, bool]]
+) -> None:
+    """Realistic tables with random bit flips in the table pool: the direct path and the
+    general walk agree, and nothing raises."""
+    mem, rtaddr = build_example()
+    for bit in flips:
+        gpa = TABLE_POOL[0] + bit // 8
+        mem.write(gpa, bytes([mem.read(gpa, 1)[0] ^ (1 << (bit % 8))]))
+    direct = Walker(mem, caches=Caches(enabled=False))
+    general = Walker(mem, caches=Caches(enabled=False))
+    general.direct = False
+    cached = Walker(mem)
+    for sid, addr, pasid, write in reqs:
+        req = Request(sid, addr, pasid, write)
+        want = general.translate(rtaddr, req)
+        check(want, req)
+        assert direct.translate(rtaddr, req) == want
+        got = cached.translate(rtaddr, req)
+        if isinstance(want, Translation):
+            assert isinstance(got, Translation) and got.address == want.address
+        else:
+            assert got == want

@@ -191,6 +191,7 @@ class Request:
 
 
 Span = tuple[int, int, memoryview]  # (GPA base, GPA end, buffer)
+_NO_SPAN: Span = (0, 0, memoryview(b""))
 
 
 class Walker:
@@ -234,6 +235,15 @@ class Walker:
             for i, w in enumerate(_PE.words[:_PE_WORDS])
         )
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
+        self.direct = True  # uncached user requests try the one-run first-stage path first
+        # Folded checks for the direct (uncached) path: "present and no reserved bit" tests.
+        self._chk_root = _SRE_LP | _SRE_RSVD | above
+        self._chk_ctx0 = _SCE_P.mask | _SCE_RSVD[0] | above
+        self._chk_pde = _PDE_P | _PDE_RSVD | above
+        self._chk_pe0 = _PE_P.mask | _PE_PGTT.mask | _PE_RSVD[0] | above
+        self._want_pe0 = _PE_P.mask | (PGTT_FIRST_STAGE << _PE_PGTT.lo)
+        self._chk_pe2 = _PE_RSVD[2] | above
+        self._chk_fs = tuple(_FS_P | m for m in self._fs_rsvd)
 
     # -- public API -----------------------------------------------------------------------
     def translate(self, rtaddr: int, req: Request) -> Translation | Fault:
@@ -264,7 +274,13 @@ class Walker:
     ) -> int | Fault:
         """Hot path for user-privilege requests: the output address (int) or a Fault."""
         c = self.caches
-        if c.rtaddr == rtaddr:
+        if not c.enabled:
+            if self.direct:
+                d = self._direct_first_stage(rtaddr, sid, addr, pasid, write, self._span0())
+                if d is not None:
+                    e = d[0]
+                    return e[0] | (addr & (e[1] - 1))
+        elif c.rtaddr == rtaddr:
             tag = c.fast.get((sid, pasid))
             if tag is not None:
                 sub = c.iotlb.get(tag)
@@ -300,6 +316,15 @@ class Walker:
             return spans
         return got[2]
 
+    def _span0(self) -> Span:
+        """The largest region (the direct path's only region)."""
+        got = self._spans.get(id(self.mem))
+        regions = self.mem.regions
+        if got is None or got[0] is not regions or got[1] != len(regions):
+            spans = self._spans_of(self.mem)
+            return spans[0] if spans else _NO_SPAN
+        return got[2][0] if got[2] else _NO_SPAN
+
     @staticmethod
     def _read(
         spans: list[Span], gpa: int, st: struct.Struct, reason: FR, what: str
@@ -327,6 +352,10 @@ class Walker:
         if not 0 <= addr <= U64:
             raise FaultError(FR.ADDR_BEYOND_MGAW, "address is not a 64-bit value")
         spans = self._spans_of(self.mem)
+        if not cached and not supervisor and not execute and self.direct:
+            direct = self._direct_first_stage(rtaddr, sid, addr, rpasid, write, self._span0())
+            if direct is not None:
+                return direct[0], direct[1], False
         if cached:
             if rtaddr != c.rtaddr:
                 c.set_rtaddr(rtaddr)
@@ -441,6 +470,97 @@ class Walker:
         if e is None or e[2] & need != need:
             return None
         return e
+
+    # -- direct path --------------------------------------------------------------------
+    def _direct_first_stage(
+        self, rtaddr: int, sid: int, addr: int, rpasid: int | None, write: bool, span: Span
+    ) -> tuple[IotlbEntry, int] | None:
+        """The common case in one straight run: scalable mode, first-stage only, every table in
+        the largest region, user request, no fault. Each entry is checked with one folded
+        "present, no reserved bit" mask; anything unusual returns None and the general walk
+        (which reports the exact fault) takes over."""
+        if (rtaddr >> _TTM_S) & _TTM_M != TTM_SCALABLE:
+            return None
+        b, e, buf = span
+        e -= 64
+        unpack = _Q.unpack_from
+        g = (rtaddr & _RTA) + ((sid >> 8) & 0xFF) * 16 + ((sid >> 4) & 8)
+        if not b <= g <= e:
+            return None
+        half = unpack(buf, g - b)[0]
+        if half & self._chk_root != _SRE_LP:
+            return None
+        g = (half & _SRE_LCTP) + (sid & 0x7F) * SM_CONTEXT_ENTRY_SIZE
+        if not b <= g <= e:
+            return None
+        c0, c1, c2, c3 = _Q4.unpack_from(buf, g - b)
+        if c0 & self._chk_ctx0 != 1 or c1 & _SCE_RSVD[1] or c2 & _SCE_RSVD[2] or c3 & _SCE_RSVD[3]:
+            return None
+        if rpasid is None:
+            pasid = (c1 >> _SCE_RID_PASID_S) & _SCE_RID_PASID_M
+        elif (c0 >> _SCE_PASIDE_S) & _SCE_PASIDE_M and 0 <= rpasid < 1 << 20:
+            pasid = rpasid
+        else:
+            return None
+        if pasid >> 6 >= 1 << (((c0 >> _SCE_PDTS_S) & _SCE_PDTS_M) + 7):
+            return None
+        g = (c0 & _SCE_DIR_M) + (pasid >> 6) * 8
+        if not b <= g <= e:
+            return None
+        pde = unpack(buf, g - b)[0]
+        if pde & self._chk_pde != _PDE_P:
+            return None
+        g = (pde & _PDE_PTP) + (pasid & 0x3F) * PASID_ENTRY_SIZE
+        if not b <= g <= e:
+            return None
+        w = _QPE.unpack_from(buf, g - b)
+        w2 = w[2]
+        if w[0] & self._chk_pe0 != self._want_pe0 or w2 & self._chk_pe2 or w[1] & _PE_RSVD[1]:
+            return None
+        flpm = (w2 >> _PE_FLPM_S) & _PE_FLPM_M
+        if flpm > 1:
+            return None
+        levels = 4 + flpm
+        top = addr >> (11 + 9 * levels)
+        if top and top != (1 << (53 - 9 * levels)) - 1:
+            return None
+        chk = self._chk_fs
+        table = w2 & _PE_FLPTPTR_M
+        acc = _FS_RW | _FS_US
+        xd = 0
+        level = levels
+        while True:
+            g = table + ((addr >> (3 + 9 * level)) & 0x1FF) * 8
+            if not b <= g <= e:
+                return None
+            pte = unpack(buf, g - b)[0]
+            if pte & chk[level] != _FS_P:
+                return None
+            acc &= pte
+            xd |= pte
+            if level == 1 or (level <= 3 and pte & _FS_PS):
+                break
+            table = pte & _FS_ADDR
+            level -= 1
+        size = 1 << (3 + 9 * level)
+        if level > 1 and pte & self._fs_lrsvd[level]:
+            return None
+        if not acc & _FS_US or (write and not acc & _FS_RW):
+            return None  # the general walk names the level that denies it
+        pa = pte & _FS_ADDR & ~(size - 1)
+        if pa <= _INTR_HI and pa + size > _INTR_LO:
+            return None
+        perm = PERM_R | PERM_U
+        if acc & _FS_RW:
+            perm |= PERM_W | PERM_SW
+        elif not (w2 >> _PE_WPE_S) & _PE_WPE_M:
+            perm |= PERM_SW
+        if (w2 >> _PE_SRE_S) & _PE_SRE_M:
+            perm |= PERM_S
+        if (w2 >> _PE_ERE_S) & _PE_ERE_M and not xd & _FS_XD:
+            perm |= PERM_X
+        did = (w[1] >> _PE_DID_S) & _PE_DID_M
+        return (pa, size, perm, _NAME_FS, did), pasid
 
     # -- root and context -----------------------------------------------------------------
     def _load_context(self, rtaddr: int, sid: int, spans: list[Span]) -> ContextInfo:
