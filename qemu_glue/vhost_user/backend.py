@@ -56,6 +56,8 @@ from ..translate import (
 )
 from .blk import BlkDevice
 from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64
+from .dirty_log import DirtyLogging, open_log
+from .inflight import settle
 from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,13 @@ MAX_FDS = 16  # SET_MEM_TABLE carries at most 8; leave room
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
 PROTOCOL_FEATURES = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
+PROTOCOL_FEATURES |= 1 << PF.LOG_SHMFD  # migration: the dirty log comes as a shared fd
 VIRTIO_FEATURES = (
     (1 << VirtioFeature.VERSION_1)
     | (1 << VirtioFeature.ACCESS_PLATFORM)
     | (1 << VirtioFeature.PROTOCOL_FEATURES)
     | (1 << VirtioFeature.RING_INDIRECT_DESC)
+    | (1 << VirtioFeature.LOG_ALL)  # migration: dirty logging (dirty_log.py)
 )
 
 TRANSLATE_MODES = ("walk", "qemu", "identity")
@@ -157,7 +161,8 @@ class VhostUserBlkBackend:
         reference = self.qemu if (cross_check and translate == "walk") else None
         self.translator = DeviceTranslator(primary, sid=sid, reference=reference, trace=trace)
         self._identity = DeviceTranslator(IdentityResolver(mem, sid), sid=sid)
-        self.dma = Dma(mem, self.translator)
+        self.dirty = DirtyLogging()  # migration: marks every page the device writes
+        self.dma = Dma(mem, self.dirty.wrap(self.translator))
 
     # -- public ---------------------------------------------------------------------------
     def set_sid(self, sid: int) -> None:
@@ -197,6 +202,7 @@ class VhostUserBlkBackend:
     async def close(self) -> None:
         self._closed.set()
         self._end_session()
+        self.dirty.close()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -354,6 +360,7 @@ class VhostUserBlkBackend:
     def _on_SET_FEATURES(self, msg: Message) -> None:
         self.features = msg.u64()
         log.info("features 0x%x", self.features)
+        self.dirty.set_features(self.features)
 
     def _on_GET_PROTOCOL_FEATURES(self, msg: Message) -> bytes:
         return encode_u64(PROTOCOL_FEATURES)
@@ -488,7 +495,12 @@ class VhostUserBlkBackend:
         q = self._queue(index)
         self._stop_queue(q)
         q.enabled = False
-        return VHOST_USER_VRING_STATE.packer.pack(index, q.last_avail)
+        base = settle(q, self._tasks.pop(index, None))  # in-flight requests are handed back
+        return VHOST_USER_VRING_STATE.packer.pack(index, base)
+
+    def _on_SET_LOG_BASE(self, msg: Message) -> bytes:
+        self.dirty.set_log(open_log(msg.payload, msg.fds))
+        return encode_u64(0)  # with LOG_SHMFD QEMU waits for this reply
 
     def _on_IOTLB_MSG(self, msg: Message) -> None:
         iova, size, uaddr, perm, kind = VHOST_USER_IOTLB.packer.unpack_from(msg.payload)
@@ -556,7 +568,7 @@ class VhostUserBlkBackend:
             dma = (
                 self.dma
                 if self.features & (1 << VirtioFeature.ACCESS_PLATFORM)
-                else Dma(self.get_memory, self._identity)
+                else Dma(self.get_memory, self.dirty.wrap(self._identity))
             )
             served = 0
             while q.started and q.ready:

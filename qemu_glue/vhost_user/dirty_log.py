@@ -23,10 +23,11 @@ import mmap
 import os
 from typing import Protocol
 
-from vioasid.formats.virtio import VHOST_USER_LOG
+from vioasid.formats.virtio import VHOST_USER_LOG, VirtioFeature
 
 log = logging.getLogger(__name__)
 
+VHOST_F_LOG_ALL = VirtioFeature.LOG_ALL
 VHOST_LOG_PAGE = 0x1000
 """Bytes of guest-physical address space per log bit (QEMU ``VHOST_LOG_PAGE``)."""
 _PAGE_SHIFT = 12
@@ -85,23 +86,57 @@ class DirtyLog:
             log.debug("dirty log still referenced at close")
 
 
-class LoggingTranslator:
-    """A DMA translator that marks each page translated for writing in the dirty log (while
-    ``log`` is set); everything else is the wrapped translator's."""
+class DirtyLogging:
+    """The back-end's logging state: the mapped log (``SET_LOG_BASE``) and whether the
+    front-end asked for logging (``VHOST_F_LOG_ALL`` in ``SET_FEATURES``)."""
 
-    def __init__(self, inner: Translator) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.log: DirtyLog | None = None
+        self.enabled = False
+
+    @property
+    def active(self) -> DirtyLog | None:
+        """The log to mark now, or None."""
+        return self.log if self.enabled else None
+
+    def set_log(self, dlog: DirtyLog) -> None:
+        """A new log replaces the old one (QEMU resizes the log when guest memory changes)."""
+        if self.log is not None:
+            self.log.close()
+        self.log = dlog
+        log.info("dirty log mapped: %d bytes (%d pages)", dlog.size, dlog.pages)
+
+    def set_features(self, features: int) -> None:
+        enabled = bool(features & (1 << VHOST_F_LOG_ALL))
+        if enabled != self.enabled:
+            log.info("dirty logging %s", "on" if enabled else "off")
+        self.enabled = enabled
+
+    def wrap(self, inner: Translator) -> LoggingTranslator:
+        return LoggingTranslator(inner, self)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        self.enabled = False
+
+
+class LoggingTranslator:
+    """A DMA translator that marks each page translated for writing in the dirty log while
+    logging is on; the translation itself is the wrapped translator's."""
+
+    def __init__(self, inner: Translator, state: DirtyLogging) -> None:
+        self.inner = inner
+        self.state = state
 
     async def translate(self, iova: int, write: bool) -> int:
         gpa = await self.inner.translate(iova, write)
-        dlog = self.log
-        if write and dlog is not None:
-            dlog.mark(gpa)
+        if write:
+            dlog = self.state.active
+            if dlog is not None:
+                dlog.mark(gpa)
         return gpa
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
 
 
 def open_log(payload: bytes, fds: list[int]) -> DirtyLog:
@@ -115,4 +150,11 @@ def open_log(payload: bytes, fds: list[int]) -> DirtyLog:
         os.close(fd)
 
 
-__all__ = ["VHOST_LOG_PAGE", "DirtyLog", "LoggingTranslator", "open_log"]
+__all__ = [
+    "VHOST_F_LOG_ALL",
+    "VHOST_LOG_PAGE",
+    "DirtyLog",
+    "DirtyLogging",
+    "LoggingTranslator",
+    "open_log",
+]
