@@ -3,7 +3,9 @@
 QEMU consumes the guest's invalidation descriptors itself (it owns the IQ registers); what reaches
 a vhost-user back-end is only ``IOTLB_MSG`` invalidations, without DID or PASID. To see the
 guest's own descriptors, :class:`IqFollower` reads IQA/IQT through QMP (``xp``) after each
-forwarded invalidation (coalesced: one catch-up at a time) and decodes the 128/256-bit
+forwarded invalidation (coalesced: one catch-up at a time; ``min_interval`` > 0 batches them
+further, but a strict-mode burst then laps the 256-entry queue between two catch-ups and those
+descriptors are not seen, so the default is 0) and decodes the 128/256-bit
 descriptors between the last position it saw and IQT straight from guest memory with the
 ``vioasid.formats.invalidation`` layouts. It never writes guest memory (QEMU already did the
 wait-descriptor status writes). Each decoded descriptor goes to ``on_descriptor``.
@@ -55,11 +57,13 @@ class IqFollower:
         read_iqt: U64Reader,
         memory: Callable[[], GuestMemory | None],
         on_descriptor: Callable[[dict[str, Any]], None],
+        min_interval: float = 0.0,
     ) -> None:
         self._read_iqa = read_iqa
         self._read_iqt = read_iqt
         self._memory = memory
         self._on_descriptor = on_descriptor
+        self.min_interval = min_interval  # QMP reads slow the guest: batch catch-ups
         self._iqa: int | None = None
         self._head: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +96,7 @@ class IqFollower:
             self._again = False
             try:
                 await self.catch_up()
+                await asyncio.sleep(self.min_interval)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # QMP gone (QEMU exiting), queue moved ...

@@ -51,6 +51,7 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
         echo=sys.stdout,
         stdin_inherit=sys.stdin.isatty(),
         name="vioasid-boot",
+        follow_iq=args.follow_iq,
     )
     _say(f"accel {choice.accel}; disk {disk}; iommu {mode}; translate {args.translate}")
     async with vhost_blk_guest(opts) as g:
@@ -127,6 +128,12 @@ def register(subparsers: Any) -> None:
         help="also ask QEMU for every translation and count agreement",
     )
     p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
+    p.add_argument(
+        "--follow-iq",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="also decode the guest's invalidation queue (QMP reads; default on)",
+    )
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
     p.add_argument(
         "--timeout",

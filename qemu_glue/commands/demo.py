@@ -26,6 +26,17 @@ def progress(msg: str) -> None:
     print(f"vioasid demo: {msg}", file=sys.stderr, flush=True)
 
 
+def _guest_progress(line: str) -> None:
+    """Show the guest's markers as progress (the full console with --console)."""
+    if line.startswith("VIOASID-INIT"):
+        progress("guest reached /init; running the disk tests")
+    elif line.startswith("VIOASID-TEST "):
+        fields = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+        progress(f"guest test {fields.get('name', '?')}: {fields.get('result', '?')}")
+    elif line.startswith("VIOASID-TESTS-DONE"):
+        progress("guest tests done; powering off")
+
+
 async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]:
     from guest_tests import patterns
     from images.build import ensure_image
@@ -50,12 +61,13 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
             translate=args.translate,
             cross_check=args.cross_check,
             echo=sys.stderr if args.console else False,
+            follow_iq=args.follow_iq,
         )
         progress(
             f"booting: vhost-user-blk-pci,iommu_platform=on behind intel-iommu ({mode}), "
             f"translate={args.translate}, cross-check={'on' if args.cross_check else 'off'}"
         )
-        result = await run_guest_tests(opts, timeout=args.timeout)
+        result = await run_guest_tests(opts, timeout=args.timeout, on_line=_guest_progress)
     extra = {
         "image": img.key,
         "kernel": img.kernel_version,
@@ -79,7 +91,11 @@ def _print_human(res: BlkRunResult, extra: dict[str, Any]) -> None:
         ("requests", str(b.get("requests"))),
         ("translations", str(b.get("translations"))),
         ("IOTLB hit rate", f"{100 * float(b.get('iotlb_hit_rate', 0.0)):.1f} %"),  # type: ignore[arg-type]
-        ("invalidations seen", str(b.get("invalidations"))),
+        (
+            "invalidations seen",
+            f"{b.get('invalidations')} from QEMU, "
+            f"{b.get('iq_descriptors')} guest IQ descriptors decoded",
+        ),
         ("faults", str(b.get("faults"))),
     ]
     if res.cross_check:
@@ -155,5 +171,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
     p.add_argument("--console", action="store_true", help="show the guest console on stderr")
+    p.add_argument(
+        "--follow-iq",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="also decode the guest's invalidation queue (QMP reads; default on)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.set_defaults(func=_run)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
@@ -194,7 +194,11 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-async def run_guest_tests(opts: GuestOptions, timeout: float = 300.0) -> BlkRunResult:
+async def run_guest_tests(
+    opts: GuestOptions,
+    timeout: float = 300.0,
+    on_line: Callable[[str], None] | None = None,
+) -> BlkRunResult:
     """Boot the test guest with the vioasid disk, follow its markers, check the backing file.
 
     ``opts.disk`` must be a disk made by ``guest_tests.patterns.make_disk`` (the guest tests
@@ -204,6 +208,8 @@ async def run_guest_tests(opts: GuestOptions, timeout: float = 300.0) -> BlkRunR
     from guest_tests.runner import watch_guest
 
     async with vhost_blk_guest(opts) as g:
+        if on_line is not None:
+            g.vm.on_console(on_line)
         run = await watch_guest(g.vm, timeout)
         summary = g.backend.summary()
         tail = [line.text for line in g.vm.console[-40:]]
