@@ -50,7 +50,9 @@ def test_dma_cached_and_uncached_agree_and_large_pages() -> None:
     again = lab.dma("vm1", "00:03.0", 5, 0x40123456, write=True)
     assert first.to_json() == again.to_json()
     assert first.gpa == 0x323456
-    assert again.translation is not None and again.translation.cached
+    h = lab.hosts["h"]
+    t = h.walker.translate(h.rtaddr, Request(0x3A00, 0x40123456, 5, True))
+    assert not isinstance(t, Fault) and t.cached and t.page_size == 0x200000
 
 
 def test_isolation_same_gpa_two_vms() -> None:

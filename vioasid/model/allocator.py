@@ -76,9 +76,10 @@ class PasidAllocator:
 
     def take(self, value: int) -> bool:
         """Allocate exactly ``value``; False if it is taken or out of range."""
-        if not self.is_free(value):
+        used = self._used
+        if value in used or not 1 <= value < self.limit:
             return False
-        self._used.add(value)
+        used.add(value)
         return True
 
     def free(self, value: int) -> None:

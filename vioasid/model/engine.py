@@ -82,13 +82,14 @@ class DmaResult:
     """A device request's outcome: the host address reached, or the fault the guest sees.
 
     ``fault`` is in the guest's terms (guest RID, vPASID) and is also queued on the VM.
+    ``gpa`` is the guest-physical address the request's first stage produced, ``hpa`` where it
+    landed (the VM's second stage maps guest RAM at ``hpa = vm.hpa + gpa``).
     """
 
     tag: int | None  # the PASID on the wire (None when the device emitted nothing usable)
     gpa: int | None = None
     hpa: int | None = None
     fault: Fault | None = None
-    translation: Translation | None = None
 
     @property
     def ok(self) -> bool:
@@ -201,7 +202,9 @@ class Host:
 
     def set_rtaddr(self, vm: str, rtaddr: int) -> None:
         """The guest programmed its RTADDR register (its own root table in guest RAM)."""
-        self._vm(vm).rtaddr = rtaddr
+        v = self._vm(vm)
+        v.rtaddr = rtaddr
+        v.context_cache.clear()
 
     def attach_device(self, vm: str, guest_rid: int, function: int, assign: Assign) -> Device:
         """Give a VM a device: the whole function (vfio-pci) or a slice of it (mdev)."""
@@ -293,9 +296,25 @@ class Host:
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         self._check_vpasid(vpasid)
-        pasid_dir, ndir = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+        pasid_dir, ndir = self._guest_dir(v, guest_rid)
         words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
         return self._bind(v, dev, vpasid, words)
+
+    def _guest_dir(self, v: VM, guest_rid: int) -> tuple[int, int]:
+        """The guest device's PASID directory, through the VM's context cache (VT-d lets the
+        IOMMU cache context entries until the guest invalidates them)."""
+        hit = v.context_cache.get(guest_rid)
+        if hit is None:
+            hit = v.context_cache[guest_rid] = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+        return hit
+
+    def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
+        """The guest invalidated its context cache (globally or for one device)."""
+        v = self._vm(vm)
+        if guest_rid is None:
+            v.context_cache.clear()
+        else:
+            v.context_cache.pop(guest_rid, None)
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         w0 = words[0]
@@ -343,7 +362,7 @@ class Host:
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         mem = v.memory
-        pasid_dir, ndir = guest_pasid_dir(mem, v.rtaddr, guest_rid)
+        pasid_dir, ndir = self._guest_dir(v, guest_rid)
         fn, rule, did = dev.function, dev.rule, dev.did
         rid, per_rid, cpu = fn.rid, rule.space == "per-rid", rule.cpu_table
         alloc, galloc = fn.allocator, self.global_alloc
@@ -351,7 +370,8 @@ class Host:
         gmap, grefs, gown = v.global_ppasid, v.global_refs, self.global_owner
         ctab, crefs = v.cpu_table, v.cpu_refs
         tag_hi = did << _OWNER_SHIFT
-        write, has_leaf, iommu = self.iommu.write_nested, self.iommu.has_leaf, self.iommu
+        iommu = self.iommu
+        write, leaves = iommu.write_nested, iommu.leaves
         ss = v.second_stage.root
         leaf_idx = -1
         leaf: tuple[int, ...] = ()
@@ -372,7 +392,9 @@ class Host:
             if (words[0] >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
                 return n + self._bind_one(v, dev, x, words)  # raises the PGTT refusal
             pp, new_global = self._plan(v, dev, x)
-            if not has_leaf(rid, pp) and iommu.entry_gpa(rid, pp, create=True) is None:
+            if (rid, pp >> _DIR_SHIFT) not in leaves and iommu.entry_gpa(
+                rid, pp, create=True
+            ) is None:
                 raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
             if per_rid:
                 alloc.take(pp)
@@ -400,7 +422,7 @@ class Host:
         Changes nothing."""
         rule = dev.rule
         fn = dev.function
-        who = _Who(v, dev, x)
+        who = _Who(v, dev, x)  # formatted only if a refusal needs it
         new_global = False
         if rule.space == "per-rid":
             alloc = fn.allocator
@@ -524,7 +546,7 @@ class Host:
         dev = self._device(v, guest_rid)
         self._check_vpasid(vpasid)
         try:
-            pasid_dir, ndir = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+            pasid_dir, ndir = self._guest_dir(v, guest_rid)
             words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
         except NotFound:
             if vpasid in dev.ppasids:
@@ -599,9 +621,9 @@ class Host:
     def _request(
         self, fn: HostFunction, tag: int, addr: int, write: bool, v: VM, dev: Device
     ) -> DmaResult:
-        res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
-        if isinstance(res, Translation):
-            return DmaResult(tag, res.address - v.hpa, res.address, translation=res)
+        res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
+        if not isinstance(res, Fault):
+            return DmaResult(tag, res - v.hpa, res)
         own = fn.owner.get(tag)
         vpasid = own & _VPASID_MASK if own is not None else tag
         f = Fault(res.reason, addr, dev.guest_rid, vpasid, write, res.detail)

@@ -54,7 +54,7 @@ _FLPTPTR = PASID_ENTRY.field("FLPTPTR")
 _SSPTPTR = PASID_ENTRY.field("SSPTPTR")
 _PDE_P = PASID_DIR_ENTRY.field("P").mask
 _PDE_PTP = PASID_DIR_ENTRY.field("PTP").mask
-_TAIL = struct.Struct("<7Q")  # qw1..qw7
+_Q8 = struct.Struct("<8Q")
 _U64 = struct.Struct("<Q")
 # Hot-path constants of a nested entry, derived from the layout's fields.
 _QW0_NESTED = _P.mask | _AW.put(SS_LEVELS - 2) | _PGTT.put(PGTT_NESTED)
@@ -101,7 +101,8 @@ class HostIommu:
     def __init__(self, pasid_bits: int, *, hpa_base: int = VM_HPA_BASE) -> None:
         self.mem = GuestMemory()
         self._tables_buf = mmap.mmap(-1, HOST_TABLES_SIZE)
-        self.mem.add(HOST_TABLES_BASE, self._tables_buf, name="host-tables")
+        region = self.mem.add(HOST_TABLES_BASE, self._tables_buf, name="host-tables")
+        self._tables_view = region.buf
         self.pages = PageAllocator(self.mem, HOST_TABLES_BASE, HOST_TABLES_SIZE)
         self.driver = GuestIommuDriver.for_pasid_bits(self.mem, self.pages, pasid_bits)
         self.rtaddr = self.driver.rtaddr
@@ -109,7 +110,8 @@ class HostIommu:
             raise ValueError("VM host ranges start 1 GiB aligned, at or above 4 GiB")
         self._next_hpa = hpa_base
         self._ndir = pasid_dir_entries(self.driver.pdts)
-        self._leaves: dict[tuple[int, int], int] = {}  # (function RID, dir index) -> leaf table
+        # (function RID, directory index) -> leaf PASID table (host-physical)
+        self.leaves: dict[tuple[int, int], int] = {}
         self._journal: list[tuple[int, int]] | None = None
 
     # -- functions ------------------------------------------------------------------------
@@ -118,14 +120,14 @@ class HostIommu:
         self.driver.attach_device(rid)
 
     def has_leaf(self, rid: int, ppasid: int) -> bool:
-        return (rid, ppasid >> PASID_DIR_SHIFT) in self._leaves
+        return (rid, ppasid >> PASID_DIR_SHIFT) in self.leaves
 
     def entry_gpa(self, rid: int, ppasid: int, *, create: bool) -> int | None:
         """Host-physical address of the function's PASID-table entry for ``ppasid``; ``create``
         makes the leaf PASID table (lazily, like Linux). None when there is none / no room."""
         didx = ppasid >> PASID_DIR_SHIFT
         key = (rid, didx)
-        leaf = self._leaves.get(key)
+        leaf = self.leaves.get(key)
         if leaf is None:
             if not create or didx >= self._ndir or rid not in self.driver.pasid_dirs:
                 return None
@@ -135,7 +137,7 @@ class HostIommu:
                 return None
             dgpa = self.driver.pasid_dirs[rid] + didx * PASID_DIR_ENTRY_SIZE
             self.mem.write_u64(dgpa, _PDE_P | _PDE_PTP & leaf)
-            self._leaves[key] = leaf
+            self.leaves[key] = leaf
             if self._journal is not None:
                 self._journal.append(key)
         return leaf + (ppasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
@@ -151,7 +153,7 @@ class HostIommu:
         now) and give back the host range."""
         journal, next_hpa = saved
         for rid, didx in reversed(journal):
-            leaf = self._leaves.pop((rid, didx))
+            leaf = self.leaves.pop((rid, didx))
             self.mem.write_u64(self.driver.pasid_dirs[rid] + didx * PASID_DIR_ENTRY_SIZE, 0)
             self.mem.write(leaf, bytes(4096))
             self.pages.release(leaf)
@@ -167,21 +169,23 @@ class HostIommu:
         """Install a nested (PGTT=3) entry like ``pasid_pte_config_nestd``: the first-stage
         fields (FLPTPTR, FLPM, SRE, WPE, EAFE) copied from the guest's entry qw2, the VM's
         second stage, the device's DID; tail words first, qw0 with P last."""
-        leaf = self._leaves.get((rid, ppasid >> PASID_DIR_SHIFT))
+        leaf = self.leaves.get((rid, ppasid >> PASID_DIR_SHIFT))
         if leaf is None:
             gpa = self.entry_gpa(rid, ppasid, create=True)
             if gpa is None:
                 raise ValueError(f"no PASID table for {bdf_str(rid)} pPASID {ppasid}")
         else:
             gpa = leaf + (ppasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
-        r = self.mem.region_of(gpa, PASID_ENTRY_SIZE)
-        off = gpa - r.gpa
-        buf = r.buf
-        _U64.pack_into(buf, off, 0)
-        _TAIL.pack_into(
-            buf, off + 8, (did & _DID_VM) << _DID_S, guest_qw2 & QW2_NESTED_COPY, 0, 0, 0, 0, 0
-        )
-        _U64.pack_into(buf, off, _QW0_NESTED | (ssptptr & _SSPTPTR_M))  # P last
+        # Leaf tables live in the host-tables region; one pack writes the 8 words (the model is
+        # single-threaded, so no walk can observe the entry half-written).
+        _Q8.pack_into(
+            self._tables_view,
+            gpa - HOST_TABLES_BASE,
+            _QW0_NESTED | (ssptptr & _SSPTPTR_M),
+            (did & _DID_VM) << _DID_S,
+            guest_qw2 & QW2_NESTED_COPY,
+            0, 0, 0, 0, 0,
+        )  # fmt: skip
 
     def clear(self, rid: int, ppasid: int) -> None:
         """Tear the entry down (``intel_pasid_tear_down_entry``: clear P, then the entry)."""

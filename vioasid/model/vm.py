@@ -83,6 +83,8 @@ class VM:
     host_regions: list[Region]
     rtaddr: int = 0  # the guest's RTADDR register (its own root table, in guest RAM)
     devices: dict[int, Device] = field(default_factory=dict)
+    # guest RID -> (PASID directory, entries) from its context entry, until invalidated
+    context_cache: dict[int, tuple[int, int]] = field(default_factory=dict)
     global_ppasid: dict[int, int] = field(default_factory=dict)  # vPASID -> VM's global pPASID
     global_refs: dict[int, int] = field(default_factory=dict)  # bindings using it
     cpu_table: dict[int, int] = field(default_factory=dict)  # CPU PASID translation table
