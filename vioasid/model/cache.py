@@ -131,10 +131,10 @@ class Caches:
         dropped = set(sids)
         for s in sids:
             self.context.pop(s, None)
-        for key in [k for k in self.pasid if k[0] in dropped]:
-            del self.pasid[key]
-        for key in [k for k in self.fast if k[0] in dropped]:
-            del self.fast[key]
+        for pkey in [k for k in self.pasid if k[0] in dropped]:
+            del self.pasid[pkey]
+        for fkey in [k for k in self.fast if k[0] in dropped]:
+            del self.fast[fkey]
 
     # -- PASID cache (type 7) -------------------------------------------------------------
     def invalidate_pasid_global(self) -> None:

@@ -139,6 +139,10 @@ _SCE_PRE_S, _SCE_PRE_M = _SCE_PRE.lo, _SCE_PRE.vmask
 _SCE_RID_PASID_S, _SCE_RID_PASID_M = _SCE_RID_PASID.lo, _SCE_RID_PASID.vmask
 _TTM_S, _TTM_M = _TTM.lo, _TTM.vmask
 _LCE_SSPTPTR_M = _LCE_SSPTPTR.mask
+_TTM_MASK, _TTM_SM = _TTM.mask, TTM_SCALABLE << _TTM.lo
+_SCE_RSVD1, _SCE_RSVD2, _SCE_RSVD3 = _SCE_RSVD[1], _SCE_RSVD[2], _SCE_RSVD[3]
+_PE_RSVD1 = _PE_RSVD[1]
+_PE_WPE_MASK, _PE_SRE_MASK, _PE_ERE_MASK = _PE_WPE.mask, _PE_SRE.mask, _PE_ERE.mask
 _SCE_DIR_M = _SCE_DIR.mask
 _PE_SSPTPTR_M = _PE_SSPTPTR.mask
 _PE_FLPTPTR_M = _PE_FLPTPTR.mask
@@ -176,6 +180,7 @@ _NEED = {(w, s, x): need_mask(w, s, x) for w in (False, True) for s in (False, T
 _PE_WORDS = 1 + max(i for i, w in enumerate(_PE.words) if w.fields)  # words the walk decodes
 _Q = struct.Struct("<Q")
 _QPE = struct.Struct(f"<{_PE_WORDS}Q")
+_UNPACK_Q, _UNPACK_Q4, _UNPACK_QPE = _Q.unpack_from, _Q4.unpack_from, _QPE.unpack_from
 
 
 @dataclass(slots=True)
@@ -236,6 +241,7 @@ class Walker:
         )
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
         self.direct = True  # uncached user requests try the one-run first-stage path first
+        self._span_cache: tuple[object, int, Span] = (None, -1, _NO_SPAN)
         # Folded checks for the direct (uncached) path: "present and no reserved bit" tests.
         self._chk_root = _SRE_LP | _SRE_RSVD | above
         self._chk_ctx0 = _SCE_P.mask | _SCE_RSVD[0] | above
@@ -276,20 +282,23 @@ class Walker:
         c = self.caches
         if not c.enabled:
             if self.direct:
-                d = self._direct_first_stage(rtaddr, sid, addr, pasid, write, self._span0())
+                sc = self._span_cache
+                regions = self.mem.regions
+                if sc[0] is not regions or sc[1] != len(regions):
+                    sc = self._refresh_span_cache()
+                d = self._direct_first_stage(rtaddr, sid, addr, pasid, write, sc[2])
                 if d is not None:
-                    e = d[0]
-                    return e[0] | (addr & (e[1] - 1))
+                    return d[0] | (addr & (d[1] - 1))
         elif c.rtaddr == rtaddr:
             tag = c.fast.get((sid, pasid))
             if tag is not None:
                 sub = c.iotlb.get(tag)
                 if sub is not None:
-                    e = sub.get(addr >> 12)
-                    if e is not None:
+                    hit = sub.get(addr >> 12)
+                    if hit is not None:
                         need = _NEED_WRITE if write else _NEED_READ
-                        if e[2] & need == need:
-                            return e[0] | (addr & (e[1] - 1))
+                        if hit[2] & need == need:
+                            return hit[0] | (addr & (hit[1] - 1))
         try:
             e, _, _ = self._walk(rtaddr, sid, addr, pasid, write, False, False)
         except FaultError as exc:
@@ -315,6 +324,11 @@ class Walker:
             self._spans[key] = (regions, len(regions), spans)
             return spans
         return got[2]
+
+    def _refresh_span_cache(self) -> tuple[object, int, Span]:
+        regions = self.mem.regions
+        self._span_cache = (regions, len(regions), self._span0())
+        return self._span_cache
 
     def _span0(self) -> Span:
         """The largest region (the direct path's only region)."""
@@ -353,9 +367,9 @@ class Walker:
             raise FaultError(FR.ADDR_BEYOND_MGAW, "address is not a 64-bit value")
         spans = self._spans_of(self.mem)
         if not cached and not supervisor and not execute and self.direct:
-            direct = self._direct_first_stage(rtaddr, sid, addr, rpasid, write, self._span0())
-            if direct is not None:
-                return direct[0], direct[1], False
+            d = self._direct_first_stage(rtaddr, sid, addr, rpasid, write, self._span0())
+            if d is not None:
+                return (d[0], d[1], d[2], d[3], d[4]), d[5], False
         if cached:
             if rtaddr != c.rtaddr:
                 c.set_rtaddr(rtaddr)
@@ -474,16 +488,16 @@ class Walker:
     # -- direct path --------------------------------------------------------------------
     def _direct_first_stage(
         self, rtaddr: int, sid: int, addr: int, rpasid: int | None, write: bool, span: Span
-    ) -> tuple[IotlbEntry, int] | None:
+    ) -> tuple[int, int, int, str, int, int] | None:
         """The common case in one straight run: scalable mode, first-stage only, every table in
         the largest region, user request, no fault. Each entry is checked with one folded
         "present, no reserved bit" mask; anything unusual returns None and the general walk
         (which reports the exact fault) takes over."""
-        if (rtaddr >> _TTM_S) & _TTM_M != TTM_SCALABLE:
+        if rtaddr & _TTM_MASK != _TTM_SM:
             return None
         b, e, buf = span
         e -= 64
-        unpack = _Q.unpack_from
+        unpack = _UNPACK_Q
         g = (rtaddr & _RTA) + ((sid >> 8) & 0xFF) * 16 + ((sid >> 4) & 8)
         if not b <= g <= e:
             return None
@@ -493,8 +507,8 @@ class Walker:
         g = (half & _SRE_LCTP) + (sid & 0x7F) * SM_CONTEXT_ENTRY_SIZE
         if not b <= g <= e:
             return None
-        c0, c1, c2, c3 = _Q4.unpack_from(buf, g - b)
-        if c0 & self._chk_ctx0 != 1 or c1 & _SCE_RSVD[1] or c2 & _SCE_RSVD[2] or c3 & _SCE_RSVD[3]:
+        c0, c1, c2, c3 = _UNPACK_Q4(buf, g - b)
+        if c0 & self._chk_ctx0 != 1 or c1 & _SCE_RSVD1 or c2 & _SCE_RSVD2 or c3 & _SCE_RSVD3:
             return None
         if rpasid is None:
             pasid = (c1 >> _SCE_RID_PASID_S) & _SCE_RID_PASID_M
@@ -504,44 +518,82 @@ class Walker:
             return None
         if pasid >> 6 >= 1 << (((c0 >> _SCE_PDTS_S) & _SCE_PDTS_M) + 7):
             return None
-        g = (c0 & _SCE_DIR_M) + (pasid >> 6) * 8
+        g = (c0 & _SCE_DIR_M) + ((pasid >> 3) & ~7)
         if not b <= g <= e:
             return None
         pde = unpack(buf, g - b)[0]
         if pde & self._chk_pde != _PDE_P:
             return None
-        g = (pde & _PDE_PTP) + (pasid & 0x3F) * PASID_ENTRY_SIZE
+        g = (pde & _PDE_PTP) + ((pasid & 0x3F) << 6)  # 64-byte entries
         if not b <= g <= e:
             return None
-        w = _QPE.unpack_from(buf, g - b)
+        w = _UNPACK_QPE(buf, g - b)
         w2 = w[2]
-        if w[0] & self._chk_pe0 != self._want_pe0 or w2 & self._chk_pe2 or w[1] & _PE_RSVD[1]:
+        if w[0] & self._chk_pe0 != self._want_pe0 or w2 & self._chk_pe2 or w[1] & _PE_RSVD1:
             return None
         flpm = (w2 >> _PE_FLPM_S) & _PE_FLPM_M
         if flpm > 1:
             return None
-        levels = 4 + flpm
-        top = addr >> (11 + 9 * levels)
-        if top and top != (1 << (53 - 9 * levels)) - 1:
-            return None
         chk = self._chk_fs
         table = w2 & _PE_FLPTPTR_M
-        acc = _FS_RW | _FS_US
-        xd = 0
-        level = levels
-        while True:
-            g = table + ((addr >> (3 + 9 * level)) & 0x1FF) * 8
+        if not flpm:
+            # 4-level, unrolled: index * 8 == (addr >> 9 * level) & 0xFF8
+            top = addr >> 47
+            if top and top != 0x1FFFF:
+                return None
+            g = table + ((addr >> 36) & 0xFF8)
+            if not b <= g <= e:
+                return None
+            p4 = unpack(buf, g - b)[0]
+            if p4 & chk[4] != _FS_P:
+                return None
+            g = (p4 & _FS_ADDR) + ((addr >> 27) & 0xFF8)
             if not b <= g <= e:
                 return None
             pte = unpack(buf, g - b)[0]
-            if pte & chk[level] != _FS_P:
+            if pte & chk[3] != _FS_P:
                 return None
-            acc &= pte
-            xd |= pte
-            if level == 1 or (level <= 3 and pte & _FS_PS):
-                break
-            table = pte & _FS_ADDR
-            level -= 1
+            if pte & _FS_PS:
+                level, acc, xd = 3, p4 & pte, p4 | pte
+            else:
+                p3 = pte
+                g = (p3 & _FS_ADDR) + ((addr >> 18) & 0xFF8)
+                if not b <= g <= e:
+                    return None
+                pte = unpack(buf, g - b)[0]
+                if pte & chk[2] != _FS_P:
+                    return None
+                if pte & _FS_PS:
+                    level, acc, xd = 2, p4 & p3 & pte, p4 | p3 | pte
+                else:
+                    p2 = pte
+                    g = (p2 & _FS_ADDR) + ((addr >> 9) & 0xFF8)
+                    if not b <= g <= e:
+                        return None
+                    pte = unpack(buf, g - b)[0]
+                    if pte & chk[1] != _FS_P:
+                        return None
+                    level, acc, xd = 1, p4 & p3 & p2 & pte, p4 | p3 | p2 | pte
+        else:
+            top = addr >> 56
+            if top and top != 0xFF:
+                return None
+            acc = _FS_RW | _FS_US
+            xd = 0
+            level = 5
+            while True:
+                g = table + ((addr >> (9 * level)) & 0xFF8)
+                if not b <= g <= e:
+                    return None
+                pte = unpack(buf, g - b)[0]
+                if pte & chk[level] != _FS_P:
+                    return None
+                acc &= pte
+                xd |= pte
+                if level == 1 or (level <= 3 and pte & _FS_PS):
+                    break
+                table = pte & _FS_ADDR
+                level -= 1
         size = 1 << (3 + 9 * level)
         if level > 1 and pte & self._fs_lrsvd[level]:
             return None
@@ -553,14 +605,14 @@ class Walker:
         perm = PERM_R | PERM_U
         if acc & _FS_RW:
             perm |= PERM_W | PERM_SW
-        elif not (w2 >> _PE_WPE_S) & _PE_WPE_M:
+        elif not w2 & _PE_WPE_MASK:
             perm |= PERM_SW
-        if (w2 >> _PE_SRE_S) & _PE_SRE_M:
+        if w2 & _PE_SRE_MASK:
             perm |= PERM_S
-        if (w2 >> _PE_ERE_S) & _PE_ERE_M and not xd & _FS_XD:
+        if w2 & _PE_ERE_MASK and not xd & _FS_XD:
             perm |= PERM_X
         did = (w[1] >> _PE_DID_S) & _PE_DID_M
-        return (pa, size, perm, _NAME_FS, did), pasid
+        return pa, size, perm, _NAME_FS, did, pasid
 
     # -- root and context -----------------------------------------------------------------
     def _load_context(self, rtaddr: int, sid: int, spans: list[Span]) -> ContextInfo:
