@@ -187,6 +187,16 @@ class WalkResolver:
             return out
         gpa = out.address + ((iova & ~PAGE_MASK) - (out.iova & ~PAGE_MASK))
         page = gpa & ~PAGE_MASK
+        if not mem.contains(page, PAGE_SIZE):
+            # Mapped, but not to guest RAM the back-end holds (MMIO, a hole): refuse the DMA.
+            return Fault(
+                FaultReason.ADDR_BEYOND_MGAW,
+                iova,
+                self.sid,
+                out.pasid,
+                write,
+                f"translated to 0x{page:x}, outside the guest RAM regions",
+            )
         return Resolved(page, bool(out.read), bool(out.write), "walk", out.pasid)
 
     async def refresh(self) -> None:

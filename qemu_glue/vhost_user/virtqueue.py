@@ -85,8 +85,9 @@ class Dma:
             try:
                 out.extend(_region_views(mem, gpa, n))
             except MemoryAccessError as exc:
+                sid = int(getattr(self.translator, "sid", 0))
                 raise DmaFault(
-                    Fault(FaultReason.ADDR_BEYOND_MGAW, iova, 0, None, write, str(exc))
+                    Fault(FaultReason.ADDR_BEYOND_MGAW, iova, sid, None, write, str(exc))
                 ) from None
         return out
 
