@@ -254,12 +254,27 @@ class Walker:
     # -- public API -----------------------------------------------------------------------
     def translate(self, rtaddr: int, req: Request) -> Translation | Fault:
         """Translate one request; a :class:`Fault` for every failure, never an exception."""
+        c = self.caches
+        if c.enabled and c.rtaddr == rtaddr:
+            tag = c.fast.get((req.sid, req.pasid))
+            if tag is not None:
+                sub = c.iotlb.get(tag)
+                if sub is not None:
+                    hit = sub.get(req.addr >> 12)
+                    if hit is not None:
+                        need = need_mask(req.write, req.supervisor, req.execute)
+                        if hit[2] & need == need:
+                            return self._translation(req, hit, tag[1], True)
         try:
             e, pasid, cached = self._walk(
                 rtaddr, req.sid, req.addr, req.pasid, req.write, req.supervisor, req.execute
             )
         except FaultError as exc:
             return Fault(exc.reason, req.addr, req.sid, req.pasid, req.write, exc.detail)
+        return self._translation(req, e, pasid, cached)
+
+    @staticmethod
+    def _translation(req: Request, e: IotlbEntry, pasid: int | None, cached: bool) -> Translation:
         perm = e[2]
         return Translation(
             iova=req.addr,
@@ -378,7 +393,7 @@ class Walker:
                 ctx = c.context[sid] = self._load_context(rtaddr, sid, spans)
         else:
             ctx = self._load_context(rtaddr, sid, spans)
-        need = _NEED[(write, supervisor, execute)]
+        need = _NEED.get((write, supervisor, execute)) or need_mask(write, supervisor, execute)
 
         if not ctx.scalable:
             if rpasid is not None:
