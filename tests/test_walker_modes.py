@@ -379,3 +379,17 @@ def test_translate_fast_matches_translate() -> None:
         assert e.walker.translate_fast(e.drv.rtaddr, SID, 0x2345) == 0x6345
     f = e.walker.translate_fast(e.drv.rtaddr, SID, 0x9000)
     assert isinstance(f, Fault) and f.reason == FR.FS_PAGING_ENTRY_P
+
+
+def test_fault_processing_disabled(env: Env) -> None:
+    rt = env.drv.rtaddr
+    assert not env.walker.fault_processing_disabled(rt, SID, 1)
+    env.drv.set_pasid_entry(SID, 1, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=0x7000_0000, fpd=True)
+    assert env.fault(0x1000, 1) == FR.PASID_ENTRY_FSPTPTR_INV
+    assert env.walker.fault_processing_disabled(rt, SID, 1)
+    # teardown leaving only FPD=1 (pasid_clear_entry_with_fpd): still suppressed
+    env.mem.write_u64(env.drv.pasid_entry_gpa(SID, 1), 0x2)
+    assert env.fault(0x1000, 1) == FR.PASID_ENTRY_P
+    assert env.walker.fault_processing_disabled(rt, SID, 1)
+    assert not env.walker.fault_processing_disabled(rt, SID, 2)
+    assert not env.walker.fault_processing_disabled(rt, 0x0100, None)  # no root entry

@@ -95,6 +95,7 @@ _SCE_RSVD = tuple(w.reserved for w in _SCE.words)
 
 _PDE_P = PASID_DIR_ENTRY.field("P").mask
 _PDE_PTP = PASID_DIR_ENTRY.field("PTP").mask
+_PDE_FPD = PASID_DIR_ENTRY.field("FPD").mask
 _PDE_RSVD = PASID_DIR_ENTRY.words[0].reserved
 
 _PE = PASID_ENTRY
@@ -319,6 +320,38 @@ class Walker:
         except FaultError as exc:
             return Fault(exc.reason, addr, sid, pasid, write, exc.detail)
         return e[0] | (addr & (e[1] - 1))
+
+    def fault_processing_disabled(self, rtaddr: int, sid: int, pasid: int | None) -> bool:
+        """Whether FPD is set on the request's path (context entry, PASID-directory entry, or
+        PASID entry, present or not: Linux's ``pasid_clear_entry_with_fpd`` leaves FPD=1 with
+        P=0). The caller skips recording such faults (QEMU ``vtd_report_fault``)."""
+        spans = self._spans_of(self.mem)
+        try:
+            ctx = self._load_context(rtaddr, sid, spans)
+        except FaultError:
+            return False
+        if ctx.fpd:
+            return True
+        if not ctx.scalable:
+            return False
+        p = ctx.rid_pasid if pasid is None else pasid
+        if not 0 <= p < 1 << 20:
+            return False
+        try:
+            (pde,) = self._read(
+                spans, ctx.pasid_dir + (p >> 6) * 8, _Q, FR.PASID_DIR_ACCESS_ERR, ""
+            )
+            if pde & _PDE_FPD:
+                return True
+            if not pde & _PDE_P:
+                return False
+            (w0,) = self._read(
+                spans, (pde & _PDE_PTP) + (p & 0x3F) * PASID_ENTRY_SIZE, _Q,
+                FR.PASID_TABLE_ACCESS_ERR, "",
+            )  # fmt: skip
+        except FaultError:
+            return False
+        return bool(w0 & _PE_FPD.mask)
 
     def context_info(self, rtaddr: int, sid: int) -> ContextInfo:
         """The decoded context entry for ``sid`` (raises FaultError)."""
