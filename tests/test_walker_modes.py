@@ -393,3 +393,31 @@ def test_fault_processing_disabled(env: Env) -> None:
     assert env.walker.fault_processing_disabled(rt, SID, 1)
     assert not env.walker.fault_processing_disabled(rt, SID, 2)
     assert not env.walker.fault_processing_disabled(rt, 0x0100, None)  # no root entry
+
+
+def test_nested_fault_codes(env: Env) -> None:
+    """Faults raised by the second stage of a nested walk use the spec's SM codes."""
+    ss = SecondStagePageTable(env.mem, env.alloc, levels=3)  # 39-bit second stage
+    fs = FirstStagePageTable(env.mem, env.alloc)
+    fs.map(0x1000, 0x100000, 0x1000)
+    fs.map(0x2000, 1 << 40, 0x1000)  # output GPA beyond the 39-bit second stage
+    ss.map_identity(32 * MIB, 16 * MIB)
+    ss.map(0x100000, 0x900000, 0x1000)
+    env.drv.set_pasid_entry(SID, 8, pgtt=PGTT_NESTED, did=4, flptptr=fs.root, ssptptr=ss.root, aw=1)
+    assert env.ok(0x1000, 8).address == 0x900000
+    assert env.fault(0x2000, 8) == FR.SS_BEYOND_MAX
+    # the first-stage root pointer beyond the second stage's width
+    env.drv.set_pasid_entry(SID, 9, pgtt=PGTT_NESTED, did=4, flptptr=1 << 40, ssptptr=ss.root, aw=1)
+    assert env.fault(0x1000, 9) == FR.NESTED_FS_TRANSLATION
+    # a reserved bit in the second stage's top entry (bits 51:48 of a paging entry)
+    env.mem.write_u64(ss.root, env.mem.read_u64(ss.root) | (1 << 50))
+    assert env.fault(0x1000, 8) == FR.SS_ENTRY_RSVD
+    env.mem.write_u64(ss.root, 0x7000_0000 | 3)  # next table beyond memory
+    assert env.fault(0x1000, 8) == FR.SS_ENTRY_ACCESS
+
+
+def test_second_stage_interrupt_range(env: Env) -> None:
+    ss = SecondStagePageTable(env.mem, env.alloc)
+    ss.map(0x1000, 0xFEE00000, 0x1000)
+    env.drv.set_pasid_entry(SID, 3, pgtt=PGTT_SECOND_STAGE, did=2, ssptptr=ss.root, aw=2)
+    assert env.fault(0x1000, 3) == FR.INTERRUPT_ADDR
