@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 Rid = str | int
 IOMMU_TYPES = ("intel-iommu",)
 _SKIP_PROPS = {"type", "parent_bus", "realized", "hotplugged", "hotpluggable"}
+PRECOPY_WAIT_S = 30.0  # longest the pre-copy waits for the tables (holding convergence)
+QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's default downtime-limit
+HOLD_DOWNTIME_LIMIT_MS = 1  # while the pre-copy runs: keep iterating
+RESERVE_WAIT_S = 20.0  # at switch-over: how long the destination may take to load the tables
 DEFAULT_MAX_BANDWIDTH = 8 << 30  # bytes/s: QEMU's default 128 MiB/s makes TCG runs slow
 
 
@@ -158,6 +162,7 @@ class MigrationResult:
     ppasids_after: dict[str, dict[int, int]] = field(default_factory=dict)
     dst_vm: int | None = None
     reserve_intact: bool | None = None
+    reserve_wait_ms: float | None = None  # switch-over waited for the destination's RAM load
     source_status: str | None = None  # the source's run state at the end
     iommu: dict[str, Any] = field(default_factory=dict)
     ram: dict[str, Any] = field(default_factory=dict)
@@ -203,6 +208,7 @@ class MigrationResult:
             "ppasids_before": table(self.ppasids_before),
             "ppasids_after": table(self.ppasids_after),
             "reserve_intact": self.reserve_intact,
+            "reserve_wait_ms": _round(self.reserve_wait_ms),
             "source_status": self.source_status,
             "iommu": self.iommu,
             "ram": self.ram,
@@ -229,6 +235,7 @@ class _Migration:
         self.pre_task: asyncio.Task[None] | None = None
         self.importing = False
         self.pass_seen = asyncio.Event()
+        self.held: int | None = None  # downtime limit to restore once the pre-copy is done
 
     # -- vPASID state ---------------------------------------------------------------------
     async def _import(self, stream: bytes) -> ImportResult:
@@ -241,23 +248,23 @@ class _Migration:
         """Wait until the destination's RAM holds the reserved range, then export + import."""
         h = self.h
         assert h is not None
-        if h.reserve is not None:
-            r = h.reserve
-            want = digest(r.src, r.base, r.size)
-            while digest(r.dst, r.base, r.size) != want:
-                await asyncio.sleep(0.05)
-        else:
-            await self.pass_seen.wait()
-        self.importing = True
-        t0 = time.perf_counter()
-        stream = await h.src.export_vm(h.src_vm)
         try:
-            result = await self._import(stream)
-        except RequestError as exc:
-            log.info("vPASID pre-copy refused (the final import will retry): %s", exc)
-            return
+            if h.reserve is not None:
+                await _wait_reserve(h.reserve, PRECOPY_WAIT_S)
+            else:
+                await asyncio.wait_for(self.pass_seen.wait(), PRECOPY_WAIT_S)
+            self.importing = True
+            t0 = time.perf_counter()
+            stream = await h.src.export_vm(h.src_vm)
+            try:
+                result = await self._import(stream)
+            except RequestError as exc:
+                log.info("vPASID pre-copy refused (the final import will retry): %s", exc)
+                return
+            finally:
+                self.importing = False
         finally:
-            self.importing = False
+            await self.release_convergence()
         self.pre = _Imported(stream, result, (time.perf_counter() - t0) * 1e3)
         log.info(
             "vPASID state pre-copied: %d bindings, %d bytes, %.1f ms",
@@ -265,6 +272,14 @@ class _Migration:
             len(stream),
             self.pre.ms,
         )
+
+    async def release_convergence(self) -> None:
+        """Let the migration converge (the pre-copy held it back with a tiny downtime limit)."""
+        if self.held is None:
+            return
+        limit, self.held = self.held, None
+        with contextlib.suppress(QmpError):
+            await self.src.execute("migrate-set-parameters", {"downtime-limit": limit})
 
     async def switchover(self, res: MigrationResult) -> ImportResult:
         """The VM is stopped: final export, compare, (re-)import. Raises RequestError."""
@@ -279,6 +294,7 @@ class _Migration:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        self.held = None
         t0 = time.perf_counter()
         stream = await h.src.export_vm(h.src_vm)
         res.stream_bytes = len(stream)
@@ -292,6 +308,10 @@ class _Migration:
                 log.info("vPASID state changed since the pre-copy: importing again")
                 self.pre = None
                 await h.dst.unregister_vm(pre.result.vm)
+            if h.reserve is not None:
+                # The source has sent every page, but the destination may still be loading
+                # what is buffered: wait (bounded) until it holds the tables.
+                res.reserve_wait_ms = await _wait_reserve(h.reserve, RESERVE_WAIT_S)
             result = await self._import(stream)
         res.vpasid_switchover_ms = (time.perf_counter() - t0) * 1e3
         return result
@@ -303,6 +323,18 @@ class _Migration:
         if h is not None and pre is not None:
             with contextlib.suppress(Exception):
                 await h.dst.unregister_vm(pre.result.vm)
+
+
+async def _wait_reserve(r: Reserve, timeout: float | None, period: float = 0.02) -> float:
+    """Wait until the destination's reserved range equals the source's; ms waited."""
+    t0 = time.perf_counter()
+    want = digest(r.src, r.base, r.size)
+    while digest(r.dst, r.base, r.size) != want:
+        if timeout is not None and time.perf_counter() - t0 > timeout:
+            log.warning("the destination's reserved range still differs after %.1f s", timeout)
+            break
+        await asyncio.sleep(period)
+    return (time.perf_counter() - t0) * 1e3
 
 
 async def _wait_status(
@@ -365,6 +397,11 @@ async def migrate(
         params["max-bandwidth"] = max_bandwidth
     if downtime_limit_ms is not None:
         params["downtime-limit"] = downtime_limit_ms
+    if vpasid is not None and vpasid.precopy:
+        # Hold convergence (QEMU completes once the rest fits the downtime limit) until the
+        # vPASID state is pre-copied, so the switch-over does not wait for the import.
+        m.held = downtime_limit_ms if downtime_limit_ms is not None else QEMU_DOWNTIME_LIMIT_MS
+        params["downtime-limit"] = HOLD_DOWNTIME_LIMIT_MS
     if params:
         await src.execute("migrate-set-parameters", params)
 

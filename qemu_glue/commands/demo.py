@@ -20,6 +20,7 @@ from typing import Any
 
 from ..vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
 from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
+from . import demo_migrate
 
 
 def progress(msg: str) -> None:
@@ -128,6 +129,8 @@ def quiet_qmp_logs() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
+    if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
+        return demo_migrate.run(args)
     res, extra = asyncio.run(_demo(args))
     if args.json:
         out = res.to_json()
@@ -178,4 +181,5 @@ def register(subparsers: Any) -> None:
         help="also decode the guest's invalidation queue (QMP reads; default on)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    demo_migrate.add_arguments(p)
     p.set_defaults(func=_run)
