@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import (
@@ -61,8 +61,7 @@ _VPASID_MASK = (1 << _OWNER_SHIFT) - 1
 _PGTT_S, _PGTT_VM = PASID_ENTRY.field("PGTT").lo, PASID_ENTRY.field("PGTT").vmask
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
+class Binding(NamedTuple):
     """A live (device, vPASID) binding as the bind returns it."""
 
     vm: str
@@ -331,7 +330,7 @@ class Host:
         if pp is None:
             pp, new_global = self._plan(v, dev, x)
             # Everything below succeeds (the leaf PASID table is made first; it may refuse).
-            if not self.iommu.has_leaf(fn.rid, pp) and (
+            if (fn.rid, pp >> _DIR_SHIFT) not in self.iommu.leaves and (
                 self.iommu.entry_gpa(fn.rid, pp, create=True) is None
             ):
                 raise Exhausted(f"host {self.name}: no host memory left for PASID tables")

@@ -11,6 +11,7 @@ out of guest memory, bounded and refusing anything malformed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from vioasid.formats.context import SM_CONTEXT_ENTRY, SM_CONTEXT_ENTRY_SIZE
@@ -49,6 +50,7 @@ _CE_DIR_M = SM_CONTEXT_ENTRY.field("PASIDDIRPTR").mask
 _PDE_P_M = PASID_DIR_ENTRY.field("P").mask
 _PDE_PTP_M = PASID_DIR_ENTRY.field("PTP").mask
 _PE_P_M = PASID_ENTRY.field("P").mask
+_Q8 = struct.Struct(f"<{len(PASID_ENTRY.words)}Q")
 
 
 @dataclass(eq=False)
@@ -192,10 +194,10 @@ def read_guest_pasid_entry(
             f"{_who(sid, pasid)}: PASID directory entry not present",
             FaultReason.PASID_DIR_ENTRY_P,
         )
+    gpa = (pde & _PDE_PTP_M) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
     try:
-        words: tuple[int, ...] = mem.words(
-            (pde & _PDE_PTP_M) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE, 8
-        )
+        r = mem.region_of(gpa, PASID_ENTRY_SIZE)
+        words: tuple[int, ...] = _Q8.unpack_from(r.buf, gpa - r.gpa)
     except MemoryAccessError:
         raise GuestEntryError(
             f"{_who(sid, pasid)}: PASID table outside guest memory",
