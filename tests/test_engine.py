@@ -107,6 +107,8 @@ def test_unknown_tags_fault() -> None:
     # A RID device's unbound vPASID goes out untranslated and finds no entry.
     r = lab.dma("vm1", "00:03.0", 5, 0x400000)
     assert r.tag == 5 and r.fault is not None
+    r = h.dma_tag(0x3A00, 6, 0x400000)  # raw unknown tag from vm1's whole function
+    assert r.fault is not None and r.fault.sid == 0x18 and r.fault.pasid == 6
     with pytest.raises(NotFound):
         h.dma_tag(0x7700, 1, 0)
 
@@ -217,6 +219,9 @@ def test_page_requests_are_queued_as_vtd_descriptors() -> None:
         0x20, 5, 1, 1, 0, 3, 0x400000,
     )  # fmt: skip
     assert h.vm("vm1").page_requests == [desc]
+    assert h.drain_page_requests("vm1") == [desc] and h.vm("vm1").page_requests == []
+    lab.dma("vm1", "00:03.0", 3, 0)
+    assert [f.pasid for f in h.drain_faults("vm1")] == [3] and h.drain_faults("vm1") == []
 
 
 def test_remove_vm_frees_everything() -> None:

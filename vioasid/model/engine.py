@@ -606,10 +606,13 @@ class Host:
         fn = self._function(function)
         own = fn.owner.get(tag)
         if own is None:
-            if fn.vfio_vm is not None and len(self.vms[fn.vfio_vm].devices) > 0:
+            if fn.vfio_vm is not None:
+                # A whole function's device puts vPASIDs on the wire untranslated (rows 1-3):
+                # an unknown tag is still that VM's vPASID, and its fault goes to that guest.
                 v = self.vms[fn.vfio_vm]
                 dev = next(d for d in v.devices.values() if d.function is fn)
-                return self._request(fn, tag, addr, write, v, dev)
+                if dev.rule.equal_x:
+                    return self._request(fn, tag, addr, write, v, dev)
             res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
@@ -632,6 +635,18 @@ class Host:
     def dma_fast(self, function: int, tag: int, addr: int, write: bool = False) -> int | Fault:
         """Hot path (daemon batches): the host address, or the walker's raw host-side fault."""
         return self.walker.translate_fast(self.rtaddr, function, addr, tag, write)
+
+    def drain_faults(self, vm: str) -> list[Fault]:
+        """Hand the VM's queued faults (guest RID + vPASID) to whoever delivers them."""
+        v = self._vm(vm)
+        out, v.faults = v.faults, []
+        return out
+
+    def drain_page_requests(self, vm: str) -> list[bytes]:
+        """Hand the VM's queued page request descriptors to whoever delivers them."""
+        v = self._vm(vm)
+        out, v.page_requests = v.page_requests, []
+        return out
 
     def enqcmd(self, vm: str, guest_rid: int, vpasid: int) -> int:
         """The guest CPU submits a descriptor with ENQCMD: the pPASID the CPU writes into it,
