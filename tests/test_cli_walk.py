@@ -215,3 +215,46 @@ def test_example_image_subprocess(tmp_path: Path) -> None:
         text=True,
     )
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_dump_legacy_and_example_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vioasid.model.guest_driver import GuestIommuDriver, PageAllocator, SecondStagePageTable
+    from vioasid.model.memory import GuestMemory
+
+    mem = GuestMemory.from_bytes(1 << 20)
+    alloc = PageAllocator(mem, 0x80000, 0x80000)
+    drv = GuestIommuDriver(mem, alloc, scalable=False)
+    ss = SecondStagePageTable(mem, alloc, levels=3)
+    ss.map(0x1000, 0x5000, 0x1000)
+    drv.set_legacy_context(0x18, did=3, ssptptr=ss.root, aw=1)
+    path = tmp_path / "legacy.img"
+    path.write_bytes(bytes(mem.regions[0].buf))
+    assert main(["dump", "--memory", str(path), "--rtaddr", hex(drv.rtaddr), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["mode"] == "legacy"
+    assert d["devices"] == [
+        {
+            "bdf": "00:03.0",
+            "sid": 0x18,
+            "tt": "multi-level",
+            "did": 3,
+            "aw": 1,
+            "ssptptr": hex(ss.root),
+            "fpd": False,
+        }
+    ]
+    rc, out, _ = walk(
+        capsys,
+        "--memory",
+        str(path),
+        "--rtaddr",
+        hex(drv.rtaddr),
+        "--bdf",
+        "00:03.0",
+        "--addr",
+        "0x1008",
+    )
+    assert rc == 0 and out["address"] == "0x5008" and out["mode"] == "legacy"
+    assert main(["example-image", str(tmp_path / "ex.img")]) == 0
+    text = capsys.readouterr().out
+    assert "rtaddr 0x" in text and "vioasid walk --memory" in text
