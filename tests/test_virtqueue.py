@@ -236,3 +236,18 @@ async def test_ring_itself_unmapped_raises_dmafault(disk: Path) -> None:
     with pytest.raises(DmaFault):
         await q.pop(dma)
     assert tr.stats.faults == 1
+
+
+@pytest.mark.asyncio
+async def test_huge_indirect_table_is_bounded_by_queue_size(disk: Path) -> None:
+    mem = GuestMemory.from_bytes(1 << 20)
+    g = Guest(mem)
+    q, dma, _ = make(mem, IdentityResolver(lambda: mem))
+    table = 0x70000
+    for i in range(QSIZE + 4):  # a chain of QSIZE + 4 entries inside one indirect table
+        flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
+        mem.write(table + 16 * i, VRING_DESC.build(addr=0x40000, len=1, flags=flags, next=i + 1))
+    g.desc(0, table, 0x10000, VRING_DESC_F_INDIRECT)  # claims 4096 entries
+    g.submit(0)
+    with pytest.raises(ChainError):
+        await q.pop(dma)

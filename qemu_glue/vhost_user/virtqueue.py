@@ -213,7 +213,7 @@ class SplitQueue:
                 if flags & VRING_DESC_F_NEXT or length % 16 or length == 0:
                     raise ChainError("bad indirect descriptor")
                 table, size, idx = addr, length // 16, 0
-                budget = size
+                budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
