@@ -161,3 +161,21 @@ def test_device_tlb_counted_and_limit() -> None:
         c.iotlb_insert((1, 0), i, (i << 12, 4096, 1, "first-stage", 1))
     assert sum(len(v) for v in c.iotlb.values()) <= 4
     assert c.stats["iotlb_wipe"] == 1
+
+
+def test_legacy_mode_cached() -> None:
+    mem = GuestMemory.from_bytes(16 * MIB)
+    alloc = PageAllocator(mem, 8 * MIB, 4 * MIB)
+    drv = GuestIommuDriver(mem, alloc, scalable=False)
+    ss = SecondStagePageTable(mem, alloc, levels=4)
+    ss.map(0x1000, 0x5000, 0x1000)
+    drv.set_legacy_context(SID, did=3, ssptptr=ss.root, aw=2)
+    w = Walker(mem)
+    assert w.translate_fast(drv.rtaddr, SID, 0x1010) == 0x5010
+    ss.unmap(0x1000, 0x1000)
+    ss.map(0x1000, 0x6000, 0x1000)
+    assert w.translate_fast(drv.rtaddr, SID, 0x1010) == 0x5010  # cached
+    r = w.translate(drv.rtaddr, Request(SID, 0x1010))
+    assert isinstance(r, Translation) and r.cached and r.pasid is None
+    w.caches.invalidate_iotlb_page(3, 0x1000, 0)
+    assert w.translate_fast(drv.rtaddr, SID, 0x1010) == 0x6010

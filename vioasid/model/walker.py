@@ -433,6 +433,7 @@ class Walker:
                 raise FaultError(FR.RTADDR_INV_TTM, "request with PASID on a legacy root table")
             tag: IotlbTag = (ctx.did, None)
             if cached:
+                c.fast[(sid, None)] = tag
                 hit = self._iotlb_hit(tag, addr, need)
                 if hit is not None:
                     return hit, None, True
