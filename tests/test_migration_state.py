@@ -212,3 +212,25 @@ def test_destination_memory_too_small_and_name_clash() -> None:
     small = GuestMemory.from_bytes(1 << 20)
     with pytest.raises(MigrationFailed, match="memory"):
         lab.hosts["dst"].import_vm(lab.hosts["src"].export_vm("vm"), small, {}, name="other")
+
+
+def test_failure_after_some_bindings_gives_back_tables() -> None:
+    """The import fails on a later binding (exhaustion): the leaf PASID tables, second stage
+    and host range made for the earlier ones are given back too."""
+    lab = Lab()
+    _source(lab)
+    lab.host(
+        "dst", "per-device",
+        (("5e:00.0", False, False), ("5f:00.0", True, False), ("61:00.0", True, False)),
+        pasid_bits=3,
+    )  # fmt: skip
+    lab.vm("resident", "dst", (("00:03.0", "61:00.0", "mdev"),))
+    for x in range(1, 7):
+        lab.map("resident", x, 0x1000, 0x1000)
+        lab.bind("resident", "00:03.0", x)  # global 1..6 of 1..7
+    dst = lab.hosts["dst"]
+    before = dst.snapshot()
+    with pytest.raises(MigrationFailed, match="exhausted"):
+        lab.migrate("vm", "dst", FMAP)
+    assert dst.snapshot() == before
+    assert lab.guests["vm"].host == "src"

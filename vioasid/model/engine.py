@@ -833,6 +833,8 @@ class Host:
             "tables": tables,
             "cpu": {n: dict(v.cpu_table) for n, v in self.vms.items()},
             "regions": [(r.gpa, r.size) for r in self.iommu.mem.regions],
+            "leaves": sorted(self.iommu.leaves.items()),
+            "pages_used": self.iommu.pages.used,
         }
 
 
