@@ -101,6 +101,9 @@ def test_unknown_tags_fault() -> None:
     assert r.fault is not None and r.tag is None and r.fault.reason == FaultReason.PASID_ENTRY_P
     # Raw tags on the wire: owned -> resolves for its owner; unknown -> fault, no VM touched.
     assert h.dma_tag(0x3B00, 1, 0x400000).hpa == h.vm("vm1").hpa + 0x100000
+    owner = h.tag_owner(0x3B00, 1)
+    assert owner is not None and (owner[0].name, owner[1].guest_rid, owner[2]) == ("vm1", 0x20, 5)
+    assert h.tag_owner(0x3B00, 2) is None
     r = h.dma_tag(0x3B00, 9, 0x400000)
     assert r.fault is not None and r.fault.reason == FaultReason.PASID_ENTRY_P
     assert h.vm("vm1").faults == [] and len(h.vm("vm2").faults) == 1

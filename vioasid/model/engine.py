@@ -496,6 +496,15 @@ class Host:
             )  # fmt: skip
         return pp, new_global
 
+    def tag_owner(self, function: int, tag: int) -> tuple[VM, Device, int] | None:
+        """Who owns slot ``tag`` of a function's PASID table: (VM, device, vPASID), or None."""
+        fn = self._function(function)
+        own = fn.owner.get(tag)
+        if own is None:
+            return None
+        v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
+        return v, dev, own & _VPASID_MASK
+
     def _slot_owner(self, fn: HostFunction, pp: int) -> str:
         own = fn.owner.get(pp)
         if own is None:
@@ -544,6 +553,7 @@ class Host:
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         self._check_vpasid(vpasid)
+        v.context_cache.pop(guest_rid, None)  # re-read: the guest may have rewritten it too
         try:
             pasid_dir, ndir = self._guest_dir(v, guest_rid)
             words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
