@@ -134,7 +134,7 @@ def test_self_pointing_tables_terminate(seed: int, page: int) -> None:
         check(w.translate(page * 4096, Request(req.sid, req.addr)), req)
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=25)
 @given(st.integers(0, 2**32), st.integers(0, PAGES - 1), st.booleans())
 def test_dump_is_bounded(seed: int, root_page: int, scalable: bool) -> None:
     mem = hostile_memory(seed)
