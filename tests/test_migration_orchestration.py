@@ -402,3 +402,33 @@ def test_settle_hands_back_inflight_request() -> None:
         assert settle(q2, None) == 0xFFFF
 
     asyncio.run(go())
+
+
+_VM_ARGS = ["--vm", "g", "--src-daemon", "a", "--dst-daemon", "b", "--dst-ram", "r"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vm", "g"], "--vm needs"),
+        (["--src-daemon", "/x"], "need --vm"),
+        ([*_VM_ARGS, "--reserve", "12"], "BASE:SIZE"),
+        (["--map", "00:10.0"], "GUEST_RID=HOST_FUNCTION"),
+    ],
+)
+def test_migrate_cli_usage_errors(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vioasid.cli import main
+
+    argv = ["migrate", "--src-qmp", "/nonexistent/a", "--dst-qmp", "/nonexistent/b"]
+    assert main([*argv, "--uri", "unix:/tmp/m.sock", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_migrate_cli_rejects_bad_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    from vioasid.cli import main
+
+    assert main(["migrate", "--src-qmp", "a", "--dst-qmp", "b", "--uri", "/tmp/x"]) == 2
+    assert "migration URI" in capsys.readouterr().err

@@ -75,6 +75,21 @@ async def _hold(dst: Qmp) -> None:
         await asyncio.sleep(1.0)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Usage errors before anything is connected."""
+    if args.vm and not (args.src_daemon and args.dst_daemon and args.dst_ram):
+        raise UsageError("--vm needs --src-daemon, --dst-daemon and --dst-ram")
+    if (args.src_daemon or args.dst_daemon or args.dst_ram) and not args.vm:
+        raise UsageError("--src-daemon/--dst-daemon/--dst-ram need --vm NAME")
+    if args.reserve:
+        _parse_reserve(args.reserve)
+        if not args.src_ram:
+            raise UsageError("--reserve needs --src-ram (the source's RAM file)")
+    _parse_map(args.map)
+    if not args.uri.startswith(("unix:", "tcp:", "fd:", "exec:", "file:", "rdma:", "vsock:")):
+        raise UsageError(f"--uri {args.uri!r} is not a QEMU migration URI (unix:PATH, tcp:...)")
+
+
 async def _run_async(args: argparse.Namespace) -> tuple[MigrationResult, bool]:
     try:
         src = await Qmp.connect(args.src_qmp, timeout=5.0)
@@ -163,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
     from .demo import quiet_qmp_logs
 
     quiet_qmp_logs()
+    _check_args(args)
     _res, ok = asyncio.run(_run_async(args))
     return 0 if ok else 1
 

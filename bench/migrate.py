@@ -1,0 +1,194 @@
+"""Live-migration figures as JSON lines (``{"name", "value", "unit", ...}``).
+
+* ``vpasid_state_ms`` — the vPASID hand-over done cold at switch-over: the source daemon's
+  export, the transfer, the destination daemon's import (re-allocating every pPASID under a
+  tenant's occupancy), for 1, 1,000 and 100,000 bindings, through two ``vioasid serve``
+  processes. ``vpasid_export_ms`` / ``vpasid_import_ms`` split it.
+* ``vpasid_switchover_ms`` — what the hand-over adds to the downtime as ``vioasid migrate`` does
+  it: the import was pre-copied while the VM ran, so at switch-over only the final export and
+  its comparison with the pre-copied stream remain.
+* ``downtime_ms`` — QEMU's downtime of whole real migrations (TCG guest running its disk tests,
+  vioasid vhost-user-blk disk, 48 vPASIDs), plus ``observed_downtime_ms`` (source STOP →
+  destination RESUME) and the vPASID switch-over of those runs. ``--no-qemu`` skips them.
+
+Usage: ``python3 bench/migrate.py [--sizes 1,1000,100000] [--repeat 5] [--no-qemu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from qemu_glue.migration_demo import FUNCTIONS, DemoOptions, run_migration_demo  # noqa: E402
+from qemu_glue.migration_rig import Daemon, host_toml, workdir  # noqa: E402
+from qemu_glue.vpasid_reserve import VirtualDevice, VpasidTables, register  # noqa: E402
+from vioasid.client import Client, MemoryRegion  # noqa: E402
+from vioasid.daemon.hostconfig import host_from_doc  # noqa: E402
+from vioasid.model.faults import parse_bdf  # noqa: E402
+from vioasid.model.memory import GuestMemory  # noqa: E402
+
+RAM = 64 << 20
+BASE, SIZE = 8 << 20, 48 << 20
+TENANT = 5
+
+
+def emit(name: str, value: float, unit: str, **extra: Any) -> None:
+    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit, **extra}), flush=True)
+
+
+class MemfdRam:
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, RAM)
+        self.mem = GuestMemory()
+        self.mem.add_fd(self.fd, 0, RAM, 0)
+
+    def region(self) -> MemoryRegion:
+        return MemoryRegion(self.fd, 0, RAM)
+
+
+async def _source_vm(client: Client, n: int) -> tuple[int, MemfdRam]:
+    """A VM with ``n`` bindings on one mdev of a plain function (set up by import when large:
+    one PASID_ENTRY request per binding is slow to set up, not what is measured)."""
+    ram = MemfdRam()
+    tables = VpasidTables(ram.mem, BASE, SIZE)
+    tables.add(VirtualDevice(parse_bdf("00:10.0"), 0x3A00, "mdev", tuple(range(1, n + 1))))
+    if n <= 2000:
+        return await register(client, "vm", [ram.region()], tables), ram
+    host = host_from_doc({"host": [{"name": "local", "function": [{"rid": "3a:00.0"}]}]})
+    host.add_vm("vm", ram.mem, rtaddr=tables.rtaddr)
+    host.attach_device("vm", 0x80, 0x3A00, "mdev")
+    for x in range(1, n + 1):
+        host.bind("vm", 0x80, x)
+    stream = host.export_vm("vm")
+    res = await client.import_vm("vm", stream, [ram.region()])
+    return res.vm, ram
+
+
+def _engine_import_ms(mem: GuestMemory, n: int) -> float:
+    """The engine's import alone (in-process, no daemon, no wire): the cold path's floor."""
+    doc = {"host": [{"name": "e", "function": [{"rid": "3a:00.0"}]}]}
+    src, dst = host_from_doc(doc), host_from_doc(doc)
+    stream = _engine_stream(src, mem, n)
+    t0 = time.perf_counter()
+    dst.import_vm(stream, mem, {0x80: 0x3A00})
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _engine_stream(host: Any, mem: GuestMemory, n: int) -> bytes:
+    tables = VpasidTables(mem, BASE, SIZE)
+    tables.add(VirtualDevice(parse_bdf("00:10.0"), 0x3A00, "mdev", tuple(range(1, n + 1))))
+    host.add_vm("vm", mem, rtaddr=tables.rtaddr)
+    host.attach_device("vm", 0x80, 0x3A00, "mdev")
+    for x in range(1, n + 1):
+        host.bind("vm", 0x80, x)
+    stream: bytes = host.export_vm("vm")
+    return stream
+
+
+async def _tenant(client: Client) -> None:
+    ram = MemfdRam()
+    tables = VpasidTables(ram.mem, BASE, SIZE)
+    tables.add(VirtualDevice(parse_bdf("00:05.0"), 0x3A00, "mdev", tuple(range(1, TENANT + 1))))
+    await register(client, "tenant", [ram.region()], tables)
+
+
+async def bench_state(sizes: list[int], repeat: int) -> None:
+    async with workdir() as wd:
+        daemons = [Daemon(n, wd, host_toml(n, FUNCTIONS)) for n in ("bench-a", "bench-b")]
+        for d in daemons:
+            await d.start()
+        try:
+            a, b = [await d.connect() for d in daemons]
+            tenant = await daemons[1].connect()
+            await _tenant(tenant)
+            for n in sizes:
+                vm, ram = await _source_vm(a, n)
+                reps = repeat if n <= 2000 else 1
+                cold, exp, imp, sw = [], [], [], []
+                size = 0
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    stream = await a.export_vm(vm)
+                    t1 = time.perf_counter()
+                    res = await b.import_vm("vm", stream, [ram.region()])
+                    t2 = time.perf_counter()
+                    cold.append((t2 - t0) * 1e3)
+                    exp.append((t1 - t0) * 1e3)
+                    imp.append((t2 - t1) * 1e3)
+                    size = len(stream)
+                    # the switch-over after a pre-copy: final export + compare
+                    t3 = time.perf_counter()
+                    final = await a.export_vm(vm)
+                    same = final == stream
+                    sw.append((time.perf_counter() - t3) * 1e3)
+                    assert same and len(res.bindings) == n
+                    moved = sum(1 for x in res.bindings if x.ppasid != x.vpasid)
+                    await b.unregister_vm(res.vm)
+                common = {"bindings": n, "stream_bytes": size, "repeat": reps}
+                emit("vpasid_state_ms", statistics.median(cold), "ms", **common)
+                emit("vpasid_export_ms", statistics.median(exp), "ms", **common)
+                emit("vpasid_import_ms", statistics.median(imp), "ms", **common)
+                emit("vpasid_switchover_ms", statistics.median(sw), "ms", **common)
+                emit("ppasids_reallocated", moved, "bindings", bindings=n)
+                emit("vpasid_engine_import_ms", _engine_import_ms(ram.mem, n), "ms", bindings=n)
+                await a.unregister_vm(vm)
+                ram.mem.close()
+                os.close(ram.fd)
+            for c in (a, b, tenant):
+                await c.close()
+        finally:
+            for d in daemons:
+                await d.close()
+
+
+async def bench_downtime(count: int) -> None:
+    res = await run_migration_demo(DemoOptions(count=count))
+    for i, att in enumerate(res.migrations, 1):
+        r = att.result
+        common = {"migration": i, "from": att.source, "to": att.destination, "ok": r.ok}
+        if r.downtime_ms is not None:
+            emit("downtime_ms", float(r.downtime_ms), "ms", **common)
+        if r.observed_downtime_ms is not None:
+            emit("observed_downtime_ms", r.observed_downtime_ms, "ms", **common)
+        if r.vpasid_switchover_ms is not None:
+            emit(
+                "migration_vpasid_switchover_ms",
+                r.vpasid_switchover_ms,
+                "ms",
+                bindings=r.vpasids_carried,
+                precopied=r.precopied,
+                **common,
+            )
+        if r.total_ms is not None:
+            emit("migration_total_ms", float(r.total_ms), "ms", **common)
+    emit("guest_tests_passed", res.report.passed, "tests", failed=res.report.failed, ok=res.ok)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1,1000,100000")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--count", type=int, default=2, help="real migrations for downtime_ms")
+    p.add_argument("--no-qemu", action="store_true")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    asyncio.run(bench_state(sizes, args.repeat))
+    if not args.no_qemu:
+        asyncio.run(bench_downtime(args.count))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
