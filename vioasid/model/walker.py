@@ -251,6 +251,8 @@ class Walker:
         self._want_pe0 = _PE_P.mask | (PGTT_FIRST_STAGE << _PE_PGTT.lo)
         self._chk_pe2 = _PE_RSVD[2] | above
         self._chk_fs = tuple(_FS_P | m for m in self._fs_rsvd)
+        self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
+        self._ss_chk_w = tuple(_SS_W | m for m in self._ss_rsvd)
 
     # -- public API -----------------------------------------------------------------------
     def translate(self, rtaddr: int, req: Request) -> Translation | Fault:
@@ -854,31 +856,38 @@ class Walker:
         codes: tuple[FR, FR, FR, FR, FR],
         spans: list[Span],
     ) -> tuple[int, int, int]:
-        """(output address, page size, accumulated R/W bits) of a second-stage walk."""
+        """(output address, page size, accumulated R/W bits) of a second-stage walk.
+
+        Per level, QEMU's order: the access right first (``vtd_iova_to_slpte``), then the
+        reserved bits; both folded into one mask test on the common path."""
         width = min(12 + 9 * levels, self.haw)
         if addr >> width:
             raise FaultError(codes[4], f"0x{addr:x} beyond the {width}-bit second stage")
         access = _SS_W if write else _SS_R
-        rsvd, lrsvd = self._ss_rsvd, self._ss_lrsvd
-        unpack = _Q.unpack_from
+        chk = self._ss_chk_w if write else self._ss_chk_r
+        b, e, buf = spans[0] if spans else _NO_SPAN
+        e -= 8
+        unpack = _UNPACK_Q
         table = root
         rw = _SS_R | _SS_W
-        for level in range(levels, 0, -1):
-            gpa = table + ((addr >> (3 + 9 * level)) & 0x1FF) * 8
-            for base, end, buf in spans:
-                if base <= gpa and gpa + 8 <= end:
-                    pte: int = unpack(buf, gpa - base)[0]
-                    break
+        level = levels
+        while True:
+            g = table + ((addr >> (9 * level)) & 0xFF8)
+            if b <= g <= e:
+                pte: int = unpack(buf, g - b)[0]
             else:
-                raise FaultError(codes[0], f"second-stage L{level} table 0x{gpa:x} unreadable")
-            rw &= pte
-            if not pte & access:
-                raise FaultError(codes[1] if write else codes[2], f"second-stage L{level} denies")
-            leaf = level == 1 or (level <= 3 and pte & _SS_PS)
-            if pte & (lrsvd[level] if leaf and level > 1 else rsvd[level]):
+                pte = self._read(spans, g, _Q, codes[0], f"second-stage L{level} entry")[0]
+            if pte & chk[level] != access:
+                if not pte & access:
+                    raise FaultError(
+                        codes[1] if write else codes[2], f"second-stage L{level} denies"
+                    )
                 raise FaultError(codes[3], f"reserved bits in second-stage L{level}")
-            if leaf:
+            rw &= pte
+            if level == 1 or (level <= 3 and pte & _SS_PS):
+                if level > 1 and pte & self._ss_lrsvd[level]:
+                    raise FaultError(codes[3], f"reserved bits in second-stage L{level}")
                 size = 1 << (3 + 9 * level)
                 return (pte & _SS_ADDR & ~(size - 1)) | (addr & (size - 1)), size, rw
             table = pte & _SS_ADDR
-        raise AssertionError("unreachable")  # pragma: no cover
+            level -= 1
