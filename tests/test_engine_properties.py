@@ -71,7 +71,7 @@ def _check(lab: Lab) -> None:
         assert name in lab.hosts[g.host].vms
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.tuples(*(st.sampled_from(["pd", "gl"]) for _ in VMS)),
     st.lists(op, min_size=10, max_size=50),
