@@ -130,3 +130,45 @@ def test_random_sequences_keep_invariants(
                 assert h.vm(vm).cpu_table[x] == pp
                 assert h.global_owner[pp] == (vm, x)
         _check(lab)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["root", "context", "dir", "entry"]),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, 3),
+    st.sampled_from([1, 5, 63, 64, 4095, 1 << 19]),
+)
+def test_hostile_guest_tables_never_raise_anything_else(
+    where: str, value: int, word: int, x: int
+) -> None:
+    """Whatever the guest writes into its tables, bind/sync/dma refuse or fault cleanly."""
+    lab = Lab()
+    lab.host("h", "per-device", (("10:00.0", False, False), ("14:00.0", True, False)))
+    g = lab.vm("vm", "h", (("00:03.0", "10:00.0", "vfio-pci"), ("00:04.0", "14:00.0", "mdev")))
+    lab.map("vm", x, 0x400000, 0x100000)
+    lab.guest_entry("vm", "00:03.0", x)
+    lab.guest_entry("vm", "00:04.0", x)
+    sid = 0x18
+    gpa = {
+        "root": g.driver.root,
+        "context": g.driver.context_entry_gpa(sid),
+        "dir": g.driver.pasid_dirs[sid] + (x >> 6) * 8,
+        "entry": g.driver.pasid_entry_gpa(sid, x),
+    }[where]
+    g.memory.write_u64(gpa + 8 * (word if where in ("context", "entry") else 0), value)
+    h = lab.hosts["h"]
+    for rid in (0x18, 0x20):
+        try:
+            h.bind("vm", rid, x)
+        except VioasidError:
+            pass
+        try:
+            h.sync_pasid("vm", rid, x)
+        except VioasidError:
+            pass
+        r = h.dma("vm", rid, x, 0x400000, write=True)
+        assert r.ok or r.fault is not None
+        if r.ok:
+            assert r.hpa is not None and h.vm("vm").hpa <= r.hpa < h.vm("vm").hpa + MEM * 4
+    assert h.check_invariants() == []
