@@ -93,6 +93,7 @@ class Attempt:
     forced: str | None = None
     checks: list[str] = field(default_factory=list)  # what went wrong around it
     dma_ok: int = 0
+    dirty_pages_marked: int = 0  # by the source's vhost-user-blk back-end while logging
 
     def to_json(self) -> dict[str, Any]:
         out = self.result.to_json()
@@ -102,6 +103,7 @@ class Attempt:
             forced=self.forced,
             checks=self.checks,
             dma_ok=self.dma_ok,
+            dirty_pages_marked=self.dirty_pages_marked,
         )
         return out
 
@@ -320,6 +322,7 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
                 if res.reserve_intact is False:
                     att.checks.append("reserved range differs on the destination")
                 chain.add(dst.serial_path)
+                att.dirty_pages_marked = cur.backend.dirty.marked
                 await cur.close()
                 vms.remove(cur)
                 cur = dst

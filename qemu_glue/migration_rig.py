@@ -43,6 +43,8 @@ DEVICE_ID = "vublk0"
 DEVICE_ADDR = "04.0"
 SHM = Path("/dev/shm")
 
+CLI_MAIN = "import sys; from vioasid.cli import main; sys.exit(main())"
+"""``python -c`` program running the vioasid CLI (``-m vioasid.cli`` would load cli.py twice)."""
 FunctionSpec = tuple[int, bool, bool]  # (rid, enqcmd, translating)
 
 
@@ -73,8 +75,8 @@ class Daemon:
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "vioasid.cli",
+            "-c",
+            CLI_MAIN,
             "serve",
             "--socket",
             str(self.socket),
@@ -126,6 +128,7 @@ class BlkVm:
         self.ram_path = SHM / f"{workdir.name}-{tag}-ram" if SHM.is_dir() else workdir / "ram"
         self.serial_path = workdir / f"{tag}.serial"
         self.vhost_socket = workdir / f"{tag}.vhost.sock"
+        self.qmp2_socket = workdir / f"{tag}.qmp2.sock"  # a second monitor, for other tools
         self.qemu: QemuProcess | None = None
         self.reader: VtdRegisterReader | None = None
         self._qmp_ready = asyncio.Event()
@@ -163,6 +166,7 @@ class BlkVm:
             ram_path=self.ram_path,
             serial_file=self.serial_path,
             incoming_defer=incoming,
+            extra_args=("-qmp", f"unix:{self.qmp2_socket},server=on,wait=off"),
         )
         try:
             self.qemu = await QemuProcess.start(spec)

@@ -93,6 +93,12 @@ class DirtyLogging:
     def __init__(self) -> None:
         self.log: DirtyLog | None = None
         self.enabled = False
+        self.marked_before = 0  # marks made in earlier logs
+
+    @property
+    def marked(self) -> int:
+        """Pages marked dirty so far, over every log this back-end was given."""
+        return self.marked_before + (self.log.marked if self.log is not None else 0)
 
     @property
     def active(self) -> DirtyLog | None:
@@ -102,6 +108,7 @@ class DirtyLogging:
     def set_log(self, dlog: DirtyLog) -> None:
         """A new log replaces the old one (QEMU resizes the log when guest memory changes)."""
         if self.log is not None:
+            self.marked_before += self.log.marked
             self.log.close()
         self.log = dlog
         log.info("dirty log mapped: %d bytes (%d pages)", dlog.size, dlog.pages)
@@ -117,6 +124,7 @@ class DirtyLogging:
 
     def close(self) -> None:
         if self.log is not None:
+            self.marked_before += self.log.marked
             self.log.close()
             self.log = None
         self.enabled = False
