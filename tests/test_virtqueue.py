@@ -251,3 +251,36 @@ async def test_huge_indirect_table_is_bounded_by_queue_size(disk: Path) -> None:
     g.submit(0)
     with pytest.raises(ChainError):
         await q.pop(dma)
+
+
+class FixedResolver:
+    """Answers every page with GPA = IOVA + shift (a stand-in for QEMU in cross-check)."""
+
+    name = "fixed"
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+        return Resolved((iova & ~0xFFF) + self.shift, True, True, "fixed")
+
+    async def refresh(self) -> None:
+        return None
+
+    def invalidate(self, iova: int, size: int) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_cross_check_counts_agreement_and_disagreement() -> None:
+    mem = GuestMemory.from_bytes(1 << 20)
+    same = DeviceTranslator(IdentityResolver(lambda: mem), reference=FixedResolver(0))
+    other = DeviceTranslator(IdentityResolver(lambda: mem), reference=FixedResolver(0x1000))
+    for tr in (same, other):
+        for page in range(4):
+            await tr.translate(page * 4096 + 8, False)
+        await tr.translate(8, False)  # an IOTLB hit is not asked twice
+    assert (same.stats.agree, same.stats.disagree) == (4, 0)
+    assert (other.stats.agree, other.stats.disagree) == (0, 4)
+    assert other.stats.disagreements[0]["qemu"]["gpa"] == "0x1000"
+    assert other.stats.to_json()["qemu_agreement"] == {"agree": 0, "disagree": 4}
