@@ -3,7 +3,8 @@
 Builds (or reuses) the test image, starts the vhost-user-blk back-end, boots the guest (TCG by
 default) behind intel-iommu in scalable mode with ``iommu.strict=1``, runs the guest disk tests,
 checks the backing file, and prints a summary (or one JSON object with ``--json``). Exit 0 only
-if every guest test passed and the backing file holds what the guest wrote.
+if every guest test passed, the backing file holds what the guest wrote and (cross-check) no
+translation disagreed with QEMU's.
 """
 
 from __future__ import annotations

@@ -161,7 +161,16 @@ class BlkRunResult:
             and self.passed > 0
             and not self.errors
             and self.disk_ok
+            and self.disagreements == 0
         )
+
+    @property
+    def disagreements(self) -> int:
+        """Translations where vioasid's walk and QEMU differed (cross-check mode)."""
+        agreement = self.backend.get("qemu_agreement")
+        if isinstance(agreement, dict):
+            return int(agreement.get("disagree", 0))
+        return 0
 
     def to_json(self) -> dict[str, object]:
         b = self.backend
