@@ -7,7 +7,12 @@ over the unix socket:
 * ``rtt_p50_us`` / ``rtt_p99_us``: one request with one ``dma`` entry, reply awaited, repeated;
 * ``dma_batched_per_s``: translations per second, 64 ``dma`` entries per message, one client
   (a few messages in flight);
-* ``dma_batched_per_s_4_clients``: the same with four clients at once.
+* ``dma_batched_per_s_4_clients``: the same with four clients at once;
+* ``daemon_cpu_per_dma_us``: the daemon process's CPU time (user + system, from /proc) per
+  single-``dma`` request, a figure that does not depend on how busy the machine is otherwise.
+
+Every line carries ``load1``, the 1-minute load average when it was measured: on a shared
+2-core machine, round trips stretch with the number of runnable processes.
 
 Prints JSON lines ``{"name": ..., "value": ..., "unit": ...}``. Targets on a 2-core machine:
 p50 <= 100 us, >= 200,000 translations/s batched.
@@ -43,7 +48,15 @@ VIOASID = (sys.executable, "-c", "import sys; from vioasid.cli import main; sys.
 
 
 def emit(name: str, value: float, unit: str, **extra: Any) -> None:
+    extra["load1"] = round(os.getloadavg()[0], 2)
     print(json.dumps({"name": name, "value": round(value, 1), "unit": unit, **extra}), flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Guest:
@@ -116,10 +129,13 @@ async def main(args: argparse.Namespace) -> None:
         try:
             client = await Client.connect(sock, timeout=60)
             vm = await setup(client, guest, "bench")
+            cpu0 = cpu_seconds(proc.pid)
             samples = await rtt(client, vm, args.requests)
+            cpu = (cpu_seconds(proc.pid) - cpu0) / (len(samples) + 200) * 1e6
             q = statistics.quantiles(samples, n=100)
             emit("rtt_p50_us", q[49], "us", requests=len(samples))
             emit("rtt_p99_us", q[98], "us", requests=len(samples))
+            emit("daemon_cpu_per_dma_us", cpu, "us", requests=len(samples))
 
             start = time.perf_counter()
             n = await throughput(client, vm, args.seconds)

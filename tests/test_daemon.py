@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from daemon_support import (
@@ -500,3 +501,25 @@ async def test_malformed_connection_ends_alone() -> None:
             await asyncio.sleep(0.01)
         assert list(server.connections) == [(await c.dump())["vms"]["vm1"]["owner"]]
     g.close()
+
+
+@pytest.mark.asyncio
+async def test_second_daemon_does_not_steal_a_live_socket(tmp_path: Path) -> None:
+    from vioasid.daemon.hostconfig import default_host
+    from vioasid.daemon.server import Server
+    from vioasid.daemon.service import Service
+
+    async with running_daemon() as (_, path):
+        with pytest.raises(OSError, match="another daemon"):
+            await Server(Service(default_host()), path).start()
+        async with await Client.connect(path) as c:  # the first one still serves
+            assert await c.get_features()
+    # a stale socket file (nobody listening) is replaced
+    path = str(tmp_path / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    server = Server(Service(default_host()), path)
+    await server.start()
+    await server.close()
+    assert not os.path.exists(path)

@@ -331,7 +331,8 @@ class Client:
         self._pending: deque[tuple[Request, asyncio.Future[Any]]] = deque()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._error: ClientError | None = None
-        self._transport = Transport(sock, self._on_data, self._on_close)
+        self._loop = asyncio.get_running_loop()
+        self._transport = Transport(sock, self._on_data, self._on_close, self._loop)
         self._transport.start()
 
     @classmethod
@@ -368,7 +369,7 @@ class Client:
         await self.close()
 
     # -- plumbing -------------------------------------------------------------------------
-    def _on_data(self, data: bytes, fds: list[int]) -> None:
+    def _on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         try:
             self._codec.receive(data, fds)
             while True:
@@ -429,7 +430,7 @@ class Client:
         if self._error is not None or self._transport.closed:
             raise self._error or ConnectionLost("connection closed")
         flags = wire.VERSION | (wire.FLAG_NEED_REPLY if need_reply else 0)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending.append((request, fut))
         self._transport.send(wire.HEADER_S.pack(request, flags, len(payload)) + payload, fds)
         return fut

@@ -277,7 +277,16 @@ def _parse_dma_reply(payload: bytes) -> cs.Container:
     (count,) = _U32.unpack_from(payload, 8)
     if len(payload) != head + count * wire.DMA_RESULT_S.size:
         raise ProtocolViolation(f"unparsable DMA reply: {len(payload)} bytes for {count} results")
-    return cs.Container(status=0, body=DmaResults(count, payload[head:]))
+    return OkReply(DmaResults(count, payload[head:]))
+
+
+@dataclass(frozen=True, slots=True)
+class OkReply:
+    """A success reply decoded by the hot path (same ``status``/``body`` as the construct
+    container the other replies parse to)."""
+
+    body: Any
+    status: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -29,6 +30,17 @@ MAX_QUEUED = 64 << 20
 """A client that lets this much output pile up unread is disconnected."""
 
 _UCRED = struct.Struct("3i")
+
+
+def _is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _peer(sock: socket.socket) -> str:
@@ -50,7 +62,7 @@ class Connection:
         self.session: Session = server.service.open_session(_peer(sock))
         self.transport = Transport(sock, self.on_data, self.on_close, server.loop)
 
-    def on_data(self, data: bytes, fds: list[int]) -> None:
+    def on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         service = self.server.service
         try:
             self.codec.receive(data, fds)
@@ -91,18 +103,26 @@ class Server:
         self.service = service
         self.path = os.fspath(path)
         self.connections: dict[int, Connection] = {}
-        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop_policy().get_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._done: asyncio.Event | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the server is not started")
+        return self._loop
+
     async def start(self) -> None:
-        """Bind and listen (a stale socket file at the path is replaced; anything else is an
-        error)."""
-        self.loop = asyncio.get_running_loop()
+        """Bind and listen. A stale socket file at the path (nobody listening) is replaced; a
+        live one (another daemon) or any other file is an error."""
+        self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                os.unlink(self.path)
+                if _is_live(self.path):
+                    raise OSError(errno.EADDRINUSE, "another daemon is serving this socket")
+                os.unlink(self.path)  # stale: nobody listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)

@@ -1,10 +1,11 @@
 """A non-blocking unix stream socket on the asyncio loop, with SCM_RIGHTS fd passing.
 
 asyncio's stream and protocol APIs drop ancillary data, so this layer drives a raw socket with
-``loop.add_reader``/``add_writer``: each readable callback does one ``recvmsg`` (bytes + fds) and
-hands the result to ``on_data``; ``send`` writes right away when the socket takes it and queues
-the rest (fds go with the first byte of their message, so a message with fds is never merged with
-queued bytes). Used by both the daemon and :mod:`vioasid.client`.
+``loop.add_reader``/``add_writer``. Each readable callback does one ``recvmsg_into`` a reused
+buffer (bytes + fds) and hands the result to ``on_data``, which must consume it before it
+returns. ``send`` writes right away when the socket takes it and queues the rest (fds go with
+the first byte of their message, so a message with fds is never merged with queued bytes).
+Used by both the daemon and :mod:`vioasid.client`.
 """
 
 from __future__ import annotations
@@ -24,28 +25,40 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 18
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic is slow per message
 
 
 class TooManyFds(Exception):
     """The peer sent more fds than one message may carry (the kernel truncated them)."""
 
 
-def recv_with_fds(sock: socket.socket, size: int = RECV_SIZE) -> tuple[bytes, list[int]]:
+def recv_with_fds(
+    sock: socket.socket, buf: bytearray | memoryview | None = None
+) -> tuple[bytes | memoryview, list[int]]:
     """One ``recvmsg``: the bytes and every fd that came with them (raises ``TooManyFds``
-    after closing them when the ancillary buffer overflowed)."""
-    data, anc, flags, _ = sock.recvmsg(size, _ANC_SIZE)
+    after closing them when the ancillary buffer overflowed). With ``buf`` the bytes are read
+    into it (no per-call allocation) and a view of it is returned: consume it before the next
+    call."""
+    if buf is None:
+        data, anc, flags, _ = sock.recvmsg(RECV_SIZE, _ANC_SIZE)
+        view: bytes | memoryview = data
+    else:
+        n, anc, flags, _ = sock.recvmsg_into([buf], _ANC_SIZE)
+        view = memoryview(buf)[:n]
     fds: list[int] = []
+    if not anc and not flags & _MSG_CTRUNC:
+        return view, fds
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         raise TooManyFds(f"more than {wire.MAX_FDS} fds in one message")
-    return data, fds
+    return view, fds
 
 
 class Transport:
@@ -55,7 +68,7 @@ class Transport:
     def __init__(
         self,
         sock: socket.socket,
-        on_data: Callable[[bytes, list[int]], None],
+        on_data: Callable[[bytes | memoryview, list[int]], None],
         on_close: Callable[[str | None], None],
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -64,6 +77,7 @@ class Transport:
         self.on_data = on_data
         self.on_close = on_close
         self._fd = sock.fileno()
+        self._rbuf = bytearray(RECV_SIZE)
         self._queue: deque[tuple[memoryview, Sequence[int]]] = deque()
         self._writing = False
         self._drained: asyncio.Event | None = None
@@ -76,7 +90,7 @@ class Transport:
     # -- reading ------------------------------------------------------------------------
     def _readable(self) -> None:
         try:
-            data, fds = recv_with_fds(self.sock)
+            data, fds = recv_with_fds(self.sock, self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except TooManyFds as exc:
