@@ -40,7 +40,7 @@ from typing import Any
 from vioasid.client import Client, ImportResult, MemoryRegion, RequestError
 from vioasid.model.memory import GuestMemory
 
-from .qmp import MIGRATION, MIGRATION_PASS, RESUME, STOP, EventStream, Qmp, QmpError
+from .qmp import MIGRATION, MIGRATION_PASS, RESUME, STOP, EventStream, Qmp, QmpError, QmpTimeout
 from .vpasid_reserve import digest, ppasid_table
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,12 @@ async def _wait_status(
         left = deadline - time.monotonic()
         if left <= 0:
             raise MigrationError(f"migration did not reach {'/'.join(sorted(want))} in time")
-        e = await ev.get(left)
+        try:
+            e = await ev.get(left)
+        except QmpTimeout:
+            raise MigrationError(
+                f"migration did not reach {'/'.join(sorted(want))} in time"
+            ) from None
         on_event(e)
         if e.get("event") == MIGRATION:
             status = str(e.get("data", {}).get("status", ""))
@@ -457,8 +462,18 @@ async def migrate(
                 e = await dev.wait_for(RESUME, timeout=30.0)
                 resume_t = _event_time(e)
         except BaseException:
+            # A timeout or a QMP failure mid-way: stop the migration (the source resumes) and
+            # leave nothing behind on the destination daemon.
             if m.pre_task is not None and not m.pre_task.done():
                 m.pre_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await m.pre_task
+            with contextlib.suppress(Exception):
+                await src.execute("migrate_cancel", timeout=5.0)
+            await m.drop_precopy()
+            if res.dst_vm is not None and vpasid is not None:
+                with contextlib.suppress(Exception):
+                    await vpasid.dst.unregister_vm(res.dst_vm)
             raise
     res.ok = True
     if stop_t is not None and resume_t is not None:

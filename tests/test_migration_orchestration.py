@@ -480,3 +480,20 @@ def test_backend_offers_migration_features_and_maps_the_log(tmp_path: Any) -> No
     assert be.dirty.active is be.dirty.log
     be.dirty.close()
     be.blk.close()
+
+
+@pytest.mark.asyncio
+async def test_timeout_cancels_and_cleans_up() -> None:
+    async with rig() as r:
+        dst_before = await _daemon_state(r.b)
+
+        async def never() -> None:
+            await asyncio.sleep(3600)  # QEMU never reaches pre-switchover
+
+        r.src_qmp.before_switchover = never
+        with pytest.raises(MigrationError, match="in time"):
+            await migrate(r.sq, r.dq, "unix:/x", vpasid=r.handover(), timeout=1.0)
+        assert "migrate_cancel" in [c for c, _ in r.src_qmp.commands]
+        assert await _daemon_state(r.b) == dst_before  # the pre-copied VM was dropped
+        assert r.src_qmp.task is not None
+        r.src_qmp.task.cancel()
