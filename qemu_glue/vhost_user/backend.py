@@ -623,14 +623,19 @@ class VhostUserBlkBackend:
 
 def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
     """Send a small message completely (briefly blocking: QEMU reads its socket promptly)."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    try:  # the common case: the whole message fits in the socket buffer at once
+        sent = sock.sendmsg([data], anc)
+    except BlockingIOError:
+        sent = -1  # nothing (and no fd) went out
+    if sent == len(data):
+        return
     blocking = sock.getblocking()
     sock.setblocking(True)
     try:
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([data], anc)
+        if sent < 0:
+            sent = sock.sendmsg([data], anc)
         if sent < len(data):
-            sock.sendall(data[sent:])
+            sock.sendall(data[sent:])  # the fds went with the first part
     finally:
         sock.setblocking(blocking)
