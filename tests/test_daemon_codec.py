@@ -233,7 +233,7 @@ def messages(draw: st.DrawFn) -> tuple[bytes, int]:
     return wire.HEADER_S.pack(request, flags, size) + payload, nfds
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(messages(), max_size=5), st.integers(min_value=1, max_value=64))
 def test_fuzz_decoder_only_raises_protocol_violation(
     msgs: list[tuple[bytes, int]], chunk: int

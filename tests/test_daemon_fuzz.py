@@ -105,7 +105,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
 
 
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
