@@ -33,6 +33,7 @@ from vioasid.client import (
     MigrationFailed,
     NotFound,
     PageRequestEvent,
+    PageResponseEvent,
     PasidConflict,
 )
 from vioasid.daemon.codec import encode_request, frame
@@ -252,6 +253,17 @@ async def test_page_request_pushed() -> None:
         assert isinstance(ev, PageRequestEvent)
         assert (ev.rid, ev.vpasid, ev.addr, ev.write) == (DEV, 5, 0x7000_0000, True)
         assert c.pending_events() == []  # no fault record for it
+        # the guest answers with a page-group response: the device side gets it
+        from vioasid.formats import invalidation as inv
+
+        resp = inv.build_desc(
+            inv.PGRESP_DESC,
+            {"PP": 1, "RC": inv.RESP_SUCCESS, "RID": SID, "PASID": 5, "LPIG": 1, "PRGI": ev.prgi},
+        )
+        assert await c.invalidate(vm, resp) == 1
+        pr = await c.next_event(timeout=5)
+        assert isinstance(pr, PageResponseEvent)
+        assert (pr.rid, pr.vpasid, pr.code, pr.last) == (DEV, 5, 0, True)
     g.close()
 
 

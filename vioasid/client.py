@@ -14,8 +14,9 @@ Requests are pipelined: any number may be in flight, the daemon answers in order
 request raises a :class:`RequestError` subclass named after its error kind
 (:class:`PasidConflict`, :class:`Invalid`, :class:`NotFound`, :class:`Exhausted`,
 :class:`MigrationFailed`) with ``.kind`` and ``.message``. Faults and page requests of VMs this
-client subscribed to arrive on :meth:`Client.next_event` / :meth:`Client.events`, pushed by the
-daemon. Methods that take a device accept a BDF string (``"00:03.0"``) or its source-id int.
+client subscribed to arrive on :meth:`Client.next_event` / :meth:`Client.events`, pushed by
+the daemon (with the guest's page-group responses, for device back-ends subscribed to page
+requests). Methods that take a device accept a BDF string (``"00:03.0"``) or its source-id int.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from vioasid.daemon.codec import (
     encode_request,
 )
 from vioasid.daemon.transport import Transport
+from vioasid.formats import invalidation as inv
 from vioasid.formats import prq, wire
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.wire import (
@@ -72,6 +74,7 @@ __all__ = [
     "MigrationFailed",
     "NotFound",
     "PageRequestEvent",
+    "PageResponseEvent",
     "PasidConflict",
     "PasidEntryResult",
     "RequestError",
@@ -316,7 +319,34 @@ class PageRequestEvent:
         )
 
 
-Event = FaultEvent | PageRequestEvent
+@dataclass(frozen=True, slots=True)
+class PageResponseEvent:
+    """The guest's page-group response to a page request (guest RID, vPASID, response code:
+    0 success, 1 invalid, 0xF failure)."""
+
+    vm: int
+    rid: str
+    vpasid: int | None
+    prgi: int
+    last: bool
+    code: int
+    desc: bytes
+
+    @classmethod
+    def from_desc(cls, vm: int, desc: bytes) -> PageResponseEvent:
+        f = inv.PGRESP_DESC.flat(desc)
+        return cls(
+            vm=vm,
+            rid=bdf_str(f["RID"]),
+            vpasid=f["PASID"] if f["PP"] else None,
+            prgi=f["PRGI"],
+            last=bool(f["LPIG"]),
+            code=f["RC"],
+            desc=desc,
+        )
+
+
+Event = FaultEvent | PageRequestEvent | PageResponseEvent
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -397,6 +427,8 @@ class Client:
                 )
             elif msg.request == Request.PAGE_REQUEST_EVENT:
                 self._events.put_nowait(PageRequestEvent.from_desc(body.vm, body.desc))
+            elif msg.request == Request.PAGE_RESPONSE_EVENT:
+                self._events.put_nowait(PageResponseEvent.from_desc(body.vm, body.desc))
             return
         if not self._pending or self._pending[0][0] != msg.request:
             raise ProtocolViolation(f"unexpected reply to request {msg.request}")
@@ -540,8 +572,9 @@ class Client:
     async def subscribe(
         self, vm: int, events: EventMask = EventMask.FAULTS | EventMask.PAGE_REQUESTS
     ) -> None:
-        """Have the daemon push this VM's faults / page requests to this connection
-        (``EventMask(0)`` unsubscribes)."""
+        """Have the daemon push this VM's faults (``FAULTS``) and page requests plus the
+        guest's page responses (``PAGE_REQUESTS``) to this connection (``EventMask(0)``
+        unsubscribes)."""
         await self._call(Request.SUBSCRIBE, {"vm": vm, "events": int(events)})
 
     async def next_event(self, timeout: float | None = None) -> Event:

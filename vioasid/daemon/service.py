@@ -323,8 +323,19 @@ class Service:
                     return 0
                 return self._resync(entry, None, None, only_rid=f["SID"])
             return self._resync(entry, None, None)
-        # wait, interrupt-entry cache, device-TLB and page-group responses change nothing here
+        if kind == inv.TYPE_PGRESP:
+            return self._page_response(entry, desc[:16])
+        # wait, interrupt-entry cache and device-TLB invalidations change nothing here
         return 0
+
+    def _page_response(self, entry: VmEntry, desc: bytes) -> int:
+        """The guest answered a page request: pass it to the page-request subscribers (the
+        device back-ends). Returns how many got it."""
+        data = encode_event(Request.PAGE_RESPONSE_EVENT, {"vm": entry.id, "desc": desc})
+        takers = [s for s, m in entry.subscribers.items() if m & EventMask.PAGE_REQUESTS]
+        for s in takers:
+            self._out(s, data)
+        return len(takers)
 
     def _guest_did(self, vm: VM, rid: int, vpasid: int) -> int | None:
         """The DID of the guest's present PASID entry, or None (missing or unreadable)."""
@@ -375,16 +386,23 @@ class Service:
         base, top = entry.host_range
         off = _DMA_COUNT.size
         size = _DMA_RESULT.size
+        key = -1  # (rid, pasid) of the previous entry: batches repeat them, look up once
+        route: tuple[int, int] | None = None  # (host function, tag) for key
         for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(batch.entries):
             write = flags & _F_WRITE
-            dev = None if flags & _F_BY_TAG else devices.get(rid)
-            if dev is not None:
-                pp = dev.ppasids.get(pasid)
-                if pp is not None or dev.rule.equal_x:
-                    tag = pasid if pp is None else pp
-                    hpa = fast(dev.function.rid, tag, addr, write)
+            if not flags & _F_BY_TAG:
+                if (rid << 32 | pasid) != key:
+                    key = rid << 32 | pasid
+                    route = None
+                    dev = devices.get(rid)
+                    if dev is not None:
+                        pp = dev.ppasids.get(pasid)
+                        if pp is not None or dev.rule.equal_x:
+                            route = (dev.function.rid, pasid if pp is None else pp)
+                if route is not None:
+                    hpa = fast(route[0], route[1], addr, write)
                     if type(hpa) is int and base <= hpa < top:
-                        pack(out, off, 0, 0, 3 if write else 1, tag, hpa - base, hpa)
+                        pack(out, off, 0, 0, 3 if write else 1, route[1], hpa - base, hpa)
                         off += size
                         continue
             self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, bool(write))

@@ -1,9 +1,10 @@
-"""One client connection's state: what it negotiated, which VMs it owns, what it subscribed to.
+"""One client connection's state: what it negotiated, which VMs it owns, its pending output.
 
 A session is sans-IO: the service appends encoded messages to :attr:`Session.outbox` (its own
 replies) and to other sessions' outboxes (pushed events); the server flushes outboxes to sockets
-after each batch of input. When the connection ends, the service releases every VM the session
-owns (see :meth:`vioasid.daemon.service.Service.end_session`).
+after each batch of input. Subscriptions live on the VM (``VmEntry.subscribers``). When the
+connection ends, the service releases every VM the session owns (see
+:meth:`vioasid.daemon.service.Service.end_session`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ class Session:
     peer: str = ""  # "pid 1234" from SO_PEERCRED, for logs
     features: int = 0  # acknowledged with SET_FEATURES
     owned: set[int] = field(default_factory=set)  # VM ids this connection registered/imported
-    subscriptions: dict[int, int] = field(default_factory=dict)  # VM id -> wire.EventMask
     outbox: list[bytes] = field(default_factory=list)
     closed: bool = False
 

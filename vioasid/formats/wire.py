@@ -77,6 +77,7 @@ class Request(IntEnum):
 
     FAULT_EVENT = 1152
     PAGE_REQUEST_EVENT = 1153
+    PAGE_RESPONSE_EVENT = 1154
 
 
 VIOASID_REQUESTS = range(1024, 1152)
@@ -332,6 +333,13 @@ PAGE_REQUEST_EVENT = _fixed(
     "desc" / cs.Bytes(32),  # VT-d page request descriptor (formats.prq.PAGE_REQ_DESC)
 )
 
+PAGE_RESPONSE_EVENT = _fixed(
+    "vm" / cs.Int32ul,
+    cs.Padding(4),
+    "desc" / cs.Bytes(16),  # the guest's page-group response (formats.invalidation.PGRESP_DESC)
+)
+"""The guest answered a page request (guest RID, vPASID): for the device back-end that asked."""
+
 # -- the table the codec works from ------------------------------------------------------------
 
 REQUEST_LAYOUTS: dict[Request, cs.Construct] = {
@@ -372,6 +380,7 @@ when the request had need_reply."""
 EVENT_LAYOUTS: dict[Request, cs.Construct] = {
     Request.FAULT_EVENT: FAULT_EVENT,
     Request.PAGE_REQUEST_EVENT: PAGE_REQUEST_EVENT,
+    Request.PAGE_RESPONSE_EVENT: PAGE_RESPONSE_EVENT,
 }
 
 
