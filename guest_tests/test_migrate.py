@@ -63,8 +63,9 @@ async def test_migrate_while_guest_tests_run(image: GuestImage) -> None:
         assert a.dma_ok == res.bindings
         assert r.reserve_intact is True
         assert r.source_status == "postmigrate"
-        assert a.dirty_pages_marked > 0  # the disk wrote guest RAM while QEMU logged
 
+    # the disk wrote guest RAM while QEMU logged (summed: one short window may see no I/O)
+    assert sum(a.dirty_pages_marked for a in migs) > 0
     assert res.report.errors == []
     assert res.report.failed == 0, [x for x in res.report.results if not x.passed]
     assert res.tests_after_migration > 0
