@@ -157,9 +157,10 @@ class Server:
             if conn is None or conn.transport.closed:
                 session.outbox.clear()
                 continue
-            conn.transport.send(session.take_output())
-            if conn.transport.pending > MAX_QUEUED:
-                conn.close(f"client does not read its replies ({conn.transport.pending} bytes)")
+            transport = conn.transport
+            transport.send(session.take_output())
+            if transport.backlogged and transport.pending > MAX_QUEUED:
+                conn.close(f"client does not read its replies ({transport.pending} bytes)")
 
     async def serve_forever(self) -> None:
         assert self._done is not None

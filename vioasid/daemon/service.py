@@ -123,6 +123,8 @@ class Service:
 
     def take_dirty(self) -> list[Session]:
         """Sessions with output to flush (each once, in the order they got it)."""
+        if not self._dirty:
+            return []
         dirty = list(self._dirty)
         self._dirty.clear()
         return dirty
@@ -146,8 +148,9 @@ class Service:
             self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
             return
         finally:
-            msg.close_fds()
-        if isinstance(result, bytes | bytearray):
+            if msg.fds:
+                msg.close_fds()
+        if type(result) is bytearray:
             self._out(session, encode_ok_raw(request, result))
         elif request in wire.REPLY_LAYOUTS or msg.need_reply:
             self._out(session, encode_ok(request, result))
@@ -375,13 +378,13 @@ class Service:
         """Batched device requests: the hot path (cached translations never leave this loop;
         faults and errors take the engine's full path so the guest sees them)."""
         batch = msg.body
-        entry = self._entry(batch.vm)
-        vm = self._model(entry)
+        entry = self.vms.get(batch.vm) or self._entry(batch.vm)
+        vm = entry.model
         host = self.host
         out = bytearray(_DMA_COUNT.size + batch.count * _DMA_RESULT.size)
         _DMA_COUNT.pack_into(out, 0, batch.count, 0)
         pack = _DMA_RESULT.pack_into
-        fast = host.dma_fast
+        fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
         devices = vm.devices
         base, top = entry.host_range
         off = _DMA_COUNT.size
@@ -407,7 +410,8 @@ class Service:
                         continue
             self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, bool(write))
             off += size
-        self._deliver(entry)
+        if entry.subscribers:
+            self._deliver(entry)
         return out
 
     def _dma_slow(

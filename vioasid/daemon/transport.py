@@ -129,6 +129,11 @@ class Transport:
             self._start_writing()
 
     @property
+    def backlogged(self) -> bool:
+        """Bytes are queued (the socket did not take everything)."""
+        return bool(self._queue)
+
+    @property
     def pending(self) -> int:
         """Bytes queued but not yet taken by the socket."""
         return sum(len(v) for v, _ in self._queue)
