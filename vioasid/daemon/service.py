@@ -118,7 +118,10 @@ class Service:
         for entry in self.vms.values():
             entry.subscribers.pop(session, None)
         for vm_id in sorted(session.owned):
-            self._release(vm_id, f"its owner {session} went away")
+            try:
+                self._release(vm_id, f"its owner {session} went away")
+            except Exception:  # a daemon bug: keep serving the others
+                log.exception("releasing VM id %d of %s failed", vm_id, session)
         self.sessions.pop(session.id, None)
 
     def take_dirty(self) -> list[Session]:

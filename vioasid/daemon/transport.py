@@ -1,11 +1,11 @@
 """A non-blocking unix stream socket on the asyncio loop, with SCM_RIGHTS fd passing.
 
 asyncio's stream and protocol APIs drop ancillary data, so this layer drives a raw socket with
-``loop.add_reader``/``add_writer``. Each readable callback does one ``recvmsg_into`` a reused
-buffer (bytes + fds) and hands the result to ``on_data``, which must consume it before it
-returns. ``send`` writes right away when the socket takes it and queues the rest (fds go with
-the first byte of their message, so a message with fds is never merged with queued bytes).
-Used by both the daemon and :mod:`vioasid.client`.
+``loop.add_reader``/``add_writer``. Each readable callback does one ``recvmsg_into`` a buffer
+shared by the thread's transports (bytes + fds) and hands the result to ``on_data``, which must
+consume it before it returns. ``send`` writes right away when the socket takes it and queues
+the rest (fds go with the first byte of their message, so a message with fds is never merged
+with queued bytes). Used by both the daemon and :mod:`vioasid.client`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -26,6 +27,18 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 1 << 18
 _ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic is slow per message
+
+
+_local = threading.local()
+
+
+def _recv_buffer() -> bytearray:
+    """One receive buffer per thread, shared by its transports: ``on_data`` consumes what it
+    is given before returning, so no two reads ever need it at once."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(RECV_SIZE)
+    return buf
 
 
 class TooManyFds(Exception):
@@ -77,7 +90,6 @@ class Transport:
         self.on_data = on_data
         self.on_close = on_close
         self._fd = sock.fileno()
-        self._rbuf = bytearray(RECV_SIZE)
         self._queue: deque[tuple[memoryview, Sequence[int]]] = deque()
         self._writing = False
         self._drained: asyncio.Event | None = None
@@ -90,7 +102,7 @@ class Transport:
     # -- reading ------------------------------------------------------------------------
     def _readable(self) -> None:
         try:
-            data, fds = recv_with_fds(self.sock, self._rbuf)
+            data, fds = recv_with_fds(self.sock, _recv_buffer())
         except (BlockingIOError, InterruptedError):
             return
         except TooManyFds as exc:
