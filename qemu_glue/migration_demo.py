@@ -322,8 +322,8 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
                 if res.reserve_intact is False:
                     att.checks.append("reserved range differs on the destination")
                 chain.add(dst.serial_path)
-                att.dirty_pages_marked = cur.backend.dirty.marked
                 await cur.close()
+                att.dirty_pages_marked = cur.dirty_pages_marked
                 vms.remove(cur)
                 cur = dst
                 assert res.dst_vm is not None

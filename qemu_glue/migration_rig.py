@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from guest_tests.markers import GuestReport, Marker
 from vioasid.client import Client, MemoryRegion
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 DEVICE_ID = "vublk0"
 DEVICE_ADDR = "04.0"
+DEVICE_RID = 0x20  # 00:04.0
+BACKEND_MAIN = "import sys; from qemu_glue.blk_process import main; sys.exit(main())"
 SHM = Path("/dev/shm")
 
 CLI_MAIN = "import sys; from vioasid.cli import main; sys.exit(main())"
@@ -119,22 +123,37 @@ class VmOptions:
 
 
 class BlkVm:
-    """One QEMU with its own RAM file, serial file and vioasid vhost-user-blk back-end."""
+    """One QEMU with its own RAM file, serial file and vioasid vhost-user-blk back-end.
 
-    def __init__(self, opts: VmOptions, tag: str, workdir: Path) -> None:
+    ``backend="process"`` (default) runs the back-end as a process of its own
+    (:mod:`qemu_glue.blk_process`, reading VT-d registers through a QMP monitor of its own);
+    ``"inproc"`` serves it from this event loop.
+    """
+
+    def __init__(
+        self, opts: VmOptions, tag: str, workdir: Path, *, backend: str = "process"
+    ) -> None:
+        if backend not in ("process", "inproc"):
+            raise ValueError("backend is process or inproc")
         self.opts = opts
         self.tag = tag
         self.workdir = workdir
+        self.mode = backend
         self.ram_path = SHM / f"{workdir.name}-{tag}-ram" if SHM.is_dir() else workdir / "ram"
         self.serial_path = workdir / f"{tag}.serial"
         self.vhost_socket = workdir / f"{tag}.vhost.sock"
         self.qmp2_socket = workdir / f"{tag}.qmp2.sock"  # a second monitor, for other tools
+        self.backend_qmp = workdir / f"{tag}.qmp-be.sock"  # the back-end process's monitor
         self.qemu: QemuProcess | None = None
         self.reader: VtdRegisterReader | None = None
         self._qmp_ready = asyncio.Event()
-        self.backend = VhostUserBlkBackend(
-            opts.disk, self.vhost_socket, translate="walk", regs=self._read_regs
-        )
+        self.backend: VhostUserBlkBackend | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.summary: dict[str, Any] = {}
+        if backend == "inproc":
+            self.backend = VhostUserBlkBackend(
+                opts.disk, self.vhost_socket, translate="walk", regs=self._read_regs
+            )
         self._serve: asyncio.Task[None] | None = None
         self._ram: GuestMemory | None = None
         self._ram_fd = -1
@@ -149,11 +168,44 @@ class BlkVm:
         assert self.qemu is not None
         return self.qemu.require_qmp()
 
+    @property
+    def dirty_pages_marked(self) -> int:
+        """Pages the back-end logged (a back-end process reports it when it stops)."""
+        if self.backend is not None:
+            return self.backend.dirty.marked
+        return int(self.summary.get("dirty_pages_marked", 0))
+
+    async def _start_backend(self) -> None:
+        if self.backend is not None:
+            await self.backend.start()
+            self._serve = asyncio.create_task(self.backend.serve_forever())
+            return
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            BACKEND_MAIN,
+            "--socket",
+            str(self.vhost_socket),
+            "--disk",
+            str(self.opts.disk),
+            "--qmp",
+            str(self.backend_qmp),
+            "--sid",
+            hex(DEVICE_RID),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60.0)
+        if line.strip() != b"READY":
+            raise RuntimeError(f"vhost-user-blk back-end did not start: {line!r}")
+
     async def start(self, *, incoming: bool = False) -> BlkVm:
         o = self.opts
-        await self.backend.start()
-        self._serve = asyncio.create_task(self.backend.serve_forever())
         self.serial_path.write_bytes(b"")
+        extra = ["-qmp", f"unix:{self.qmp2_socket},server=on,wait=off"]
+        if self.backend is None:
+            extra += ["-qmp", f"unix:{self.backend_qmp},server=on,wait=off"]
         spec = VmSpec(
             name=f"{o.name}-{self.tag}",
             memory_mib=o.memory_mib,
@@ -166,14 +218,18 @@ class BlkVm:
             ram_path=self.ram_path,
             serial_file=self.serial_path,
             incoming_defer=incoming,
-            extra_args=("-qmp", f"unix:{self.qmp2_socket},server=on,wait=off"),
+            extra_args=tuple(extra),
         )
         try:
+            await self._start_backend()
             self.qemu = await QemuProcess.start(spec)
             pci = await self.qmp.find_pci(DEVICE_ID)
-            self.backend.set_sid(pci.rid)
-            self.reader = VtdRegisterReader(self.qmp)
-            self._qmp_ready.set()
+            if pci.rid != DEVICE_RID:
+                raise RuntimeError(f"vhost-user-blk device is {pci.bdf}, expected {DEVICE_ADDR}")
+            if self.backend is not None:
+                self.backend.set_sid(pci.rid)
+                self.reader = VtdRegisterReader(self.qmp)
+                self._qmp_ready.set()
         except BaseException:
             await self.close()
             raise
@@ -193,15 +249,39 @@ class BlkVm:
         self.ram()
         return MemoryRegion(self._ram_fd, gpa=0, size=os.fstat(self._ram_fd).st_size)
 
+    async def _stop_backend(self) -> None:
+        if self.backend is not None:
+            await self.backend.close()
+            if self._serve is not None:
+                self._serve.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._serve
+                self._serve = None
+            return
+        p, self.proc = self.proc, None
+        if p is None:
+            return
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        try:
+            out, _ = await asyncio.wait_for(p.communicate(), 10.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            out, _ = await p.communicate()
+        for raw in reversed((out or b"").splitlines()):
+            with contextlib.suppress(ValueError):
+                doc = json.loads(raw)
+                if isinstance(doc, dict):
+                    self.summary = doc
+                    break
+
     async def close(self) -> None:
         if self.qemu is not None:
             with contextlib.suppress(Exception):
                 await self.qemu.close()
-        await self.backend.close()
-        if self._serve is not None:
-            self._serve.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._serve
+        await self._stop_backend()
         if self._ram is not None:
             self._ram.close()
             self._ram = None
