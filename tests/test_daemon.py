@@ -184,6 +184,41 @@ async def test_invalidation_descriptors_bind_unbind_and_flush() -> None:
 
 
 @pytest.mark.asyncio
+async def test_domain_global_context_and_iotlb_invalidations() -> None:
+    from vioasid.formats import invalidation as inv
+
+    g = bound_guest()
+    devices = (("00:03.0", PLAIN, "vfio-pci"), ("00:04.0", TRANSLATING, "mdev"))
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        vm = await setup_vm(c, g, devices=devices)
+        for sid in (0x18, 0x20):
+            g.write_entry(sid, 5)
+            await c.pasid_entry(vm, sid, 5)
+        # the guest clears 00:04.0's entry; a domain-selective PASID-cache flush unbinds it
+        g.clear_entry(0x20, 5)
+        dsi = inv.build_desc(inv.PC_DESC, {"G": inv.PC_DSI, "DID": 1})
+        assert await c.invalidate(vm, dsi) == 2  # both bound entries re-read
+        d = (await c.dump(vm))["vms"]["vm1"]["devices"]
+        assert d["00:03.0"]["bindings"] == {"5": 5} and d["00:04.0"]["bindings"] == {}
+        # another domain's flush touches nothing bound under DID 1
+        other = inv.build_desc(inv.PC_DESC, {"G": inv.PC_DSI, "DID": 9})
+        assert await c.invalidate(vm, other) == 0
+        glob = inv.build_desc(inv.PC_DESC, {"G": inv.PC_GLOBAL})
+        assert await c.invalidate(vm, glob) == 1
+        cc = inv.build_desc(inv.CC_DESC, {"G": inv.CC_DEVICE, "SID": 0x18})
+        assert await c.invalidate(vm, cc) == 1
+        cc_none = inv.build_desc(inv.CC_DESC, {"G": inv.CC_DEVICE, "SID": 0x99})
+        assert await c.invalidate(vm, cc_none) == 0
+        iotlb = inv.build_desc(inv.IOTLB_DESC, {"G": inv.IOTLB_GLOBAL})
+        assert await c.invalidate(vm, iotlb) == 1
+        # a 128-bit descriptor is accepted as the low half of a 256-bit one
+        assert await c.invalidate(vm, inv.build_desc(inv.WAIT_DESC, {}, wide=False)) == 0
+        with pytest.raises(Invalid, match="granularity"):
+            await c.invalidate(vm, inv.build_desc(inv.PC_DESC, {"G": 2}))
+    g.close()
+
+
+@pytest.mark.asyncio
 async def test_batched_dma_in_order_faults_and_events() -> None:
     g = bound_guest()
     async with running_daemon() as (_, path):
