@@ -271,10 +271,11 @@ class VmSpec:
             argv += ["-append", self.append]
         if self.incoming_defer:
             argv += ["-incoming", "defer"]
-        for i, ev in enumerate(self.trace_events):
-            opt = f"enable={ev}"
-            if i == 0 and self.trace_file is not None:
-                opt += f",file={self.trace_file}"
-            argv += ["-trace", opt]
+        for ev in self.trace_events:
+            argv += ["-trace", f"enable={ev}"]
+        if self.trace_events and self.trace_file is not None:
+            # Debian's QEMU uses the "log" trace back-end, which ignores -trace file=:
+            # trace output follows the log file set by -D.
+            argv += ["-D", str(self.trace_file)]
         argv += list(self.extra_args)
         return argv

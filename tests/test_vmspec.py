@@ -111,7 +111,8 @@ def test_devices_and_boot() -> None:
     assert _opt(argv, "-kernel") == ["/k"] and _opt(argv, "-initrd") == ["/i"]
     assert _opt(argv, "-append") == ["console=ttyS0"]
     assert _opt(argv, "-incoming") == ["defer"]
-    assert _opt(argv, "-trace") == ["enable=vtd_dmar_translate,file=/tr", "enable=vtd_inv_*"]
+    assert _opt(argv, "-trace") == ["enable=vtd_dmar_translate", "enable=vtd_inv_*"]
+    assert _opt(argv, "-D") == ["/tr"]
     assert _opt(argv, "-serial") == ["file:/ser.log"]
 
 
