@@ -81,6 +81,13 @@ __all__ = [
 ]
 
 Rid = str | int
+_FLAG_REPLY = wire.FLAG_REPLY
+_FLAGS = wire.VERSION
+_NEED_REPLY_FLAGS = wire.VERSION | wire.FLAG_NEED_REPLY
+_HEADER_PACK = wire.HEADER_S.pack
+_DMA_HEAD_PACK = wire.DMA_HEAD_S.pack
+_GET_FEATURES = int(Request.GET_FEATURES)
+_DMA = int(Request.DMA)
 
 
 def _rid(value: Rid) -> int:
@@ -151,9 +158,9 @@ _ERRORS: dict[int, type[RequestError]] = {
 }
 
 
-def error_for(request: Request, status: int, message: str) -> RequestError:
+def error_for(request: int, status: int, message: str) -> RequestError:
     cls = _ERRORS.get(status, InternalError)
-    return cls(request, message if status in _ERRORS else f"status {status}: {message}")
+    return cls(Request(request), message if status in _ERRORS else f"status {status}: {message}")
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -358,7 +365,7 @@ class Client:
 
     def __init__(self, sock: socket.socket) -> None:
         self._codec = Codec(Role.CLIENT)
-        self._pending: deque[tuple[Request, asyncio.Future[Any]]] = deque()
+        self._pending: deque[tuple[int, asyncio.Future[Any]]] = deque()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._error: ClientError | None = None
         self._loop = asyncio.get_running_loop()
@@ -411,36 +418,41 @@ class Client:
             self._transport.close(f"daemon sent malformed data: {exc}")
 
     def _dispatch(self, msg: Message) -> None:
-        if not msg.is_reply:
-            body = msg.body
-            if msg.request == Request.FAULT_EVENT:
-                self._events.put_nowait(
-                    FaultEvent(
-                        vm=body.vm,
-                        rid=bdf_str(body.rid),
-                        reason=body.reason,
-                        vpasid=body.vpasid if body.flags & wire.FAULT_PASID_PRESENT else None,
-                        addr=body.addr,
-                        write=bool(body.flags & wire.FAULT_WRITE),
-                        record=body.record,
-                    )
-                )
-            elif msg.request == Request.PAGE_REQUEST_EVENT:
-                self._events.put_nowait(PageRequestEvent.from_desc(body.vm, body.desc))
-            elif msg.request == Request.PAGE_RESPONSE_EVENT:
-                self._events.put_nowait(PageResponseEvent.from_desc(body.vm, body.desc))
+        if not msg.flags & _FLAG_REPLY:
+            self._event(msg)
             return
-        if not self._pending or self._pending[0][0] != msg.request:
+        pending = self._pending
+        if not pending or pending[0][0] != msg.request:
             raise ProtocolViolation(f"unexpected reply to request {msg.request}")
-        request, fut = self._pending.popleft()
+        request, fut = pending.popleft()
         if fut.done():
             return
-        if request == Request.GET_FEATURES:
-            fut.set_result(msg.body.features)
-        elif msg.body.status == 0:
-            fut.set_result(msg.body.body)
+        body = msg.body
+        if request == _GET_FEATURES:
+            fut.set_result(body.features)
+        elif body.status == 0:
+            fut.set_result(body.body)
         else:
-            fut.set_exception(error_for(request, msg.body.status, msg.body.body))
+            fut.set_exception(error_for(request, body.status, body.body))
+
+    def _event(self, msg: Message) -> None:
+        body = msg.body
+        if msg.request == Request.FAULT_EVENT:
+            self._events.put_nowait(
+                FaultEvent(
+                    vm=body.vm,
+                    rid=bdf_str(body.rid),
+                    reason=body.reason,
+                    vpasid=body.vpasid if body.flags & wire.FAULT_PASID_PRESENT else None,
+                    addr=body.addr,
+                    write=bool(body.flags & wire.FAULT_WRITE),
+                    record=body.record,
+                )
+            )
+        elif msg.request == Request.PAGE_REQUEST_EVENT:
+            self._events.put_nowait(PageRequestEvent.from_desc(body.vm, body.desc))
+        elif msg.request == Request.PAGE_RESPONSE_EVENT:
+            self._events.put_nowait(PageResponseEvent.from_desc(body.vm, body.desc))
 
     def _on_close(self, reason: str | None) -> None:
         self._codec.close()
@@ -457,14 +469,14 @@ class Client:
         self._events.put_nowait(None)
 
     def _send(
-        self, request: Request, payload: bytes, fds: Sequence[int] = (), need_reply: bool = False
+        self, request: int, payload: bytes, fds: Sequence[int] = (), need_reply: bool = False
     ) -> asyncio.Future[Any]:
         if self._error is not None or self._transport.closed:
             raise self._error or ConnectionLost("connection closed")
-        flags = wire.VERSION | (wire.FLAG_NEED_REPLY if need_reply else 0)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending.append((request, fut))
-        self._transport.send(wire.HEADER_S.pack(request, flags, len(payload)) + payload, fds)
+        flags = _NEED_REPLY_FLAGS if need_reply else _FLAGS
+        self._transport.send(_HEADER_PACK(request, flags, len(payload)) + payload, fds)
         return fut
 
     async def _call(self, request: Request, body: Any = None, fds: Sequence[int] = ()) -> Any:
@@ -536,12 +548,12 @@ class Client:
     def dma_nowait(self, vm: int, requests: Sequence[DmaRequest]) -> asyncio.Future[Any]:
         """Send one ``DMA`` message without waiting (pipelining); await the future, then
         :meth:`dma_results`."""
-        payload = wire.DMA_HEAD_S.pack(vm, len(requests)) + b"".join(r.pack() for r in requests)
-        return self._send(Request.DMA, payload)
+        payload = _DMA_HEAD_PACK(vm, len(requests)) + b"".join(r.pack() for r in requests)
+        return self._send(_DMA, payload)
 
     def dma_packed_nowait(self, vm: int, count: int, entries: bytes) -> asyncio.Future[Any]:
         """Like :meth:`dma_nowait` with entries already packed with ``wire.DMA_ENTRY_S``."""
-        return self._send(Request.DMA, wire.DMA_HEAD_S.pack(vm, count) + entries)
+        return self._send(_DMA, _DMA_HEAD_PACK(vm, count) + entries)
 
     @staticmethod
     def dma_results(raw: DmaResults) -> list[DmaResult]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -88,6 +87,7 @@ class Codec:
 
     def __init__(self, role: Role, *, max_payload: int = wire.MAX_PAYLOAD) -> None:
         self.role = role
+        self._daemon = role is Role.DAEMON  # a plain bool for the per-message checks
         self.max_payload = max_payload
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
@@ -158,7 +158,7 @@ class Codec:
             body = self._parse(request, flags, payload)
             want = (
                 wire.request_fds(Request(request), body)
-                if request in _FD_REQUESTS and self.role is Role.DAEMON
+                if request in _FD_REQUESTS and self._daemon
                 else 0
             )
             if len(fds) != want:
@@ -182,7 +182,7 @@ class Codec:
 
     # -- validation ---------------------------------------------------------------------
     def _check_header(self, request: int, flags: int, size: int) -> tuple[int, int, int]:
-        common = flags in _PLAIN_FLAGS if self.role is Role.DAEMON else flags == _REPLY
+        common = flags in _PLAIN_FLAGS if self._daemon else flags == _REPLY
         if common and size <= self.max_payload and request in _REQUESTS:
             return request, flags, size  # the usual case, checked in one go
         version = flags & wire.FLAG_VERSION_MASK
@@ -211,7 +211,7 @@ class Codec:
         return request, flags, size
 
     def _parse(self, request: int, flags: int, payload: bytes) -> Any:
-        if self.role is Role.DAEMON:
+        if self._daemon:
             if request == _DMA:
                 return _parse_dma(payload)
             layout = wire.REQUEST_LAYOUTS[Request(request)]
@@ -269,12 +269,12 @@ def _parse_dma(payload: bytes) -> DmaBatch:
     return DmaBatch(vm, count, payload[wire.DMA_HEAD_S.size :])
 
 
-def _parse_dma_reply(payload: bytes) -> cs.Container:
+def _parse_dma_reply(payload: bytes) -> OkReply:
     """A successful ``DMA`` reply, results kept raw (``wire.DMA_RESULT_S.iter_unpack``)."""
-    head = 8 + wire.DMA_HEAD_S.size
+    head = wire.DMA_REPLY_HEAD_S.size
     if len(payload) < head:
         raise ProtocolViolation(f"unparsable DMA reply ({len(payload)} bytes)")
-    (count,) = _U32.unpack_from(payload, 8)
+    _, count = wire.DMA_REPLY_HEAD_S.unpack_from(payload)
     if len(payload) != head + count * wire.DMA_RESULT_S.size:
         raise ProtocolViolation(f"unparsable DMA reply: {len(payload)} bytes for {count} results")
     return OkReply(DmaResults(count, payload[head:]))
@@ -295,9 +295,6 @@ class DmaResults:
 
     count: int
     results: bytes
-
-
-_U32 = struct.Struct("<I")
 
 
 # -- output -------------------------------------------------------------------------------------

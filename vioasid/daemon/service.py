@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import decode_stream
 from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
 
-from .codec import Message, encode_error, encode_event, encode_ok, encode_ok_raw
+from .codec import Message, encode_error, encode_event, encode_ok
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,11 @@ _DID = PASID_ENTRY.field("DID")
 _SPACE = {"per-rid": wire.Space.PER_RID, "global": wire.Space.GLOBAL}
 _PAGE_REQUEST_REASONS = frozenset({FaultReason.FS_PAGING_ENTRY_P, FaultReason.SS_ENTRY_P})
 _DMA_RESULT = wire.DMA_RESULT_S
-_DMA_COUNT = wire.DMA_HEAD_S  # (count, padding) at the head of the reply body
+_DMA_REQ = int(Request.DMA)
+_REPLY_FLAGS = wire.VERSION | wire.FLAG_REPLY
+_DMA_FRAME_HEAD = struct.Struct(wire.HEADER_S.format + wire.DMA_REPLY_HEAD_S.format.lstrip("<"))
+"""Message header + ``wire.DMA_REPLY_HEAD`` (status, count), packed in one go."""
+_DMA_REPLY_HEAD = _DMA_FRAME_HEAD.size
 _PERM_R, _PERM_W = 1, 2
 _F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the hot loop
 _F_BY_TAG = int(DmaFlag.BY_TAG)
@@ -153,8 +158,8 @@ class Service:
         finally:
             if msg.fds:
                 msg.close_fds()
-        if type(result) is bytearray:
-            self._out(session, encode_ok_raw(request, result))
+        if type(result) is bytearray:  # a hot-path handler built its whole reply frame
+            self._out(session, result)  # type: ignore[arg-type]
         elif request in wire.REPLY_LAYOUTS or msg.need_reply:
             self._out(session, encode_ok(request, result))
 
@@ -379,18 +384,22 @@ class Service:
     # -- device side ----------------------------------------------------------------------
     def _dma(self, session: Session, msg: Message) -> bytearray:
         """Batched device requests: the hot path (cached translations never leave this loop;
-        faults and errors take the engine's full path so the guest sees them)."""
+        faults and errors take the engine's full path so the guest sees them). Returns the
+        whole reply frame."""
         batch = msg.body
         entry = self.vms.get(batch.vm) or self._entry(batch.vm)
         vm = entry.model
         host = self.host
-        out = bytearray(_DMA_COUNT.size + batch.count * _DMA_RESULT.size)
-        _DMA_COUNT.pack_into(out, 0, batch.count, 0)
+        # the whole reply frame: header, status 0, count, results (packed in place)
+        out = bytearray(_DMA_REPLY_HEAD + batch.count * _DMA_RESULT.size)
+        _DMA_FRAME_HEAD.pack_into(
+            out, 0, _DMA_REQ, _REPLY_FLAGS, len(out) - wire.HEADER_SIZE, 0, batch.count
+        )  # status 0
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
         devices = vm.devices
         base, top = entry.host_range
-        off = _DMA_COUNT.size
+        off = _DMA_REPLY_HEAD
         size = _DMA_RESULT.size
         key = -1  # (rid, pasid) of the previous entry: batches repeat them, look up once
         route: tuple[int, int] | None = None  # (host function, tag) for key

@@ -275,6 +275,8 @@ DMA_RESULT = cs.Struct(
 DMA_REPLY = status_reply(
     cs.Struct("count" / cs.Int32ul, cs.Padding(4), "results" / cs.Array(cs.this.count, DMA_RESULT))
 )
+DMA_REPLY_HEAD = cs.Struct("status" / cs.Int64ul, "count" / cs.Int32ul, cs.Padding(4))
+"""The fixed head of a successful ``DMA_REPLY`` (the hot path packs/unpacks just this)."""
 
 ENQCMD = PASID_ENTRY
 ENQCMD_REPLY = status_reply(cs.Struct("ppasid" / cs.Int32ul))
@@ -422,3 +424,4 @@ HEADER_S = struct_of(HEADER)
 DMA_HEAD_S = struct_of(DMA_HEAD)
 DMA_ENTRY_S = struct_of(DMA_ENTRY)
 DMA_RESULT_S = struct_of(DMA_RESULT)
+DMA_REPLY_HEAD_S = struct_of(DMA_REPLY_HEAD)
