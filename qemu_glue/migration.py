@@ -19,8 +19,8 @@ destination's (:class:`VpasidHandover`)::
    queued faults) the pre-copied VM is dropped and the final stream imported now.
 5. Import refused → ``migrate_cancel``: the source VM resumes unchanged, the destination daemon
    keeps nothing (imports are all-or-nothing; a pre-copied VM is unregistered) and the
-   destination QEMU's load fails (stop it). Accepted → ``migrate-continue``, wait for
-   ``completed``, and the source's VM is released on its daemon.
+   destination QEMU, whose load cannot finish, is told to ``quit``. Accepted →
+   ``migrate-continue``, wait for ``completed``, and the source's VM is released on its daemon.
 
 The result (:class:`MigrationResult`) has QEMU's downtime, the observed one (source STOP →
 destination RESUME), the vPASID hand-over's share of the downtime, and the vPASID → pPASID
@@ -445,6 +445,9 @@ async def migrate(
                     await m.drop_precopy()
                     status = await _wait_status(sev, {"cancelled"}, 30.0, on_src)
                     res.status = "cancelled" if status == "cancelled" else status
+                    # its load failed (or would wait forever): the destination QEMU goes too
+                    with contextlib.suppress(QmpError):
+                        await dst.execute("quit", timeout=5.0)
                     return await _finish(res, src)
                 res.dst_vm = imported.vm
                 res.ppasids_after = imported.ppasids()

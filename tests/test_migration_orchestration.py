@@ -304,6 +304,7 @@ async def test_corrupted_stream_is_refused_and_source_keeps_running() -> None:
         assert res.source_status == "running"
         assert "migrate_cancel" in [c for c, _ in r.src_qmp.commands]
         assert "migrate-continue" not in [c for c, _ in r.src_qmp.commands]
+        assert "quit" in [c for c, _ in r.dst_qmp.commands]  # the destination QEMU is stopped
         assert await _daemon_state(r.a) == src_before
         assert await _daemon_state(r.b) == dst_before
 
