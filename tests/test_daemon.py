@@ -536,6 +536,13 @@ async def test_malformed_connection_ends_alone() -> None:
         s.setblocking(False)
         assert await asyncio.wait_for(loop.sock_recv(s, 100), 5) == b""
         s.close()
+        # more fds than any message may carry (the kernel truncates them: MSG_CTRUNC)
+        s = await raw_connect(path)
+        s.setblocking(True)
+        socket.send_fds(s, [frame(Request.GET_FEATURES, 1)], [g.fd] * (wire.MAX_FDS + 4))
+        s.setblocking(False)
+        assert await asyncio.wait_for(loop.sock_recv(s, 100), 5) == b""
+        s.close()
         after = await c.dump()
         assert after["vms"] == before["vms"] and after["allocators"] == before["allocators"]
         [r] = await c.dma(vm, [DmaRequest(DEV, 5, VA)])
