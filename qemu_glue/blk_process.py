@@ -6,7 +6,8 @@ Listens on ``S`` (QEMU connects as the ``vhost-user-blk-pci`` client), serves th
 ``D``, and walks the guest's VT-d tables itself; the GSTS/RTADDR registers it needs are read
 through QEMU's monitor ``Q`` (a QMP socket of that QEMU, connected on first use). Prints
 ``READY`` once listening; on SIGTERM/SIGINT it stops and prints one JSON line: the back-end's
-summary plus ``dirty_pages_marked`` (pages it logged during migrations).
+summary plus ``dirty_pages_marked`` (pages it logged during migrations), ``dirty_logs_mapped``
+and ``dirty_log_enables`` (how often QEMU handed it a log and turned logging on).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         summary = backend.summary()
         summary["dirty_pages_marked"] = backend.dirty.marked
+        summary["dirty_logs_mapped"] = backend.dirty.logs_mapped
+        summary["dirty_log_enables"] = backend.dirty.enables
         await backend.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

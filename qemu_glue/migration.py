@@ -50,7 +50,7 @@ IOMMU_TYPES = ("intel-iommu",)
 _SKIP_PROPS = {"type", "parent_bus", "realized", "hotplugged", "hotpluggable"}
 PRECOPY_WAIT_S = 30.0  # longest the pre-copy waits for the tables (holding convergence)
 QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's default downtime-limit
-HOLD_DOWNTIME_LIMIT_MS = 1  # while the pre-copy runs: keep iterating
+HOLD_DOWNTIME_LIMIT_MS = 0  # while the pre-copy runs: keep iterating (1 ms may still fit MiBs)
 RESERVE_WAIT_S = 20.0  # at switch-over: how long the destination may take to load the tables
 DEFAULT_MAX_BANDWIDTH = 8 << 30  # bytes/s: QEMU's default 128 MiB/s makes TCG runs slow
 
@@ -253,25 +253,28 @@ class _Migration:
                 await _wait_reserve(h.reserve, PRECOPY_WAIT_S)
             else:
                 await asyncio.wait_for(self.pass_seen.wait(), PRECOPY_WAIT_S)
+            # From here until self.pre is set the switch-over waits for this task instead of
+            # cancelling it: a cancelled import would leave the destination holding the VM.
             self.importing = True
-            t0 = time.perf_counter()
-            stream = await h.src.export_vm(h.src_vm)
             try:
-                result = await self._import(stream)
-            except RequestError as exc:
-                log.info("vPASID pre-copy refused (the final import will retry): %s", exc)
-                return
+                t0 = time.perf_counter()
+                stream = await h.src.export_vm(h.src_vm)
+                try:
+                    result = await self._import(stream)
+                except RequestError as exc:
+                    log.info("vPASID pre-copy refused (the final import will retry): %s", exc)
+                    return
+                self.pre = _Imported(stream, result, (time.perf_counter() - t0) * 1e3)
+                log.info(
+                    "vPASID state pre-copied: %d bindings, %d bytes, %.1f ms",
+                    len(result.bindings),
+                    len(stream),
+                    self.pre.ms,
+                )
             finally:
                 self.importing = False
         finally:
             await self.release_convergence()
-        self.pre = _Imported(stream, result, (time.perf_counter() - t0) * 1e3)
-        log.info(
-            "vPASID state pre-copied: %d bindings, %d bytes, %.1f ms",
-            len(result.bindings),
-            len(stream),
-            self.pre.ms,
-        )
 
     async def release_convergence(self) -> None:
         """Let the migration converge (the pre-copy held it back with a tiny downtime limit)."""
@@ -285,16 +288,7 @@ class _Migration:
         """The VM is stopped: final export, compare, (re-)import. Raises RequestError."""
         h = self.h
         assert h is not None
-        task = self.pre_task
-        if task is not None and not task.done():
-            if self.importing:
-                with contextlib.suppress(Exception):
-                    await task  # a request in flight: let it finish, do not desync the client
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self.held = None
+        await self.settle_precopy()
         t0 = time.perf_counter()
         stream = await h.src.export_vm(h.src_vm)
         res.stream_bytes = len(stream)
@@ -316,7 +310,23 @@ class _Migration:
         res.vpasid_switchover_ms = (time.perf_counter() - t0) * 1e3
         return result
 
+    async def settle_precopy(self) -> None:
+        """Stop the pre-copy task: wait for it if an import is under way (it must end with
+        ``self.pre`` set or nothing imported), cancel it while it only waits."""
+        task = self.pre_task
+        if task is not None and not task.done():
+            if self.importing:
+                with contextlib.suppress(Exception):
+                    await task  # a request in flight: let it finish, do not desync the client
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self.held = None
+
     async def drop_precopy(self) -> None:
+        """Undo the pre-copy on the destination (the migration will not complete)."""
+        await self.settle_precopy()
         h = self.h
         pre = self.pre
         self.pre = None
@@ -467,13 +477,10 @@ async def migrate(
         except BaseException:
             # A timeout or a QMP failure mid-way: stop the migration (the source resumes) and
             # leave nothing behind on the destination daemon.
-            if m.pre_task is not None and not m.pre_task.done():
-                m.pre_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await m.pre_task
             with contextlib.suppress(Exception):
                 await src.execute("migrate_cancel", timeout=5.0)
-            await m.drop_precopy()
+            with contextlib.suppress(Exception):
+                await m.drop_precopy()
             if res.dst_vm is not None and vpasid is not None:
                 with contextlib.suppress(Exception):
                     await vpasid.dst.unregister_vm(res.dst_vm)

@@ -94,6 +94,8 @@ class Attempt:
     checks: list[str] = field(default_factory=list)  # what went wrong around it
     dma_ok: int = 0
     dirty_pages_marked: int = 0  # by the source's vhost-user-blk back-end while logging
+    dirty_logs_mapped: int = 0  # SET_LOG_BASE the source's back-end received
+    dirty_log_enables: int = 0  # times QEMU turned its logging on
 
     def to_json(self) -> dict[str, Any]:
         out = self.result.to_json()
@@ -104,6 +106,8 @@ class Attempt:
             checks=self.checks,
             dma_ok=self.dma_ok,
             dirty_pages_marked=self.dirty_pages_marked,
+            dirty_logs_mapped=self.dirty_logs_mapped,
+            dirty_log_enables=self.dirty_log_enables,
         )
         return out
 
@@ -324,6 +328,9 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
                 chain.add(dst.serial_path)
                 await cur.close()
                 att.dirty_pages_marked = cur.dirty_pages_marked
+                att.dirty_logs_mapped, att.dirty_log_enables = cur.dirty_logging
+                if not (att.dirty_logs_mapped and att.dirty_log_enables):
+                    att.checks.append("QEMU did not use the back-end's dirty log")
                 vms.remove(cur)
                 cur = dst
                 assert res.dst_vm is not None

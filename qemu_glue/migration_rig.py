@@ -175,6 +175,14 @@ class BlkVm:
             return self.backend.dirty.marked
         return int(self.summary.get("dirty_pages_marked", 0))
 
+    @property
+    def dirty_logging(self) -> tuple[int, int]:
+        """(logs QEMU mapped, times it turned logging on) for this back-end."""
+        if self.backend is not None:
+            return self.backend.dirty.logs_mapped, self.backend.dirty.enables
+        s = self.summary
+        return int(s.get("dirty_logs_mapped", 0)), int(s.get("dirty_log_enables", 0))
+
     async def _start_backend(self) -> None:
         if self.backend is not None:
             await self.backend.start()

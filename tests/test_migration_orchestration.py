@@ -90,6 +90,8 @@ class FakeQmp:
         self.peer: FakeQmp | None = None
         self.on_migrate: Any = None
         self.before_switchover: Any = None
+        self.converge = asyncio.Event()
+        self.converge.set()
         self.task: asyncio.Task[None] | None = None
         self.migration = "none"
 
@@ -120,6 +122,13 @@ class FakeQmp:
             if self.on_migrate is not None:
                 self.on_migrate()
             self.task = asyncio.create_task(self._run())  # QEMU migrates in the background
+        elif command == "migrate-set-parameters":
+            if "downtime-limit" in args:
+                if args["downtime-limit"] == 0:
+                    self.converge.clear()
+                else:
+                    self.converge.set()
+                    await asyncio.sleep(0.02)  # QEMU converges at once: events before the reply
         elif command == "migrate-continue":
             assert self.peer is not None
             self._mig("device")
@@ -146,7 +155,8 @@ class FakeQmp:
         for s in ("setup", "active"):
             self._mig(s)
         self.emit("MIGRATION_PASS", {"pass": 2})
-        await asyncio.sleep(0.1)  # RAM is copied "meanwhile"; the pre-copy runs
+        await asyncio.sleep(0.01)  # RAM is copied "meanwhile"; the pre-copy runs
+        await self.converge.wait()  # like QEMU: no switch-over while the downtime limit is 0
         if self.before_switchover is not None:
             await self.before_switchover()
         self.status = "finish-migrate"

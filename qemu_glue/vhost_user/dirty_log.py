@@ -94,6 +94,8 @@ class DirtyLogging:
         self.log: DirtyLog | None = None
         self.enabled = False
         self.marked_before = 0  # marks made in earlier logs
+        self.logs_mapped = 0  # SET_LOG_BASE messages (QEMU sends one per migration start)
+        self.enables = 0  # times the front-end turned logging on (VHOST_F_LOG_ALL)
 
     @property
     def marked(self) -> int:
@@ -111,12 +113,14 @@ class DirtyLogging:
             self.marked_before += self.log.marked
             self.log.close()
         self.log = dlog
+        self.logs_mapped += 1
         log.info("dirty log mapped: %d bytes (%d pages)", dlog.size, dlog.pages)
 
     def set_features(self, features: int) -> None:
         enabled = bool(features & (1 << VHOST_F_LOG_ALL))
         if enabled != self.enabled:
             log.info("dirty logging %s", "on" if enabled else "off")
+            self.enables += int(enabled)
         self.enabled = enabled
 
     def wrap(self, inner: Translator) -> LoggingTranslator:
