@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from vioasid.formats.fault import FaultReason
+from vioasid.formats.registers import GSTS
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 
@@ -40,7 +41,7 @@ _IQ_CC, _IQ_IOTLB, _IQ_PIOTLB, _IQ_PC = 1, 2, 6, 7
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
-GSTS_TES = 1 << 31  # VT-d §10.4.5 GSTS_REG: translation enable status
+GSTS_TES = GSTS.field("TES").mask  # VT-d §10.4.5 GSTS_REG: translation enable status
 RTADDR_ADDR_MASK = ~0xFFF & ((1 << 64) - 1)
 
 

@@ -1,7 +1,7 @@
 """``vioasid walk``: translate one DMA request by walking VT-d tables in a guest-memory file.
 
 Prints exactly one JSON object on stdout and exits 0 (translated or faulted); user mistakes exit
-2 with one line on stderr. The output contract is documented in the issue and the README.
+2 with one line on stderr. The output contract is described in docs/architecture.md ("The walk JSON").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""VT-d register fields that select formats (VT-d §10.4): RTADDR, IQA, GSTS, CAP/ECAP bits.
+"""VT-d register fields that select formats (VT-d §10.4): RTADDR, IQA, GSTS; CAP/ECAP offsets.
 
 Mirrors QEMU ``VTD_RTADDR_*``, ``VTD_IQA_*``, ``VTD_GSTS_*`` and Linux ``DMA_RTADDR_SMT``,
 ``DMA_GSTS_*``, ``cap_*``/``ecap_*``.
