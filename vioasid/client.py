@@ -85,7 +85,8 @@ _FLAG_REPLY = wire.FLAG_REPLY
 _FLAGS = wire.VERSION
 _NEED_REPLY_FLAGS = wire.VERSION | wire.FLAG_NEED_REPLY
 _HEADER_PACK = wire.HEADER_S.pack
-_DMA_HEAD_PACK = wire.DMA_HEAD_S.pack
+_DMA_FRAME_PACK = wire.DMA_FRAME_S.pack
+_DMA_HEAD_SIZE = wire.DMA_HEAD_S.size
 _GET_FEATURES = int(Request.GET_FEATURES)
 _DMA = int(Request.DMA)
 
@@ -407,6 +408,15 @@ class Client:
 
     # -- plumbing -------------------------------------------------------------------------
     def _on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
+        if not fds:
+            results = self._codec.take_dma_reply(data)
+            if results is not None:  # the hot path: exactly one successful DMA reply arrived
+                pending = self._pending
+                if pending and pending[0][0] == _DMA:
+                    fut = pending.popleft()[1]
+                    if not fut.done():
+                        fut.set_result(results)
+                    return
         try:
             self._codec.receive(data, fds)
             while True:
@@ -548,12 +558,18 @@ class Client:
     def dma_nowait(self, vm: int, requests: Sequence[DmaRequest]) -> asyncio.Future[Any]:
         """Send one ``DMA`` message without waiting (pipelining); await the future, then
         :meth:`dma_results`."""
-        payload = _DMA_HEAD_PACK(vm, len(requests)) + b"".join(r.pack() for r in requests)
-        return self._send(_DMA, payload)
+        return self.dma_packed_nowait(vm, len(requests), b"".join(r.pack() for r in requests))
 
     def dma_packed_nowait(self, vm: int, count: int, entries: bytes) -> asyncio.Future[Any]:
         """Like :meth:`dma_nowait` with entries already packed with ``wire.DMA_ENTRY_S``."""
-        return self._send(_DMA, _DMA_HEAD_PACK(vm, count) + entries)
+        # _send inlined (the device side's hot path): header and DMA head packed in one go
+        if self._error is not None or self._transport.closed:
+            raise self._error or ConnectionLost("connection closed")
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append((_DMA, fut))
+        head = _DMA_FRAME_PACK(_DMA, _FLAGS, _DMA_HEAD_SIZE + len(entries), vm, count)
+        self._transport.send(head + entries)
+        return fut
 
     @staticmethod
     def dma_results(raw: DmaResults) -> list[DmaResult]:

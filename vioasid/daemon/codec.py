@@ -40,7 +40,7 @@ class ProtocolViolation(Exception):
     """Malformed input: the connection that sent it must be closed. ``str()`` is the reason."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DmaBatch:
     """A ``DMA`` request's payload kept raw: the hot path unpacks entries with
     ``wire.DMA_ENTRY_S.iter_unpack(entries)``."""
@@ -171,6 +171,49 @@ class Codec:
             raise
         return Message(request, flags, body, fds)
 
+    # -- the hot path: one whole DMA message in one read ----------------------------------
+    # A round trip of one small DMA request is one recvmsg on each side; these skip buffering,
+    # Message objects and the generic parse for exactly that case. They only look at ``data``:
+    # None means "not that case", and the caller feeds ``data`` to :meth:`receive` as usual
+    # (which then validates it in full). Stream offsets are not advanced: they only order fd
+    # batches, and with nothing buffered and no fds pending there is nothing to order.
+
+    def take_dma(self, data: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
+        """Daemon role: ``(flags, vm, count)`` when nothing is buffered and ``data`` is exactly
+        one valid ``DMA`` request (its entries are ``data[wire.DMA_FRAME_S.size:]``)."""
+        if len(data) < _DMA_FRAME_SIZE or self._buf or self._fd_batches or self._closed:
+            return None
+        request, flags, size, vm, count = _DMA_FRAME_UNPACK(data)
+        if (
+            request == _DMA
+            and size == len(data) - _HEADER_SIZE
+            and size == _DMA_HEAD_SIZE + count * _DMA_ENTRY_SIZE
+            and count <= _MAX_DMA_BATCH
+            and size <= self.max_payload
+            and flags in _PLAIN_FLAGS
+            and self._daemon
+        ):
+            return flags, vm, count
+        return None
+
+    def take_dma_reply(self, data: bytes | bytearray | memoryview) -> DmaResults | None:
+        """Client role: the results when nothing is buffered and ``data`` is exactly one
+        successful ``DMA`` reply (copied out of ``data``)."""
+        if len(data) < _DMA_REPLY_FRAME_SIZE or self._buf or self._fd_batches or self._closed:
+            return None
+        request, flags, size, status, count = _DMA_REPLY_FRAME_UNPACK(data)
+        if (
+            request == _DMA
+            and flags == _REPLY
+            and status == 0
+            and size == len(data) - _HEADER_SIZE
+            and size == _DMA_REPLY_HEAD_SIZE + count * _DMA_RESULT_SIZE
+            and size <= self.max_payload
+            and not self._daemon
+        ):
+            return DmaResults(count, bytes(data[_DMA_REPLY_FRAME_SIZE:]))
+        return None
+
     def close(self) -> None:
         """Drop buffered input and close every fd not yet handed out in a message."""
         self._closed = True
@@ -253,6 +296,15 @@ _PLAIN_FLAGS = frozenset({wire.VERSION, wire.VERSION | wire.FLAG_NEED_REPLY})
 _REPLY = wire.VERSION | wire.FLAG_REPLY
 _HEADER_SIZE = wire.HEADER_SIZE
 _HEADER_UNPACK = wire.HEADER_S.unpack_from
+_DMA_FRAME_UNPACK = wire.DMA_FRAME_S.unpack_from
+_DMA_FRAME_SIZE = wire.DMA_FRAME_S.size
+_DMA_HEAD_SIZE = wire.DMA_HEAD_S.size
+_DMA_ENTRY_SIZE = wire.DMA_ENTRY_S.size
+_MAX_DMA_BATCH = wire.MAX_DMA_BATCH
+_DMA_REPLY_FRAME_UNPACK = wire.DMA_REPLY_FRAME_S.unpack_from
+_DMA_REPLY_FRAME_SIZE = wire.DMA_REPLY_FRAME_S.size
+_DMA_REPLY_HEAD_SIZE = wire.DMA_REPLY_HEAD_S.size
+_DMA_RESULT_SIZE = wire.DMA_RESULT_S.size
 
 
 def _parse_dma(payload: bytes) -> DmaBatch:
@@ -280,7 +332,7 @@ def _parse_dma_reply(payload: bytes) -> OkReply:
     return OkReply(DmaResults(count, payload[head:]))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OkReply:
     """A success reply decoded by the hot path (same ``status``/``body`` as the construct
     container the other replies parse to)."""
@@ -289,7 +341,7 @@ class OkReply:
     status: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x on the hot path
 class DmaResults:
     """A ``DMA`` reply's results kept raw."""
 

@@ -19,6 +19,8 @@ import socket
 import stat
 import struct
 
+from vioasid.formats import wire
+
 from .codec import Codec, ProtocolViolation, Role
 from .service import Service
 from .session import Session
@@ -30,6 +32,7 @@ MAX_QUEUED = 64 << 20
 """A client that lets this much output pile up unread is disconnected."""
 
 _UCRED = struct.Struct("3i")
+_DMA_ENTRIES = wire.DMA_FRAME_S.size  # a DMA request's entries start here
 
 
 def _is_live(path: str) -> bool:
@@ -64,6 +67,23 @@ class Connection:
 
     def on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         service = self.server.service
+        if not fds:
+            dma = self.codec.take_dma(data)
+            if dma is not None and not self.session.closed:
+                # the hot path: exactly one DMA request arrived; reply straight to the socket
+                # unless other output is pending (events it raised, an error reply)
+                flags, vm, count = dma
+                reply = service.handle_dma(self.session, flags, vm, count, data[_DMA_ENTRIES:])
+                if service.has_output:
+                    if reply is not None:
+                        service.queue(self.session, reply)
+                    self.server.flush()
+                elif reply is not None:
+                    transport = self.transport
+                    transport.send(reply)
+                    if transport.backlogged and transport.pending > MAX_QUEUED:
+                        self.close(f"client does not read its replies ({transport.pending} bytes)")
+                return
         try:
             self.codec.receive(data, fds)
             while not self.session.closed:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import stat
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +48,14 @@ _PAGE_REQUEST_REASONS = frozenset({FaultReason.FS_PAGING_ENTRY_P, FaultReason.SS
 _DMA_RESULT = wire.DMA_RESULT_S
 _DMA_REQ = int(Request.DMA)
 _REPLY_FLAGS = wire.VERSION | wire.FLAG_REPLY
-_DMA_FRAME_HEAD = struct.Struct(wire.HEADER_S.format + wire.DMA_REPLY_HEAD_S.format.lstrip("<"))
-"""Message header + ``wire.DMA_REPLY_HEAD`` (status, count), packed in one go."""
+_DMA_FRAME_HEAD = wire.DMA_REPLY_FRAME_S  # header + status + count, packed in one go
 _DMA_REPLY_HEAD = _DMA_FRAME_HEAD.size
 _PERM_R, _PERM_W = 1, 2
+_DMA_ENTRY_UNPACK = wire.DMA_ENTRY_S.unpack
+_DMA_ONE_REPLY = wire.joined(wire.HEADER_S, wire.DMA_REPLY_HEAD_S, wire.DMA_RESULT_S).pack
+"""A whole successful one-result ``DMA`` reply frame."""
+_ONE_SIZE = wire.DMA_REPLY_HEAD_S.size + wire.DMA_RESULT_S.size  # its payload size
+_OK = int(DmaStatus.OK)
 _F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the hot loop
 _F_BY_TAG = int(DmaFlag.BY_TAG)
 
@@ -74,6 +77,7 @@ class VmEntry:
 
 
 Handler = Callable[[Session, Message], Any]
+Raw = bytes | bytearray | memoryview
 
 
 class Service:
@@ -137,7 +141,16 @@ class Service:
         self._dirty.clear()
         return dirty
 
-    def _out(self, session: Session, data: bytes) -> None:
+    @property
+    def has_output(self) -> bool:
+        """Some session has output waiting for :meth:`take_dirty`."""
+        return bool(self._dirty)
+
+    def queue(self, session: Session, data: bytes | bytearray) -> None:
+        """Append ``data`` to the session's output (after whatever is already queued)."""
+        self._out(session, data)
+
+    def _out(self, session: Session, data: bytes | bytearray) -> None:
         if not session.closed:
             session.outbox.append(data)
             self._dirty[session] = None
@@ -158,8 +171,8 @@ class Service:
         finally:
             if msg.fds:
                 msg.close_fds()
-        if type(result) is bytearray:  # a hot-path handler built its whole reply frame
-            self._out(session, result)  # type: ignore[arg-type]
+        if type(result) is bytearray or type(result) is bytes:  # DMA built its reply frame
+            self._out(session, result)
         elif request in wire.REPLY_LAYOUTS or msg.need_reply:
             self._out(session, encode_ok(request, result))
 
@@ -382,18 +395,57 @@ class Service:
         return len(work)
 
     # -- device side ----------------------------------------------------------------------
-    def _dma(self, session: Session, msg: Message) -> bytearray:
+    def _dma(self, session: Session, msg: Message) -> bytes | bytearray:
+        batch = msg.body
+        return self._dma_frame(batch.vm, batch.count, batch.entries)
+
+    def handle_dma(
+        self, session: Session, flags: int, vm_id: int, count: int, entries: Raw
+    ) -> bytes | bytearray | None:
+        """The hot path's :meth:`handle` for one ``DMA`` request the codec framed and checked
+        (:meth:`Codec.take_dma`): the reply frame to send, or None when the request was
+        refused (the error reply, if any, is then in the session's outbox, as with
+        :meth:`handle`). ``entries`` is only read during the call."""
+        try:
+            return self._dma_frame(vm_id, count, entries)
+        except VioasidError as exc:
+            msg = Message(_DMA_REQ, flags, None)
+            self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
+        except Exception as exc:
+            log.exception("%s: DMA failed", session)
+            msg = Message(_DMA_REQ, flags, None)
+            self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
+        return None
+
+    def _dma_frame(self, vm_id: int, count: int, entries: Raw) -> bytes | bytearray:
         """Batched device requests: the hot path (cached translations never leave this loop;
         faults and errors take the engine's full path so the guest sees them). Returns the
         whole reply frame."""
-        batch = msg.body
-        entry = self.vms.get(batch.vm) or self._entry(batch.vm)
+        entry = self.vms.get(vm_id) or self._entry(vm_id)
+        if count == 1:  # one request, cached translation: the whole reply in one pack
+            rid, flags, pasid, addr = _DMA_ENTRY_UNPACK(entries)
+            dev = entry.model.devices.get(rid)
+            if dev is not None and not flags & _F_BY_TAG:
+                pp = dev.ppasids.get(pasid)
+                if pp is not None or dev.rule.equal_x:
+                    tag = pasid if pp is None else pp
+                    write = flags & _F_WRITE
+                    hpa = self.host.dma_fast(dev.function.rid, tag, addr, write)
+                    base, top = entry.host_range
+                    if type(hpa) is int and base <= hpa < top:
+                        if entry.subscribers:
+                            self._deliver(entry)
+                        perm = _PERM_R | _PERM_W if write else _PERM_R
+                        return _DMA_ONE_REPLY(  # header, status 0, count 1, the result
+                            _DMA_REQ, _REPLY_FLAGS, _ONE_SIZE, 0, 1,
+                            _OK, 0, perm, tag, hpa - base, hpa,
+                        )  # fmt: skip
         vm = entry.model
         host = self.host
         # the whole reply frame: header, status 0, count, results (packed in place)
-        out = bytearray(_DMA_REPLY_HEAD + batch.count * _DMA_RESULT.size)
+        out = bytearray(_DMA_REPLY_HEAD + count * _DMA_RESULT.size)
         _DMA_FRAME_HEAD.pack_into(
-            out, 0, _DMA_REQ, _REPLY_FLAGS, len(out) - wire.HEADER_SIZE, 0, batch.count
+            out, 0, _DMA_REQ, _REPLY_FLAGS, len(out) - wire.HEADER_SIZE, 0, count
         )  # status 0
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
@@ -403,7 +455,7 @@ class Service:
         size = _DMA_RESULT.size
         key = -1  # (rid, pasid) of the previous entry: batches repeat them, look up once
         route: tuple[int, int] | None = None  # (host function, tag) for key
-        for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(batch.entries):
+        for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(entries):
             write = flags & _F_WRITE
             if not flags & _F_BY_TAG:
                 if (rid << 32 | pasid) != key:

@@ -20,16 +20,16 @@ class Session:
     peer: str = ""  # "pid 1234" from SO_PEERCRED, for logs
     features: int = 0  # acknowledged with SET_FEATURES
     owned: set[int] = field(default_factory=set)  # VM ids this connection registered/imported
-    outbox: list[bytes] = field(default_factory=list)
+    outbox: list[bytes | bytearray] = field(default_factory=list)
     closed: bool = False
 
     def __str__(self) -> str:
         return f"session {self.id}" + (f" ({self.peer})" if self.peer else "")
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes | bytearray) -> None:
         if not self.closed:
             self.outbox.append(data)
 
-    def take_output(self) -> bytes:
+    def take_output(self) -> bytes | bytearray:
         out, self.outbox = self.outbox, []
         return out[0] if len(out) == 1 else b"".join(out)

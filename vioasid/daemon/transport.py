@@ -58,9 +58,15 @@ def recv_with_fds(
     else:
         n, anc, flags, _ = sock.recvmsg_into([buf], _ANC_SIZE)
         view = memoryview(buf)[:n]
-    fds: list[int] = []
     if not anc and not flags & _MSG_CTRUNC:
-        return view, fds
+        return view, []
+    return view, _fds_of(anc, flags)
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """The fds in ``recvmsg``'s ancillary data (closed again, and ``TooManyFds`` raised, when
+    the kernel truncated it)."""
+    fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
@@ -71,7 +77,7 @@ def recv_with_fds(
             with contextlib.suppress(OSError):
                 os.close(fd)
         raise TooManyFds(f"more than {wire.MAX_FDS} fds in one message")
-    return view, fds
+    return fds
 
 
 class Transport:
@@ -95,14 +101,20 @@ class Transport:
         self._drained: asyncio.Event | None = None
         self.closed = False
         sock.setblocking(False)
+        buf = _recv_buffer()  # this thread's, shared with its other transports
+        self._bufs = [buf]
+        self._view = memoryview(buf)
+        self._recvmsg_into = sock.recvmsg_into
 
     def start(self) -> None:
         self.loop.add_reader(self._fd, self._readable)
 
     # -- reading ------------------------------------------------------------------------
     def _readable(self) -> None:
+        # recv_with_fds inlined: this runs once per message on the round-trip path
         try:
-            data, fds = recv_with_fds(self.sock, _recv_buffer())
+            n, anc, flags, _ = self._recvmsg_into(self._bufs, _ANC_SIZE)
+            fds = _fds_of(anc, flags) if anc or flags & _MSG_CTRUNC else []
         except (BlockingIOError, InterruptedError):
             return
         except TooManyFds as exc:
@@ -111,13 +123,13 @@ class Transport:
         except OSError as exc:
             self._fail(f"recvmsg: {exc}")
             return
-        if not data and not fds:
+        if not n and not fds:
             self.close(None)
             return
-        self.on_data(data, fds)
+        self.on_data(self._view[:n], fds)
 
     # -- writing ------------------------------------------------------------------------
-    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+    def send(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> None:
         """Send ``data`` (one or more whole messages), ``fds`` with its first byte."""
         if self.closed:
             return

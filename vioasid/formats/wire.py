@@ -425,3 +425,16 @@ DMA_HEAD_S = struct_of(DMA_HEAD)
 DMA_ENTRY_S = struct_of(DMA_ENTRY)
 DMA_RESULT_S = struct_of(DMA_RESULT)
 DMA_REPLY_HEAD_S = struct_of(DMA_REPLY_HEAD)
+
+
+def joined(*parts: struct.Struct) -> struct.Struct:
+    """One ``struct.Struct`` for consecutive layouts (e.g. header + fixed payload head), so the
+    hot path packs or unpacks a whole frame head in one call; formats come from
+    :func:`struct_of`, never written by hand."""
+    return struct.Struct("<" + "".join(p.format.lstrip("<") for p in parts))
+
+
+DMA_FRAME_S = joined(HEADER_S, DMA_HEAD_S)
+"""Header + ``DMA_HEAD``: the first 20 bytes of every ``DMA`` request."""
+DMA_REPLY_FRAME_S = joined(HEADER_S, DMA_REPLY_HEAD_S)
+"""Header + ``DMA_REPLY_HEAD``: the first 28 bytes of a successful ``DMA`` reply."""
