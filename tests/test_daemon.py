@@ -259,6 +259,53 @@ async def test_batched_dma_in_order_faults_and_events() -> None:
 
 
 @pytest.mark.asyncio
+async def test_single_dma_fast_path_matches_the_batch_path() -> None:
+    """One-entry DMA messages (the daemon's one-read fast path) answer exactly as the same
+    entries inside a batch; refusals and events still reach the client."""
+    g = bound_guest()
+    g.map(5, VA + 0x100000, GPA + 0x100000, write=False)
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        vm = await setup_vm(c, g)
+        g.write_entry(SID, 5)
+        await c.pasid_entry(vm, DEV, 5)
+        await c.subscribe(vm, EventMask.FAULTS)  # the same connection: events and replies
+        reqs = [
+            DmaRequest(DEV, 5, VA + 0x18),
+            DmaRequest(DEV, 5, VA + 0x20, write=True),
+            DmaRequest(DEV, 5, VA + 0x100000, write=True),  # read-only page: fault
+            DmaRequest(DEV, 5, 0x7000_0000),  # not mapped: fault
+            DmaRequest("00:09.0", 5, VA),  # no such device: error
+            DmaRequest(PLAIN, 5, VA + 8, by_tag=True),
+            DmaRequest(DEV, 6, VA),  # vPASID 6 not bound: a fault
+        ]
+        one = [(await c.dma(vm, [r]))[0] for r in reqs]
+        single_faults = [await c.next_event(timeout=5) for _ in range(3)]
+        batch = await c.dma(vm, reqs)
+        batch_faults = [await c.next_event(timeout=5) for _ in range(3)]
+        assert one == batch
+        assert [r.status for r in one[:2]] == [DmaStatus.OK, DmaStatus.OK]
+        assert (one[0].perm, one[1].perm, one[1].gpa) == (1, 3, GPA + 0x20)
+        assert one[2].status == one[3].status == DmaStatus.FAULT
+        assert one[4].error == "not-found" and one[5].ok and one[6].status == DmaStatus.FAULT
+        assert single_faults == batch_faults
+        assert [(e.addr, e.write) for e in single_faults if isinstance(e, FaultEvent)] == [
+            (VA + 0x100000, True),
+            (0x7000_0000, False),
+            (VA, False),
+        ]
+        assert c.pending_events() == []
+        with pytest.raises(NotFound):
+            await c.dma(vm + 100, reqs[:1])
+        raw = DmaRequest(DEV, 5, VA).pack()
+        f1 = c.dma_packed_nowait(vm + 100, 1, raw)
+        f2 = c.dma_packed_nowait(vm, 1, raw)
+        with pytest.raises(NotFound):
+            await f1
+        assert Client.dma_results(await f2)[0].gpa == GPA
+    g.close()
+
+
+@pytest.mark.asyncio
 async def test_faults_queued_before_subscribe_are_delivered_then() -> None:
     g = bound_guest()
     async with running_daemon() as (_, path), await Client.connect(path) as c:

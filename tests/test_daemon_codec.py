@@ -259,3 +259,85 @@ def test_fuzz_decoder_only_raises_protocol_violation(
         codec.close()
     # every fd the codec was handed is closed: by the codec or by the message owner
     assert not any(is_open(fd) for fd in opened)
+
+
+# -- the one-read DMA fast path ------------------------------------------------------------------
+
+
+def dma_request(vm: int = 7, count: int = 1, flags: int = wire.VERSION) -> bytes:
+    entries = wire.DMA_ENTRY_S.pack(0x18, 1, 5, 0x1000) * count
+    return frame(Request.DMA, flags, wire.DMA_HEAD_S.pack(vm, count) + entries)
+
+
+def test_take_dma_takes_exactly_one_whole_request() -> None:
+    codec = Codec(Role.DAEMON)
+    raw = dma_request(count=2)
+    assert codec.take_dma(raw) == (wire.VERSION, 7, 2)
+    need = dma_request(flags=wire.VERSION | wire.FLAG_NEED_REPLY)
+    assert codec.take_dma(memoryview(need)) == (wire.VERSION | wire.FLAG_NEED_REPLY, 7, 1)
+    assert codec.take_dma(raw[:-1]) is None  # short
+    assert codec.take_dma(raw + raw) is None  # two messages: the general path
+    assert codec.take_dma(raw + b"\0") is None
+    assert codec.take_dma(dma_request(flags=wire.VERSION | wire.FLAG_REPLY)) is None
+    assert codec.take_dma(dma_request(flags=0)) is None
+    bad_count = bytearray(raw)
+    wire.DMA_HEAD_S.pack_into(bad_count, wire.HEADER_SIZE, 7, 3)
+    assert codec.take_dma(bytes(bad_count)) is None
+    assert Codec(Role.CLIENT).take_dma(raw) is None
+    # bytes already buffered: the request belongs after them
+    codec.receive(raw[:5])
+    assert codec.take_dma(raw) is None
+    codec.close()
+    assert codec.take_dma(raw) is None
+
+
+def test_take_dma_refuses_what_the_decoder_refuses() -> None:
+    big = wire.MAX_DMA_BATCH + 1
+    raw = dma_request(count=big)
+    assert Codec(Role.DAEMON).take_dma(raw) is None
+    assert "4096" in violation(Codec(Role.DAEMON), raw)
+    small = Codec(Role.DAEMON, max_payload=16)
+    assert small.take_dma(dma_request(count=1)) is None
+
+
+def test_take_dma_reply() -> None:
+    results = wire.DMA_RESULT_S.pack(0, 0, 1, 5, 0x1000, 0x9000) * 2
+    reply = wire.VERSION | wire.FLAG_REPLY
+    raw = frame(Request.DMA, reply, wire.DMA_REPLY_HEAD_S.pack(0, 2) + results)
+    codec = Codec(Role.CLIENT)
+    got = codec.take_dma_reply(memoryview(raw))
+    assert got is not None and (got.count, got.results) == (2, results)
+    assert type(got.results) is bytes  # copied out of the receive buffer
+    assert codec.take_dma_reply(raw[:-1]) is None
+    assert codec.take_dma_reply(raw + raw) is None
+    assert codec.take_dma_reply(encode_error(Request.DMA, ErrorCode.NOT_FOUND, "x" * 40)) is None
+    assert Codec(Role.DAEMON).take_dma_reply(raw) is None
+    assert codec.take_dma_reply(frame(Request.DMA, wire.VERSION, raw[12:])) is None  # no reply bit
+    codec.receive(raw[:3])
+    assert codec.take_dma_reply(raw) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=0xFFFFFFFF),
+    st.sampled_from([0, 1, 2, 5, 9, 0x101]),
+    st.integers(min_value=0, max_value=6),
+    st.integers(min_value=0, max_value=100),
+    st.integers(min_value=-3, max_value=3),
+)
+def test_take_dma_agrees_with_the_decoder(
+    vm: int, flags: int, count: int, nbytes: int, size_delta: int
+) -> None:
+    """Whatever the fast path accepts, the full decoder accepts with the same meaning."""
+    payload = wire.DMA_HEAD_S.pack(vm, count) + bytes(range(nbytes))
+    raw = wire.HEADER_S.pack(Request.DMA, flags, max(len(payload) + size_delta, 0)) + payload
+    took = Codec(Role.DAEMON).take_dma(raw)
+    if took is None:
+        return
+    codec = Codec(Role.DAEMON)
+    codec.receive(raw)
+    msg = codec.next_message()
+    assert msg is not None and codec.next_message() is None
+    assert isinstance(msg.body, DmaBatch)
+    assert took == (msg.flags, msg.body.vm, msg.body.count)
+    assert raw[wire.DMA_FRAME_S.size :] == msg.body.entries
