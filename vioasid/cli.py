@@ -28,6 +28,14 @@ COMMAND_MODULES = (
 )
 
 
+def emit(text: str = "", *, err: bool = False, end: str = "\n") -> None:
+    """Write one piece of command output (stdout, or stderr with ``err``)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + end)
+    if err:
+        stream.flush()
+
+
 class UsageError(Exception):
     """A user mistake: reported as one line on stderr, exit status 2."""
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from vioasid.cli import UsageError
+from vioasid.cli import UsageError, emit
 from vioasid.model.dump import dump_tables
 
 from .walk import open_memory, parse_number
@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
     mem = open_memory(args.memory)  # mapped read-only; released when the process exits
     d = dump_tables(mem, rtaddr, max_entries=args.max_entries)
     if args.json:
-        print(json.dumps(d.to_json()))
+        emit(json.dumps(d.to_json()))
         return 0
-    print(f"RTADDR {rtaddr:#x}: {d.mode} mode, {len(d.contexts)} present context entries")
+    emit(f"RTADDR {rtaddr:#x}: {d.mode} mode, {len(d.contexts)} present context entries")
     if d.mode == "legacy":
         rows = [["BDF", "TT", "DID", "AW", "SSPTPTR", "FPD"]]
         for c in d.contexts:
@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
                     [c["bdf"], str(p["pasid"]), p["pgtt"], str(p["did"]), tables, " ".join(pf)]
                 )
     if len(rows) > 1:
-        print(_table(rows))
+        emit(_table(rows))
     for e in d.errors:
-        print(f"warning: {e}")
+        emit(f"warning: {e}")
     return 0
 
 

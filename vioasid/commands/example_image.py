@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from vioasid.cli import UsageError
+from vioasid.cli import UsageError, emit
 from vioasid.model.example import EXAMPLES, build_example
 
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write {args.out!r}: {exc.strerror}") from None
     if args.json:
-        print(
+        emit(
             json.dumps(
                 {
                     "memory": args.out,
@@ -43,18 +43,18 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"wrote {args.out}: {region.size >> 20} MiB guest memory, scalable-mode tables")
-    print(f"rtaddr {rtaddr:#x}")
-    print("try:")
+    emit(f"wrote {args.out}: {region.size >> 20} MiB guest memory, scalable-mode tables")
+    emit(f"rtaddr {rtaddr:#x}")
+    emit("try:")
     for e in EXAMPLES:
         extra = (f" --pasid {e.pasid}" if e.pasid is not None else "") + (
             " --write" if e.write else ""
         )
-        print(
+        emit(
             f"  vioasid walk --memory {args.out} --rtaddr {rtaddr:#x} --bdf {e.bdf} "
             f"--addr {e.addr:#x}{extra}    # {e.note}"
         )
-    print(f"  vioasid dump --memory {args.out} --rtaddr {rtaddr:#x}")
+    emit(f"  vioasid dump --memory {args.out} --rtaddr {rtaddr:#x}")
     return 0
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from typing import Any
 
+from vioasid.cli import emit
 from vioasid.client import Client, ClientError
 
 
@@ -40,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         doc = asyncio.run(fetch(args.socket, args.vm))
     except (OSError, ClientError) as exc:
-        print(f"vioasid status: {args.socket}: {exc}", file=sys.stderr)
+        emit(f"vioasid status: {args.socket}: {exc}", err=True)
         return 1
     if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
+        emit(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print(render(doc), end="")
+        emit(render(doc), end="")
     return 0
 
 

@@ -1,7 +1,7 @@
 """``vioasid walk``: translate one DMA request by walking VT-d tables in a guest-memory file.
 
 Prints exactly one JSON object on stdout and exits 0 (translated or faulted); user mistakes exit
-2 with one line on stderr. The output contract is described in docs/architecture.md ("The walk JSON").
+2 with one line on stderr. The output contract: docs/architecture.md ("The walk JSON").
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from vioasid.cli import UsageError
+from vioasid.cli import UsageError, emit
 from vioasid.formats.registers import is_scalable
 from vioasid.model.faults import Fault, parse_bdf
 from vioasid.model.memory import GuestMemory
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         out = res.to_json()
         out["execute"] = res.execute
     out["mode"] = "scalable" if is_scalable(rtaddr) else "legacy"
-    print(json.dumps(out))
+    emit(json.dumps(out))
     return 0
 
 
