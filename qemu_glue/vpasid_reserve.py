@@ -33,8 +33,11 @@ from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, Pa
 from vioasid.model.memory import GuestMemory
 
 MIB = 1 << 20
-DEFAULT_BASE = 0x0C00_0000  # 192 MiB: inside a 256 MiB+ guest, clear of kernel and initrd
-DEFAULT_SIZE = 16 * MIB
+# 4 MiB: below the kernel (loaded at 16 MiB), clear of firmware (< 1 MiB) and initrd (top of
+# RAM). Low on purpose: QEMU's first RAM pass sends pages in address order, so the tables reach
+# the destination early and the vPASID pre-copy has the rest of the pass to finish.
+DEFAULT_BASE = 0x0040_0000
+DEFAULT_SIZE = 8 * MIB
 GUEST_DID = 7  # the domain id the guest driver gives its PASID entries
 DATA_IOVA = 0x4000_0000  # where each vPASID's first-stage table maps the data pages
 DATA_PAGES = 4

@@ -52,7 +52,7 @@ def _parse_reserve(text: str) -> tuple[int, int]:
             raise ValueError(text)
         return int(base, 0), int(size, 0)
     except ValueError:
-        raise UsageError(f"--reserve wants BASE:SIZE (0xc000000:0x1000000), not {text!r}") from None
+        raise UsageError(f"--reserve wants BASE:SIZE (0x400000:0x800000), not {text!r}") from None
 
 
 def _map_file(path: str) -> tuple[GuestMemory, int]:
