@@ -12,7 +12,10 @@ over the unix socket:
   single-``dma`` request, a figure that does not depend on how busy the machine is otherwise.
 
 Every line carries ``load1``, the 1-minute load average when it was measured: on a shared
-2-core machine, round trips stretch with the number of runnable processes.
+2-core machine, round trips stretch with the number of runnable processes; and ``loop``, the
+event loop both the daemon and this client ran on (``--loop``, default as ``vioasid serve``
+picks it: uvloop when installed, the optional ``fast`` extra, else stdlib ``asyncio``; the
+targets are for stdlib asyncio).
 
 Prints JSON lines ``{"name": ..., "value": ..., "unit": ...}``. Targets on a 2-core machine:
 p50 <= 100 us, >= 200,000 translations/s batched.
@@ -31,6 +34,7 @@ import time
 from typing import Any
 
 from vioasid.client import Client, DmaRequest, MemoryRegion
+from vioasid.daemon import eventloop
 from vioasid.formats import wire
 from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
@@ -45,10 +49,12 @@ PAGES = 64
 BATCH = 64
 GUEST_SIZE = 16 << 20
 VIOASID = (sys.executable, "-c", "import sys; from vioasid.cli import main; sys.exit(main())")
+LOOP = "asyncio"  # the event loop the daemon and this client run on (--loop)
 
 
 def emit(name: str, value: float, unit: str, **extra: Any) -> None:
     extra["load1"] = round(os.getloadavg()[0], 2)
+    extra["loop"] = LOOP
     print(json.dumps({"name": name, "value": round(value, 1), "unit": unit, **extra}), flush=True)
 
 
@@ -125,7 +131,8 @@ async def main(args: argparse.Namespace) -> None:
     guest = Guest()
     with tempfile.TemporaryDirectory(prefix="vioasid-bench-") as tmp:
         sock = os.path.join(tmp, "d.sock")
-        proc = await asyncio.create_subprocess_exec(*VIOASID, "serve", "--socket", sock)
+        env = {**os.environ, eventloop.ENV: LOOP}  # the daemon runs on the same loop
+        proc = await asyncio.create_subprocess_exec(*VIOASID, "serve", "--socket", sock, env=env)
         try:
             client = await Client.connect(sock, timeout=60)
             vm = await setup(client, guest, "bench")
@@ -160,4 +167,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000, help="single-dma round trips")
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput run")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--loop",
+        choices=eventloop.CHOICES,
+        help="event loop of the daemon and this client (default: $VIOASID_EVENT_LOOP or auto, "
+        "as vioasid serve: uvloop when installed, else asyncio)",
+    )
+    args = parser.parse_args()
+    LOOP, _ = eventloop.choose(args.loop)
+    eventloop.run(main(args), LOOP)

@@ -12,6 +12,7 @@ import logging
 import signal
 
 from vioasid.cli import UsageError
+from vioasid.daemon import eventloop
 from vioasid.daemon.hostconfig import HostConfigError, default_host, load_host
 from vioasid.daemon.server import Server
 from vioasid.daemon.service import Service
@@ -52,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
         host = load_host(args.host, args.host_name) if args.host else default_host()
     except HostConfigError as exc:
         raise UsageError(str(exc)) from None
-    return asyncio.run(serve(args.socket, host))
+    try:
+        loop, _ = eventloop.choose()  # stdlib asyncio, or uvloop when installed
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return eventloop.run(serve(args.socket, host), loop)
 
 
 async def serve(path: str, host: Host) -> int:
