@@ -313,6 +313,11 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
                         att.checks.append("source daemon state changed")
                     if await _state(clients[d]) != before_dst:
                         att.checks.append("destination daemon kept state")
+                    if dst.qemu is not None:
+                        try:
+                            await dst.qemu.wait(15.0)
+                        except Exception:
+                            att.checks.append("destination QEMU still running")
                     await dst.close()
                     vms.remove(dst)
                     progress(f"  refused: {res.error}; source {res.source_status}")
