@@ -60,6 +60,14 @@ _F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the h
 _F_BY_TAG = int(DmaFlag.BY_TAG)
 
 
+def _reply_frame(count: int) -> bytearray:
+    """A whole ``DMA`` reply frame for ``count`` results: header, status 0, count; the results
+    are packed in place."""
+    out = bytearray(_DMA_REPLY_HEAD + count * _DMA_RESULT.size)
+    _DMA_FRAME_HEAD.pack_into(out, 0, _DMA_REQ, _REPLY_FLAGS, len(out) - wire.HEADER_SIZE, 0, count)
+    return out
+
+
 @dataclass(eq=False)
 class VmEntry:
     """A VM the daemon serves: wire id, engine name, owner, guest memory, subscribers."""
@@ -417,36 +425,52 @@ class Service:
             self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
         return None
 
+    def _dma_one(self, entry: VmEntry, entries: Raw) -> bytes | bytearray | None:
+        """One request in the guest's terms: with a cached translation the whole reply frame
+        is one pack. None: a by-tag request or no route, for the general loop."""
+        rid, flags, pasid, addr = _DMA_ENTRY_UNPACK(entries)
+        dev = entry.model.devices.get(rid)
+        if dev is None or flags & _F_BY_TAG:
+            return None
+        pp = dev.ppasids.get(pasid)
+        if pp is None and not dev.rule.equal_x:
+            return None
+        tag = pasid if pp is None else pp
+        write = flags & _F_WRITE
+        hpa = self.host.dma_fast(dev.function.rid, tag, addr, write)
+        base, top = entry.host_range
+        if type(hpa) is not int or not base <= hpa < top:  # the full path decides
+            out = _reply_frame(1)
+            self._dma_slow(
+                entry, entry.model, out, _DMA_REPLY_HEAD, rid, flags, pasid, addr, bool(write)
+            )
+            if entry.subscribers:
+                self._deliver(entry)
+            return out
+        if entry.subscribers:
+            self._deliver(entry)
+        perm = _PERM_R | _PERM_W if write else _PERM_R
+        return _DMA_ONE_REPLY(  # header, status 0, count 1, the result
+            _DMA_REQ, _REPLY_FLAGS, _ONE_SIZE, 0, 1,
+            _OK, 0, perm, tag, hpa - base, hpa,
+        )  # fmt: skip
+
     def _dma_frame(self, vm_id: int, count: int, entries: Raw) -> bytes | bytearray:
-        """Batched device requests: the hot path (cached translations never leave this loop;
+        """Batched device requests: the hot path (cached translations never leave the daemon;
         faults and errors take the engine's full path so the guest sees them). Returns the
         whole reply frame."""
         entry = self.vms.get(vm_id) or self._entry(vm_id)
-        if count == 1:  # one request, cached translation: the whole reply in one pack
-            rid, flags, pasid, addr = _DMA_ENTRY_UNPACK(entries)
-            dev = entry.model.devices.get(rid)
-            if dev is not None and not flags & _F_BY_TAG:
-                pp = dev.ppasids.get(pasid)
-                if pp is not None or dev.rule.equal_x:
-                    tag = pasid if pp is None else pp
-                    write = flags & _F_WRITE
-                    hpa = self.host.dma_fast(dev.function.rid, tag, addr, write)
-                    base, top = entry.host_range
-                    if type(hpa) is int and base <= hpa < top:
-                        if entry.subscribers:
-                            self._deliver(entry)
-                        perm = _PERM_R | _PERM_W if write else _PERM_R
-                        return _DMA_ONE_REPLY(  # header, status 0, count 1, the result
-                            _DMA_REQ, _REPLY_FLAGS, _ONE_SIZE, 0, 1,
-                            _OK, 0, perm, tag, hpa - base, hpa,
-                        )  # fmt: skip
+        if count == 1:
+            one = self._dma_one(entry, entries)
+            if one is not None:
+                return one
+        return self._dma_batch(entry, count, entries)
+
+    def _dma_batch(self, entry: VmEntry, count: int, entries: Raw) -> bytearray:
+        """The general loop: every entry, faults and errors included."""
         vm = entry.model
         host = self.host
-        # the whole reply frame: header, status 0, count, results (packed in place)
-        out = bytearray(_DMA_REPLY_HEAD + count * _DMA_RESULT.size)
-        _DMA_FRAME_HEAD.pack_into(
-            out, 0, _DMA_REQ, _REPLY_FLAGS, len(out) - wire.HEADER_SIZE, 0, count
-        )  # status 0
+        out = _reply_frame(count)
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
         devices = vm.devices
