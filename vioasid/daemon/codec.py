@@ -23,7 +23,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import construct as cs
 
@@ -211,7 +211,7 @@ class Codec:
             and size <= self.max_payload
             and not self._daemon
         ):
-            return DmaResults(count, bytes(data[_DMA_REPLY_FRAME_SIZE:]))
+            return _new_tuple(DmaResults, (count, bytes(data[_DMA_REPLY_FRAME_SIZE:])))
         return None
 
     def close(self) -> None:
@@ -341,12 +341,15 @@ class OkReply:
     status: int = 0
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 3x on the hot path
-class DmaResults:
-    """A ``DMA`` reply's results kept raw."""
+class DmaResults(NamedTuple):
+    """A ``DMA`` reply's results kept raw. (A tuple: the hot path builds it with
+    ``tuple.__new__``, no Python-level ``__init__``.)"""
 
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count(), which nobody calls here
     results: bytes
+
+
+_new_tuple = tuple.__new__
 
 
 # -- output -------------------------------------------------------------------------------------

@@ -61,12 +61,13 @@ class Connection:
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
+        self.service = server.service
         self.codec = Codec(Role.DAEMON)
         self.session: Session = server.service.open_session(_peer(sock))
         self.transport = Transport(sock, self.on_data, self.on_close, server.loop)
 
     def on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
-        service = self.server.service
+        service = self.service
         if not fds:
             dma = self.codec.take_dma(data)
             if dma is not None and not self.session.closed:
@@ -74,14 +75,13 @@ class Connection:
                 # unless other output is pending (events it raised, an error reply)
                 flags, vm, count = dma
                 reply = service.handle_dma(self.session, flags, vm, count, data[_DMA_ENTRIES:])
-                if service.has_output:
+                if service.dirty:
                     if reply is not None:
                         service.queue(self.session, reply)
                     self.server.flush()
                 elif reply is not None:
                     transport = self.transport
-                    transport.send(reply)
-                    if transport.backlogged and transport.pending > MAX_QUEUED:
+                    if not transport.send(reply) and transport.pending > MAX_QUEUED:
                         self.close(f"client does not read its replies ({transport.pending} bytes)")
                 return
         try:

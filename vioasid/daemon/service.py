@@ -98,7 +98,7 @@ class Service:
         self._by_name: dict[str, VmEntry] = {}
         self._next_session = 1
         self._next_vm = 1
-        self._dirty: dict[Session, None] = {}
+        self.dirty: dict[Session, None] = {}  # sessions with output (read-only outside)
         self._handlers: dict[int, Handler] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -131,7 +131,7 @@ class Service:
             return
         session.closed = True
         session.outbox.clear()
-        self._dirty.pop(session, None)
+        self.dirty.pop(session, None)
         for entry in self.vms.values():
             entry.subscribers.pop(session, None)
         for vm_id in sorted(session.owned):
@@ -143,16 +143,11 @@ class Service:
 
     def take_dirty(self) -> list[Session]:
         """Sessions with output to flush (each once, in the order they got it)."""
-        if not self._dirty:
+        if not self.dirty:
             return []
-        dirty = list(self._dirty)
-        self._dirty.clear()
+        dirty = list(self.dirty)
+        self.dirty.clear()
         return dirty
-
-    @property
-    def has_output(self) -> bool:
-        """Some session has output waiting for :meth:`take_dirty`."""
-        return bool(self._dirty)
 
     def queue(self, session: Session, data: bytes | bytearray) -> None:
         """Append ``data`` to the session's output (after whatever is already queued)."""
@@ -161,7 +156,7 @@ class Service:
     def _out(self, session: Session, data: bytes | bytearray) -> None:
         if not session.closed:
             session.outbox.append(data)
-            self._dirty[session] = None
+            self.dirty[session] = None
 
     # -- the request path ------------------------------------------------------------------
     def handle(self, session: Session, msg: Message) -> None:
@@ -415,7 +410,10 @@ class Service:
         refused (the error reply, if any, is then in the session's outbox, as with
         :meth:`handle`). ``entries`` is only read during the call."""
         try:
-            return self._dma_frame(vm_id, count, entries)
+            entry = self.vms.get(vm_id) or self._entry(vm_id)
+            if count == 1:  # _dma_frame without its frame: this is the round-trip path
+                return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
+            return self._dma_batch(entry, count, entries)
         except VioasidError as exc:
             msg = Message(_DMA_REQ, flags, None)
             self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
@@ -461,9 +459,7 @@ class Service:
         whole reply frame."""
         entry = self.vms.get(vm_id) or self._entry(vm_id)
         if count == 1:
-            one = self._dma_one(entry, entries)
-            if one is not None:
-                return one
+            return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
         return self._dma_batch(entry, count, entries)
 
     def _dma_batch(self, entry: VmEntry, count: int, entries: Raw) -> bytearray:

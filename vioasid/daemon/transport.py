@@ -129,13 +129,14 @@ class Transport:
         self.on_data(self._view[:n], fds)
 
     # -- writing ------------------------------------------------------------------------
-    def send(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> None:
-        """Send ``data`` (one or more whole messages), ``fds`` with its first byte."""
+    def send(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> bool:
+        """Send ``data`` (one or more whole messages), ``fds`` with its first byte. False when
+        bytes are left queued (:attr:`backlogged`)."""
         if self.closed:
-            return
+            return True  # dropped, as everything queued was
         if self._queue:
             self._queue.append((memoryview(data), fds))
-            return
+            return False
         try:
             if fds:
                 sent = self.sock.sendmsg(
@@ -147,10 +148,12 @@ class Transport:
             sent = 0
         except OSError as exc:
             self._fail(f"send: {exc}")
-            return
+            return True
         if sent < len(data):
             self._queue.append((memoryview(data)[sent:], () if sent else fds))
             self._start_writing()
+            return False
+        return True
 
     @property
     def backlogged(self) -> bool:
