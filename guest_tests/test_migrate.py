@@ -4,10 +4,11 @@ One run of :func:`qemu_glue.migration_demo.run_migration_demo` (two daemons, at 
 at a time): first two refused attempts — a corrupted vPASID state stream and a destination that
 cannot re-create a binding — each of which must leave the source running with its state intact,
 the destination daemon empty and its QEMU stopped; then two migrations A → B → A while the
-guest's disk tests loop. Every guest check passes (also after the migrations), the backing file holds the last
-generation, vPASIDs are identical on both sides, every pPASID was re-allocated (the hosts'
-tenants differ), DMA through each binding reaches the same guest page afterwards, and the
-reserved range holding the tables arrived intact. Figures are printed (``-s``), not asserted.
+guest's disk tests loop. Every guest check passes (also after the migrations), the backing file
+holds the last generation, vPASIDs are identical on both sides, every pPASID was re-allocated
+(the hosts' tenants differ), DMA through each binding reaches the same guest page afterwards,
+and the reserved range holding the tables arrived intact. Figures are printed (``-s``), not
+asserted.
 """
 
 from __future__ import annotations
