@@ -4,6 +4,11 @@ to the service, and the service's output back to the sockets.
 A request's path, top to bottom: :meth:`Connection.on_data` (socket bytes + fds) →
 :meth:`Codec.next_message` (framing, validation, payload parse) → :meth:`Service.handle` (engine
 call, reply and events into session outboxes) → :meth:`Server.flush` (outboxes → sockets).
+The round trip of a device's DMA request takes a shorter path: when one read holds exactly one
+well-formed ``DMA`` message and nothing else is buffered, :meth:`Codec.take_dma` frames it,
+:meth:`Service.handle_dma` translates it and the reply frame goes straight to the socket
+(through the outboxes only when events or an error reply are pending). Anything else takes the
+general path, which validates everything.
 Malformed input ends only the connection that sent it (logged with its reason); its session's
 VMs are released, every other connection carries on.
 """
