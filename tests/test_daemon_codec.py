@@ -341,3 +341,14 @@ def test_take_dma_agrees_with_the_decoder(
     assert isinstance(msg.body, DmaBatch)
     assert took == (msg.flags, msg.body.vm, msg.body.count)
     assert raw[wire.DMA_FRAME_S.size :] == msg.body.entries
+
+
+def test_fds_after_fast_path_requests_still_find_their_message(fds: list[int]) -> None:
+    codec = Codec(Role.DAEMON)
+    for _ in range(3):
+        assert codec.take_dma(dma_request()) is not None  # taken without buffering
+    codec.receive(register(1), fds[:1])
+    msg = codec.next_message()
+    assert msg is not None and msg.fds == fds[:1]
+    codec.receive(dma_request())  # the general path again
+    assert codec.next_message() is not None and codec.next_message() is None
