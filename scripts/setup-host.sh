@@ -45,5 +45,7 @@ if [ "${ver:-0}" -lt 10 ]; then
 fi
 echo "setup: installing the Python package"
 python3 -m pip install -q -e '.[test]'
+# pyenv-managed Pythons reach new console scripts through shims: refresh them.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 echo "setup: building the test guest image (cached)"
-python3 -m vioasid.cli image build
+python3 -m vioasid image build

@@ -93,4 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so that command modules and this entry point share one
+    # ``vioasid.cli`` (one UsageError class), not a second copy named ``__main__``.
+    from vioasid import cli as _cli
+
+    sys.exit(_cli.main())
