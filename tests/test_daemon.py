@@ -495,6 +495,44 @@ async def test_import_default_function_map() -> None:
     g.close()
 
 
+@pytest.mark.asyncio
+async def test_import_reply_lists_every_binding_in_order() -> None:
+    """IMPORT_VM's packed binding array: every (device, vPASID) with the pPASID and space the
+    destination gave it, guest rid then vPASID ascending, matching the destination's dump."""
+    g = bound_guest()
+    devices = (("00:04.0", TRANSLATING, "vfio-pci"), ("00:03.0", PLAIN, "mdev"))
+    async with running_daemon() as (_, a), running_daemon() as (_, b):
+        src = await Client.connect(a)
+        dst = await Client.connect(b)
+        vm = await setup_vm(src, g, devices=devices)
+        spaces = {}
+        for rid, vpasids in (("00:04.0", (9, 2)), ("00:03.0", (7, 5, 300))):
+            sid = int(rid[3:5], 16) << 3
+            for x in vpasids:
+                g.write_entry(sid, x)
+                spaces[rid, x] = (await src.pasid_entry(vm, rid, x)).space
+        # a tenant already on the destination: the imported pPASIDs cannot all stay the same
+        tenant = bound_guest()
+        t = await setup_vm(dst, tenant, name="tenant", devices=(("00:03.0", PLAIN, "mdev"),))
+        tenant.write_entry(SID, 5)
+        held = (await dst.pasid_entry(t, DEV, 5)).ppasid
+        res = await dst.import_vm("vm1", await src.export_vm(vm), [g.region()])
+        assert isinstance(res.vm, int)
+        got = [(x.rid, x.vpasid) for x in res.bindings]
+        want_order = [("00:03.0", 5), ("00:03.0", 7), ("00:03.0", 300)]
+        want_order += [("00:04.0", 2), ("00:04.0", 9)]
+        assert got == want_order
+        assert {(x.rid, x.vpasid): x.space for x in res.bindings} == spaces
+        dump = (await dst.dump(res.vm))["vms"]["vm1"]["devices"]
+        want = {rid: {int(k): v for k, v in dev["bindings"].items()} for rid, dev in dump.items()}
+        assert res.ppasids() == want
+        assert held not in want["00:03.0"].values()  # the tenant's pPASID on that function
+        await src.close()
+        await dst.close()
+    g.close()
+    tenant.close()
+
+
 # -- raw protocol behaviour -----------------------------------------------------------------------
 
 

@@ -127,3 +127,29 @@ def test_import_vm_layout() -> None:
     }
     parsed = wire.IMPORT_VM.parse(wire.IMPORT_VM.build(body))
     assert parsed.stream == b"\x01\x02" and parsed.map[0].function == 0x3A00
+
+
+def test_import_vm_reply_is_a_packed_binding_array() -> None:
+    """``count`` 12-byte BINDING records back to back; BINDING_S is the same bytes."""
+    rows = [(0x18, int(wire.Space.PER_RID), 5, 1), (0x20, int(wire.Space.GLOBAL), 7, 0x12345)]
+    block = b"".join(wire.BINDING_S.pack(*r) for r in rows)
+    assert wire.BINDING_S.size == wire.BINDING.sizeof() == 12
+    assert block[:12] == wire.BINDING.build({"rid": 0x18, "space": 1, "vpasid": 5, "ppasid": 1})
+    raw = wire.IMPORT_VM_REPLY.build(
+        {"status": 0, "body": {"vm": 3, "count": 2, "bindings": block}}
+    )
+    assert (
+        raw
+        == (0).to_bytes(8, "little")
+        + wire.struct_of(cs.Struct("vm" / cs.Int32ul, "count" / cs.Int32ul)).pack(3, 2)
+        + block
+    )
+    parsed = wire.IMPORT_VM_REPLY.parse(raw).body
+    assert parsed.vm == 3 and list(wire.BINDING_S.iter_unpack(parsed.bindings)) == rows
+    assert wire.BINDING.parse(parsed.bindings[12:]).ppasid == 0x12345
+    # the block must hold exactly ``count`` records
+    for bad in (raw[:-1], raw + b"\0"):
+        with pytest.raises(cs.ConstructError):
+            wire.IMPORT_VM_REPLY.parse(bad)
+    with pytest.raises(cs.ConstructError):
+        wire.IMPORT_VM_REPLY.build({"status": 0, "body": {"vm": 3, "count": 3, "bindings": block}})

@@ -668,10 +668,7 @@ class Client:
             "stream": stream,
         }
         r = await self._call(Request.IMPORT_VM, body, [r.fd for r in regions])
-        return ImportResult(
-            r.vm,
-            [Binding(bdf_str(b.rid), b.vpasid, b.ppasid, _space(b.space)) for b in r.bindings],
-        )
+        return ImportResult(int(r.vm), _bindings(r.bindings))
 
 
 def _regions(regions: Sequence[MemoryRegion]) -> list[dict[str, int]]:
@@ -684,6 +681,18 @@ def _regions(regions: Sequence[MemoryRegion]) -> list[dict[str, int]]:
         }
         for r in regions
     ]
+
+
+def _bindings(records: bytes) -> list[Binding]:
+    """``IMPORT_VM_REPLY``'s packed :data:`~vioasid.formats.wire.BINDING` array as
+    :class:`Binding` s (one ``iter_unpack``; rid / space names computed once per value)."""
+    rows = list(_BINDING_UNPACK(records))
+    rids = {rid: bdf_str(rid) for rid in {row[0] for row in rows}}
+    spaces = {space: _space(space) for space in {row[1] for row in rows}}
+    return [Binding(rids[rid], x, pp, spaces[space]) for rid, space, x, pp in rows]
+
+
+_BINDING_UNPACK = wire.BINDING_S.iter_unpack
 
 
 def _space(value: int) -> str:

@@ -300,16 +300,24 @@ IMPORT_VM = cs.Struct(
     cs.Terminated,
 )
 BINDING = cs.Struct(
-    "rid" / cs.Int16ul, "space" / cs.Int8ul, cs.Padding(1), "vpasid" / cs.Int32ul,
+    "rid" / cs.Int16ul,  # guest BDF
+    "space" / cs.Int8ul,  # Space
+    cs.Padding(1),
+    "vpasid" / cs.Int32ul,
     "ppasid" / cs.Int32ul,
-)  # fmt: skip
+)
+"""One binding re-created by ``IMPORT_VM``: 12 bytes, the record of ``IMPORT_VM_REPLY``'s
+packed array (:data:`BINDING_S` packs / ``iter_unpack``s it)."""
 IMPORT_VM_REPLY = status_reply(
     cs.Struct(
         "vm" / cs.Int32ul,
         "count" / cs.Int32ul,
-        "bindings" / cs.Array(cs.this.count, BINDING),
+        # ``count`` BINDING records back to back (guest rid, then vPASID ascending), kept as
+        # one block: a 100,000-binding import is one slice, not 100,000 construct parses
+        "bindings" / cs.Bytes(cs.this.count * BINDING.sizeof()),
     )
 )
+"""The imported VM's id and every binding it got: a packed array of :data:`BINDING`."""
 
 STATUS_REPLY = status_reply(None)
 """Status reply of a request with no result (sent when the request had need_reply)."""
@@ -425,6 +433,9 @@ DMA_HEAD_S = struct_of(DMA_HEAD)
 DMA_ENTRY_S = struct_of(DMA_ENTRY)
 DMA_RESULT_S = struct_of(DMA_RESULT)
 DMA_REPLY_HEAD_S = struct_of(DMA_REPLY_HEAD)
+BINDING_S = struct_of(BINDING)
+"""``IMPORT_VM_REPLY``'s binding record: ``pack(rid, space, vpasid, ppasid)`` per binding,
+``iter_unpack(reply.bindings)`` to read them all."""
 
 
 def joined(*parts: struct.Struct) -> struct.Struct:
