@@ -17,6 +17,7 @@ from vioasid.client import (
     DmaRequest,
     DmaResult,
     Exhausted,
+    ImportResult,
     InternalError,
     Invalid,
     MigrationFailed,
@@ -119,3 +120,60 @@ async def test_garbage_from_the_daemon_is_a_protocol_error() -> None:
             await c.get_features()
         await task
         listener.close()
+
+
+async def _fake_import_reply(payloads: list[bytes]) -> list[object]:
+    """A fake daemon answering each ``IMPORT_VM`` with the next raw reply payload; the
+    client's result (or the exception it raised) for each."""
+    out: list[object] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fake.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def fake() -> None:
+            conn, _ = await loop.sock_accept(listener)
+            for payload in payloads:
+                await loop.sock_recv(conn, 1 << 16)
+                reply = frame(Request.IMPORT_VM, wire.VERSION | wire.FLAG_REPLY, payload)
+                await loop.sock_sendall(conn, reply)
+            await asyncio.sleep(0.2)
+            conn.close()
+
+        task = asyncio.create_task(fake())
+        c = await Client.connect(path)
+        for _ in payloads:
+            try:
+                out.append(await c.import_vm("vm", b"stream"))
+            except Exception as exc:  # the test looks at which
+                out.append(exc)
+        await task
+        await c.close()
+        listener.close()
+    return out
+
+
+@pytest.mark.asyncio
+async def test_import_result_from_the_packed_binding_array() -> None:
+    rows = [
+        (0x18, int(wire.Space.PER_RID), 5, 1),
+        (0x18, int(wire.Space.PER_RID), 9, 2),
+        (0x20, int(wire.Space.GLOBAL), 5, 0x12345),
+        (0x20, 7, 6, 3),  # a space this client does not know: reported as "none"
+    ]
+    block = b"".join(wire.BINDING_S.pack(*r) for r in rows)
+    ok = wire.IMPORT_VM_REPLY.build({"status": 0, "body": {"vm": 4, "count": 4, "bindings": block}})
+    [res, bad] = await _fake_import_reply([ok, ok[:-1]])
+    assert isinstance(res, ImportResult) and res.vm == 4
+    assert [(b.rid, b.vpasid, b.ppasid, b.space) for b in res.bindings] == [
+        ("00:03.0", 5, 1, "per-rid"),
+        ("00:03.0", 9, 2, "per-rid"),
+        ("00:04.0", 5, 0x12345, "global"),
+        ("00:04.0", 6, 3, "none"),
+    ]
+    assert res.ppasids() == {"00:03.0": {5: 1, 9: 2}, "00:04.0": {5: 0x12345, 6: 3}}
+    # a block that is not exactly ``count`` records is the daemon's bug, not a short list
+    assert isinstance(bad, DaemonProtocolError)

@@ -29,7 +29,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from vioasid.daemon.codec import (
     Codec,
@@ -254,9 +254,9 @@ class DmaResult:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """A (device, vPASID) → pPASID binding as re-created by an import."""
+class Binding(NamedTuple):
+    """A (device, vPASID) → pPASID binding as re-created by an import. (A tuple: an import
+    returns up to 100,000 of them, built with ``tuple.__new__``, no Python-level ``__init__``.)"""
 
     rid: str
     vpasid: int
@@ -689,10 +689,12 @@ def _bindings(records: bytes) -> list[Binding]:
     rows = list(_BINDING_UNPACK(records))
     rids = {rid: bdf_str(rid) for rid in {row[0] for row in rows}}
     spaces = {space: _space(space) for space in {row[1] for row in rows}}
-    return [Binding(rids[rid], x, pp, spaces[space]) for rid, space, x, pp in rows]
+    new = _new_tuple
+    return [new(Binding, (rids[rid], x, pp, spaces[space])) for rid, space, x, pp in rows]
 
 
 _BINDING_UNPACK = wire.BINDING_S.iter_unpack
+_new_tuple = tuple.__new__
 
 
 def _space(value: int) -> str:
