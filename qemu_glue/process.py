@@ -4,12 +4,19 @@
 console line by line (history, async iteration, callbacks, optional live echo), connects QMP,
 and on every exit path (``async with``) shuts QEMU down, kills it if it will not go, and removes
 the temporary files it created (QMP socket, shared RAM file).
+
+QEMU never outlives its launcher: :meth:`QemuProcess.close` ends with SIGKILL and a bounded reap
+whatever happened before (an error, a cancelled close, a QEMU ignoring ``quit`` and SIGTERM), and
+on Linux QEMU is started with ``PR_SET_PDEATHSIG`` so it is killed even if this process dies
+without running any cleanup (SIGKILL, a CI timeout). Waits use ``asyncio.timeout``, not
+``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qmp`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -30,6 +37,31 @@ from .vmspec import DEFAULT_SHM_DIR, VmSpec
 log = logging.getLogger(__name__)
 
 ConsoleCallback = Callable[[str], None]
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+KILL_REAP_TIMEOUT_S = 10.0  # after SIGKILL: only a process stuck in the kernel takes longer
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGKILL when this process dies (Linux only).
+
+    The kernel sends the signal when the *thread* that forked exits: here the event loop's
+    thread, which outlives every ``launch()`` block run on it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would kill us
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 class QemuError(Exception):
@@ -115,6 +147,7 @@ class QemuProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=not stdin_inherit,
+                preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -226,7 +259,8 @@ class QemuProcess:
             )
 
         try:
-            return await asyncio.wait_for(scan(), timeout)
+            async with asyncio.timeout(timeout):
+                return await scan()
         except TimeoutError:
             raise QemuError(f"console did not match {rx.pattern!r} within {timeout:.1f}s") from None
 
@@ -270,16 +304,17 @@ class QemuProcess:
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit (e.g. the guest powered off); its exit status."""
         try:
-            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                rc = await self.proc.wait()
         except TimeoutError:
             raise QemuError(f"QEMU still running after {timeout:.1f}s") from None
         await self._drain_readers()
         return rc
 
     async def _drain_readers(self) -> None:
-        for t in self._tasks:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(t), 2.0)
+        """Let the console/stderr readers take in QEMU's last output (at most 2 s)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)  # a cancellation of ours propagates
 
     async def shutdown(self, timeout: float = 5.0, powerdown: bool = False) -> int:
         """Stop QEMU: ACPI powerdown (if ``powerdown``) then QMP ``quit``, SIGTERM, SIGKILL."""
@@ -310,27 +345,47 @@ class QemuProcess:
             self.proc.send_signal(sig)
 
     async def close(self) -> None:
-        """Shut down (gracefully if possible), close QMP, remove temp files. Idempotent."""
+        """Shut down (gracefully if possible), close QMP, remove temp files. Idempotent.
+
+        On every path (shutdown raised, this call was cancelled, QEMU ignored ``quit`` and
+        SIGTERM) QEMU is SIGKILLed if it still runs and reaped before the files are removed;
+        a cancellation interrupts the graceful steps and goes straight to SIGKILL.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             if self.running:
-                await asyncio.shield(self.shutdown(timeout=self.shutdown_timeout))
-        except BaseException:
-            if self.running:
-                self._signal(signal.SIGKILL)
-            raise
+                await self.shutdown(timeout=self.shutdown_timeout)
         finally:
-            if self.qmp is not None:
-                await self.qmp.close()
-            for t in self._tasks:
-                if not t.done():
-                    t.cancel()
-            for f in self._owned_files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f)
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            try:
+                await self._kill_and_reap()
+            finally:
+                if self.qmp is not None:
+                    await self.qmp.close()
+                for t in self._tasks:
+                    if not t.done():
+                        t.cancel()
+                    elif not t.cancelled() and (err := t.exception()) is not None:
+                        log.warning("QEMU output reader failed: %r", err)
+                for f in self._owned_files:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f)
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    async def _kill_and_reap(self) -> None:
+        """SIGKILL QEMU if it still runs and wait (bounded) until it is reaped."""
+        if not self.running:
+            return
+        log.warning("QEMU pid %d still running at close: SIGKILL", self.pid)
+        self._signal(signal.SIGKILL)
+        reaped = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait({reaped}, timeout=KILL_REAP_TIMEOUT_S)
+        finally:
+            reaped.cancel()
+        if self.running:
+            log.error("QEMU pid %d not reaped %.0fs after SIGKILL", self.pid, KILL_REAP_TIMEOUT_S)
 
 
 @contextlib.asynccontextmanager

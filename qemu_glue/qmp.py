@@ -1,8 +1,15 @@
 """QMP helpers over ``qemu.qmp``: connect with retry, calls with timeouts, scoped event streams.
 
 ``qemu.qmp``'s async API has no timeouts and its default ``events`` listener keeps every event
-forever; :class:`Qmp` wraps every call in ``asyncio.wait_for``, mutes the default listener and
+forever; :class:`Qmp` bounds every call with ``asyncio.timeout``, mutes the default listener and
 hands out scoped :class:`EventStream` listeners instead (``async with qmp.events(...)``).
+
+Why ``asyncio.timeout`` and never ``asyncio.wait_for`` here: on Python 3.11 ``wait_for`` runs the
+call in a task of its own and, if the caller is cancelled in the loop iteration in which that task
+finishes, returns the result and drops the cancellation. A cancelled QMP call (say a poller under
+``wait_for(..., 0.1)``) then keeps running forever, its caller never gets past the cancel, and the
+``async with launch(...)`` around it never stops QEMU. ``asyncio.timeout`` awaits the call in the
+caller's own task, so a cancellation always wins.
 """
 
 from __future__ import annotations
@@ -113,7 +120,8 @@ class EventStream:
         """The next event; :class:`QmpTimeout` if none comes in time."""
         t = self._timeout if timeout is None else timeout
         try:
-            ev = await asyncio.wait_for(self._listener.get(), t)
+            async with asyncio.timeout(t):
+                ev = await self._listener.get()
         except TimeoutError:
             raise QmpTimeout("event", f"no event within {t:.1f}s") from None
         return dict(ev)
@@ -183,7 +191,8 @@ class Qmp:
             client = QMPClient(name)
             try:
                 left = max(0.05, deadline - time.monotonic())
-                await asyncio.wait_for(client.connect(str(path)), left)
+                async with asyncio.timeout(left):
+                    await client.connect(str(path))
                 return cls(client, timeout)
             except (OSError, TimeoutError, Exception) as exc:  # ConnectError wraps OSError
                 last = exc
@@ -195,7 +204,8 @@ class Qmp:
 
     async def close(self) -> None:
         try:
-            await asyncio.wait_for(self.client.disconnect(), 2.0)
+            async with asyncio.timeout(2.0):
+                await self.client.disconnect()
         except Exception as exc:  # closing must not raise
             log.debug("QMP disconnect: %s", exc)
 
@@ -205,7 +215,8 @@ class Qmp:
         """Run a QMP command; its ``return`` value. Raises :class:`QmpError`/:class:`QmpTimeout`."""
         t = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self.client.execute(command, args), t)
+            async with asyncio.timeout(t):  # not wait_for: see the module docstring
+                return await self.client.execute(command, args)
         except TimeoutError:
             raise QmpTimeout(command, f"no reply within {t:.1f}s") from None
         except ExecuteError as exc:

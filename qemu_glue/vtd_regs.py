@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from vioasid.formats.registers import (
@@ -143,8 +143,12 @@ class VtdRegisterReader:
                 raise QmpTimeout("vtd-regs", f"condition not met within {timeout:.1f}s: {regs}")
             await asyncio.sleep(poll_s)
 
-    async def watch(self, poll_s: float = 0.05) -> AsyncIterator[VtdRegisters]:
-        """Yield the registers now and then every time GSTS or RTADDR change (polling)."""
+    async def watch(self, poll_s: float = 0.05) -> AsyncGenerator[VtdRegisters, None]:
+        """Yield the registers now and then every time GSTS or RTADDR change (polling).
+
+        Polls until closed: ``async with contextlib.aclosing(reader.watch()) as regs:``.
+        Cancelling a pending ``anext()`` stops it too (the QMP call in flight is abandoned).
+        """
         regs, _ = await self.refresh_if_changed()
         yield regs
         while True:

@@ -5,11 +5,15 @@ Understands ``-qmp unix:PATH,...`` and ``-fake-hang`` (ignore quit and SIGTERM).
 console lines on stdout, then serves a small QMP subset: qmp_capabilities, query-status,
 query-pci, stop/cont (STOP/RESUME events), quit (SHUTDOWN event, exit 0), human-monitor-command
 ``xp`` on the VT-d registers (values from REGS), and ``x-hang`` (never answers).
+
+Like QEMU, ``quit`` closes every QMP connection before exiting: the server must not wait for
+the client to hang up (``Server.wait_closed`` waits for open connections on Python >= 3.12).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import os
 import re
@@ -45,9 +49,9 @@ def main() -> None:
 
 async def messages(r: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
     """JSON objects as the client sends them (qemu.qmp sends no newline after a message)."""
-    buf, dec = "", json.JSONDecoder()
+    buf, dec, utf8 = "", json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
     while chunk := await r.read(4096):
-        buf += chunk.decode()
+        buf += utf8.decode(chunk)
         while buf.strip():
             try:
                 obj, end = dec.raw_decode(buf.lstrip())
@@ -59,8 +63,19 @@ async def messages(r: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
 
 async def serve(path: str, hang: bool) -> None:
     done = asyncio.Event()
+    writers: set[asyncio.StreamWriter] = set()
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.add(w)
+        try:
+            await session(r, w)
+        except ConnectionError:
+            pass
+        finally:
+            writers.discard(w)
+            w.close()
+
+    async def session(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         def send(obj: object) -> None:
             w.write(json.dumps(obj).encode() + b"\r\n")
 
@@ -126,6 +141,8 @@ async def serve(path: str, hang: bool) -> None:
     server = await asyncio.start_unix_server(client, path)
     async with server:
         await done.wait()
+        for w in list(writers):
+            w.close()
     os.unlink(path)
     print("fake qemu: quit", flush=True)
 

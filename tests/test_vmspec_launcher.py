@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,11 @@ async def test_vtd_registers_through_xp(tmp_path: Path) -> None:
         assert again == regs and not changed
         got = await reader.wait_until(lambda r: r.translation_enabled, timeout=2)
         assert got == regs
-        watcher = reader.watch(poll_s=0.01)
-        assert await anext(watcher) == regs
-        with pytest.raises(TimeoutError):  # nothing changes: nothing more is yielded
-            await asyncio.wait_for(anext(watcher), 0.1)
+        async with aclosing(reader.watch(poll_s=0.01)) as watcher:
+            assert await anext(watcher) == regs
+            with pytest.raises(TimeoutError):  # nothing changes: nothing more is yielded
+                async with asyncio.timeout(0.1):
+                    await anext(watcher)
         with pytest.raises(QmpTimeout):
             await reader.wait_until(lambda r: not r.scalable, timeout=0.3, poll_s=0.05)
 
