@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vioasid.formats.virtio import (
@@ -140,17 +141,26 @@ class BlkDevice:
         views = []
         for b in bufs:  # translate everything first: a fault touches no memory
             views.extend(await dma.views(b.addr, b.len, True))
-        off = sector * BLK_SECTOR_SIZE
-        done = 0
-        while views:
-            n = os.preadv(self.fd, views[:1024], off + done)
-            if n <= 0:
-                raise OSError("short read from backing file")
-            done += n
-            views = _advance(views, n)
+        self._transfer(os.preadv, views, sector * BLK_SECTOR_SIZE, "short read from backing file")
         self.stats.reads += 1
         self.stats.bytes_read += total
         return BlkStatus.OK, total
+
+    def _transfer(
+        self,
+        op: Callable[[int, Sequence[memoryview], int], int],
+        views: list[memoryview],
+        off: int,
+        short: str,
+    ) -> None:
+        """Run ``os.preadv``/``os.pwritev`` over ``views`` at ``off`` until all bytes moved."""
+        done = 0
+        while views:
+            n = op(self.fd, views[:1024], off + done)
+            if n <= 0:
+                raise OSError(short)
+            done += n
+            views = _advance(views, n)
 
     async def _write(self, dma: Dma, sector: int, bufs: list[Buffer]) -> BlkStatus:
         total = sum(b.len for b in bufs)
@@ -160,14 +170,7 @@ class BlkDevice:
         views = []
         for b in bufs:
             views.extend(await dma.views(b.addr, b.len, False))
-        off = sector * BLK_SECTOR_SIZE
-        done = 0
-        while views:
-            n = os.pwritev(self.fd, views[:1024], off + done)
-            if n <= 0:
-                raise OSError("short write to backing file")
-            done += n
-            views = _advance(views, n)
+        self._transfer(os.pwritev, views, sector * BLK_SECTOR_SIZE, "short write to backing file")
         self.stats.writes += 1
         self.stats.bytes_written += total
         return BlkStatus.OK
