@@ -26,6 +26,12 @@ _HDR = VHOST_USER_HDR.packer
 HDR_SIZE = VHOST_USER_HDR.size
 
 
+def unpack_header(data: bytes) -> tuple[int, int, int]:
+    """(request, flags, payload size) of the header at the start of ``data``."""
+    request, flags, size = _HDR.unpack_from(data)
+    return int(request), int(flags), int(size)
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not vhost-user (bad size, bad version)."""
 
