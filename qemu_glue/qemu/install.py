@@ -317,7 +317,8 @@ def install(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     # Check that it runs before declaring it installed (the marker is what makes it usable).
-    out = subprocess.run([str(final / "bin" / WRAPPER), "--version"], capture_output=True, text=True)
+    argv = [str(final / "bin" / WRAPPER), "--version"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if out.returncode != 0 or "QEMU emulator version" not in out.stdout:
         shutil.rmtree(final, ignore_errors=True)
         err = (out.stderr.strip().splitlines() or ["no output"])[-1]
