@@ -510,6 +510,41 @@ class Host:
         v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
         return v, dev, own & _VPASID_MASK
 
+    def tag_belongs_to(self, vm: str, function: int, tag: int) -> bool:
+        """Whether slot ``tag`` of a function's PASID table is a binding of VM ``vm`` (or, for a
+        whole function that puts vPASIDs on the wire untranslated, an unbound tag of that VM's).
+        Raises ``NotFound`` for an unknown function."""
+        fn = self._function(function)
+        own = fn.owner.get(tag)
+        if own is None:
+            return fn.vfio_vm == vm
+        v, _ = self.devices_by_did[own >> _OWNER_SHIFT]
+        return v.name == vm
+
+    @staticmethod
+    def route(v: VM, guest_rid: int, vpasid: int) -> tuple[int, int] | None:
+        """Where a guest device's request for ``vpasid`` goes: (host function RID, wire tag), or
+        None when the device has no route (unknown device, or a converting device without a
+        pPASID for it: :meth:`dma` then decides the fault)."""
+        dev = v.devices.get(guest_rid)
+        if dev is None:
+            return None
+        pp = dev.ppasids.get(vpasid)
+        if pp is None and not dev.rule.equal_x:
+            return None
+        return dev.function.rid, vpasid if pp is None else pp
+
+    def fault_to_page_request(self, vm: str, fault: Fault, *, write: bool = False) -> bytes:
+        """The device asks for the page instead of taking ``fault`` (a not-present fault just
+        queued by :meth:`dma`): the fault leaves the VM's queue and a page request (guest RID +
+        vPASID) is queued instead. Returns the descriptor."""
+        v = self._vm(vm)
+        if fault.pasid is None:
+            raise InvalidRequest("a page request needs a PASID")
+        if v.faults and v.faults[-1] is fault:
+            v.faults.pop()
+        return self.page_request(vm, fault.sid, fault.pasid, fault.addr, write=write)
+
     def _slot_owner(self, fn: HostFunction, pp: int) -> str:
         own = fn.owner.get(pp)
         if own is None:
