@@ -29,13 +29,13 @@ from typing import Any
 
 from guest_tests.markers import GuestReport, Marker
 from vioasid.client import Client, MemoryRegion
+from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
 
 from .process import QemuProcess
 from .qemu.binary import QemuChoice
 from .qmp import Qmp
-from .translate import VtdRegs
 from .vhost_user.backend import VhostUserBlkBackend
 from .vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
 from .vtd_regs import VtdRegisterReader

@@ -27,6 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from vioasid.device.dirty_log import DirtyLogging, open_log
+from vioasid.device.translator import (
+    DeviceTranslator,
+    DmaFault,
+    IdentityResolver,
+    QemuResolver,
+    RegsReader,
+    Resolver,
+    WalkResolver,
+)
 from vioasid.formats.virtio import (
     VHOST_USER_CONFIG_HDR,
     VHOST_USER_IOTLB,
@@ -45,18 +55,8 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 
-from ..translate import (
-    DeviceTranslator,
-    DmaFault,
-    IdentityResolver,
-    QemuResolver,
-    RegsReader,
-    Resolver,
-    WalkResolver,
-)
 from .blk import BlkDevice
 from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64
-from .dirty_log import DirtyLogging, open_log
 from .inflight import settle
 from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from vioasid.device.translator import VtdRegs
 from vioasid.formats.registers import REG_IQA, REG_IQT
 
 from ..iq_follower import IqFollower
 from ..process import QemuProcess, launch
 from ..qemu.binary import QemuChoice
-from ..translate import VtdRegs
 from ..vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from ..vtd_regs import VtdRegisterReader
 from .backend import VhostUserBlkBackend
