@@ -307,11 +307,6 @@ def encode_ok(request: int, result: Any = None) -> bytes:
     return frame(request, REPLY_FLAGS, layout.build({"status": 0, "body": result or {}}))
 
 
-def encode_ok_raw(request: int, result: bytes | bytearray) -> bytes:
-    """A success reply whose result bytes were packed by the hot path."""
-    return wire.HEADER_S.pack(request, REPLY_FLAGS, 8 + len(result)) + _OK + result
-
-
 def encode_error(request: int, code: wire.ErrorCode, message: str) -> bytes:
     """A failure reply: status ``code`` and a UTF-8 message (valid for every reply layout)."""
     return frame(request, REPLY_FLAGS, int(code).to_bytes(8, "little") + message.encode())

@@ -34,7 +34,7 @@ from vioasid.model.engine import Host
 from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
-from vioasid.model.migration import decode_stream
+from vioasid.model.migration import decode_stream, export_vm, import_vm
 from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
 
 from .codec import Message, encode_error, encode_event, encode_ok
@@ -626,7 +626,7 @@ class Service:
 
     # -- migration ------------------------------------------------------------------------
     def _export_vm(self, session: Session, msg: Message) -> dict[str, bytes]:
-        return {"stream": self.host.export_vm(self._entry(msg.body.vm).name)}
+        return {"stream": export_vm(self.host, self._entry(msg.body.vm).name)}
 
     def _import_vm(self, session: Session, msg: Message) -> dict[str, Any]:
         b = msg.body
@@ -637,7 +637,7 @@ class Service:
             functions = {d.guest_rid: d.function for d in decode_stream(b.stream).devices}
         mem = self._map_memory(b.regions, msg.fds)
         try:
-            vm = self.host.import_vm(b.stream, mem, functions, name=b.name or None)
+            vm = import_vm(self.host, b.stream, mem, functions, name=b.name or None)
         except BaseException:
             mem.close()
             raise
