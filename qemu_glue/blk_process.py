@@ -22,8 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vioasid.device.translator import VtdRegs
+
 from .qmp import Qmp
-from .translate import VtdRegs
 from .vhost_user.backend import VhostUserBlkBackend
 from .vtd_regs import VtdRegisterReader
 

@@ -366,7 +366,7 @@ def _iter_bits(buf: bytes) -> Iterator[int]:
 
 
 def test_dirty_log_marks_pages_of_writes_only() -> None:
-    from qemu_glue.vhost_user.dirty_log import VHOST_F_LOG_ALL, DirtyLogging, open_log
+    from vioasid.device.dirty_log import VHOST_F_LOG_ALL, DirtyLogging, open_log
     from vioasid.formats.virtio import VHOST_USER_LOG
 
     fd = os.memfd_create("log")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.translate import VtdRegs
 from qemu_glue.vhost_user.backend import PROTOCOL_FEATURES, VhostUserBlkBackend
 from qemu_glue.vhost_user.codec import Decoder, ProtocolError, encode, encode_reply
+from vioasid.device.translator import VtdRegs
 from vioasid.formats.virtio import (
     BLK_CONFIG,
     BLK_REQ_HDR,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qemu_glue.iq_follower import IqFollower
-from qemu_glue.translate import DeviceTranslator, Resolved
+from vioasid.device.translator import DeviceTranslator, Resolved
 from vioasid.formats.invalidation import PIOTLB_DESC, WAIT_DESC, build_desc
 from vioasid.model.faults import Fault
 from vioasid.model.memory import GuestMemory

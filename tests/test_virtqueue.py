@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.translate import DeviceTranslator, DmaFault, IdentityResolver, Resolved
 from qemu_glue.vhost_user.blk import BlkDevice
 from qemu_glue.vhost_user.virtqueue import ChainError, Dma, SplitQueue
+from vioasid.device.translator import DeviceTranslator, DmaFault, IdentityResolver, Resolved
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     BLK_REQ_HDR,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.translate import DeviceTranslator, VtdRegs, WalkResolver
 from qemu_glue.vhost_user.blk import BlkDevice
 from qemu_glue.vhost_user.virtqueue import Dma, SplitQueue
+from vioasid.device.translator import DeviceTranslator, VtdRegs, WalkResolver
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     BLK_REQ_HDR,

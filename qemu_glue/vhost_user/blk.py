@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vioasid.device.translator import DmaFault
 from vioasid.formats.virtio import (
     BLK_CONFIG,
     BLK_ID_BYTES,
@@ -24,7 +25,6 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.memory import MemoryAccessError
 
-from ..translate import DmaFault
 from .virtqueue import Buffer, Chain, Dma
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     VRING_AVAIL_HDR,
@@ -26,8 +27,6 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.faults import Fault
 from vioasid.model.memory import GuestMemory, MemoryAccessError
-
-from ..translate import PAGE_MASK, PAGE_SIZE, DmaFault
 
 log = logging.getLogger(__name__)
 
