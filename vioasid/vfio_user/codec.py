@@ -10,8 +10,9 @@ command with a bad payload (too short, unknown command) is returned as a :class:
 with an error reply (``VFIO_USER_ERROR`` + errno) and the connection goes on.
 
 File descriptors: the kernel hands SCM_RIGHTS fds over with the ``recvmsg`` that reads the
-first byte of the ``sendmsg`` that carried them (QEMU sends one message per ``sendmsg``), so
-fds received with a chunk belong to the message whose header starts in that chunk.
+first byte of the ``sendmsg`` that carried them and stops reading after that send's data (QEMU
+sends one message per ``sendmsg``), so fds received with a chunk belong to the *last* message
+whose header starts inside that chunk; a chunk with fds in which no header starts is an error.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Codec:
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self._buf = bytearray()
-        self._fds: deque[tuple[int, list[int]]] = deque()  # (absolute offset, fds)
+        self._fds: deque[tuple[int, int, list[int]]] = deque()  # (chunk start, end, fds)
         self._consumed = 0  # absolute offset of _buf[0]
         self._ready: deque[Message] = deque()
         self.max_message = max_message
@@ -84,7 +85,8 @@ class Codec:
         if self.closed:
             raise ProtocolViolation("data after the connection was closed")
         if fds:
-            self._fds.append((self._consumed + len(self._buf), list(fds)))
+            at = self._consumed + len(self._buf)
+            self._fds.append((at, at + len(data), list(fds)))
         self._buf += data
         self._frame()
 
@@ -100,13 +102,21 @@ class Codec:
             if len(self._buf) < size:
                 return
             start = self._consumed
+            end = start + size
             fds: list[int] = []
-            while self._fds and self._fds[0][0] < start + size:
-                off, chunk = self._fds.popleft()
-                if off < start:  # fds that arrived in the middle of an earlier message
+            while self._fds and self._fds[0][0] <= start:
+                cs, ce, chunk = self._fds[0]
+                if ce <= start:  # a chunk in which no message header started
+                    self._fds.popleft()
                     self._close(chunk)
                     self._violate("file descriptors arrived with no message header")
+                if end < ce:
+                    break  # another header starts later in this chunk: the fds are its
+                self._fds.popleft()
                 fds.extend(chunk)
+            if self._fds and self._fds[0][0] < end and self._fds[0][1] <= end:
+                self._close(fds)
+                self._violate("file descriptors arrived with no message header")
             payload = bytes(self._buf[vu.HEADER_SIZE : size])
             del self._buf[:size]
             self._consumed += size
@@ -116,7 +126,7 @@ class Codec:
             self._ready.append(Message(mid, cmd, flags, payload, fds))
 
     def _violate(self, why: str) -> None:
-        self.closed = True
+        self.close()  # every fd still held is closed: the connection is over
         raise ProtocolViolation(why)
 
     @staticmethod
@@ -133,7 +143,7 @@ class Codec:
         """Drop everything buffered, closing fds no message claimed."""
         self.closed = True
         while self._fds:
-            self._close(self._fds.popleft()[1])
+            self._close(self._fds.popleft()[2])
         while self._ready:
             self._ready.popleft().close_fds()
         self._buf.clear()
