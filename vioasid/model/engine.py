@@ -14,17 +14,17 @@ per function, indexed by pPASID, in host memory) and the VMs placed on it.
   with the VT-d :class:`~vioasid.model.walker.Walker` (nested: guest first stage, then the VM's
   second stage); a fault is reported with the guest RID and the vPASID (reverse-mapped from the
   tag) and queued as a VT-d fault record.
-* :meth:`Host.export_vm` / :meth:`Host.import_vm` move a VM's state as the versioned,
-  checksummed stream of :mod:`vioasid.formats.migration`; import re-allocates every pPASID under
-  this host's policy and occupancy and is all-or-nothing.
+* Live migration is :mod:`vioasid.model.migration` (``export_vm(host, name)``,
+  ``import_vm(host, stream, ...)``), built on this class's public calls only.
 
 Every refusal is a :class:`~vioasid.model.errors.VioasidError` and leaves all state unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -262,6 +262,19 @@ class Host:
         self.iommu.unmap_vm(v.second_stage, v.host_regions)
         del self.vms[vm]
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Host memory taken inside the block (leaf PASID tables, VM host ranges) is given back
+        if the block raises; the block undoes its own VMs and bindings first (``remove_vm``).
+        All-or-nothing sequences such as a migration import run inside one."""
+        saved = self.iommu.begin()
+        try:
+            yield
+        except BaseException:
+            self.iommu.rollback(saved)
+            raise
+        self.iommu.commit(saved)
+
     # -- lookups ----------------------------------------------------------------------------
     def _vm(self, name: str) -> VM:
         v = self.vms.get(name)
@@ -306,14 +319,6 @@ class Host:
         if hit is None:
             hit = v.context_cache[guest_rid] = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
         return hit
-
-    def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
-        """The guest invalidated its context cache (globally or for one device)."""
-        v = self._vm(vm)
-        if guest_rid is None:
-            v.context_cache.clear()
-        else:
-            v.context_cache.pop(guest_rid, None)
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         w0 = words[0]
@@ -504,6 +509,41 @@ class Host:
             return None
         v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
         return v, dev, own & _VPASID_MASK
+
+    def tag_belongs_to(self, vm: str, function: int, tag: int) -> bool:
+        """Whether slot ``tag`` of a function's PASID table is a binding of VM ``vm`` (or, for a
+        whole function that puts vPASIDs on the wire untranslated, an unbound tag of that VM's).
+        Raises ``NotFound`` for an unknown function."""
+        fn = self._function(function)
+        own = fn.owner.get(tag)
+        if own is None:
+            return fn.vfio_vm == vm
+        v, _ = self.devices_by_did[own >> _OWNER_SHIFT]
+        return v.name == vm
+
+    @staticmethod
+    def route(v: VM, guest_rid: int, vpasid: int) -> tuple[int, int] | None:
+        """Where a guest device's request for ``vpasid`` goes: (host function RID, wire tag), or
+        None when the device has no route (unknown device, or a converting device without a
+        pPASID for it: :meth:`dma` then decides the fault)."""
+        dev = v.devices.get(guest_rid)
+        if dev is None:
+            return None
+        pp = dev.ppasids.get(vpasid)
+        if pp is None and not dev.rule.equal_x:
+            return None
+        return dev.function.rid, vpasid if pp is None else pp
+
+    def fault_to_page_request(self, vm: str, fault: Fault, *, write: bool = False) -> bytes:
+        """The device asks for the page instead of taking ``fault`` (a not-present fault just
+        queued by :meth:`dma`): the fault leaves the VM's queue and a page request (guest RID +
+        vPASID) is queued instead. Returns the descriptor."""
+        v = self._vm(vm)
+        if fault.pasid is None:
+            raise InvalidRequest("a page request needs a PASID")
+        if v.faults and v.faults[-1] is fault:
+            v.faults.pop()
+        return self.page_request(vm, fault.sid, fault.pasid, fault.addr, write=write)
 
     def _slot_owner(self, fn: HostFunction, pp: int) -> str:
         own = fn.owner.get(pp)
@@ -729,26 +769,6 @@ class Host:
         )  # fmt: skip
         v.queue_page_request(desc)
         return desc
-
-    # -- migration ------------------------------------------------------------------------------
-    def export_vm(self, vm: str) -> bytes:
-        """The VM's migration stream (never pPASIDs); the source is left untouched."""
-        from .migration import export_state
-
-        return export_state(self._vm(vm))
-
-    def import_vm(
-        self,
-        stream: bytes,
-        memory: GuestMemory,
-        functions: Mapping[int, int],
-        *,
-        name: str | None = None,
-    ) -> VM:
-        """Re-create a VM from its stream; all-or-nothing (raises MigrationFailed)."""
-        from .migration import import_state
-
-        return import_state(self, stream, memory, functions, name=name)
 
     # -- views ------------------------------------------------------------------------------
     def bindings(self) -> Iterator[Binding]:
