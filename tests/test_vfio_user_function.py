@@ -127,8 +127,8 @@ def test_msi_through_set_irqs_eventfd() -> None:
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     dup = os.dup(efd)
     flags = vu.IRQ_SET_DATA_EVENTFD | vu.IRQ_SET_ACTION_TRIGGER
-    hdr, _ = call(fn, Command.DEVICE_SET_IRQS,
-                  vu.IRQ_SET.build(argsz=20, flags=flags, index=1, start=0, count=1), [dup])  # fmt: skip
+    irq = vu.IRQ_SET.build(argsz=20, flags=flags, index=1, start=0, count=1)
+    hdr, _ = call(fn, Command.DEVICE_SET_IRQS, irq, [dup])
     assert hdr["flags"] == vu.TYPE_REPLY
     assert not fn.raise_msi(0)  # MSI not enabled in config space yet
     cfg_write(fn, MSI_CAP_OFFSET + 4, 0xFEE00000, 4)
@@ -224,7 +224,7 @@ def _recv_reply(s: socket.socket) -> tuple[dict[str, int], bytes]:
 
 async def _ask(
     s: socket.socket, raw: bytes, fds: list[int] | None = None
-) -> tuple[dict[str, int], bytes]:  # noqa: E501
+) -> tuple[dict[str, int], bytes]:
     loop = asyncio.get_running_loop()
     if fds:
         s.sendmsg(

@@ -320,6 +320,15 @@ class Host:
             hit = v.context_cache[guest_rid] = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
         return hit
 
+    def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
+        """The guest invalidated its context cache (globally or for one device); used by the
+        PASID DMA function, which sees no invalidation and re-reads at each bind/doorbell."""
+        v = self._vm(vm)
+        if guest_rid is None:
+            v.context_cache.clear()
+        else:
+            v.context_cache.pop(guest_rid, None)
+
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         w0 = words[0]
         if (w0 >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:

@@ -105,7 +105,7 @@ class Codec:
             end = start + size
             fds: list[int] = []
             while self._fds and self._fds[0][0] <= start:
-                cs, ce, chunk = self._fds[0]
+                _cs, ce, chunk = self._fds[0]
                 if ce <= start:  # a chunk in which no message header started
                     self._fds.popleft()
                     self._close(chunk)
