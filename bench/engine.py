@@ -36,6 +36,7 @@ from vioasid.formats.pasid import PASID_ENTRY, PGTT_FIRST_STAGE
 from vioasid.model.engine import Host
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
+from vioasid.model.migration import export_vm, import_vm
 
 SID = 0x18
 FN_SRC = 0x3A00
@@ -108,7 +109,7 @@ def bench_size(n: int) -> dict[str, float]:
     rss_state = rss_bytes() - rss0
 
     t0 = clock()
-    stream = src.export_vm("vm")
+    stream = export_vm(src, "vm")
     t_export = clock() - t0
     dst = host("dst", FN_DST)
     # The destination's function is busy with another tenant: every pPASID shifts by 7.
@@ -124,7 +125,7 @@ def bench_size(n: int) -> dict[str, float]:
         drv.set_pasid_entry(SID, x, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=fs.root)
         dst.bind("tenant", SID, x)
     t0 = clock()
-    vm = dst.import_vm(stream, guest.memory, {SID: FN_DST})
+    vm = import_vm(dst, stream, guest.memory, {SID: FN_DST})
     t_import = clock() - t0
     assert vm.devices[SID].ppasids[1] == 8 and len(vm.devices[SID].ppasids) == n
 

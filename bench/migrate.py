@@ -38,6 +38,7 @@ from vioasid.client import Client, MemoryRegion  # noqa: E402
 from vioasid.daemon.hostconfig import host_from_doc  # noqa: E402
 from vioasid.model.faults import parse_bdf  # noqa: E402
 from vioasid.model.memory import GuestMemory  # noqa: E402
+from vioasid.model.migration import export_vm, import_vm  # noqa: E402
 
 RAM = 64 << 20
 BASE, SIZE = 8 << 20, 48 << 20
@@ -72,7 +73,7 @@ async def _source_vm(client: Client, n: int) -> tuple[int, MemfdRam]:
     host.attach_device("vm", 0x80, 0x3A00, "mdev")
     for x in range(1, n + 1):
         host.bind("vm", 0x80, x)
-    stream = host.export_vm("vm")
+    stream = export_vm(host, "vm")
     res = await client.import_vm("vm", stream, [ram.region()])
     return res.vm, ram
 
@@ -83,7 +84,7 @@ def _engine_import_ms(mem: GuestMemory, n: int) -> float:
     src, dst = host_from_doc(doc), host_from_doc(doc)
     stream = _engine_stream(src, mem, n)
     t0 = time.perf_counter()
-    dst.import_vm(stream, mem, {0x80: 0x3A00})
+    import_vm(dst, stream, mem, {0x80: 0x3A00})
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -94,7 +95,7 @@ def _engine_stream(host: Any, mem: GuestMemory, n: int) -> bytes:
     host.attach_device("vm", 0x80, 0x3A00, "mdev")
     for x in range(1, n + 1):
         host.bind("vm", 0x80, x)
-    stream: bytes = host.export_vm("vm")
+    stream: bytes = export_vm(host, "vm")
     return stream
 
 

@@ -15,6 +15,7 @@ from vioasid.model.engine import Binding, DmaResult, Host
 from vioasid.model.faults import parse_bdf
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
+from vioasid.model.migration import export_vm, import_vm
 
 MB = 1 << 20
 
@@ -111,7 +112,7 @@ class Lab:
     def migrate(self, vm: str, to: str, functions: dict[str, str]) -> None:
         g = self.guests[vm]
         src, dst = self.where(vm), self.hosts[to]
-        stream = src.export_vm(vm)
-        dst.import_vm(stream, g.memory, {bdf(k): bdf(v) for k, v in functions.items()})
+        stream = export_vm(src, vm)
+        import_vm(dst, stream, g.memory, {bdf(k): bdf(v) for k, v in functions.items()})
         src.remove_vm(vm)
         g.host = to

@@ -11,7 +11,7 @@ from engine_support import Lab
 
 from vioasid.formats.migration import HEADER_SIZE, STREAM, VERSION
 from vioasid.model.errors import MigrationFailed
-from vioasid.model.migration import decode_stream
+from vioasid.model.migration import decode_stream, export_vm, import_vm
 
 
 def _source(lab: Lab, occupy: int = 0) -> None:
@@ -77,7 +77,7 @@ def test_stream_never_carries_ppasids() -> None:
     a, b = Lab(), Lab()
     _source(a)
     _source(b, occupy=7)
-    sa, sb = a.hosts["src"].export_vm("vm"), b.hosts["src"].export_vm("vm")
+    sa, sb = export_vm(a.hosts["src"], "vm"), export_vm(b.hosts["src"], "vm")
     assert a.hosts["src"].vm("vm").cpu_table != b.hosts["src"].vm("vm").cpu_table
     assert sa == sb
 
@@ -85,7 +85,7 @@ def test_stream_never_carries_ppasids() -> None:
 def test_stream_layout_and_size() -> None:
     lab = Lab()
     _source(lab)
-    s = lab.hosts["src"].export_vm("vm")
+    s = export_vm(lab.hosts["src"], "vm")
     assert s[:8] == b"VIOASIDM" and struct.unpack_from("<HH", s, 8) == (VERSION, 0)
     assert struct.unpack_from("<I", s, len(s) - 4)[0] == zlib.crc32(s[HEADER_SIZE:-4])
     body = decode_stream(s)
@@ -105,7 +105,7 @@ def test_state_bytes_per_binding() -> None:
         g = lab.guests["vm"]
         g.driver.set_pasid_entry(0x20, x, pgtt=1, did=1, flptptr=g.table(1).root)
         h.bind("vm", 0x20, x)
-    assert len(h.export_vm("vm")) / n <= 32
+    assert len(export_vm(h, "vm")) / n <= 32
 
 
 class _Target:
@@ -122,7 +122,7 @@ class _Target:
 
     def refuse(self, stream: bytes, match: str, *, check: bool = True) -> None:
         with pytest.raises(MigrationFailed, match=match) as info:
-            self.dst.import_vm(stream, self.mem, {0x18: 0x5E00, 0x20: 0x5F00})
+            import_vm(self.dst, stream, self.mem, {0x18: 0x5E00, 0x20: 0x5F00})
         assert info.value.kind == "migration-failed"
         assert set(self.dst.vms) == {"resident"}
         if check:
@@ -136,7 +136,7 @@ def _bad(stream: bytes, match: str) -> None:
 def _good() -> bytes:
     lab = Lab()
     _source(lab)
-    return lab.hosts["src"].export_vm("vm")
+    return export_vm(lab.hosts["src"], "vm")
 
 
 def test_corrupt_stream_refused() -> None:
@@ -213,7 +213,7 @@ def test_destination_memory_too_small_and_name_clash() -> None:
 
     small = GuestMemory.from_bytes(1 << 20)
     with pytest.raises(MigrationFailed, match="memory"):
-        lab.hosts["dst"].import_vm(lab.hosts["src"].export_vm("vm"), small, {}, name="other")
+        import_vm(lab.hosts["dst"], export_vm(lab.hosts["src"], "vm"), small, {}, name="other")
 
 
 def test_failure_after_some_bindings_gives_back_tables() -> None:

@@ -15,7 +15,6 @@ One listening unix socket; one front-end session at a time. The path of a reques
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
@@ -57,6 +56,8 @@ from vioasid.formats.virtio import (
     VirtioFeature,
 )
 from vioasid.model.memory import GuestMemory, MemoryAccessError
+from vioasid.protocol.framing import close_fds
+from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
 
 from .blk import BlkDevice
 from .codec import (
@@ -67,6 +68,7 @@ from .codec import (
     encode,
     encode_reply,
     encode_u64,
+    request_name,
     unpack_header,
 )
 from .inflight import settle
@@ -305,18 +307,15 @@ class VhostUserBlkBackend:
         conn = self._conn
         if conn is None:
             return
-        fds = array.array("i")
         try:
-            data, ancdata, _flags, _addr = conn.recvmsg(
-                65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
-            )
+            data, fds = recv_with_fds(conn)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
+        except (OSError, TooManyFds) as exc:
             log.warning("vhost-user socket error: %s", exc)
             self._end_session()
             return
-        if not ancdata and len(data) == _IOTLB_MSG_BYTES and not self._decoder.pending:
+        if not fds and len(data) == _IOTLB_MSG_BYTES and not self._decoder.pending:
             # The hot message (strict mode: one per guest unmap, the vCPU waiting for the ack)
             # skips the decoder and the dispatcher.
             request, flags, size = unpack_header(data)
@@ -330,17 +329,12 @@ class VhostUserBlkBackend:
                 self._iotlb_msg(data, HDR_SIZE, bool(flags & VHOST_USER_NEED_REPLY))
                 self.blk.times.add("message", time.perf_counter() - t0)
                 return
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - (len(cdata) % fds.itemsize)
-                fds.frombytes(cdata[:usable])
         if not data:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             self._end_session()
             return
         try:
-            messages = self._decoder.feed(data, list(fds))
+            messages = self._decoder.feed(bytes(data), fds)
         except ProtocolError as exc:
             log.error("vhost-user protocol error: %s", exc)
             self._end_session()
@@ -350,7 +344,7 @@ class VhostUserBlkBackend:
             try:
                 self._dispatch(msg)
             except (ProtocolError, ValueError, OSError, MemoryAccessError) as exc:
-                log.error("vhost-user %s failed: %s", msg.name, exc)
+                log.error("vhost-user %s failed: %s", request_name(msg.request), exc)
                 if msg.need_reply:
                     self._send(encode_reply(msg.request, encode_u64(1)))
             finally:
@@ -367,7 +361,7 @@ class VhostUserBlkBackend:
 
     # -- front-end messages ---------------------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
-        name = msg.name
+        name = request_name(msg.request)
         self.stats.messages[name] += 1
         log.debug(
             "vhost-user %s flags=0x%x size=%d fds=%d",
@@ -539,7 +533,7 @@ class VhostUserBlkBackend:
     def _on_IOTLB_MSG(self, msg: Message) -> None:
         self._iotlb_msg(msg.payload, 0, False)  # the dispatcher sends the ack
 
-    def _iotlb_msg(self, buf: bytes, off: int, ack: bool) -> None:
+    def _iotlb_msg(self, buf: bytes | memoryview, off: int, ack: bool) -> None:
         """An IOTLB_MSG at ``buf[off:]``; ``ack``: send the REPLY_ACK here.
 
         An invalidation is acknowledged first and then dropped, both before this returns: the
@@ -682,9 +676,9 @@ class VhostUserBlkBackend:
 
 def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
     """Send a small message completely (briefly blocking: QEMU reads its socket promptly)."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    fds = fds or []
     try:  # the common case: the whole message fits in the socket buffer at once
-        sent = sock.sendmsg([data], anc)
+        sent = send_with_fds(sock, data, fds)
     except BlockingIOError:
         sent = -1  # nothing (and no fd) went out
     if sent == len(data):
@@ -693,7 +687,7 @@ def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> 
     sock.setblocking(True)
     try:
         if sent < 0:
-            sent = sock.sendmsg([data], anc)
+            sent = send_with_fds(sock, data, fds)
         if sent < len(data):
             sock.sendall(data[sent:])  # the fds went with the first part
     finally:

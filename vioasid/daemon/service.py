@@ -30,11 +30,11 @@ from vioasid.formats import wire
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import PASID_ENTRY
 from vioasid.formats.wire import DmaFlag, DmaStatus, ErrorCode, EventMask, Request
-from vioasid.model.engine import _OWNER_SHIFT, Host
+from vioasid.model.engine import Host
 from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
-from vioasid.model.migration import decode_stream
+from vioasid.model.migration import decode_stream, export_vm, import_vm
 from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
 
 from .codec import Message, encode_error, encode_event, encode_ok
@@ -59,6 +59,7 @@ _OK = int(DmaStatus.OK)
 _F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the hot loop
 _F_BY_TAG = int(DmaFlag.BY_TAG)
 _BINDING_PACK = wire.BINDING_S.pack
+_route = Host.route  # (VM, guest rid, vPASID) -> (host function, tag) | None
 
 
 def _reply_frame(count: int) -> bytearray:
@@ -416,11 +417,11 @@ class Service:
                 return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
             return self._dma_batch(entry, count, entries)
         except VioasidError as exc:
-            msg = Message(_DMA_REQ, flags, None)
+            msg = Message(_DMA_REQ, flags)
             self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
         except Exception as exc:
             log.exception("%s: DMA failed", session)
-            msg = Message(_DMA_REQ, flags, None)
+            msg = Message(_DMA_REQ, flags)
             self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
         return None
 
@@ -428,15 +429,14 @@ class Service:
         """One request in the guest's terms: with a cached translation the whole reply frame
         is one pack. None: a by-tag request or no route, for the general loop."""
         rid, flags, pasid, addr = _DMA_ENTRY_UNPACK(entries)
-        dev = entry.model.devices.get(rid)
-        if dev is None or flags & _F_BY_TAG:
+        if flags & _F_BY_TAG:
             return None
-        pp = dev.ppasids.get(pasid)
-        if pp is None and not dev.rule.equal_x:
+        route = _route(entry.model, rid, pasid)
+        if route is None:
             return None
-        tag = pasid if pp is None else pp
+        function, tag = route
         write = flags & _F_WRITE
-        hpa = self.host.dma_fast(dev.function.rid, tag, addr, write)
+        hpa = self.host.dma_fast(function, tag, addr, write)
         base, top = entry.host_range
         if type(hpa) is not int or not base <= hpa < top:  # the full path decides
             out = _reply_frame(1)
@@ -470,7 +470,6 @@ class Service:
         out = _reply_frame(count)
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
-        devices = vm.devices
         base, top = entry.host_range
         off = _DMA_REPLY_HEAD
         size = _DMA_RESULT.size
@@ -481,12 +480,7 @@ class Service:
             if not flags & _F_BY_TAG:
                 if (rid << 32 | pasid) != key:
                     key = rid << 32 | pasid
-                    route = None
-                    dev = devices.get(rid)
-                    if dev is not None:
-                        pp = dev.ppasids.get(pasid)
-                        if pp is not None or dev.rule.equal_x:
-                            route = (dev.function.rid, pasid if pp is None else pp)
+                    route = _route(vm, rid, pasid)
                 if route is not None:
                     hpa = fast(route[0], route[1], addr, write)
                     if type(hpa) is int and base <= hpa < top:
@@ -514,7 +508,10 @@ class Service:
         host = self.host
         try:
             if flags & DmaFlag.BY_TAG:
-                self._check_tag_owner(vm, rid, pasid)
+                if not host.tag_belongs_to(vm.name, rid, pasid):
+                    raise NotFound(
+                        f"tag {pasid} on {bdf_str(rid)} is not a binding of VM {vm.name}"
+                    )
                 res = host.dma_tag(rid, pasid, addr, write=write)
             else:
                 res = host.dma(entry.name, rid, pasid, addr, write=write)
@@ -533,26 +530,9 @@ class Service:
             return
         status = DmaStatus.FAULT
         if flags & DmaFlag.PAGE_REQUEST and f.reason in _PAGE_REQUEST_REASONS and f.pasid:
-            if vm.faults and vm.faults[-1] is f:
-                vm.faults.pop()  # the device asks for the page instead of faulting
-            host.page_request(entry.name, f.sid, f.pasid, addr, write=write)
+            host.fault_to_page_request(entry.name, f, write=write)
             status = DmaStatus.PAGE_REQUEST
         _DMA_RESULT.pack_into(out, off, status, int(f.reason), 0, f.pasid or 0, addr, 0)
-
-    def _check_tag_owner(self, vm: VM, function: int, tag: int) -> None:
-        """A by-tag request may only reach a binding of the VM it names."""
-        fn = self.host.functions.get(function)
-        if fn is None:
-            raise NotFound(f"no host function {bdf_str(function)}")
-        own = fn.owner.get(tag)
-        if own is None:
-            if fn.vfio_vm == vm.name:
-                return
-        else:
-            owner = self.host.devices_by_did.get(own >> _OWNER_SHIFT)
-            if owner is not None and owner[0] is vm:
-                return
-        raise NotFound(f"tag {tag} on {fn.bdf} is not a binding of VM {vm.name}")
 
     def _enqcmd(self, session: Session, msg: Message) -> dict[str, int]:
         b = msg.body
@@ -646,7 +626,7 @@ class Service:
 
     # -- migration ------------------------------------------------------------------------
     def _export_vm(self, session: Session, msg: Message) -> dict[str, bytes]:
-        return {"stream": self.host.export_vm(self._entry(msg.body.vm).name)}
+        return {"stream": export_vm(self.host, self._entry(msg.body.vm).name)}
 
     def _import_vm(self, session: Session, msg: Message) -> dict[str, Any]:
         b = msg.body
@@ -657,7 +637,7 @@ class Service:
             functions = {d.guest_rid: d.function for d in decode_stream(b.stream).devices}
         mem = self._map_memory(b.regions, msg.fds)
         try:
-            vm = self.host.import_vm(b.stream, mem, functions, name=b.name or None)
+            vm = import_vm(self.host, b.stream, mem, functions, name=b.name or None)
         except BaseException:
             mem.close()
             raise

@@ -60,10 +60,3 @@ SECOND_STAGE_PTE = Layout(
     ],
     doc="VT-d §9.8 second-stage paging entry; QEMU VTD_SS_R/W, Linux DMA_PTE_*.",
 )
-
-ADDR_MASK_52 = FIRST_STAGE_PTE.field("ADDR").mask
-
-
-def haw_reserved_mask(haw: int) -> int:
-    """Bits 51:haw of a paging entry are reserved (QEMU VTD_PT_BASE_ADDR_MASK(aw))."""
-    return ADDR_MASK_52 & ~((1 << haw) - 1)

@@ -14,17 +14,17 @@ per function, indexed by pPASID, in host memory) and the VMs placed on it.
   with the VT-d :class:`~vioasid.model.walker.Walker` (nested: guest first stage, then the VM's
   second stage); a fault is reported with the guest RID and the vPASID (reverse-mapped from the
   tag) and queued as a VT-d fault record.
-* :meth:`Host.export_vm` / :meth:`Host.import_vm` move a VM's state as the versioned,
-  checksummed stream of :mod:`vioasid.formats.migration`; import re-allocates every pPASID under
-  this host's policy and occupancy and is all-or-nothing.
+* Live migration is :mod:`vioasid.model.migration` (``export_vm(host, name)``,
+  ``import_vm(host, stream, ...)``), built on this class's public calls only.
 
 Every refusal is a :class:`~vioasid.model.errors.VioasidError` and leaves all state unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -262,6 +262,19 @@ class Host:
         self.iommu.unmap_vm(v.second_stage, v.host_regions)
         del self.vms[vm]
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Host memory taken inside the block (leaf PASID tables, VM host ranges) is given back
+        if the block raises; the block undoes its own VMs and bindings first (``remove_vm``).
+        All-or-nothing sequences such as a migration import run inside one."""
+        saved = self.iommu.begin()
+        try:
+            yield
+        except BaseException:
+            self.iommu.rollback(saved)
+            raise
+        self.iommu.commit(saved)
+
     # -- lookups ----------------------------------------------------------------------------
     def _vm(self, name: str) -> VM:
         v = self.vms.get(name)
@@ -308,7 +321,8 @@ class Host:
         return hit
 
     def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
-        """The guest invalidated its context cache (globally or for one device)."""
+        """The guest invalidated its context cache (globally or for one device); used by the
+        PASID DMA function, which sees no invalidation and re-reads at each bind/doorbell."""
         v = self._vm(vm)
         if guest_rid is None:
             v.context_cache.clear()
@@ -505,6 +519,41 @@ class Host:
         v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
         return v, dev, own & _VPASID_MASK
 
+    def tag_belongs_to(self, vm: str, function: int, tag: int) -> bool:
+        """Whether slot ``tag`` of a function's PASID table is a binding of VM ``vm`` (or, for a
+        whole function that puts vPASIDs on the wire untranslated, an unbound tag of that VM's).
+        Raises ``NotFound`` for an unknown function."""
+        fn = self._function(function)
+        own = fn.owner.get(tag)
+        if own is None:
+            return fn.vfio_vm == vm
+        v, _ = self.devices_by_did[own >> _OWNER_SHIFT]
+        return v.name == vm
+
+    @staticmethod
+    def route(v: VM, guest_rid: int, vpasid: int) -> tuple[int, int] | None:
+        """Where a guest device's request for ``vpasid`` goes: (host function RID, wire tag), or
+        None when the device has no route (unknown device, or a converting device without a
+        pPASID for it: :meth:`dma` then decides the fault)."""
+        dev = v.devices.get(guest_rid)
+        if dev is None:
+            return None
+        pp = dev.ppasids.get(vpasid)
+        if pp is None and not dev.rule.equal_x:
+            return None
+        return dev.function.rid, vpasid if pp is None else pp
+
+    def fault_to_page_request(self, vm: str, fault: Fault, *, write: bool = False) -> bytes:
+        """The device asks for the page instead of taking ``fault`` (a not-present fault just
+        queued by :meth:`dma`): the fault leaves the VM's queue and a page request (guest RID +
+        vPASID) is queued instead. Returns the descriptor."""
+        v = self._vm(vm)
+        if fault.pasid is None:
+            raise InvalidRequest("a page request needs a PASID")
+        if v.faults and v.faults[-1] is fault:
+            v.faults.pop()
+        return self.page_request(vm, fault.sid, fault.pasid, fault.addr, write=write)
+
     def _slot_owner(self, fn: HostFunction, pp: int) -> str:
         own = fn.owner.get(pp)
         if own is None:
@@ -594,9 +643,19 @@ class Host:
 
     # -- requests -----------------------------------------------------------------------------
     def dma(
-        self, vm: str, guest_rid: int, vpasid: int, addr: int, *, write: bool = False
+        self,
+        vm: str,
+        guest_rid: int,
+        vpasid: int,
+        addr: int,
+        *,
+        write: bool = False,
+        supervisor: bool = False,
     ) -> DmaResult:
-        """The device issues a request for ``vpasid``, tagged as that device tags it."""
+        """The device issues a request for ``vpasid``, tagged as that device tags it.
+
+        ``supervisor``: a privileged request (PASID TLP prefix PMR=1): the guest entry needs SRE
+        and the first-stage pages supervisor access (VT-d 3.4 §3.6.2)."""
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         pp = dev.ppasids.get(vpasid)
@@ -609,9 +668,13 @@ class Host:
             )  # fmt: skip
             v.queue_fault(f)
             return DmaResult(None, fault=f)
-        return self._request(dev.function, vpasid if pp is None else pp, addr, write, v, dev)
+        return self._request(
+            dev.function, vpasid if pp is None else pp, addr, write, v, dev, supervisor
+        )
 
-    def dma_tag(self, function: int, tag: int, addr: int, *, write: bool = False) -> DmaResult:
+    def dma_tag(
+        self, function: int, tag: int, addr: int, *, write: bool = False, supervisor: bool = False
+    ) -> DmaResult:
         """A request as it arrives on the wire: (host function, PASID tag, address)."""
         fn = self._function(function)
         own = fn.owner.get(tag)
@@ -622,18 +685,34 @@ class Host:
                 v = self.vms[fn.vfio_vm]
                 dev = next(d for d in v.devices.values() if d.function is fn)
                 if dev.rule.equal_x:
-                    return self._request(fn, tag, addr, write, v, dev)
-            res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
+                    return self._request(fn, tag, addr, write, v, dev, supervisor)
+            res = self.walker.translate(
+                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+            )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
             return DmaResult(tag, fault=res)
         v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
-        return self._request(fn, tag, addr, write, v, dev)
+        return self._request(fn, tag, addr, write, v, dev, supervisor)
 
     def _request(
-        self, fn: HostFunction, tag: int, addr: int, write: bool, v: VM, dev: Device
+        self,
+        fn: HostFunction,
+        tag: int,
+        addr: int,
+        write: bool,
+        v: VM,
+        dev: Device,
+        supervisor: bool = False,
     ) -> DmaResult:
-        res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
+        res: int | Fault
+        if supervisor:
+            t = self.walker.translate(
+                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+            )
+            res = t if isinstance(t, Fault) else t.address
+        else:
+            res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
         if not isinstance(res, Fault):
             return DmaResult(tag, res - v.hpa, res)
         own = fn.owner.get(tag)
@@ -699,26 +778,6 @@ class Host:
         )  # fmt: skip
         v.queue_page_request(desc)
         return desc
-
-    # -- migration ------------------------------------------------------------------------------
-    def export_vm(self, vm: str) -> bytes:
-        """The VM's migration stream (never pPASIDs); the source is left untouched."""
-        from .migration import export_state
-
-        return export_state(self._vm(vm))
-
-    def import_vm(
-        self,
-        stream: bytes,
-        memory: GuestMemory,
-        functions: Mapping[int, int],
-        *,
-        name: str | None = None,
-    ) -> VM:
-        """Re-create a VM from its stream; all-or-nothing (raises MigrationFailed)."""
-        from .migration import import_state
-
-        return import_state(self, stream, memory, functions, name=name)
 
     # -- views ------------------------------------------------------------------------------
     def bindings(self) -> Iterator[Binding]:

@@ -119,9 +119,6 @@ class HostIommu:
         """Context entry + PASID directory for the function (its one PASID table)."""
         self.driver.attach_device(rid)
 
-    def has_leaf(self, rid: int, ppasid: int) -> bool:
-        return (rid, ppasid >> PASID_DIR_SHIFT) in self.leaves
-
     def entry_gpa(self, rid: int, ppasid: int, *, create: bool) -> int | None:
         """Host-physical address of the function's PASID-table entry for ``ppasid``; ``create``
         makes the leaf PASID table (lazily, like Linux). None when there is none / no room."""

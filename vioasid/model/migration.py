@@ -1,8 +1,8 @@
 """VM migration state: export to and import from the stream of :mod:`vioasid.formats.migration`.
 
-:func:`export_state` writes what the guest can see that is not in its RAM — devices, bound
+:func:`export_vm` writes what the guest can see that is not in its RAM — devices, bound
 vPASIDs per device, the CPU table's vPASIDs, queued faults and page requests, the vIOMMU
-registers — and never a pPASID. :func:`import_state` refuses a corrupt, truncated or
+registers — and never a pPASID. :func:`import_vm` refuses a corrupt, truncated or
 future-version stream, then re-creates the VM on the destination host: devices attached to the
 functions the caller maps them to, every binding re-bound from the guest's own PASID entries
 (in the migrated guest RAM) under the destination's policy and occupancy, re-allocating pPASIDs
@@ -13,9 +13,8 @@ ever read.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import construct as cs
 
@@ -32,6 +31,7 @@ from vioasid.formats.migration import (
 from vioasid.formats.prq import PAGE_REQ_DESC
 from vioasid.formats.registers import REG_RTADDR
 
+from .engine import Host
 from .errors import MigrationFailed, VioasidError
 from .faults import Fault, bdf_str
 from .memory import GuestMemory
@@ -41,12 +41,10 @@ from .vm import VM
 _ASSIGNS: dict[int, Assign] = {ASSIGN_CODES["vfio-pci"]: "vfio-pci", ASSIGN_CODES["mdev"]: "mdev"}
 _REASONS = frozenset(int(r) for r in FaultReason)
 
-if TYPE_CHECKING:
-    from .engine import Host
 
-
-def export_state(vm: VM) -> bytes:
-    """The VM's migration stream."""
+def export_vm(host: Host, name: str) -> bytes:
+    """VM ``name``'s migration stream (never pPASIDs); the source is left untouched."""
+    vm = host.vm(name)
     devices = [
         {
             "guest_rid": dev.guest_rid,
@@ -114,7 +112,7 @@ def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def import_state(
+def import_vm(
     host: Host,
     stream: bytes,
     memory: GuestMemory,
@@ -122,7 +120,7 @@ def import_state(
     *,
     name: str | None = None,
 ) -> VM:
-    """Re-create the VM of ``stream`` on ``host``; all-or-nothing."""
+    """Re-create the VM of ``stream`` on ``host``; all-or-nothing (raises MigrationFailed)."""
     body = decode_stream(stream)
     vm_name = name if name is not None else body.name
     if vm_name in host.vms:
@@ -168,20 +166,28 @@ def import_state(
             f"VM {vm_name}: function map names devices the VM does not have: "
             + ", ".join(bdf_str(r) for r in sorted(extra))
         )
-    saved = host.iommu.begin()
-    vm: VM | None = None
     try:
-        vm = host.add_vm(vm_name, memory, rtaddr=regs.get(REG_RTADDR, 0))
-        devs = []
-        for d in body.devices:
-            devs.append(
-                (
-                    host.attach_device(
-                        vm_name, d.guest_rid, functions[d.guest_rid], _ASSIGNS[d.assign]
-                    ),
-                    d.vpasids,
-                )
-            )
+        with host.transaction():
+            return _recreate(host, vm_name, body, memory, functions, regs.get(REG_RTADDR, 0))
+    except MigrationFailed:
+        raise
+    except VioasidError as exc:
+        raise MigrationFailed(f"VM {vm_name} cannot be re-created on {host.name}: {exc}") from exc
+
+
+def _recreate(
+    host: Host, vm_name: str, body: Any, memory: GuestMemory, functions: Mapping[int, int],
+    rtaddr: int,
+) -> VM:  # fmt: skip
+    """Place the VM, attach and bind its devices, restore its queues; on any failure the VM
+    is removed again (the caller's :meth:`Host.transaction` gives back the host memory)."""
+    vm = host.add_vm(vm_name, memory, rtaddr=rtaddr)
+    try:
+        devs = [
+            (host.attach_device(vm_name, d.guest_rid, functions[d.guest_rid], _ASSIGNS[d.assign]),
+             d.vpasids)
+            for d in body.devices
+        ]  # fmt: skip
         # Devices that need pPASID == vPASID first: they cannot take what is left over.
         devs.sort(key=lambda item: (not item[0].rule.equal_x, item[0].guest_rid))
         for dev, vpasids in devs:
@@ -201,25 +207,10 @@ def import_state(
         for desc in body.page_requests:
             vm.queue_page_request(PAGE_REQ_DESC.struct.build(desc))
         vm.prq_overflow = body.prq_overflow
-    except VioasidError as exc:
-        if vm is not None:
-            host.remove_vm(vm_name)
-        host.iommu.rollback(saved)
-        if isinstance(exc, MigrationFailed):
-            raise
-        raise MigrationFailed(f"VM {vm_name} cannot be re-created on {host.name}: {exc}") from exc
     except BaseException:
-        if vm is not None:
-            host.remove_vm(vm_name)
-        host.iommu.rollback(saved)
+        host.remove_vm(vm_name)
         raise
-    host.iommu.commit(saved)
     return vm
 
 
-def stream_crc(stream: bytes) -> int:
-    """The CRC-32 a stream carries over its length-prefixed body (docs)."""
-    return zlib.crc32(stream[HEADER_SIZE:-4])
-
-
-__all__ = ["BODY", "decode_stream", "export_state", "import_state"]
+__all__ = ["BODY", "decode_stream", "export_vm", "import_vm"]

@@ -28,6 +28,7 @@ from .errors import InvalidRequest, NotFound, VioasidError
 from .faults import bdf_str, parse_bdf
 from .guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from .memory import GuestMemory
+from .migration import export_vm, import_vm
 from .policy import ASSIGNS, POLICIES
 
 PAGE = 4096
@@ -515,8 +516,8 @@ class ScenarioRunner:
         if a["to"] == g.host:
             raise InvalidRequest(f"VM {a['vm']} already runs on host {a['to']}")
         dst = self.hosts[a["to"]]
-        stream = src.export_vm(a["vm"])
-        vm = dst.import_vm(stream, g.memory, a["functions"], name=a["vm"])
+        stream = export_vm(src, a["vm"])
+        vm = import_vm(dst, stream, g.memory, a["functions"], name=a["vm"])
         src.remove_vm(a["vm"])
         g.host = a["to"]
         ppasids = {

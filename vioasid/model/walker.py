@@ -69,7 +69,6 @@ from .memory import GuestMemory
 U64 = (1 << 64) - 1
 _Q2 = struct.Struct("<2Q")
 _Q4 = struct.Struct("<4Q")
-_Q8 = struct.Struct("<8Q")
 
 # -- masks derived from the layouts ---------------------------------------------------------
 _TTM = RTADDR.field("TTM")
