@@ -87,10 +87,17 @@ async def test_rig_servers_answer_and_clean_up() -> None:
         s.sendall(encode_command(2, vu.Command.REGION_READ, vu.REGION_RW.build(region=7, count=4)))
         loop = asyncio.get_running_loop()
         data = b""
-        while len(data) < 16 + 4 + 2 + 16 + 16 + 4:
+
+        def complete(buf: bytes) -> bool:
+            if len(buf) < 16:
+                return False
+            first = vu.HEADER.parse(buf)["size"]
+            rest = buf[first:]
+            return len(rest) >= 16 and len(rest) >= vu.HEADER.parse(rest)["size"]
+
+        while not complete(data):
             chunk = await loop.run_in_executor(None, s.recv, 4096)
-            if not chunk:
-                break
+            assert chunk, "server closed the connection"
             data += chunk
         size = vu.HEADER.parse(data)["size"]
         hdr2, body = decode_reply(data[size:])
