@@ -39,7 +39,6 @@ from vioasid.daemon.codec import (
     Role,
     encode_request,
 )
-from vioasid.daemon.transport import Transport
 from vioasid.formats import invalidation as inv
 from vioasid.formats import prq, wire
 from vioasid.formats.fault import FaultReason
@@ -54,6 +53,7 @@ from vioasid.formats.wire import (
     Space,
 )
 from vioasid.model.faults import bdf_str, parse_bdf
+from vioasid.protocol.transport import Transport
 
 __all__ = [
     "Binding",

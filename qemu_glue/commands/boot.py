@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from vioasid.cli import UsageError
+from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
 
 from ..vhost_user.guest import GuestOptions, vhost_blk_guest
 from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
@@ -34,6 +34,7 @@ def _say(msg: str) -> None:
 async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> dict[str, Any]:
     from ..accel import choose_accel
 
+    qemu = qemu_choice(args)
     choice = await choose_accel(args.accel, kernel=args.kernel, initrd=args.initrd)
     mode = IommuMode(args.iommu)
     append = args.append if args.append is not None else kernel_cmdline(mode, strict=True)
@@ -52,6 +53,7 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
         stdin_inherit=sys.stdin.isatty(),
         name="vioasid-boot",
         follow_iq=args.follow_iq,
+        qemu=qemu,
     )
     _say(f"accel {choice.accel}; disk {disk}; iommu {mode}; translate {args.translate}")
     async with vhost_blk_guest(opts) as g:
@@ -62,6 +64,7 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
         rc = await g.vm.wait(args.timeout)
         summary = g.backend.summary()
     summary["qemu_exit"] = rc
+    summary["qemu"] = qemu.to_json()
     return summary
 
 
@@ -119,6 +122,7 @@ def register(subparsers: Any) -> None:
         help="JSON lines: every translation, invalidation and fault",
     )
     p.add_argument("--accel", default="tcg", choices=["auto", "tcg", "kvm"])
+    add_qemu_option(p)
     p.add_argument("--iommu", default="scalable-fs", choices=[m.value for m in IommuMode])
     p.add_argument("--translate", default="walk", choices=["walk", "qemu"])
     p.add_argument(

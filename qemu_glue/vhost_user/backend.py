@@ -15,7 +15,6 @@ One listening unix socket; one front-end session at a time. The path of a reques
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
@@ -54,9 +53,11 @@ from vioasid.formats.virtio import (
     VirtioFeature,
 )
 from vioasid.model.memory import GuestMemory, MemoryAccessError
+from vioasid.protocol.framing import close_fds
+from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
 
 from .blk import BlkDevice
-from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64
+from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64, request_name
 from .inflight import settle
 from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
 
@@ -287,28 +288,20 @@ class VhostUserBlkBackend:
         conn = self._conn
         if conn is None:
             return
-        fds = array.array("i")
         try:
-            data, ancdata, _flags, _addr = conn.recvmsg(
-                65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
-            )
+            data, fds = recv_with_fds(conn)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
+        except (OSError, TooManyFds) as exc:
             log.warning("vhost-user socket error: %s", exc)
             self._end_session()
             return
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - (len(cdata) % fds.itemsize)
-                fds.frombytes(cdata[:usable])
         if not data:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             self._end_session()
             return
         try:
-            messages = self._decoder.feed(data, list(fds))
+            messages = self._decoder.feed(bytes(data), fds)
         except ProtocolError as exc:
             log.error("vhost-user protocol error: %s", exc)
             self._end_session()
@@ -317,7 +310,7 @@ class VhostUserBlkBackend:
             try:
                 self._dispatch(msg)
             except (ProtocolError, ValueError, OSError, MemoryAccessError) as exc:
-                log.error("vhost-user %s failed: %s", msg.name, exc)
+                log.error("vhost-user %s failed: %s", request_name(msg.request), exc)
                 if msg.need_reply:
                     self._send(encode_reply(msg.request, encode_u64(1)))
             finally:
@@ -333,7 +326,7 @@ class VhostUserBlkBackend:
 
     # -- front-end messages ---------------------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
-        name = msg.name
+        name = request_name(msg.request)
         self.stats.messages[name] += 1
         log.debug(
             "vhost-user %s flags=0x%x size=%d fds=%d",
@@ -623,9 +616,9 @@ class VhostUserBlkBackend:
 
 def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
     """Send a small message completely (briefly blocking: QEMU reads its socket promptly)."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    fds = fds or []
     try:  # the common case: the whole message fits in the socket buffer at once
-        sent = sock.sendmsg([data], anc)
+        sent = send_with_fds(sock, data, fds)
     except BlockingIOError:
         sent = -1  # nothing (and no fd) went out
     if sent == len(data):
@@ -634,7 +627,7 @@ def _sendall(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> 
     sock.setblocking(True)
     try:
         if sent < 0:
-            sent = sock.sendmsg([data], anc)
+            sent = send_with_fds(sock, data, fds)
         if sent < len(data):
             sock.sendall(data[sent:])  # the fds went with the first part
     finally:

@@ -2,73 +2,38 @@
 
 The asyncio edge (``backend.py``) feeds whatever ``recvmsg`` returned (data plus SCM_RIGHTS
 fds) into :class:`Decoder` and sends the bytes :func:`encode` builds. Nothing here touches a
-socket, so the codec is tested with plain byte strings. Layouts come from
-``vioasid.formats.virtio`` (QEMU docs/interop/vhost-user.rst).
+socket, so the codec is tested with plain byte strings. Framing, fd attribution and
+:class:`Message` are :mod:`vioasid.protocol.framing`'s (shared with the daemon protocol); the
+layouts come from ``vioasid.formats.virtio`` (QEMU docs/interop/vhost-user.rst).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass, field
-
 from vioasid.formats.virtio import (
     VHOST_USER_HDR,
     VHOST_USER_MAX_PAYLOAD,
-    VHOST_USER_NEED_REPLY,
     VHOST_USER_REPLY,
     VHOST_USER_U64,
     VHOST_USER_VERSION,
     VhostUserRequest,
 )
+from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError, Message
+
+__all__ = ["Decoder", "Message", "ProtocolError", "encode", "encode_reply", "encode_u64"]
 
 _HDR = VHOST_USER_HDR.packer
 HDR_SIZE = VHOST_USER_HDR.size
+assert VHOST_USER_HEADER.size == HDR_SIZE
+
+ProtocolError = FramingError
+"""The peer sent something that is not vhost-user (bad size, bad version, fds astray)."""
 
 
-class ProtocolError(Exception):
-    """The peer sent something that is not vhost-user (bad size, bad version)."""
-
-
-@dataclass
-class Message:
-    """One vhost-user message: request code, flags, payload and the fds that came with it."""
-
-    request: int
-    flags: int = VHOST_USER_VERSION
-    payload: bytes = b""
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & VHOST_USER_NEED_REPLY)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & VHOST_USER_REPLY)
-
-    @property
-    def name(self) -> str:
-        try:
-            return VhostUserRequest(self.request).name
-        except ValueError:
-            return f"REQUEST_{self.request}"
-
-    def u64(self) -> int:
-        if len(self.payload) < 8:
-            raise ProtocolError(f"{self.name}: payload of {len(self.payload)} bytes, want a u64")
-        value: int = VHOST_USER_U64.packer.unpack_from(self.payload)[0]
-        return value
-
-    def take_fd(self) -> int | None:
-        """Hand over the first fd (the caller now owns it)."""
-        return self.fds.pop(0) if self.fds else None
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+def request_name(request: int) -> str:
+    try:
+        return VhostUserRequest(request).name
+    except ValueError:
+        return f"REQUEST_{request}"
 
 
 def encode(request: int, payload: bytes = b"", flags: int = VHOST_USER_VERSION) -> bytes:
@@ -85,49 +50,32 @@ def encode_u64(value: int) -> bytes:
     return VHOST_USER_U64.build(u64=value)
 
 
-class Decoder:
-    """Accumulates received bytes and fds; yields complete messages in order.
+def _check(header: tuple[int, ...]) -> None:
+    if (header[1] & 0x3) != VHOST_USER_VERSION:
+        raise ProtocolError(f"bad vhost-user version in flags 0x{header[1]:x}")
 
-    Each batch of fds belongs to the message holding the last byte of the chunk it came with:
-    the kernel ends a stream ``recvmsg`` right after the data sent together with fds, so earlier
-    fd-less messages may share the chunk but the fd-carrying one ends it.
+
+class Decoder:
+    """Accumulates received bytes and fds; yields complete messages in order (the fds of a
+    chunk go to the last message whose header starts in it: see :mod:`vioasid.protocol.framing`).
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0  # stream offset of self._buf[0]
-        self._fds: list[tuple[int, int]] = []  # (stream offset of the chunk's last byte, fd)
+        self._frames = FrameBuffer(
+            VHOST_USER_HEADER, max_payload=VHOST_USER_MAX_PAYLOAD, check=_check
+        )
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> list[Message]:
-        self._buf += data
-        if fds:
-            last = self._pos + len(self._buf) - 1
-            self._fds.extend((last, fd) for fd in fds)
+        self._frames.receive(data, list(fds))
         out: list[Message] = []
-        while len(self._buf) >= HDR_SIZE:
-            request, flags, size = _HDR.unpack_from(self._buf)
-            if (flags & 0x3) != VHOST_USER_VERSION:
-                raise ProtocolError(f"bad vhost-user version in flags 0x{flags:x}")
-            if size > VHOST_USER_MAX_PAYLOAD:
-                raise ProtocolError(f"payload of {size} bytes is too large")
-            total = HDR_SIZE + size
-            if len(self._buf) < total:
-                break
-            payload = bytes(self._buf[HDR_SIZE:total])
-            del self._buf[:total]
-            end = self._pos + total
-            self._pos = end
-            mine = [fd for pos, fd in self._fds if pos < end]
-            self._fds = [(pos, fd) for pos, fd in self._fds if pos >= end]
-            out.append(Message(request, flags, payload, mine))
+        while (frame := self._frames.next_frame()) is not None:
+            (request, flags, _), payload, got = frame
+            out.append(Message(request, flags, payload, got))
         return out
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return self._frames.buffered
 
     def close(self) -> None:
-        for _pos, fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+        self._frames.close()

@@ -11,8 +11,8 @@ import asyncio
 import json
 from typing import Any
 
-from vioasid.cli import emit
 from vioasid.client import Client, ClientError
+from vioasid.commands.common import emit
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

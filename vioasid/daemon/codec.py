@@ -8,20 +8,14 @@ with a one-line reason; the connection that sent it is then closed and nothing e
 One codec class serves both ends: ``Codec(Role.DAEMON)`` decodes requests from clients,
 ``Codec(Role.CLIENT)`` decodes the daemon's replies and pushed events.
 
-File descriptors: the kernel hands SCM_RIGHTS fds over with the ``recvmsg`` call that reads the
-first byte of the ``sendmsg`` that carried them, and stops reading right after that send's first
-buffer. So the fds received with a chunk of bytes ``[start, end)`` belong to the *last* message
-whose header starts inside that chunk; the sender must put a message's fds on the ``sendmsg``
-that carries its header (one ``sendmsg`` per message, as vhost-user does). A message must carry
-exactly the fds its payload announces; fds that belong to no message are an error too.
+Framing and fd attribution are :class:`vioasid.protocol.framing.FrameBuffer`'s (shared with
+vhost-user): a message's fds come on the ``sendmsg`` that carries its header, and a message must
+carry exactly the fds its payload announces.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -29,6 +23,9 @@ import construct as cs
 
 from vioasid.formats import wire
 from vioasid.formats.wire import Request
+from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError, Message
+
+__all__ = ["Codec", "DmaBatch", "Message", "ProtocolViolation", "Role"]
 
 
 class Role(Enum):
@@ -36,7 +33,7 @@ class Role(Enum):
     CLIENT = "client"  # decodes replies and events
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(FramingError):
     """Malformed input: the connection that sent it must be closed. ``str()`` is the reason."""
 
 
@@ -48,31 +45,6 @@ class DmaBatch:
     vm: int
     count: int
     entries: bytes
-
-
-@dataclass(slots=True)
-class Message:
-    """One decoded message. ``body`` is the parsed payload (a construct ``Container``, a
-    :class:`DmaBatch`, or for a reply the ``(status, body)`` pair's container)."""
-
-    request: int
-    flags: int
-    body: Any
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & wire.FLAG_NEED_REPLY)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & wire.FLAG_REPLY)
-
-    def close_fds(self) -> None:
-        fds, self.fds = self.fds, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def _name(request: int) -> str:
@@ -89,71 +61,44 @@ class Codec:
         self.role = role
         self._daemon = role is Role.DAEMON  # a plain bool for the per-message checks
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._base = 0  # stream offset of _buf[0]
-        self._received = 0  # stream offset of the end of everything received
-        self._fd_batches: deque[tuple[int, int, list[int]]] = deque()  # (start, end, fds)
-        self._header: tuple[int, int, int] | None = None
-        self._closed = False
+        self._frames = FrameBuffer(
+            VHOST_USER_HEADER,
+            max_payload=max_payload,
+            check=self._check_header,
+            error=ProtocolViolation,
+            describe=lambda h: _name(h[0]),
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Input bytes held for a message not yet complete."""
+        return self._frames.buffered
 
     # -- input --------------------------------------------------------------------------
-    def receive(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
-        """Feed what one ``recvmsg`` returned. The codec owns ``fds`` from now on."""
-        if self._closed:
-            for fd in fds or ():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise ProtocolViolation("data after the connection was closed")
-        start = self._received
-        self._buf += data
-        self._received += len(data)
-        if fds:
-            if len(fds) > wire.MAX_FDS:
-                self._fd_batches.append((start, self._received, list(fds)))
-                raise ProtocolViolation(f"{len(fds)} fds in one message (max {wire.MAX_FDS})")
-            if not data:
-                self._fd_batches.append((start, start + 1, list(fds)))
-                raise ProtocolViolation("fds without data")
-            self._fd_batches.append((start, self._received, list(fds)))
+    def receive(
+        self,
+        data: bytes | bytearray | memoryview,
+        fds: list[int] | None = None,
+        *,
+        lost: bool = False,
+    ) -> None:
+        """Feed what one ``recvmsg`` returned. The codec owns ``fds`` from now on. ``lost``:
+        the kernel dropped fds of this chunk (the receiver is at its fd limit); the message
+        they belonged to comes out with :attr:`Message.body` None and ``fds_lost``."""
+        self._frames.receive(data, fds, lost)
 
     def receive_eof(self) -> None:
         """The peer closed. Raises :class:`ProtocolViolation` if it left a partial message."""
-        pending = len(self._buf)
-        if pending == 0:
-            return
-        if pending < wire.HEADER_SIZE:
-            raise ProtocolViolation(f"short header: {pending} of {wire.HEADER_SIZE} bytes at EOF")
-        request, _, size = self._header or wire.HEADER_S.unpack_from(self._buf)
-        raise ProtocolViolation(
-            f"truncated payload of {_name(request)}: "
-            f"{pending - wire.HEADER_SIZE} of {size} bytes at EOF"
-        )
+        self._frames.receive_eof()
 
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes arrive."""
-        buf = self._buf
-        header = self._header
-        if header is None:
-            if len(buf) < _HEADER_SIZE:
-                if self._fd_batches:
-                    self._check_orphan_fds(self._base)
-                return None
-            header = self._header = self._check_header(*_HEADER_UNPACK(buf))
-        request, flags, size = header
-        total = _HEADER_SIZE + size
-        have = len(buf)
-        if have < total:
+        frame = self._frames.next_frame()
+        if frame is None:
             return None
-        start = self._base
-        if have == total:
-            payload = bytes(buf[_HEADER_SIZE:])
-            buf.clear()
-        else:
-            payload = bytes(buf[_HEADER_SIZE:total])
-            del buf[:total]
-        self._base = start + total
-        self._header = None
-        fds = self._claim_fds(start, start + total) if self._fd_batches else []
+        (request, flags, _), payload, fds = frame
+        if self._frames.lost:
+            return Message(request, flags, payload, fds, FDS_LOST)
         try:
             body = self._parse(request, flags, payload)
             want = (
@@ -167,9 +112,9 @@ class Codec:
                     f"fds {what}: {_name(request)} carries {len(fds)} fds, needs {want}"
                 )
         except ProtocolViolation:
-            Message(request, flags, None, fds).close_fds()
+            Message(request, flags, b"", fds).close_fds()
             raise
-        return Message(request, flags, body, fds)
+        return Message(request, flags, b"", fds, body)
 
     # -- the hot path: one whole DMA message in one read ----------------------------------
     # A round trip of one small DMA request is one recvmsg on each side; these skip buffering,
@@ -181,7 +126,7 @@ class Codec:
     def take_dma(self, data: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
         """Daemon role: ``(flags, vm, count)`` when nothing is buffered and ``data`` is exactly
         one valid ``DMA`` request (its entries are ``data[wire.DMA_FRAME_S.size:]``)."""
-        if len(data) < _DMA_FRAME_SIZE or self._buf or self._fd_batches or self._closed:
+        if len(data) < _DMA_FRAME_SIZE or not self._frames.idle:
             return None
         request, flags, size, vm, count = _DMA_FRAME_UNPACK(data)
         if (
@@ -199,7 +144,7 @@ class Codec:
     def take_dma_reply(self, data: bytes | bytearray | memoryview) -> DmaResults | None:
         """Client role: the results when nothing is buffered and ``data`` is exactly one
         successful ``DMA`` reply (copied out of ``data``)."""
-        if len(data) < _DMA_REPLY_FRAME_SIZE or self._buf or self._fd_batches or self._closed:
+        if len(data) < _DMA_REPLY_FRAME_SIZE or not self._frames.idle:
             return None
         request, flags, size, status, count = _DMA_REPLY_FRAME_UNPACK(data)
         if (
@@ -216,18 +161,14 @@ class Codec:
 
     def close(self) -> None:
         """Drop buffered input and close every fd not yet handed out in a message."""
-        self._closed = True
-        self._buf.clear()
-        while self._fd_batches:
-            for fd in self._fd_batches.popleft()[2]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        self._frames.close()
 
     # -- validation ---------------------------------------------------------------------
-    def _check_header(self, request: int, flags: int, size: int) -> tuple[int, int, int]:
+    def _check_header(self, header: tuple[int, ...]) -> None:
+        request, flags, size = header
         common = flags in _PLAIN_FLAGS if self._daemon else flags == _REPLY
         if common and size <= self.max_payload and request in _REQUESTS:
-            return request, flags, size  # the usual case, checked in one go
+            return  # the usual case, checked in one go
         version = flags & wire.FLAG_VERSION_MASK
         if version != wire.VERSION:
             raise ProtocolViolation(f"wrong version {version} (flags 0x{flags:x}), expected 1")
@@ -251,7 +192,6 @@ class Codec:
                 )
             if flags & wire.FLAG_NEED_REPLY:
                 raise ProtocolViolation("need_reply on a daemon message")
-        return request, flags, size
 
     def _parse(self, request: int, flags: int, payload: bytes) -> Any:
         if self._daemon:
@@ -272,30 +212,15 @@ class Codec:
                 f"unparsable {_name(request)} payload ({len(payload)} bytes): {first}"
             ) from None
 
-    def _claim_fds(self, start: int, end: int) -> list[int]:
-        """The fds of the message occupying ``[start, end)`` of the stream."""
-        self._check_orphan_fds(start)
-        fds: list[int] = []
-        batches = self._fd_batches
-        # a batch is ours when our header starts in its chunk and no later header does
-        while batches and batches[0][0] <= start < batches[0][1] and end >= batches[0][1]:
-            fds += batches.popleft()[2]
-        return fds
-
-    def _check_orphan_fds(self, offset: int) -> None:
-        """fds whose chunk ended before ``offset`` with no message claiming them."""
-        if self._fd_batches and self._fd_batches[0][1] <= offset:
-            n = len(self._fd_batches[0][2])
-            raise ProtocolViolation(f"fds extra: {n} fds belong to no message")
-
 
 _DMA = int(Request.DMA)
+FDS_LOST = "fds-lost"
+"""``Message.body`` of a message whose fds the kernel dropped (see :meth:`Codec.receive`)."""
 _REQUESTS = frozenset(int(r) for r in wire.REQUEST_LAYOUTS)
 _FD_REQUESTS = frozenset({int(Request.REGISTER_VM), int(Request.IMPORT_VM)})
 _PLAIN_FLAGS = frozenset({wire.VERSION, wire.VERSION | wire.FLAG_NEED_REPLY})
 _REPLY = wire.VERSION | wire.FLAG_REPLY
 _HEADER_SIZE = wire.HEADER_SIZE
-_HEADER_UNPACK = wire.HEADER_S.unpack_from
 _DMA_FRAME_UNPACK = wire.DMA_FRAME_S.unpack_from
 _DMA_FRAME_SIZE = wire.DMA_FRAME_S.size
 _DMA_HEAD_SIZE = wire.DMA_HEAD_S.size

@@ -25,11 +25,11 @@ import stat
 import struct
 
 from vioasid.formats import wire
+from vioasid.protocol.transport import Transport
 
 from .codec import Codec, ProtocolViolation, Role
 from .service import Service
 from .session import Session
-from .transport import Transport
 
 log = logging.getLogger(__name__)
 

@@ -417,11 +417,11 @@ class Service:
                 return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
             return self._dma_batch(entry, count, entries)
         except VioasidError as exc:
-            msg = Message(_DMA_REQ, flags, None)
+            msg = Message(_DMA_REQ, flags)
             self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
         except Exception as exc:
             log.exception("%s: DMA failed", session)
-            msg = Message(_DMA_REQ, flags, None)
+            msg = Message(_DMA_REQ, flags)
             self._refuse(session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
         return None
 

@@ -5,7 +5,14 @@ asyncio's stream and protocol APIs drop ancillary data, so this layer drives a r
 shared by the thread's transports (bytes + fds) and hands the result to ``on_data``, which must
 consume it before it returns. ``send`` writes right away when the socket takes it and queues
 the rest (fds go with the first byte of their message, so a message with fds is never merged
-with queued bytes). Used by both the daemon and :mod:`vioasid.client`.
+with queued bytes); :attr:`Transport.pending` is a running count, O(1) per message. Used by the
+daemon, :mod:`vioasid.client` and the vhost-user back-end (:func:`recv_with_fds`,
+:func:`send_with_fds`).
+
+When the kernel could not hand over every fd that came (``MSG_CTRUNC`` with fewer fds than
+the ancillary buffer holds: this process is at its fd limit), the fds that did arrive are passed
+as a :class:`LostFds` list, so the message they came with can be refused instead of the
+connection being dropped for a framing error.
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from vioasid.formats import wire
+from .framing import MAX_FDS, LostFds
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 18
-_ANC_SIZE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # plain ints: enum flag arithmetic is slow per message
 
 
@@ -64,8 +71,9 @@ def recv_with_fds(
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
-    """The fds in ``recvmsg``'s ancillary data (closed again, and ``TooManyFds`` raised, when
-    the kernel truncated it)."""
+    """The fds in ``recvmsg``'s ancillary data. When the kernel truncated it: ``TooManyFds``
+    (after closing them) if the buffer was full (the peer sent too many), else a
+    :class:`LostFds` (this process could take no more)."""
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -73,11 +81,23 @@ def _fds_of(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
     if flags & _MSG_CTRUNC:
+        if len(fds) < MAX_FDS:
+            return LostFds(fds)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        raise TooManyFds(f"more than {wire.MAX_FDS} fds in one message")
+        raise TooManyFds(f"more than {MAX_FDS} fds in one message")
     return fds
+
+
+def send_with_fds(
+    sock: socket.socket, data: bytes | bytearray | memoryview, fds: Sequence[int]
+) -> int:
+    """One ``send``/``sendmsg``: ``fds`` (if any) ride with the first byte. Returns how many bytes
+    the socket took (raises what ``sendmsg`` raises, ``BlockingIOError`` included)."""
+    if fds:
+        return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    return sock.send(data)
 
 
 class Transport:
@@ -97,6 +117,7 @@ class Transport:
         self.on_close = on_close
         self._fd = sock.fileno()
         self._queue: deque[tuple[memoryview, Sequence[int]]] = deque()
+        self._queued = 0  # bytes in _queue
         self._writing = False
         self._drained: asyncio.Event | None = None
         self.closed = False
@@ -136,14 +157,10 @@ class Transport:
             return True  # dropped, as everything queued was
         if self._queue:
             self._queue.append((memoryview(data), fds))
+            self._queued += len(data)
             return False
         try:
-            if fds:
-                sent = self.sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                )
-            else:
-                sent = self.sock.send(data)
+            sent = self.sock.send(data) if not fds else send_with_fds(self.sock, data, fds)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -151,6 +168,7 @@ class Transport:
             return True
         if sent < len(data):
             self._queue.append((memoryview(data)[sent:], () if sent else fds))
+            self._queued += len(data) - sent
             self._start_writing()
             return False
         return True
@@ -162,8 +180,8 @@ class Transport:
 
     @property
     def pending(self) -> int:
-        """Bytes queued but not yet taken by the socket."""
-        return sum(len(v) for v, _ in self._queue)
+        """Bytes queued but not yet taken by the socket (a running count)."""
+        return self._queued
 
     async def drain(self) -> None:
         """Wait until every queued byte is written (or the transport closes)."""
@@ -181,17 +199,13 @@ class Transport:
         while self._queue:
             view, fds = self._queue[0]
             try:
-                if fds:
-                    sent = self.sock.sendmsg(
-                        [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    )
-                else:
-                    sent = self.sock.send(view)
+                sent = send_with_fds(self.sock, view, fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._fail(f"send: {exc}")
                 return
+            self._queued -= sent
             if sent < len(view):
                 self._queue[0] = (view[sent:], ())
                 return
@@ -221,6 +235,7 @@ class Transport:
                 self.loop.remove_writer(self._fd)
             self._writing = False
         self._queue.clear()
+        self._queued = 0
         self._wake_drain()
         with contextlib.suppress(OSError):
             self.sock.close()
