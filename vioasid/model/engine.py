@@ -365,7 +365,7 @@ class Host:
             fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
         )
         if update:  # a fresh slot has nothing cached (no negative caching; unbind flushed it)
-            self._flush(fn.rid, dev.did, pp)
+            self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
     def bind_many(self, vm: str, guest_rid: int, vpasids: Iterable[int]) -> int:
@@ -593,7 +593,7 @@ class Host:
             else:
                 del v.cpu_refs[x]
                 del v.cpu_table[x]
-        self._flush(fn.rid, dev.did, pp)
+        self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
     def sync_pasid(self, vm: str, guest_rid: int, vpasid: int) -> Binding | None:
@@ -628,13 +628,6 @@ class Host:
                 self.walker.caches.invalidate_piotlb_pasid(dev.did, pp)
                 n += 1
         return n
-
-    def _flush(self, rid: int, did: int, pp: int) -> None:
-        """The host's PASID-selective PASID-cache + P_IOTLB invalidation for one entry."""
-        c = self.walker.caches
-        c.pasid.pop((rid, pp), None)
-        c.fast.pop((rid, pp), None)
-        c.iotlb.pop((did, pp), None)
 
     @staticmethod
     def _check_vpasid(vpasid: int) -> None:
