@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from engine_support import Lab
 
-from qemu_glue.vhost_user.virtqueue import Buffer, Dma
+from qemu_glue.vhost_user.virtqueue import YIELD_EVERY, Buffer, Dma
 from vioasid.device.translator import (
     DeviceTranslator,
     DmaFault,
@@ -203,3 +203,28 @@ def test_engine_resolver_translates_a_vpasid_through_the_host() -> None:
     with pytest.raises(DmaFault):  # a vPASID the device has no binding for
         asyncio.run(tr.translate(0x7000_0000, False, pasid=8))
     assert host.drain_faults("vm")  # the guest hears of them with its vPASID
+
+
+def test_an_invalidation_answered_at_a_yield_inside_a_request_retranslates_it() -> None:
+    mem = GuestMemory.from_bytes(1 << 22)
+    res = PasidResolver()
+    tr = DeviceTranslator(res, sid=SID)
+    dma = Dma(lambda: mem, tr)
+    bufs = [Buffer(0x1000 * (i + 1), 0x1000, True) for i in range(2 * YIELD_EVERY)]
+    seen: list[int] = []
+
+    async def qemu() -> None:  # runs at the first yield: the guest remapped buffer 0's page
+        res.shift = 0x20_0000
+        tr.invalidate(0x1000, 0x1000)
+        seen.append(tr.generation)
+
+    async def go() -> list[memoryview]:
+        task = asyncio.ensure_future(qemu())
+        views = await dma.buffer_views(bufs, True)
+        await task
+        return views
+
+    views = asyncio.run(go())
+    assert seen  # the invalidation did come in during the request
+    views[0][:2] = b"ok"
+    assert mem.read(0x201000, 2) == b"ok"

@@ -9,6 +9,7 @@ out-of-memory pointer ends in a fault, never in an exception escaping or a stray
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ USED_IDX_OFF = 2  # offsetof(virtq_used, idx)
 USED_RING_OFF = VRING_USED_HDR.size
 MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
 MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails after this
+YIELD_EVERY = 16  # buffers translated between two turns of the event loop
 
 
 class Translator(Protocol):
@@ -74,16 +76,22 @@ class Dma:
     async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
         """Views of every buffer of a request, all translated before the caller touches one.
 
-        If the translation had to wait (a miss QEMU answers, registers being read) and an
-        invalidation covering one of the buffers came in meanwhile, the buffers are translated
-        again: no access uses a translation made before its invalidation.
+        Every ``YIELD_EVERY`` buffers the event loop gets a turn (strict mode: QEMU's
+        invalidations wait on this process with the guest's vCPU). If an invalidation covering
+        one of the buffers came in meanwhile (there, or while a miss waited on QEMU or on the
+        registers), the buffers are translated again: no access uses a translation made before
+        its invalidation.
         """
         tr = self.translator
         for _ in range(MAX_RETRANSLATIONS):
             gen = tr.generation
             views: list[memoryview] = []
-            for b in bufs:
+            for i, b in enumerate(bufs, 1):
                 views.extend(await self.views(b.addr, b.len, write))
+                if not i % YIELD_EVERY and i < len(bufs):
+                    # let the loop answer what QEMU sent meanwhile (a vCPU waits on each
+                    # invalidation); one that covers these buffers makes us translate again
+                    await asyncio.sleep(0)
             if tr.generation == gen or not tr.invalidated_since(
                 gen, [(b.addr, b.len) for b in bufs]
             ):
