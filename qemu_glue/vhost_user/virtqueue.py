@@ -170,6 +170,20 @@ class Dma:
         r.buf[gpa - r.gpa : gpa - r.gpa + 2] = value.to_bytes(2, "little")
 
 
+async def _table_view(dma: Dma, table: int, entries: int) -> memoryview | None:
+    """The descriptor table as one view when it is contiguous in guest memory (then each
+    descriptor is unpacked straight from it: one translation per table, not per descriptor),
+    else None (descriptors are read one by one, as for a table beyond 64 KiB or one not
+    wholly mapped)."""
+    if entries * VRING_DESC.size > 1 << 16:
+        return None
+    try:
+        views = await dma.views(table, entries * VRING_DESC.size, False)
+    except (DmaFault, MemoryAccessError):
+        return None  # part of it unreadable: the descriptors actually used decide
+    return views[0] if len(views) == 1 else None
+
+
 def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
     out: list[memoryview] = []
     while n > 0:
@@ -254,12 +268,16 @@ class SplitQueue:
         table, size, idx = self.desc, self.num, head
         budget = self.num  # §2.7.5.3.1/§2.7.5.2: a chain never exceeds the queue size
         indirect = False
+        tview = await _table_view(dma, table, size)
         while True:
             if budget <= 0:
                 raise ChainError("descriptor chain loops or is longer than the queue")
             budget -= 1
-            raw = await dma.read(table + 16 * idx, VRING_DESC.size)
-            addr, length, flags, nxt = _DESC.unpack(raw)
+            if tview is not None:
+                addr, length, flags, nxt = _DESC.unpack_from(tview, 16 * idx)
+            else:
+                raw = await dma.read(table + 16 * idx, VRING_DESC.size)
+                addr, length, flags, nxt = _DESC.unpack(raw)
             if flags & VRING_DESC_F_INDIRECT:
                 if indirect:
                     raise ChainError("nested indirect descriptor")
@@ -268,6 +286,7 @@ class SplitQueue:
                 table, size, idx = addr, length // 16, 0
                 budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
+                tview = await _table_view(dma, table, size)
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
