@@ -190,6 +190,16 @@ def _atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
+
+def module_dir(tree: Path, uname: str) -> Path | None:
+    """The kernel package's module tree: ``lib/modules/<uname>`` (Debian 12) or
+    ``usr/lib/modules/<uname>`` (Debian 13, merged /usr)."""
+    for rel in ("lib/modules", "usr/lib/modules"):
+        d = tree / rel / uname
+        if d.is_dir():
+            return d
+    return None
+
 def _build_kernel(
     inputs: ImageInputs, kpkg: apt.DebPackage, root: Path, progress: Progress
 ) -> Path:
@@ -214,9 +224,9 @@ def _build_kernel(
                 log.warning("PVH vmlinux unavailable (%s); booting the bzImage", exc)
                 pvh = False
             progress(f"resolving modules {', '.join(inputs.modules)}")
-            moddir = tree / "lib" / "modules" / uname
-            if not moddir.is_dir():
-                raise ImageError(f"{deb.name} holds no lib/modules/{uname}")
+            moddir = module_dir(tree, uname)
+            if moddir is None:
+                raise ImageError(f"{deb.name} holds no lib/modules/{uname} (nor usr/lib/modules)")
             order = modules.resolve(inputs.modules, modules.index(moddir))
             (out / "modules").mkdir()
             for name, ko in order:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ConsoleCallback = Callable[[str], None]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+READER_DRAIN_S = 2.0  # after exit, for the console/stderr readers to reach EOF
 KILL_REAP_TIMEOUT_S = 10.0  # after SIGKILL: only a process stuck in the kernel takes longer
 
 
@@ -182,7 +183,6 @@ class QemuProcess:
             except BaseException as exc:
                 await self.close()
                 if isinstance(exc, QmpError):
-                    await asyncio.sleep(0.05)
                     raise QemuError(f"QEMU did not come up: {exc}", self.stderr) from exc
                 raise
         return self
@@ -379,6 +379,12 @@ class QemuProcess:
             finally:
                 if self.qmp is not None:
                     await self.qmp.close()
+                # QEMU is gone: let the readers take its last words (an early "bad option"
+                # is only on stderr) before they are cancelled; the pipes end at EOF.
+                pending = [t for t in self._tasks if not t.done()]
+                if pending and not self.running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(pending, timeout=READER_DRAIN_S)
                 for t in self._tasks:
                     if not t.done():
                         t.cancel()

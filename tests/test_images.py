@@ -177,3 +177,15 @@ def test_deb_filename_escapes_the_epoch() -> None:
     pkg = DebPackage("busybox-static", "1:1.35.0-4+deb12u1+b1")
     assert pkg.deb_filename() == "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
     assert pkg.key == "busybox-static=1:1.35.0-4+deb12u1+b1"
+
+
+def test_module_dir_finds_debian_12_and_13_layouts(tmp_path: Path) -> None:
+    from images.build import module_dir
+
+    (tmp_path / "d12/lib/modules/6.12.1-amd64").mkdir(parents=True)
+    (tmp_path / "d13/usr/lib/modules/6.12.2-amd64").mkdir(parents=True)
+    assert module_dir(tmp_path / "d12", "6.12.1-amd64") == tmp_path / "d12/lib/modules/6.12.1-amd64"
+    assert module_dir(tmp_path / "d13", "6.12.2-amd64") == (
+        tmp_path / "d13/usr/lib/modules/6.12.2-amd64"
+    )
+    assert module_dir(tmp_path / "d13", "6.12.1-amd64") is None

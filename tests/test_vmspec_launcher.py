@@ -105,3 +105,19 @@ async def test_start_failures_are_clear(tmp_path: Path) -> None:
         async with launch(VmSpec(qemu_binary=str(exiting))):
             pass
     await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_qemu_last_words_are_never_lost(tmp_path: Path) -> None:
+    """A QEMU that refuses its command line: its stderr is in the error, every time."""
+    from qemu_glue.qemu.binary import QEMU_10_FEATURES
+
+    refusing = tmp_path / "refuse"
+    refusing.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -foo: invalid option' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    spec = VmSpec(qemu_binary=str(refusing), qemu_features=QEMU_10_FEATURES)
+    for _ in range(20):
+        with pytest.raises(QemuError) as exc:
+            async with launch(spec):
+                pass
+        assert "-foo: invalid option" in str(exc.value) + " ".join(map(str, exc.value.args))
