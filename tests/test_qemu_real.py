@@ -14,7 +14,7 @@ import pytest
 
 from qemu_glue.qemu.binary import probe
 from qemu_glue.qemu.install import newest_installed
-from qemu_glue.vmspec import IommuMode, IommuSpec
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_QEMU = "/usr/bin/qemu-system-x86_64"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.process import QemuError, launch
-from qemu_glue.qmp import QmpError, QmpTimeout
-from qemu_glue.vmspec import VmSpec
-from qemu_glue.vtd_regs import VtdRegisterReader
+from qemu_glue.qemu.process import QemuError, launch
+from qemu_glue.qemu.qmp import QmpError, QmpTimeout
+from qemu_glue.qemu.vmspec import VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 
 FAKE = str(Path(__file__).with_name("fake_qemu.py"))
 

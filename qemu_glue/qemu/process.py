@@ -1,6 +1,6 @@
 """Launch and supervise one QEMU process with asyncio.
 
-:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.vmspec.VmSpec`, captures the serial
+:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.qemu.vmspec.VmSpec`, captures the serial
 console line by line (history, async iteration, callbacks, optional live echo), connects QMP,
 and on every exit path (``async with``) shuts QEMU down, kills it if it will not go, and removes
 the temporary files it created (QMP socket, shared RAM file).
@@ -9,7 +9,7 @@ QEMU never outlives its launcher: :meth:`QemuProcess.close` ends with SIGKILL an
 whatever happened before (an error, a cancelled close, a QEMU ignoring ``quit`` and SIGTERM), and
 on Linux QEMU is started with ``PR_SET_PDEATHSIG`` so it is killed even if this process dies
 without running any cleanup (SIGKILL, a CI timeout). Waits use ``asyncio.timeout``, not
-``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qmp`).
+``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qemu.qmp`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from .qemu.binary import QemuNotFound, choose, probe
-from .qmp import Qmp, QmpError
-from .vmspec import DEFAULT_SHM_DIR, VmSpec
+from qemu_glue.qemu.binary import QemuNotFound, choose, probe
+from qemu_glue.qemu.qmp import Qmp, QmpError
+from qemu_glue.qemu.vmspec import DEFAULT_SHM_DIR, VmSpec
 
 log = logging.getLogger(__name__)
 

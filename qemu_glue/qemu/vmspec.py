@@ -9,11 +9,12 @@ through the vIOMMU. See shared/design/qemu-notes.md for the command line this mi
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .qemu.binary import QEMU_10_FEATURES, QemuFeatures
+from qemu_glue.qemu.binary import QEMU_10_FEATURES, QemuFeatures
 
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_SHM_DIR = Path("/dev/shm")
@@ -32,7 +33,7 @@ class IommuMode(enum.StrEnum):
 
 
 class Accel(enum.StrEnum):
-    """Resolved accelerator (``auto`` is resolved by :mod:`qemu_glue.accel` before argv)."""
+    """Resolved accelerator (``auto`` is resolved by :mod:`qemu_glue.qemu.accel` before argv)."""
 
     TCG = "tcg"
     KVM = "kvm"
@@ -167,7 +168,34 @@ class RawArgs:
         return list(self.argv)
 
 
-Device = VirtioBlk | VhostUserBlk | RawArgs
+@dataclass(frozen=True)
+class VfioUserPci:
+    """``vfio-user-pci`` (QEMU 11.1): a whole PCIe function served by vioasid on ``socket``.
+
+    QEMU connects to the socket at device realize (the server must be listening before
+    launch). Written in QEMU's JSON ``-device`` form (the socket is a SocketAddress). Behind
+    intel-iommu QEMU needs ``caching-mode=on``. ``no_posted_writes`` sets QEMU's
+    ``x-no-posted-writes=on``: every BAR write waits for the server's reply, so a doorbell's
+    job is done before the guest's next instruction (docs/pasid-dma.md).
+    """
+
+    socket: Path
+    id: str = "vfiouser0"
+    bus: str = "pcie.0"
+    addr: str | None = None  # slot on the root bus, e.g. "05.0"
+    no_posted_writes: bool = True
+
+    def args(self) -> list[str]:
+        dev: dict[str, object] = {"driver": "vfio-user-pci", "id": self.id, "bus": self.bus}
+        if self.addr:
+            dev["addr"] = self.addr
+        dev["socket"] = {"type": "unix", "path": str(self.socket)}
+        if self.no_posted_writes:
+            dev["x-no-posted-writes"] = True
+        return ["-device", json.dumps(dev, separators=(",", ":"))]
+
+
+Device = VirtioBlk | VhostUserBlk | VfioUserPci | RawArgs
 
 
 def kernel_cmdline(
@@ -200,7 +228,7 @@ def kernel_cmdline(
 class VmSpec:
     """Everything needed to start one QEMU VM. ``argv()`` turns it into a command line.
 
-    Paths left as None are filled by the launcher (:func:`qemu_glue.process.QemuProcess.start`)
+    Paths left as None are filled by the launcher (:func:`qemu_glue.qemu.process.QemuProcess.start`)
     with per-VM temporary files it removes on exit.
     """
 
