@@ -126,7 +126,7 @@ async def test_late_reader_gets_every_reply_in_order() -> None:
 @pytest.mark.asyncio
 async def test_large_request_is_queued_by_the_client() -> None:
     """A 4 MiB import stream does not fit the socket at once: the client queues the rest."""
-    fd = os.memfd_create("import-guest", os.MFD_CLOEXEC)
+    fd = os.memfd_create("import-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 1 << 20)
     async with running_daemon() as (_, path), await Client.connect(path) as c:
         with pytest.raises(MigrationFailed, match="not a vioasid migration stream"):
