@@ -292,14 +292,19 @@ class Server:
         assert self._sock is not None
         if not self._backoff:
             log.warning("accept: %s; pausing accepting (existing connections are served)", exc)
-        if self._reserve is not None:
+        while self._reserve is not None:  # refuse every waiting client, one spare fd each
             os.close(self._reserve)
             self._reserve = None
-            with contextlib.suppress(OSError):
+            try:
                 sock, _ = self._sock.accept()
+            except OSError:
+                sock = None
+            if sock is not None:
                 self._refuse(sock, f"the daemon is out of file descriptors ({exc.strerror})")
             with contextlib.suppress(OSError):
                 self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if sock is None:
+                break
         first, longest = ACCEPT_BACKOFF
         self._backoff = min(longest, self._backoff * 2 or first)
         self.loop.remove_reader(self._sock.fileno())
