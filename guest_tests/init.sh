@@ -1,8 +1,11 @@
 #!/bin/sh
 # vioasid test guest /init (busybox): mount the basics, load the modules listed in
-# /etc/vioasid/modules, then run the disk tests named by vioasid.tests= on /dev/vda and power off.
-# Kernel command line: vioasid.tests=a,b|all|none  vioasid.loop=1 (repeat until the stop sector)
-#   vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX  vioasid.shell=1 (shell, no tests)
+# /etc/vioasid/modules (the last is the PASID DMA driver, /lib/modules/vioasid_dma.ko), then run
+# the tests named by vioasid.tests= and power off: the disk tests on /dev/vda, and the PASID DMA
+# checks (guest_tests/pasid_tests.sh) when the list holds "pasid".
+# Kernel command line: vioasid.tests=a,b|all|none|pasid[,...]  vioasid.loop=1 (repeat until the
+#   stop sector)  vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX
+#   vioasid.pasid=check,check (the PASID checks to run; default all)  vioasid.shell=1 (shell)
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -12,12 +15,18 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 echo "VIOASID-INIT uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 
+loaded=""
 while read -r mod; do
   [ -n "$mod" ] || continue
-  insmod "/lib/modules/$mod.ko" || echo "VIOASID-ERROR detail=insmod $mod failed"
+  if insmod "/lib/modules/$mod.ko"; then
+    loaded="$loaded${loaded:+,}$mod"
+  else
+    echo "VIOASID-ERROR detail=insmod $mod failed"
+  fi
 done < /etc/vioasid/modules
+echo "VIOASID-MODULES loaded=${loaded:-none}"
 
-tests=all loop=0 loops=0 disk=/dev/vda shell=0
+tests=all loop=0 loops=0 disk=/dev/vda shell=0 pasid=all
 for word in $(cat /proc/cmdline); do
   case "$word" in
     vioasid.tests=*) tests="${word#vioasid.tests=}" ;;
@@ -25,6 +34,7 @@ for word in $(cat /proc/cmdline); do
     vioasid.loops=*) loops="${word#vioasid.loops=}" ;;
     vioasid.disk=*) disk="${word#vioasid.disk=}" ;;
     vioasid.shell=*) shell="${word#vioasid.shell=}" ;;
+    vioasid.pasid=*) pasid="${word#vioasid.pasid=}" ;;
   esac
 done
 
@@ -33,6 +43,14 @@ if [ "$shell" = 1 ]; then
   setsid cttyhack sh -l
   poweroff -f
 fi
+
+case ",$tests," in
+  *,pasid,*)
+    sh /guest_tests/pasid_tests.sh "$pasid"
+    tests=$(echo ",$tests," | sed 's/,pasid,/,/g; s/^,//; s/,$//')
+    [ -n "$tests" ] || tests=none
+    ;;
+esac
 
 if [ "$tests" != none ]; then
   i=0

@@ -1,12 +1,25 @@
-"""Parse the marker lines the guest's /init and disk tests print on the serial console.
+"""Parse the marker lines the guest's /init, disk tests and PASID checks print on the console.
 
 Lines (one per event, ``key=value`` words; ``detail`` is the rest of the line)::
 
     VIOASID-INIT uptime=<s>                       /init started (guest uptime in seconds)
+    VIOASID-MODULES loaded=<m1,m2|none>           the modules /init loaded (vioasid_dma last)
     VIOASID-TEST name=<n> gen=<g> result=pass|fail detail=<text>
     VIOASID-TESTS-DONE gen=<g> passed=<N> failed=<M>
     VIOASID-LOOP-STOPPED gen=<g>                  loop mode saw the stop sector
     VIOASID-ERROR detail=<text>                   /init could not run the tests
+
+PASID DMA checks (guest_tests/pasid_tests.sh, ``vioasid.tests=pasid``; docs/pasid-dma.md)::
+
+    VIOASID-PASID-DEVICES count=<N> types=<dma0:dedicated,dma1:mdev|none>
+    VIOASID-PASID-BIND dev=<dmaN> pasid=<P>       a check bound vPASID P on function dmaN
+    VIOASID-PASID-TEST name=<check> result=pass|fail|skip dev=<dmaN> pasid=<P>
+        [fault_reason=0xNN fault_addr=0x... fault_pasid=<P> fault_write=0|1] detail=<text>
+    VIOASID-PASID-DONE passed=<N> failed=<M> skipped=<K>
+
+The ``fault_*`` fields are the fault the driver reported for a check that expects one (the
+device's completion record or error registers: VT-d reason, IOVA, the guest's vPASID, write).
+:data:`PASID_CHECKS` names the checks in the order the script runs them.
 """
 
 from __future__ import annotations
@@ -20,6 +33,29 @@ TEST = "VIOASID-TEST"
 DONE = "VIOASID-TESTS-DONE"
 STOPPED = "VIOASID-LOOP-STOPPED"
 ERROR = "VIOASID-ERROR"
+MODULES = "VIOASID-MODULES"
+PASID_DEVICES = "VIOASID-PASID-DEVICES"
+PASID_BIND = "VIOASID-PASID-BIND"
+PASID_TEST = "VIOASID-PASID-TEST"
+PASID_DONE = "VIOASID-PASID-DONE"
+
+PASID_CHECKS = (
+    "devices",
+    "syntax",
+    "bind-unbind",
+    "copy",
+    "fill",
+    "compare",
+    "isolation",
+    "ro-write-fault",
+    "unmapped-fault",
+    "unbind-fault",
+    "remap",
+    "shared-pasid",
+    "many-pasids",
+    "batch",
+    "every-function",
+)
 
 _KIND_RE = re.compile(r"VIOASID-[A-Z]+(?:-[A-Z]+)*")
 _KV_RE = re.compile(r"(\w+)=(\S*)")
@@ -64,6 +100,78 @@ class TestResult:
     gen: int
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A fault as the driver reports it: ``fault reason=0xNN addr=0x... pasid=P write=0|1``."""
+
+    reason: int
+    addr: int
+    pasid: int
+    write: bool
+
+
+@dataclass(frozen=True)
+class DriverResult:
+    """One result line of ``/sys/class/vioasid-dma/dmaN/cmd``: ``ok ...``, ``error <kind>
+    <message>`` or a fault."""
+
+    kind: str  # "ok", "error", "fault"
+    fields: dict[str, str]  # ok/fault: key=value words
+    error: str = ""  # error: the kind word (invalid, pasid-conflict, not-bound, ...)
+    message: str = ""
+    fault: Fault | None = None
+
+
+def parse_driver_result(line: str) -> DriverResult | None:
+    """The driver's result line, or None when ``line`` is not one."""
+    text = line.strip()
+    word, _, rest = text.partition(" ")
+    if word == "ok":
+        return DriverResult("ok", dict(_KV_RE.findall(rest)))
+    if word == "error":
+        kind, _, message = rest.partition(" ")
+        return DriverResult("error", {}, kind, message) if kind else None
+    if word == "fault":
+        f = dict(_KV_RE.findall(rest))
+        try:
+            fault = Fault(
+                int(f["reason"], 16), int(f["addr"], 16), int(f["pasid"]), f["write"] == "1"
+            )
+        except (KeyError, ValueError):
+            return None
+        return DriverResult("fault", f, fault=fault)
+    return None
+
+
+@dataclass(frozen=True)
+class PasidResult:
+    """One ``VIOASID-PASID-TEST`` line."""
+
+    name: str
+    result: str  # pass, fail, skip
+    dev: str
+    pasid: int
+    detail: str
+    fault: Fault | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.result == "pass"
+
+
+def _marker_fault(mk: Marker) -> Fault | None:
+    f = mk.fields
+    try:
+        return Fault(
+            int(f["fault_reason"], 16),
+            int(f["fault_addr"], 16),
+            int(f["fault_pasid"]),
+            f["fault_write"] == "1",
+        )
+    except (KeyError, ValueError):
+        return None
+
+
 @dataclass
 class GuestReport:
     """What one guest run reported (every generation in loop mode)."""
@@ -74,6 +182,11 @@ class GuestReport:
     done: list[tuple[int, int, int]] = field(default_factory=list)  # (gen, passed, failed)
     stopped: bool = False
     errors: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    pasid_devices: dict[str, str] = field(default_factory=dict)  # dmaN -> type
+    pasid_binds: list[tuple[str, int]] = field(default_factory=list)  # (dmaN, vPASID)
+    pasid_results: list[PasidResult] = field(default_factory=list)
+    pasid_done: tuple[int, int, int] | None = None  # (passed, failed, skipped)
 
     def feed(self, line: str) -> Marker | None:
         """Account for one console line; the marker it held, if any."""
@@ -101,7 +214,48 @@ class GuestReport:
             self.stopped = True
         elif mk.kind == ERROR:
             self.errors.append(mk.fields.get("detail", ""))
+        elif mk.kind == MODULES:
+            loaded = mk.fields.get("loaded", "none")
+            self.modules = [] if loaded == "none" else loaded.split(",")
+        elif mk.kind.startswith("VIOASID-PASID-"):
+            self._feed_pasid(mk)
         return mk
+
+    def _feed_pasid(self, mk: Marker) -> None:
+        if mk.kind == PASID_DEVICES:
+            types = mk.fields.get("types", "none")
+            pairs = [t.partition(":") for t in types.split(",") if t != "none"]
+            self.pasid_devices = {dev: kind for dev, _, kind in pairs}
+        elif mk.kind == PASID_BIND:
+            self.pasid_binds.append((mk.fields.get("dev", "?"), mk.int("pasid")))
+        elif mk.kind == PASID_TEST:
+            self.pasid_results.append(
+                PasidResult(
+                    mk.fields.get("name", "?"),
+                    mk.fields.get("result", "fail"),
+                    mk.fields.get("dev", "?"),
+                    mk.int("pasid"),
+                    mk.fields.get("detail", ""),
+                    _marker_fault(mk),
+                )
+            )
+        elif mk.kind == PASID_DONE:
+            self.pasid_done = (mk.int("passed"), mk.int("failed"), mk.int("skipped"))
+
+    @property
+    def pasid_ok(self) -> bool:
+        """The PASID checks ran to the end, none failed, at least one passed."""
+        return (
+            self.pasid_done is not None
+            and self.pasid_done[1] == 0
+            and any(r.passed for r in self.pasid_results)
+            and not any(r.result == "fail" for r in self.pasid_results)
+        )
+
+    def pasid_result(self, name: str) -> PasidResult | None:
+        """The (last) result of check ``name``."""
+        found = [r for r in self.pasid_results if r.name == name]
+        return found[-1] if found else None
 
     @property
     def passed(self) -> int:

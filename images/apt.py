@@ -26,6 +26,7 @@ Progress = Callable[[str], None]
 class DebPackage:
     name: str
     version: str  # Debian version, e.g. 6.12.117-1~deb12u1
+    arch: str = "amd64"  # "all" for architecture-independent packages (the -common headers)
 
     @property
     def key(self) -> str:
@@ -33,7 +34,7 @@ class DebPackage:
 
     def deb_filename(self) -> str:
         """The file name ``apt-get download`` writes (``:`` of an epoch as ``%3a``)."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
 def require_tool(tool: str, package: str) -> str:

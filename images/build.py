@@ -1,4 +1,5 @@
-"""Build (or reuse) the test guest: Debian 6.12 kernel + busybox initramfs with guest_tests.
+"""Build (or reuse) the test guest: Debian 6.12 kernel + busybox initramfs with guest_tests and
+the guest driver ``vioasid_dma.ko`` (built here against the kernel's private headers).
 
 ``ensure_image()`` resolves the input versions with apt, and returns the cached image when one
 with the same key exists (instant); otherwise it downloads the .debs (``apt-get download``, never
@@ -7,6 +8,8 @@ Cache: ``$XDG_CACHE_HOME/vioasid`` (default ``~/.cache/vioasid``)::
 
     debs/                       downloaded packages
     kernels/<kernel-key>/       vmlinuz, vmlinux (PVH), modules/<name>.ko, kernel.json
+    headers/<abi>-<flavour>_<v>/ the kernel's Debian headers, unpacked (images/headers.py)
+    driver/<module-key>/        vioasid_dma.ko built from images/driver/ (images/kmod.py)
     images/<image-key>/         initramfs.cpio.gz, image.json
 """
 
@@ -28,7 +31,8 @@ from typing import Any
 import guest_tests
 from guest_tests.patterns import tests_conf
 
-from . import apt, cpio, kernel, modules
+from . import apt, cpio, headers, kernel, kmod, modules
+from .atomic import atomic_dir as _atomic_dir
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,8 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MODULES: tuple[str, ...] = ("virtio_blk",)
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_SCRIPTS = ("init.sh", "disk_tests.sh")
+GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", "pasid_tests.sh")
+DRIVER_MODULE = kmod.MODULE  # built from images/driver/, loaded by /init after MODULES
 
 Progress = Callable[[str], None]
 
@@ -50,6 +55,7 @@ class ImageInputs:
     busybox_version: str
     modules: tuple[str, ...] = MODULES
     scripts_digest: str = ""
+    driver_digest: str = ""
     builder_version: int = BUILDER_VERSION
 
     def kernel_key(self) -> str:
@@ -58,7 +64,15 @@ class ImageInputs:
         )
 
     def image_key(self) -> str:
-        return _digest(["image", self.kernel_key(), self.busybox_version, self.scripts_digest])
+        return _digest(
+            [
+                "image",
+                self.kernel_key(),
+                self.busybox_version,
+                self.scripts_digest,
+                self.driver_digest,
+            ]
+        )
 
 
 def _digest(parts: Sequence[object]) -> str:
@@ -139,10 +153,25 @@ def apt_lists_fingerprint(lists_dir: Path = Path("/var/lib/apt/lists")) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_packages(root: Path) -> tuple[apt.DebPackage, apt.DebPackage]:
+def kernel_package_name(version: str) -> str:
+    """``6.12.117+deb12``, ``6.12.117+deb12-amd64`` or the package name → the package name."""
+    name = version.strip()
+    if not name.startswith("linux-image-"):
+        name = f"linux-image-{name}"
+    if not name.endswith("-amd64"):
+        name += "-amd64"
+    headers.split_image_name(name)  # an ImageError for anything that is not one
+    return name
+
+
+def resolve_packages(
+    root: Path, kernel_version: str | None = None
+) -> tuple[apt.DebPackage, apt.DebPackage]:
     """The kernel and busybox-static packages to use; apt is asked again only after its lists
-    changed (apt-cache takes ~1 s per call here)."""
-    memo = root / "resolved.json"
+    changed (apt-cache takes ~1 s per call here). ``kernel_version`` picks a kernel other than
+    the newest 6.12 (``6.12.117+deb12``, the ``uname -r`` or the package name)."""
+    wanted = kernel_package_name(kernel_version) if kernel_version else None
+    memo = root / (f"resolved-{wanted}.json" if wanted else "resolved.json")
     fp = apt_lists_fingerprint()
     if fp:
         try:
@@ -151,7 +180,7 @@ def resolve_packages(root: Path) -> tuple[apt.DebPackage, apt.DebPackage]:
                 return apt.DebPackage(*d["kernel"]), apt.DebPackage(*d["busybox"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    kpkg = apt.newest_kernel()
+    kpkg = apt.package(wanted) if wanted else apt.newest_kernel()
     bb = apt.package(BUSYBOX_PACKAGE)
     if fp:
         root.mkdir(parents=True, exist_ok=True)
@@ -163,31 +192,27 @@ def resolve_packages(root: Path) -> tuple[apt.DebPackage, apt.DebPackage]:
     return kpkg, bb
 
 
-def resolve_inputs(root: Path) -> tuple[ImageInputs, apt.DebPackage, apt.DebPackage]:
+def resolve_inputs(
+    root: Path, kernel_version: str | None = None
+) -> tuple[ImageInputs, apt.DebPackage, apt.DebPackage]:
     """Which kernel and busybox-static versions to use (no download) and the resulting inputs."""
-    kpkg, bb = resolve_packages(root)
+    kpkg, bb = resolve_packages(root, kernel_version)
     inputs = ImageInputs(
         kernel_package=kpkg.name,
         kernel_version=kpkg.version,
         busybox_version=bb.version,
         scripts_digest=scripts_digest(),
+        driver_digest=kmod.sources_digest(),
     )
     return inputs, kpkg, bb
 
 
-def _atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build into a temp dir next to ``final`` and rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        fill(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def modules_dir(tree: Path, uname: str) -> Path | None:
+    """``lib/modules/<uname>`` (Debian 12) or ``usr/lib/modules/<uname>`` (Debian 13)."""
+    for cand in (tree / "lib" / "modules" / uname, tree / "usr" / "lib" / "modules" / uname):
+        if cand.is_dir():
+            return cand
+    return None
 
 
 def _build_kernel(
@@ -214,9 +239,9 @@ def _build_kernel(
                 log.warning("PVH vmlinux unavailable (%s); booting the bzImage", exc)
                 pvh = False
             progress(f"resolving modules {', '.join(inputs.modules)}")
-            moddir = tree / "lib" / "modules" / uname
-            if not moddir.is_dir():
-                raise ImageError(f"{deb.name} holds no lib/modules/{uname}")
+            moddir = modules_dir(tree, uname)
+            if moddir is None:
+                raise ImageError(f"{deb.name} holds no lib/modules/{uname} (nor usr/lib/...)")
             order = modules.resolve(inputs.modules, modules.index(moddir))
             (out / "modules").mkdir()
             for name, ko in order:
@@ -254,6 +279,9 @@ def initramfs_entries(
         cpio.symlink("bin/sh", "busybox"),
         cpio.file("init", (scripts_dir / "init.sh").read_bytes(), 0o755),
         cpio.file("guest_tests/disk_tests.sh", (scripts_dir / "disk_tests.sh").read_bytes(), 0o755),
+        cpio.file(
+            "guest_tests/pasid_tests.sh", (scripts_dir / "pasid_tests.sh").read_bytes(), 0o755
+        ),
         cpio.file("guest_tests/tests.conf", tests_conf().encode()),
         cpio.file("etc/vioasid/modules", "".join(f"{n}\n" for n, _ in kos).encode()),
     ]
@@ -262,12 +290,17 @@ def initramfs_entries(
 
 
 def ensure_image(
-    progress: Progress | None = None, *, force: bool = False, root: Path | None = None
+    progress: Progress | None = None,
+    *,
+    force: bool = False,
+    root: Path | None = None,
+    kernel_version: str | None = None,
 ) -> GuestImage:
-    """The test guest image, built if it is not cached yet (or ``force``)."""
+    """The test guest image, built if it is not cached yet (or ``force``). ``kernel_version``
+    selects another Debian kernel than the newest 6.12 (e.g. ``6.12.117+deb12``)."""
     say: Progress = progress or (lambda msg: log.info("%s", msg))
     root = root or cache_dir()
-    inputs, kpkg, bb = resolve_inputs(root)
+    inputs, kpkg, bb = resolve_inputs(root, kernel_version)
     idir = root / "images" / inputs.image_key()
     meta = idir / "image.json"
     if not force and meta.is_file():
@@ -283,6 +316,10 @@ def ensure_image(
     kdir = _build_kernel(inputs, kpkg, root, say)
     kmeta = json.loads((kdir / "kernel.json").read_text())
     kos = [(n, (kdir / "modules" / f"{n}.ko").read_bytes()) for n in kmeta["modules"]]
+    hdr = headers.ensure_headers(kpkg, root, say)
+    if force:
+        shutil.rmtree(root / "driver" / kmod.module_key(hdr), ignore_errors=True)
+    kos.append((DRIVER_MODULE, kmod.ensure_module(hdr, root, say)))
     busybox = _busybox_binary(bb, root, say)
     say("packing the initramfs")
     scripts = guest_scripts_dir()
@@ -303,7 +340,7 @@ def ensure_image(
         bzimage=kdir / "vmlinuz",
         pvh=pvh,
         key=inputs.image_key(),
-        modules=tuple(kmeta["modules"]),
+        modules=(*kmeta["modules"], DRIVER_MODULE),
     )
     meta.write_text(json.dumps(img.to_json(), indent=1))
     say(f"image ready in {time.monotonic() - t0:.1f}s: {idir}")

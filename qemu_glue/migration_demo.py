@@ -36,6 +36,7 @@ from vioasid.model.memory import GuestMemory
 
 from .migration import MigrationResult, Reserve, VpasidHandover, migrate
 from .migration_rig import BlkVm, Daemon, SerialChain, VmOptions, host_toml, workdir
+from .qemu.binary import QemuChoice
 from .vmspec import Accel, IommuMode, IommuSpec, kernel_cmdline
 from .vpasid_reserve import (
     DATA_IOVA,
@@ -81,6 +82,7 @@ class DemoOptions:
     timeout: float = 600.0
     kernel: Any = None  # images.build.GuestImage fields (filled by run_migration_demo)
     initrd: Any = None
+    qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
 
 
 @dataclass
@@ -248,6 +250,7 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
             iommu=IommuSpec(mode=opts.iommu),
             accel=opts.accel,
             memory_mib=opts.memory_mib,
+            qemu=opts.qemu,
         )
         chain = SerialChain()
         serial = 0

@@ -33,7 +33,12 @@ from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
 
+<<<<<<< HEAD
 from .process import QemuProcess, read_line
+=======
+from .process import QemuProcess
+from .qemu.binary import QemuChoice
+>>>>>>> main
 from .qmp import Qmp
 from .vhost_user.backend import VhostUserBlkBackend
 from .vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
@@ -121,6 +126,7 @@ class VmOptions:
     accel: Accel = Accel.TCG
     memory_mib: int = 256
     name: str = "vioasid-mig"
+    qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
 
 
 class BlkVm:
@@ -230,6 +236,8 @@ class BlkVm:
             serial_file=self.serial_path,
             incoming_defer=incoming,
             extra_args=tuple(extra),
+            qemu_binary=o.qemu.path if o.qemu else None,
+            qemu_features=o.qemu.features if o.qemu else None,
         )
         try:
             await self._start_backend()

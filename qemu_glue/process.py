@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
+from .qemu.binary import QemuNotFound, choose, probe
 from .qmp import Qmp, QmpError
 from .vmspec import DEFAULT_SHM_DIR, VmSpec
 
@@ -78,6 +79,16 @@ class ConsoleLine:
 
     t: float
     text: str
+
+
+def resolve_qemu(spec: VmSpec) -> VmSpec:
+    """Fill in the binary (``choose()``: env, cache, system) and its probed features."""
+    if spec.qemu_binary is None:
+        c = choose()
+        return dataclasses.replace(spec, qemu_binary=c.path, qemu_features=c.features)
+    if spec.qemu_features is None:
+        return dataclasses.replace(spec, qemu_features=probe(spec.qemu_binary))
+    return spec
 
 
 class QemuProcess:
@@ -133,7 +144,12 @@ class QemuProcess:
             ram = shm / f"{tmpdir.name}-ram"
             owned.append(ram)
             spec = dataclasses.replace(spec, ram_path=ram)
-        argv = spec.argv()
+        try:
+            spec = resolve_qemu(spec)
+            argv = spec.argv()
+        except QemuNotFound as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise QemuError(str(exc)) from None
         log.info("starting %s", " ".join(argv))
         binary = shutil.which(argv[0])
         if binary is None:

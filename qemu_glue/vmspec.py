@@ -9,9 +9,12 @@ through the vIOMMU. See shared/design/qemu-notes.md for the command line this mi
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .qemu.binary import QEMU_10_FEATURES, QemuFeatures
 
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_SHM_DIR = Path("/dev/shm")
@@ -20,8 +23,8 @@ DEFAULT_SHM_DIR = Path("/dev/shm")
 class IommuMode(enum.StrEnum):
     """How the emulated intel-iommu presents itself to the guest."""
 
-    SCALABLE_SS = "scalable-ss"  # x-scalable-mode=on: second-stage only (PGTT=2)
-    SCALABLE_FS = "scalable-fs"  # x-scalable-mode=on,x-flts=on,aw-bits=48: first stage (PGTT=1)
+    SCALABLE_SS = "scalable-ss"  # scalable-mode=on (10.0: x-scalable-mode): second stage (PGTT=2)
+    SCALABLE_FS = "scalable-fs"  # + fsts=on (10.0: x-flts), aw-bits=48: first stage (PGTT=1)
     LEGACY = "legacy"  # legacy (non-scalable) root/context tables
 
     @property
@@ -45,16 +48,26 @@ class IommuSpec:
     intremap: bool = True
     aw_bits: int | None = None  # None: 48 for scalable-fs (required by x-flts), QEMU default else
     device_iotlb: bool = False
+    pasid_bits: int | None = None  # pasid-bits=N (QEMU 11.1): PASID support for PCIe functions
     extra: tuple[tuple[str, str], ...] = ()  # more intel-iommu properties, e.g. (("pt", "on"),)
 
-    def device_arg(self) -> str:
+    def device_arg(self, features: QemuFeatures = QEMU_10_FEATURES) -> str:
+        """The ``-device intel-iommu,...`` value in the property names ``features`` has.
+
+        A property the QEMU lacks is a one-line :class:`~qemu_glue.qemu.binary.QemuNotFound`
+        naming it and the version that has it (never a QEMU error mid-boot).
+        """
         props = ["intel-iommu"]
         if self.intremap:
             props.append("intremap=on")
         if self.mode.scalable:
-            props.append("x-scalable-mode=on")
+            scalable = features.scalable_prop
+            features.require("intel-iommu scalable mode", scalable is not None, "10.0")
+            props.append(f"{scalable}=on")
         if self.mode is IommuMode.SCALABLE_FS:
-            props.append("x-flts=on")
+            fsts = features.fsts_prop
+            features.require("intel-iommu first-stage translation (fsts)", fsts is not None, "10.0")
+            props.append(f"{fsts}=on")
         aw = self.aw_bits
         if aw is None and self.mode is IommuMode.SCALABLE_FS:
             aw = 48
@@ -64,6 +77,9 @@ class IommuSpec:
             props.append("caching-mode=on")
         if self.device_iotlb:
             props.append("device-iotlb=on")
+        if self.pasid_bits is not None:
+            features.require("intel-iommu pasid-bits", features.has_iommu("pasid-bits"), "11.1")
+            props.append(f"pasid-bits={self.pasid_bits}")
         props.extend(f"{k}={v}" for k, v in self.extra)
         return ",".join(props)
 
@@ -152,7 +168,34 @@ class RawArgs:
         return list(self.argv)
 
 
-Device = VirtioBlk | VhostUserBlk | RawArgs
+@dataclass(frozen=True)
+class VfioUserPci:
+    """``vfio-user-pci`` (QEMU 11.1): a whole PCIe function served by vioasid on ``socket``.
+
+    QEMU connects to the socket at device realize (the server must be listening before
+    launch). Written in QEMU's JSON ``-device`` form (the socket is a SocketAddress). Behind
+    intel-iommu QEMU needs ``caching-mode=on``. ``no_posted_writes`` sets QEMU's
+    ``x-no-posted-writes=on``: every BAR write waits for the server's reply, so a doorbell's
+    job is done before the guest's next instruction (docs/pasid-dma.md).
+    """
+
+    socket: Path
+    id: str = "vfiouser0"
+    bus: str = "pcie.0"
+    addr: str | None = None  # slot on the root bus, e.g. "05.0"
+    no_posted_writes: bool = True
+
+    def args(self) -> list[str]:
+        dev: dict[str, object] = {"driver": "vfio-user-pci", "id": self.id, "bus": self.bus}
+        if self.addr:
+            dev["addr"] = self.addr
+        dev["socket"] = {"type": "unix", "path": str(self.socket)}
+        if self.no_posted_writes:
+            dev["x-no-posted-writes"] = True
+        return ["-device", json.dumps(dev, separators=(",", ":"))]
+
+
+Device = VirtioBlk | VhostUserBlk | VfioUserPci | RawArgs
 
 
 def kernel_cmdline(
@@ -206,7 +249,8 @@ class VmSpec:
     trace_events: tuple[str, ...] = ()
     trace_file: Path | None = None
     no_reboot: bool = True
-    qemu_binary: str = QEMU_BINARY
+    qemu_binary: str | None = None  # None: the launcher picks one (qemu_glue.qemu.binary.choose)
+    qemu_features: QemuFeatures | None = None  # None: the launcher probes qemu_binary
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -228,8 +272,9 @@ class VmSpec:
         if self.append is not None and self.kernel is None:
             raise ValueError("VmSpec: append given without a kernel")
         mem = f"{self.memory_mib}M"
+        features = self.qemu_features or QEMU_10_FEATURES
         argv = [
-            self.qemu_binary,
+            self.qemu_binary or QEMU_BINARY,
             "-name",
             self.name,
             "-accel",
@@ -260,7 +305,7 @@ class VmSpec:
         if self.no_reboot:
             argv.append("-no-reboot")
         if self.iommu is not None:
-            argv += ["-device", self.iommu.device_arg()]
+            argv += ["-device", self.iommu.device_arg(features)]
         for dev in self.devices:
             argv += dev.args()
         if self.kernel is not None:

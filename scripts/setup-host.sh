@@ -15,7 +15,7 @@ if command -v qemu-system-x86_64 >/dev/null 2>&1; then
   [ "${ver:-0}" -ge 10 ] && need_qemu=0
 fi
 
-pkgs="busybox-static cpio zstd xz-utils"
+pkgs="busybox-static cpio zstd xz-utils gcc make"
 if [ "$codename" = "bookworm" ] && [ $need_qemu -eq 1 ]; then
   # Add bookworm-backports on the same archive URI apt already uses.
   if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then

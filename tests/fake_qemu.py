@@ -35,8 +35,36 @@ REGS = {
 }
 
 
+# What ``-device intel-iommu,help`` and ``-device help`` print, in QEMU 10.0's names
+# (FAKE_QEMU_VERSION=11.1 switches to 11.1's): the launcher probes every binary before use.
+PROPS_10 = ("aw-bits", "caching-mode", "device-iotlb", "intremap", "x-flts", "x-scalable-mode")
+PROPS_11 = ("aw-bits", "caching-mode", "device-iotlb", "fsts", "intremap", "pasid-bits",
+            "scalable-mode")  # fmt: skip
+
+
+def probe_answer(argv: list[str]) -> bool:
+    """Answer the launcher's probes like QEMU does; False when argv is not a probe."""
+    version = os.environ.get("FAKE_QEMU_VERSION", "10.0.2")
+    if argv == ["--version"]:
+        print(f"QEMU emulator version {version} (fake)")
+        return True
+    if argv[-2:] == ["-device", "intel-iommu,help"]:
+        print("intel-iommu options:")
+        for p in PROPS_11 if version.startswith("11") else PROPS_10:
+            print(f"  {p}=<bool>        - on/off (default: off)")
+        return True
+    if argv == ["-device", "help"]:
+        print('name "vhost-user-blk-pci", bus PCI')
+        if version.startswith("11"):
+            print('name "vfio-user-pci", bus PCI, desc "VFIO over socket PCI device assignment"')
+        return True
+    return False
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    if probe_answer(argv):
+        return
     qmp = next(a for i, a in enumerate(argv) if i and argv[i - 1] == "-qmp")
     path = qmp.removeprefix("unix:").split(",")[0]
     hang = "-fake-hang" in argv

@@ -29,6 +29,8 @@ def test_cache_keys_follow_inputs() -> None:
     assert scripts.kernel_key() == BASE.kernel_key() and scripts.image_key() != BASE.image_key()
     mods = ImageInputs(BASE.kernel_package, BASE.kernel_version, "1:1.35.0-4", ("a", "b"))
     assert mods.kernel_key() != BASE.kernel_key()
+    drv = ImageInputs(*list(BASE.__dict__.values())[:4], driver_digest="y")
+    assert drv.kernel_key() == BASE.kernel_key() and drv.image_key() != BASE.image_key()
     rebuilt = ImageInputs(*list(BASE.__dict__.values())[:5], builder_version=99)
     assert rebuilt.kernel_key() != BASE.kernel_key()
 
@@ -36,9 +38,13 @@ def test_cache_keys_follow_inputs() -> None:
 def test_scripts_digest_tracks_script_edits(tmp_path: Path) -> None:
     (tmp_path / "init.sh").write_text("a")
     (tmp_path / "disk_tests.sh").write_text("b")
+    (tmp_path / "pasid_tests.sh").write_text("p")
     d1 = scripts_digest(tmp_path)
     (tmp_path / "disk_tests.sh").write_text("c")
     assert scripts_digest(tmp_path) != d1
+    d2 = scripts_digest(tmp_path)
+    (tmp_path / "pasid_tests.sh").write_text("q")
+    assert scripts_digest(tmp_path) != d2
     (tmp_path / "init.sh").unlink()
     with pytest.raises(ImageError, match=r"init\.sh"):
         scripts_digest(tmp_path)
@@ -84,11 +90,15 @@ def test_cpio_matches_gnu_cpio(tmp_path: Path) -> None:
 def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     (tmp_path / "init.sh").write_text("#!/bin/sh\n")
     (tmp_path / "disk_tests.sh").write_text("#!/bin/sh\n")
-    entries = initramfs_entries(b"BB", [("dep", b"D"), ("virtio_blk", b"V")], tmp_path)
+    (tmp_path / "pasid_tests.sh").write_text("#!/bin/sh\n# pasid\n")
+    kos = [("dep", b"D"), ("virtio_blk", b"V"), ("vioasid_dma", b"K")]
+    entries = initramfs_entries(b"BB", kos, tmp_path)
     by = {e.path: e for e in entries}
     assert by["init"].data == b"#!/bin/sh\n" and by["init"].mode & 0o111
-    assert by["etc/vioasid/modules"].data == b"dep\nvirtio_blk\n"
+    assert by["etc/vioasid/modules"].data == b"dep\nvirtio_blk\nvioasid_dma\n"
     assert by["lib/modules/virtio_blk.ko"].data == b"V"
+    assert by["lib/modules/vioasid_dma.ko"].data == b"K"
+    assert by["guest_tests/pasid_tests.sh"].data.endswith(b"# pasid\n")
     assert by["dev/console"].rdev == (5, 1)
     assert b"large " in by["guest_tests/tests.conf"].data
 

@@ -13,31 +13,40 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-COMMAND_MODULES = (
-    "vioasid.commands.walk",
-    "vioasid.commands.dump",
-    "vioasid.commands.example_image",
-    "vioasid.commands.scenario",
-    "vioasid.commands.serve",
-    "vioasid.commands.status",
-    "qemu_glue.commands.image",
-    "qemu_glue.commands.boot",
-    "qemu_glue.commands.demo",
-    "qemu_glue.commands.migrate",
+from vioasid.commands.common import UsageError, emit
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "emit", "main"]
+
+# Every subcommand, in --help order: (name, module exposing register(subparsers), one-line help
+# used only when the module cannot be imported).
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("walk", "vioasid.commands.walk", "translate one request by walking tables in a memory file"),
+    ("dump", "vioasid.commands.dump", "print every present root/context/PASID entry"),
+    ("example-image", "vioasid.commands.example_image", "write an example guest-memory image"),
+    ("scenario", "vioasid.commands.scenario", "run a scenario file through the engine"),
+    ("serve", "vioasid.commands.serve", "run the vioasid daemon"),
+    ("status", "vioasid.commands.status", "show a daemon's VMs, devices and bindings"),
+    ("qemu", "qemu_glue.commands.qemu", "which QEMU vioasid uses; install QEMU 11.1"),
+    ("image", "qemu_glue.commands.image", "build or locate the test guest image"),
+    ("boot", "qemu_glue.commands.boot", "boot your kernel behind intel-iommu with vioasid devices"),
+    ("demo", "qemu_glue.commands.demo", "boot the test guest and run its tests (the main job)"),
+    ("migrate", "qemu_glue.commands.migrate", "live-migrate a VM with its vPASID state"),
 )
 
 
-def emit(text: str = "", *, err: bool = False, end: str = "\n") -> None:
-    """Write one piece of command output (stdout, or stderr with ``err``)."""
-    stream = sys.stderr if err else sys.stdout
-    stream.write(text + end)
-    if err:
-        stream.flush()
+def _unavailable(name: str, exc: ImportError) -> Any:
+    """A command whose module cannot be imported still exists, and says why when run."""
+    missing = getattr(exc, "name", None) or str(exc)
 
+    def run(_args: argparse.Namespace) -> int:
+        raise UsageError(
+            f"cannot run: Python module {missing!r} is missing ({exc}); "
+            "run ./scripts/setup-host.sh (or pip install -e .)"
+        )
 
-class UsageError(Exception):
-    """A user mistake: reported as one line on stderr, exit status 2."""
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging verbosity on stderr (default: warning)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name, module_name, summary in COMMANDS:
         try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that command is not part of this build
-            raise
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            p = sub.add_parser(name, help=f"{summary} (unavailable: {exc})")
+            p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(func=_unavailable(name, exc))
+            continue
         module.register(sub)
     return parser
 

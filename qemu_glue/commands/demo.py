@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vioasid.commands.common import add_qemu_option, qemu_choice
+
 from ..vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
 from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
 from . import demo_migrate
@@ -46,6 +48,8 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
     from ..accel import choose_accel
 
     t0 = time.monotonic()
+    qemu = qemu_choice(args)
+    progress(f"QEMU {qemu.version} ({qemu.source}: {qemu.path})")
     progress("preparing the test guest image")
     img = await asyncio.to_thread(ensure_image, progress)
     choice = await choose_accel(args.accel, kernel=img.kernel, initrd=img.initrd)
@@ -64,6 +68,7 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
             cross_check=args.cross_check,
             echo=sys.stderr if args.console else False,
             follow_iq=args.follow_iq,
+            qemu=qemu,
         )
         progress(
             f"booting: vhost-user-blk-pci,iommu_platform=on behind intel-iommu ({mode}), "
@@ -74,6 +79,7 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
         "image": img.key,
         "kernel": img.kernel_version,
         "accel_choice": choice.to_json(),
+        "qemu": qemu.to_json(),
         "wall_seconds": round(time.monotonic() - t0, 3),
     }
     return result, extra
@@ -149,6 +155,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_qemu_option(p)
     p.add_argument(
         "--accel",
         default="tcg",

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+from vioasid.commands.common import qemu_choice
+
 from ..migration_demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
 from ..vmspec import Accel, IommuMode
 
@@ -100,7 +102,7 @@ def _print_human(res: DemoResult) -> None:
 def run(args: argparse.Namespace) -> int:
     """``vioasid demo --migrate``: exit 0 only if everything held."""
     if args.count < 1:
-        from vioasid.cli import UsageError
+        from vioasid.commands.common import UsageError
 
         raise UsageError("--count must be at least 1")
     opts = DemoOptions(
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         vpasids=args.vpasids,
         failures=tuple(args.refuse_first),
         timeout=args.timeout,
+        qemu=qemu_choice(args),
     )
 
     def progress(msg: str) -> None:
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     res = asyncio.run(run_migration_demo(opts, progress))
     if args.json:
         out: dict[str, Any] = res.to_json()
+        if opts.qemu is not None:
+            out["qemu"] = opts.qemu.to_json()
         print(json.dumps(out))
     else:
         _print_human(res)

@@ -1,4 +1,5 @@
-"""``vioasid image build [--json] [--force]`` and ``vioasid image path [--json]``: the test guest.
+"""``vioasid image build [--json] [--force] [--kernel-version VER]`` and ``vioasid image path
+[--json] [--kernel-version VER]``: the test guest (kernel, initramfs, the vioasid_dma driver).
 
 Progress goes to stderr; the result (paths, versions) to stdout, as text or one JSON object.
 """
@@ -35,7 +36,7 @@ def _print(img: GuestImage, as_json: bool, seconds: float | None = None) -> None
 def _build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        img = ensure_image(progress=_progress, force=args.force)
+        img = ensure_image(progress=_progress, force=args.force, kernel_version=args.kernel_version)
     except ImageError as exc:
         print(f"vioasid image build: {exc}", file=sys.stderr)
         return 1
@@ -45,7 +46,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _path(args: argparse.Namespace) -> int:
     try:
-        img = ensure_image(progress=_progress)
+        img = ensure_image(progress=_progress, kernel_version=args.kernel_version)
     except ImageError as exc:
         print(f"vioasid image path: {exc}", file=sys.stderr)
         return 1
@@ -69,3 +70,10 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("path", help="print the kernel and initrd paths (building if needed)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_path)
+    for sp in (b, p):
+        sp.add_argument(
+            "--kernel-version",
+            metavar="VER",
+            help="a Debian kernel other than the newest 6.12, e.g. 6.12.117+deb12 (its headers "
+            "are fetched to build vioasid_dma.ko)",
+        )

@@ -21,8 +21,8 @@ import os
 import sys
 from typing import Any
 
-from vioasid.cli import UsageError
 from vioasid.client import Client, ClientError, MemoryRegion
+from vioasid.commands.common import UsageError
 from vioasid.model.faults import parse_bdf
 from vioasid.model.memory import GuestMemory
 

@@ -23,6 +23,7 @@ from vioasid.formats.registers import REG_IQA, REG_IQT
 
 from ..iq_follower import IqFollower
 from ..process import QemuProcess, launch
+from ..qemu.binary import QemuChoice
 from ..vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from ..vtd_regs import VtdRegisterReader
 from .backend import VhostUserBlkBackend
@@ -53,6 +54,8 @@ class GuestOptions:
     name: str = "vioasid-blk"
     inject_bad_iova: int | None = None  # tests: see VhostUserBlkBackend
     follow_iq: bool = True  # decode the guest's invalidation queue too (IqFollower)
+    qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
+    ram_path: Path | None = None  # the memory-backend file (None: the launcher picks one)
 
 
 @dataclass
@@ -97,6 +100,9 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
         kernel=opts.kernel,
         initrd=opts.initrd,
         append=opts.append,
+        qemu_binary=opts.qemu.path if opts.qemu else None,
+        qemu_features=opts.qemu.features if opts.qemu else None,
+        ram_path=opts.ram_path,
     )
     try:
         async with launch(spec, echo=opts.echo, stdin_inherit=opts.stdin_inherit) as vm:

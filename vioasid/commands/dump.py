@@ -10,10 +10,11 @@ import argparse
 import json
 from typing import Any
 
-from vioasid.cli import UsageError, emit
+from vioasid.commands.common import UsageError, emit
 from vioasid.model.dump import dump_tables
 
-from .walk import open_memory, parse_number
+from .common import parse_number
+from .walk import open_memory
 
 
 def _table(rows: list[list[str]]) -> str:

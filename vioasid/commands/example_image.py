@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from vioasid.cli import UsageError, emit
+from vioasid.commands.common import UsageError, emit
 from vioasid.model.example import EXAMPLES, build_example
 
 

@@ -13,7 +13,7 @@ import sys
 import tomllib
 from typing import Any
 
-from vioasid.cli import UsageError
+from vioasid.commands.common import UsageError
 from vioasid.model.scenario import ScenarioError, ScenarioRunner, parse_scenario
 
 _TROUBLE = (MemoryError, OverflowError, OSError, ValueError, TypeError, RecursionError)

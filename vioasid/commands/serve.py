@@ -12,7 +12,7 @@ import grp
 import logging
 import signal
 
-from vioasid.cli import UsageError
+from vioasid.commands.common import UsageError
 from vioasid.daemon import eventloop
 from vioasid.daemon.hostconfig import HostConfigError, default_host, load_host
 from vioasid.daemon.server import MAX_CONNECTIONS, Server

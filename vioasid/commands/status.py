@@ -11,8 +11,8 @@ import asyncio
 import json
 from typing import Any
 
-from vioasid.cli import UsageError, emit
 from vioasid.client import Client, ClientError, NotFound, NotOwner
+from vioasid.commands.common import UsageError, emit
 
 MAX_NAME = 0xFFFF  # a VM name on the wire: u16 length, UTF-8 (formats/wire.py)
 

@@ -11,22 +11,11 @@ import json
 import os
 from typing import Any
 
-from vioasid.cli import UsageError, emit
+from vioasid.commands.common import UsageError, emit, parse_number
 from vioasid.formats.registers import is_scalable
 from vioasid.model.faults import Fault, parse_bdf
 from vioasid.model.memory import GuestMemory
 from vioasid.model.walker import Request, Walker
-
-
-def parse_number(text: str, what: str, limit: int = 1 << 64) -> int:
-    """Hex (``0x…``) or decimal; UsageError naming ``what`` when it is not a number in range."""
-    try:
-        value = int(text.replace("_", ""), 0)
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}: expected a number (hex 0x… or decimal)") from None
-    if not 0 <= value < limit:
-        raise UsageError(f"bad {what} {text!r}: out of range (0 .. 0x{limit - 1:x})")
-    return value
 
 
 def open_memory(path: str) -> GuestMemory:

@@ -5,12 +5,19 @@ declared once as a table of :class:`Field` (name, low bit, high bit). From that 
 both the construct parser/builder (an ``Adapter`` over ``Int64ul`` yielding a ``Container`` of
 named fields) and the precomputed masks/shifts the translation hot path uses with
 ``struct.unpack_from``. There is no second description of any layout.
+
+The hot path reads fields through code generated from the same tables: :meth:`Layout.decoder`
+builds ``words -> value(s)`` with the masks and shifts written as literals, and :func:`render`
+turns a Python template naming fields symbolically (``$PE.FLPM(w2)``, ``$PE.P``,
+``$PE.rsvd0``) into source with those literals, for a walk that must not pay for a lookup per
+field.
 """
 
 from __future__ import annotations
 
+import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +53,17 @@ class Field:
     def mask(self) -> int:
         """Mask of the field in place in its word."""
         return self.vmask << self.lo
+
+    def expr(self, word: str) -> str:
+        """Python source reading this field from the variable ``word``, masks as literals;
+        a one-bit field reads as a bool, an ``addr`` field in place."""
+        if self.addr:
+            return f"({word} & {self.mask:#x})"
+        if self.width == 1:
+            return f"({word} & {self.mask:#x} != 0)"
+        if self.lo == 0:
+            return f"({word} & {self.vmask:#x})"
+        return f"(({word} >> {self.lo}) & {self.vmask:#x})"
 
     def get(self, word: int) -> int:
         if self.addr:
@@ -170,6 +188,61 @@ class Layout:
     def reserved_violations(self, words: tuple[int, ...]) -> list[str]:
         """Names of the words whose reserved bits are set."""
         return [w.name for w, v in zip(self.words, words, strict=True) if v & w.reserved]
+
+    def mask(self, name: str) -> int:
+        """Field ``name`` in place in its word."""
+        return self.fields[name][1].mask
+
+    @property
+    def reserved(self) -> tuple[int, ...]:
+        """Each word's reserved mask, qw0 first."""
+        return tuple(w.reserved for w in self.words)
+
+    def decoder(
+        self, items: Sequence[object] | None = None, into: Callable[..., Any] | None = None
+    ) -> Callable[[Sequence[int]], Any]:
+        """A generated ``words -> into(v0, v1, ...)``: each ``str`` item is a field read with
+        literal masks (one-bit fields as bools, ``addr`` fields in place), any other item is
+        passed as it is. Without ``into``, ``words -> {field: value}`` of ``items`` (default:
+        every field)."""
+        names = list(items) if items is not None else list(self.fields)
+        used = sorted({self.fields[n][0] for n in names if isinstance(n, str)})
+        exprs = [self.fields[n][1].expr(f"w{self.fields[n][0]}") if isinstance(n, str)
+                 else repr(n) for n in names]  # fmt: skip
+        if into is None:
+            body = "{" + ", ".join(f"{n!r}: {e}" for n, e in zip(names, exprs, strict=True)) + "}"
+        else:
+            body = f"into({', '.join(exprs)})"
+        src = "def decode(w):\n"
+        src += "".join(f"    w{i} = w[{i}]\n" for i in used)
+        src += f"    return {body}\n"
+        ns: dict[str, Any] = {"into": into}
+        exec(compile(src, f"<{self.name} decoder>", "exec"), ns)  # generated from our own tables
+        fn: Callable[[Sequence[int]], Any] = ns["decode"]
+        fn.__doc__ = src
+        return fn
+
+
+_TOKEN = re.compile(r"\$([A-Z][A-Z0-9_]*)(?:\.([A-Za-z][A-Za-z0-9_]*))?(?:\((\w+)\))?")
+
+
+def render(template: str, layouts: Mapping[str, Layout], consts: Mapping[str, int]) -> str:
+    """Python source from ``template`` with every field named symbolically made literal:
+    ``$L.F(var)`` reads field F of layout ``layouts["L"]`` from ``var`` (as :meth:`Field.expr`),
+    ``$L.F`` is F's mask in place, ``$L.rsvdN`` word N's reserved mask, ``$NAME``
+    ``consts["NAME"]``."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, attr, var = m.group(1), m.group(2), m.group(3)
+        if attr is None:
+            return f"{consts[name]:#x}"
+        layout = layouts[name]
+        if attr.startswith("rsvd"):
+            return f"{layout.words[int(attr[4:])].reserved:#x}"
+        f = layout.fields[attr][1]
+        return f.expr(var) if var is not None else f"{f.mask:#x}"
+
+    return _TOKEN.sub(sub, template)
 
 
 def F(name: str, hi: int, lo: int | None = None, *, addr: bool = False, doc: str = "") -> Field:

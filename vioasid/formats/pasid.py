@@ -6,6 +6,7 @@ Positions mirror Linux drivers/iommu/intel/pasid.h (``pasid_set_*`` helpers, ``P
 
 from .bitfields import F, Layout, Word
 
+PASID_BITS = 20  # VT-d §3.4.3 / PCIe PASID TLP prefix: 20-bit PASIDs
 PASID_DIR_ENTRY_SIZE = 8
 PASID_ENTRY_SIZE = 64
 PASID_DIR_SHIFT = 6  # Linux PASID_PDE_SHIFT; QEMU VTD_PASID_DIR_INDEX

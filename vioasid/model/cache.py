@@ -9,8 +9,9 @@
 Each ``invalidate_*`` method matches one invalidation-descriptor granularity (context-cache
 global/domain/device, IOTLB global/domain/page with AM, PASID-cache domain/PASID/global,
 P_IOTLB all-in-PASID / page-selective); device-TLB invalidations are only counted (vioasid keeps
-no device TLB). ``fast`` maps (sid, requested PASID) -> IOTLB tag for the walker's hot path and
-is dropped whenever a context or PASID cache entry is.
+no device TLB). ``fast`` maps (sid, requested PASID) -> (IOTLB tag, that tag's page dict) for
+the walker's hot path and is dropped whenever a context or PASID cache entry is. A page dict
+leaving the IOTLB is emptied in place, so a ``fast`` entry still pointing at it only misses.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class PasidInfo:
     sre: bool
     wpe: bool
     ere: bool
+    eafe: bool = False
 
 
 # (output page base, page size, permission bits, PGTT name, DID)
@@ -77,7 +79,7 @@ class Caches:
         self.context: dict[int, ContextInfo] = {}
         self.pasid: dict[tuple[int, int], PasidInfo] = {}
         self.iotlb: dict[IotlbTag, dict[int, IotlbEntry]] = {}
-        self.fast: dict[tuple[int, int | None], IotlbTag] = {}
+        self.fast: dict[tuple[int, int | None], tuple[IotlbTag, dict[int, IotlbEntry]]] = {}
         self.iotlb_count = 0
         self.stats: Counter[str] = Counter()
 
@@ -88,23 +90,36 @@ class Caches:
             self.flush_all()
             self.rtaddr = rtaddr
 
-    def iotlb_insert(self, tag: IotlbTag, vpn: int, entry: IotlbEntry) -> None:
-        if self.iotlb_count >= self.iotlb_limit:
-            self.iotlb.clear()  # like QEMU: wipe when full (bounded memory)
-            self.iotlb_count = 0
-            self.stats["iotlb_wipe"] += 1
+    def pages_of(self, tag: IotlbTag) -> dict[int, IotlbEntry]:
+        """The IOTLB's page dict of ``tag`` (made empty when there is none)."""
         sub = self.iotlb.get(tag)
         if sub is None:
             sub = self.iotlb[tag] = {}
-        sub[vpn] = entry
+        return sub
+
+    def iotlb_insert(self, tag: IotlbTag, vpn: int, entry: IotlbEntry) -> None:
+        if self.iotlb_count >= self.iotlb_limit:
+            self._clear_iotlb()  # like QEMU: wipe when full (bounded memory)
+            self.stats["iotlb_wipe"] += 1
+        self.pages_of(tag)[vpn] = entry
         self.iotlb_count += 1
 
     def flush_all(self) -> None:
         self.context.clear()
         self.pasid.clear()
-        self.iotlb.clear()
+        self._clear_iotlb()
         self.fast.clear()
+
+    def _clear_iotlb(self) -> None:
+        for sub in self.iotlb.values():
+            sub.clear()
+        self.iotlb.clear()
         self.iotlb_count = 0
+
+    def _drop_tag(self, tag: IotlbTag) -> None:
+        sub = self.iotlb.pop(tag, None)
+        if sub is not None:
+            sub.clear()
 
     # -- context cache (descriptor type 1) --------------------------------------------------
     def invalidate_context_global(self) -> None:
@@ -161,13 +176,12 @@ class Caches:
     # -- IOTLB (type 2) and P_IOTLB (type 6) ------------------------------------------------
     def invalidate_iotlb_global(self) -> None:
         self.stats["iotlb_global"] += 1
-        self.iotlb.clear()
-        self.iotlb_count = 0
+        self._clear_iotlb()
 
     def invalidate_iotlb_domain(self, did: int) -> None:
         self.stats["iotlb_domain"] += 1
         for tag in [t for t in self.iotlb if t[0] == did]:
-            del self.iotlb[tag]
+            self._drop_tag(tag)
 
     def invalidate_iotlb_page(self, did: int, addr: int, am: int = 0, ih: bool = False) -> None:
         """Page-selective-within-domain: ``2^AM`` pages from ``addr`` (aligned down)."""
@@ -178,7 +192,7 @@ class Caches:
     def invalidate_piotlb_pasid(self, did: int, pasid: int) -> None:
         """All entries of (DID, PASID) (P_IOTLB granularity 2)."""
         self.stats["piotlb_pasid"] += 1
-        self.iotlb.pop((did, pasid), None)
+        self._drop_tag((did, pasid))
 
     def invalidate_piotlb_page(
         self, did: int, pasid: int, addr: int, am: int = 0, ih: bool = False
@@ -208,6 +222,16 @@ class Caches:
         size = e[1]
         base = (vpn << 12) & ~(size - 1)
         return base < hi and lo < base + size
+
+    # -- one entry of the host's own tables --------------------------------------------------
+    def invalidate_pasid_entry(self, sid: int, pasid: int, did: int) -> None:
+        """The PASID entry of (``sid``, ``pasid``) with domain ``did`` was rewritten or cleared:
+        its PASID-cache entry and its IOTLB entries go (what a PASID-selective PASID-cache
+        plus P_IOTLB invalidation does, scoped to the one source id that owns the table)."""
+        self.stats["pasid_entry"] += 1
+        self.pasid.pop((sid, pasid), None)
+        self.fast.pop((sid, pasid), None)
+        self._drop_tag((did, pasid))
 
     # -- device TLB (types 3, 8): no device TLB here; counted only -------------------------
     def note_device_tlb(self, kind: str) -> None:

@@ -320,6 +320,15 @@ class Host:
             hit = v.context_cache[guest_rid] = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
         return hit
 
+    def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
+        """The guest invalidated its context cache (globally or for one device); used by the
+        PASID DMA function, which sees no invalidation and re-reads at each bind/doorbell."""
+        v = self._vm(vm)
+        if guest_rid is None:
+            v.context_cache.clear()
+        else:
+            v.context_cache.pop(guest_rid, None)
+
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         w0 = words[0]
         if (w0 >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
@@ -356,7 +365,7 @@ class Host:
             fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
         )
         if update:  # a fresh slot has nothing cached (no negative caching; unbind flushed it)
-            self._flush(fn.rid, dev.did, pp)
+            self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
     def bind_many(self, vm: str, guest_rid: int, vpasids: Iterable[int]) -> int:
@@ -584,7 +593,7 @@ class Host:
             else:
                 del v.cpu_refs[x]
                 del v.cpu_table[x]
-        self._flush(fn.rid, dev.did, pp)
+        self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
     def sync_pasid(self, vm: str, guest_rid: int, vpasid: int) -> Binding | None:
@@ -620,13 +629,6 @@ class Host:
                 n += 1
         return n
 
-    def _flush(self, rid: int, did: int, pp: int) -> None:
-        """The host's PASID-selective PASID-cache + P_IOTLB invalidation for one entry."""
-        c = self.walker.caches
-        c.pasid.pop((rid, pp), None)
-        c.fast.pop((rid, pp), None)
-        c.iotlb.pop((did, pp), None)
-
     @staticmethod
     def _check_vpasid(vpasid: int) -> None:
         if not 1 <= vpasid < 1 << MAX_PASID_BITS:
@@ -634,9 +636,19 @@ class Host:
 
     # -- requests -----------------------------------------------------------------------------
     def dma(
-        self, vm: str, guest_rid: int, vpasid: int, addr: int, *, write: bool = False
+        self,
+        vm: str,
+        guest_rid: int,
+        vpasid: int,
+        addr: int,
+        *,
+        write: bool = False,
+        supervisor: bool = False,
     ) -> DmaResult:
-        """The device issues a request for ``vpasid``, tagged as that device tags it."""
+        """The device issues a request for ``vpasid``, tagged as that device tags it.
+
+        ``supervisor``: a privileged request (PASID TLP prefix PMR=1): the guest entry needs SRE
+        and the first-stage pages supervisor access (VT-d 3.4 §3.6.2)."""
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         pp = dev.ppasids.get(vpasid)
@@ -649,9 +661,13 @@ class Host:
             )  # fmt: skip
             v.queue_fault(f)
             return DmaResult(None, fault=f)
-        return self._request(dev.function, vpasid if pp is None else pp, addr, write, v, dev)
+        return self._request(
+            dev.function, vpasid if pp is None else pp, addr, write, v, dev, supervisor
+        )
 
-    def dma_tag(self, function: int, tag: int, addr: int, *, write: bool = False) -> DmaResult:
+    def dma_tag(
+        self, function: int, tag: int, addr: int, *, write: bool = False, supervisor: bool = False
+    ) -> DmaResult:
         """A request as it arrives on the wire: (host function, PASID tag, address)."""
         fn = self._function(function)
         own = fn.owner.get(tag)
@@ -662,18 +678,34 @@ class Host:
                 v = self.vms[fn.vfio_vm]
                 dev = next(d for d in v.devices.values() if d.function is fn)
                 if dev.rule.equal_x:
-                    return self._request(fn, tag, addr, write, v, dev)
-            res = self.walker.translate(self.rtaddr, Request(fn.rid, addr, tag, write))
+                    return self._request(fn, tag, addr, write, v, dev, supervisor)
+            res = self.walker.translate(
+                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+            )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
             return DmaResult(tag, fault=res)
         v, dev = self.devices_by_did[own >> _OWNER_SHIFT]
-        return self._request(fn, tag, addr, write, v, dev)
+        return self._request(fn, tag, addr, write, v, dev, supervisor)
 
     def _request(
-        self, fn: HostFunction, tag: int, addr: int, write: bool, v: VM, dev: Device
+        self,
+        fn: HostFunction,
+        tag: int,
+        addr: int,
+        write: bool,
+        v: VM,
+        dev: Device,
+        supervisor: bool = False,
     ) -> DmaResult:
-        res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
+        res: int | Fault
+        if supervisor:
+            t = self.walker.translate(
+                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+            )
+            res = t if isinstance(t, Fault) else t.address
+        else:
+            res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
         if not isinstance(res, Fault):
             return DmaResult(tag, res - v.hpa, res)
         own = fn.owner.get(tag)

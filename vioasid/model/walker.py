@@ -17,15 +17,20 @@ reserved bits in PASID-dir/PASID entries 0x52/0x5a, ERE/SRE clear 0x5c/0x5d, exe
 page 0x82, and every fault raised by the second stage of a nested walk (0x74, 0x78-0x7a,
 0x83, 0x85/0x86).
 
-The hot path uses ``struct.unpack_from`` and module-level masks derived from the
-``vioasid.formats`` layouts (no second description of any layout).
+Every field is read through code generated from the ``vioasid.formats`` layouts (no second
+description of any layout, no bit position spelled here): the entry decoders
+(``Layout.decoder``) and the direct walk (a template rendered with the layouts' masks as
+literals, ``bitfields.render``).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from vioasid.formats.bitfields import render
 from vioasid.formats.context import (
     LEGACY_CONTEXT_ENTRY,
     LEGACY_CONTEXT_ENTRY_SIZE,
@@ -34,13 +39,25 @@ from vioasid.formats.context import (
     TT_DEV_IOTLB,
     TT_MULTI_LEVEL,
     TT_PASS_THROUGH,
+    pasid_dir_entries,
 )
 from vioasid.formats.fault import FaultReason as FR
-from vioasid.formats.paging import FIRST_STAGE_PTE, SECOND_STAGE_PTE
+from vioasid.formats.paging import (
+    FIRST_STAGE_PDE_2M,
+    FIRST_STAGE_PDPE_1G,
+    FIRST_STAGE_PTE,
+    SECOND_STAGE_PDE_2M,
+    SECOND_STAGE_PDPE_1G,
+    SECOND_STAGE_PTE,
+)
 from vioasid.formats.pasid import (
+    PASID_BITS,
     PASID_DIR_ENTRY,
+    PASID_DIR_ENTRY_SIZE,
+    PASID_DIR_SHIFT,
     PASID_ENTRY,
     PASID_ENTRY_SIZE,
+    PASID_TABLE_MASK,
     PGTT_FIRST_STAGE,
     PGTT_NAMES,
     PGTT_NESTED,
@@ -48,7 +65,7 @@ from vioasid.formats.pasid import (
     PGTT_SECOND_STAGE,
 )
 from vioasid.formats.registers import RTADDR, TTM_LEGACY, TTM_SCALABLE
-from vioasid.formats.root import LEGACY_ROOT_ENTRY, SM_ROOT_ENTRY
+from vioasid.formats.root import LEGACY_ROOT_ENTRY, ROOT_ENTRY_SIZE, SM_ROOT_ENTRY
 
 from .cache import (
     PERM_R,
@@ -67,85 +84,39 @@ from .faults import Fault, FaultError, Translation
 from .memory import GuestMemory
 
 U64 = (1 << 64) - 1
+_PASID_LIMIT = 1 << PASID_BITS
+_Q = struct.Struct("<Q")
 _Q2 = struct.Struct("<2Q")
 _Q4 = struct.Struct("<4Q")
+_PE_WORDS = 1 + max(i for i, w in enumerate(PASID_ENTRY.words) if w.fields)  # words decoded
+_QPE = struct.Struct(f"<{_PE_WORDS}Q")
+assert _PE_WORDS == 3  # the direct walk unpacks qw0..qw2
+_UNPACK_Q = _Q.unpack_from
 
-# -- masks derived from the layouts ---------------------------------------------------------
-_TTM = RTADDR.field("TTM")
-_RTA = RTADDR.field("RTA").mask
-
-_LRE_P = LEGACY_ROOT_ENTRY.field("P").mask
-_LRE_CTP = LEGACY_ROOT_ENTRY.field("CTP").mask
-_LRE_RSVD = (LEGACY_ROOT_ENTRY.words[0].reserved, LEGACY_ROOT_ENTRY.words[1].reserved)
-_SRE_LP = SM_ROOT_ENTRY.field("LP").mask
-_SRE_LCTP = SM_ROOT_ENTRY.field("LCTP").mask
-_SRE_RSVD = SM_ROOT_ENTRY.words[0].reserved  # same in both halves (bits 11:1)
-
-_LCE = LEGACY_CONTEXT_ENTRY
-_LCE_P, _LCE_FPD, _LCE_TT = _LCE.field("P"), _LCE.field("FPD"), _LCE.field("TT")
-_LCE_SSPTPTR, _LCE_AW, _LCE_DID = _LCE.field("SSPTPTR"), _LCE.field("AW"), _LCE.field("DID")
-_LCE_RSVD = (_LCE.words[0].reserved, _LCE.words[1].reserved)
-
-_SCE = SM_CONTEXT_ENTRY
-_SCE_P, _SCE_FPD, _SCE_PASIDE = _SCE.field("P"), _SCE.field("FPD"), _SCE.field("PASIDE")
-_SCE_PRE, _SCE_PDTS, _SCE_DIR = _SCE.field("PRE"), _SCE.field("PDTS"), _SCE.field("PASIDDIRPTR")
-_SCE_RID_PASID = _SCE.field("RID_PASID")
-_SCE_RSVD = tuple(w.reserved for w in _SCE.words)
-
-_PDE_P = PASID_DIR_ENTRY.field("P").mask
-_PDE_PTP = PASID_DIR_ENTRY.field("PTP").mask
-_PDE_FPD = PASID_DIR_ENTRY.field("FPD").mask
-_PDE_RSVD = PASID_DIR_ENTRY.words[0].reserved
-
-_PE = PASID_ENTRY
-_PE_P, _PE_FPD, _PE_AW, _PE_PGTT = (
-    _PE.field("P"),
-    _PE.field("FPD"),
-    _PE.field("AW"),
-    _PE.field("PGTT"),
+# -- decoders and masks generated from the layouts -----------------------------------------
+# entry words -> ContextInfo / PasidInfo, every field read with literal masks.
+_decode_legacy_context: Callable[[tuple[int, ...]], ContextInfo] = LEGACY_CONTEXT_ENTRY.decoder(
+    [False, "FPD", 0, 0, False, 0, False, "TT", "SSPTPTR", "AW", "DID"], ContextInfo
 )
-_PE_SSPTPTR, _PE_DID = _PE.field("SSPTPTR"), _PE.field("DID")
-_PE_SRE, _PE_ERE, _PE_FLPM = _PE.field("SRE"), _PE.field("ERE"), _PE.field("FLPM")
-_PE_WPE, _PE_FLPTPTR = _PE.field("WPE"), _PE.field("FLPTPTR")
-_PE_RSVD = tuple(w.reserved for w in _PE.words)
-
-_FS = FIRST_STAGE_PTE
-_FS_P, _FS_RW, _FS_US = _FS.field("P").mask, _FS.field("RW").mask, _FS.field("US").mask
-_FS_PS, _FS_XD, _FS_ADDR = _FS.field("PS").mask, _FS.field("XD").mask, _FS.field("ADDR").mask
-
-_SS = SECOND_STAGE_PTE
-_SS_R, _SS_W, _SS_PS = _SS.field("R").mask, _SS.field("W").mask, _SS.field("PS").mask
-_SS_ADDR = _SS.field("ADDR").mask
-
-# (shift, value mask) of every field the walk decodes
-_LCE_AW_S, _LCE_AW_M = _LCE_AW.lo, _LCE_AW.vmask
-_LCE_DID_S, _LCE_DID_M = _LCE_DID.lo, _LCE_DID.vmask
-_LCE_FPD_S, _LCE_FPD_M = _LCE_FPD.lo, _LCE_FPD.vmask
-_LCE_P_S, _LCE_P_M = _LCE_P.lo, _LCE_P.vmask
-_LCE_TT_S, _LCE_TT_M = _LCE_TT.lo, _LCE_TT.vmask
-_PE_AW_S, _PE_AW_M = _PE_AW.lo, _PE_AW.vmask
-_PE_DID_S, _PE_DID_M = _PE_DID.lo, _PE_DID.vmask
-_PE_ERE_S, _PE_ERE_M = _PE_ERE.lo, _PE_ERE.vmask
-_PE_FLPM_S, _PE_FLPM_M = _PE_FLPM.lo, _PE_FLPM.vmask
-_PE_FPD_S, _PE_FPD_M = _PE_FPD.lo, _PE_FPD.vmask
-_PE_PGTT_S, _PE_PGTT_M = _PE_PGTT.lo, _PE_PGTT.vmask
-_PE_SRE_S, _PE_SRE_M = _PE_SRE.lo, _PE_SRE.vmask
-_PE_WPE_S, _PE_WPE_M = _PE_WPE.lo, _PE_WPE.vmask
-_SCE_FPD_S, _SCE_FPD_M = _SCE_FPD.lo, _SCE_FPD.vmask
-_SCE_P_S, _SCE_P_M = _SCE_P.lo, _SCE_P.vmask
-_SCE_PASIDE_S, _SCE_PASIDE_M = _SCE_PASIDE.lo, _SCE_PASIDE.vmask
-_SCE_PDTS_S, _SCE_PDTS_M = _SCE_PDTS.lo, _SCE_PDTS.vmask
-_SCE_PRE_S, _SCE_PRE_M = _SCE_PRE.lo, _SCE_PRE.vmask
-_SCE_RID_PASID_S, _SCE_RID_PASID_M = _SCE_RID_PASID.lo, _SCE_RID_PASID.vmask
-_TTM_S, _TTM_M = _TTM.lo, _TTM.vmask
-_LCE_SSPTPTR_M = _LCE_SSPTPTR.mask
-_TTM_MASK, _TTM_SM = _TTM.mask, TTM_SCALABLE << _TTM.lo
-_SCE_RSVD1, _SCE_RSVD2, _SCE_RSVD3 = _SCE_RSVD[1], _SCE_RSVD[2], _SCE_RSVD[3]
-_PE_RSVD1 = _PE_RSVD[1]
-_PE_WPE_MASK, _PE_SRE_MASK, _PE_ERE_MASK = _PE_WPE.mask, _PE_SRE.mask, _PE_ERE.mask
-_SCE_DIR_M = _SCE_DIR.mask
-_PE_SSPTPTR_M = _PE_SSPTPTR.mask
-_PE_FLPTPTR_M = _PE_FLPTPTR.mask
+_decode_sm_context: Callable[[tuple[int, ...]], ContextInfo] = SM_CONTEXT_ENTRY.decoder(
+    [True, "FPD", "PASIDDIRPTR", "PDTS", "PASIDE", "RID_PASID", "PRE"], ContextInfo
+)
+_decode_pasid: Callable[[tuple[int, ...]], PasidInfo] = PASID_ENTRY.decoder(
+    ["PGTT", "DID", "FPD", "AW", "SSPTPTR", "FLPTPTR", "FLPM", "SRE", "WPE", "ERE", "EAFE"],
+    PasidInfo,
+)
+_TTM, _RTA = RTADDR.field("TTM"), RTADDR.mask("RTA")
+_LRE_P, _LRE_CTP = LEGACY_ROOT_ENTRY.mask("P"), LEGACY_ROOT_ENTRY.mask("CTP")
+_SRE_P, _SRE_CTP = SM_ROOT_ENTRY.mask("LP"), SM_ROOT_ENTRY.mask("LCTP")  # UP/UCTP: the same bits
+_LCE_P, _SCE_P = LEGACY_CONTEXT_ENTRY.mask("P"), SM_CONTEXT_ENTRY.mask("P")
+_PDE_P, _PDE_FPD, _PDE_PTP = (PASID_DIR_ENTRY.mask(n) for n in ("P", "FPD", "PTP"))
+_PE_P, _PE_FPD = PASID_ENTRY.mask("P"), PASID_ENTRY.mask("FPD")
+_FS_P, _FS_RW, _FS_US, _FS_PS, _FS_XD, _FS_ADDR = (
+    FIRST_STAGE_PTE.mask(n) for n in ("P", "RW", "US", "PS", "XD", "ADDR")
+)
+_SS_R, _SS_W, _SS_PS, _SS_ADDR = (SECOND_STAGE_PTE.mask(n) for n in ("R", "W", "PS", "ADDR"))
+assert SM_ROOT_ENTRY.mask("UP") == _SRE_P and SM_ROOT_ENTRY.mask("UCTP") == _SRE_CTP
+assert SM_ROOT_ENTRY.reserved[0] == SM_ROOT_ENTRY.reserved[1]
 
 _INTR_LO, _INTR_HI = 0xFEE00000, 0xFEEFFFFF  # VT-d §3.15 interrupt address range
 
@@ -162,6 +133,11 @@ _NAME_NESTED = PGTT_NAMES[PGTT_NESTED]
 _NAME_PT = PGTT_NAMES[PGTT_PASS_THROUGH]
 _ALL_PERMS = PERM_R | PERM_W | PERM_X | PERM_U | PERM_S | PERM_SW
 
+# A missing entry reads as "not present"; everything else the reader refuses is "invalid".
+NOT_PRESENT = frozenset(
+    {FR.ROOT_ENTRY_P, FR.CONTEXT_ENTRY_P, FR.PASID_DIR_ENTRY_P, FR.PASID_ENTRY_P}
+)
+
 
 def need_mask(write: bool, supervisor: bool = False, execute: bool = False) -> int:
     """The IOTLB permission bits a request needs."""
@@ -177,14 +153,10 @@ _NEED_READ = need_mask(False)
 _NEED_WRITE = need_mask(True)
 _NEED = {(w, s, x): need_mask(w, s, x) for w in (False, True) for s in (False, True)
          for x in (False, True)}  # fmt: skip
-_PE_WORDS = 1 + max(i for i, w in enumerate(_PE.words) if w.fields)  # words the walk decodes
-_Q = struct.Struct("<Q")
-_QPE = struct.Struct(f"<{_PE_WORDS}Q")
-_UNPACK_Q, _UNPACK_Q4, _UNPACK_QPE = _Q.unpack_from, _Q4.unpack_from, _QPE.unpack_from
 
 
 @dataclass(slots=True)
-class Request:
+class WalkRequest:
     """One DMA request: source id, input address, PASID (None = request without PASID)."""
 
     sid: int
@@ -195,8 +167,182 @@ class Request:
     execute: bool = False
 
 
+Request = WalkRequest  # the old name (wire.Request is the daemon's request numbers)
+
 Span = tuple[int, int, memoryview]  # (GPA base, GPA end, buffer)
 _NO_SPAN: Span = (0, 0, memoryview(b""))
+
+
+class TranslateFast(Protocol):
+    def __call__(
+        self, rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
+    ) -> int | Fault: ...
+
+
+# -- the direct walk, generated from the layouts ---------------------------------------------
+# The common uncached case in one straight run: scalable mode, first stage only (4-level), every
+# table in the largest region, user request, no fault. Each entry is checked with one folded
+# "present, no reserved bit" mask; anything unusual is a MISS and the general walk (which names
+# the exact fault) takes over. Rendered twice: as ``translate_fast`` itself (HIT: the output
+# address) and as ``direct`` for the general walk (HIT: the IOTLB entry, permissions and DID;
+# the lines marked ``# entry`` only there). ``$X`` names are literal masks from the layouts
+# (vioasid.formats.bitfields.render); the others are the PCI RID and x86 paging geometry.
+_DIRECT_BODY = """
+if rtaddr & $RT.TTM != $TTM_SM:
+    MISS
+b, e, buf = SPAN
+e -= 64
+g = (rtaddr & $RT.RTA) + (sid >> 8) * $ROOT_ENTRY_SIZE + ((sid >> 4) & 8)  # devfn >= 128: upper
+if not b <= g <= e:
+    MISS
+half = unpack(buf, g - b)[0]
+if half & $CHK_ROOT != $SRE.LP:
+    MISS
+g = (half & $SRE.LCTP) + (sid & 0x7F) * $SM_CONTEXT_ENTRY_SIZE
+if not b <= g <= e:
+    MISS
+c0, c1, c2, c3 = unpack4(buf, g - b)
+if c0 & $CHK_CTX0 != $SCE.P or c1 & $SCE.rsvd1 or c2 & $SCE.rsvd2 or c3 & $SCE.rsvd3:
+    MISS
+if REQ is None:
+    epasid = $SCE.RID_PASID(c1)
+elif c0 & $SCE.PASIDE and 0 <= REQ < $PASID_LIMIT:
+    epasid = REQ
+else:
+    MISS
+if epasid >> $PASID_DIR_SHIFT >= 1 << ($SCE.PDTS(c0) + 7):
+    MISS
+g = (c0 & $SCE.PASIDDIRPTR) + (epasid >> $PASID_DIR_SHIFT) * $PASID_DIR_ENTRY_SIZE
+if not b <= g <= e:
+    MISS
+pde = unpack(buf, g - b)[0]
+if pde & $CHK_PDE != $PDE.P:
+    MISS
+g = (pde & $PDE.PTP) + (epasid & $PASID_TABLE_MASK) * $PASID_ENTRY_SIZE
+if not b <= g <= e:
+    MISS
+w0, w1, w2 = unpack3(buf, g - b)
+if w0 & $CHK_PE0 != $WANT_PE0 or w1 & $PE.rsvd1 or w2 & $CHK_PE2:
+    MISS
+top = addr >> 47  # 4-level: bits 63:47 all equal (canonical)
+if top and top != 0x1FFFF:
+    MISS
+g = (w2 & $PE.FLPTPTR) + ((addr >> 36) & 0xFF8)  # index * 8 == (addr >> 9 * level) & 0xFF8
+if not b <= g <= e:
+    MISS
+p4 = unpack(buf, g - b)[0]
+if p4 & $CHK_FS4 != $FS.P:
+    MISS
+g = (p4 & $FS.ADDR) + ((addr >> 27) & 0xFF8)
+if not b <= g <= e:
+    MISS
+pte = unpack(buf, g - b)[0]
+if pte & $CHK_FS3 != $FS.P:
+    MISS
+if pte & $FS.PS:
+    if pte & $LRSVD3:
+        MISS
+    size = 0x40000000
+    acc = p4 & pte
+    xd = p4 | pte  # entry
+else:
+    p3 = pte
+    g = (p3 & $FS.ADDR) + ((addr >> 18) & 0xFF8)
+    if not b <= g <= e:
+        MISS
+    pte = unpack(buf, g - b)[0]
+    if pte & $CHK_FS2 != $FS.P:
+        MISS
+    if pte & $FS.PS:
+        if pte & $LRSVD2:
+            MISS
+        size = 0x200000
+        acc = p4 & p3 & pte
+        xd = p4 | p3 | pte  # entry
+    else:
+        p2 = pte
+        g = (p2 & $FS.ADDR) + ((addr >> 9) & 0xFF8)
+        if not b <= g <= e:
+            MISS
+        pte = unpack(buf, g - b)[0]
+        if pte & $CHK_FS1 != $FS.P:
+            MISS
+        size = 0x1000
+        acc = p4 & p3 & p2 & pte
+        xd = p4 | p3 | p2 | pte  # entry
+if not acc & $FS.US or (write and not acc & $FS.RW):
+    MISS  # the general walk names the level that denies it
+pa = pte & $FS.ADDR & ~(size - 1)
+if pa <= $INTR_HI and pa + size > $INTR_LO:
+    MISS
+perm = $PERM_RU  # entry
+if acc & $FS.RW:  # entry
+    perm |= $PERM_WSW  # entry
+elif not w2 & $PE.WPE:  # entry
+    perm |= $PERM_SW  # entry
+if w2 & $PE.SRE:  # entry
+    perm |= $PERM_S  # entry
+if w2 & $PE.ERE and not xd & $FS.XD:  # entry
+    perm |= $PERM_X  # entry
+HIT
+"""
+
+_FAST_UNCACHED = """
+def make(walker, slow, unpack, unpack3, unpack4):
+    mem = walker.mem
+
+    def translate_fast(rtaddr, sid, addr, pasid=None, write=False):
+        if walker.direct:
+            sc = walker._span_cache
+            regions = mem.regions
+            if sc[0] is not regions or sc[1] != len(regions):
+                sc = walker._refresh_span_cache()
+{body}
+        return slow(rtaddr, sid, addr, pasid, write)
+
+    return translate_fast
+
+
+def make_direct(unpack, unpack3, unpack4, name_fs):
+    def direct(rtaddr, sid, addr, rpasid, write, span):
+{direct}
+
+    return direct
+"""
+
+_GENERATED: dict[int, dict[str, Any]] = {}
+
+
+def _generated(haw: int, consts: dict[str, int]) -> dict[str, Any]:
+    """The direct walk's two renderings for a host address width (compiled once per width)."""
+    got = _GENERATED.get(haw)
+    if got is None:
+        layouts = {"RT": RTADDR, "SRE": SM_ROOT_ENTRY, "SCE": SM_CONTEXT_ENTRY,
+                   "PDE": PASID_DIR_ENTRY, "PE": PASID_ENTRY, "FS": FIRST_STAGE_PTE}  # fmt: skip
+        body = render(_DIRECT_BODY, layouts, consts)
+        fast = "\n".join(
+            line.replace("MISS", "return slow(rtaddr, sid, addr, pasid, write)")
+            .replace("HIT", "return pa | (addr & (size - 1))")
+            .replace("SPAN", "sc[2]").replace("REQ", "pasid")
+            for line in body.splitlines() if not line.endswith("# entry")
+        )  # fmt: skip
+        direct = "\n".join(
+            line.replace("MISS", "return None")
+            .replace("HIT", "return pa, size, perm, name_fs, $PE.DID(w1), epasid")
+            .replace("SPAN", "span").replace("REQ", "rpasid")
+            for line in body.splitlines()
+        )  # fmt: skip
+        direct = render(direct, layouts, consts)
+        src = _FAST_UNCACHED.format(body=_indent(fast, 12), direct=_indent(direct, 8))
+        got = {}
+        exec(compile(src, f"<walker direct path, haw {haw}>", "exec"), got)  # our own template
+        got["source"] = src
+        _GENERATED[haw] = got
+    return got
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line if line.strip() else "" for line in text.splitlines())
 
 
 class Walker:
@@ -209,7 +355,18 @@ class Walker:
     address their second stage yields (default ``mem``). Root/context/PASID tables and every
     second-stage table are always read from ``mem``. The final output of a nested walk is the
     second stage's output address.
+
+    ``translate_fast(rtaddr, sid, addr, pasid=None, write=False)`` is the hot path for
+    user-privilege requests: the output address (int) or a :class:`Fault`. With caches it is an
+    IOTLB lookup; without, the direct walk generated from the layouts; either falls back to the
+    general walk.
+
+    The one reader of root, context and PASID entries: :meth:`context_info`,
+    :meth:`pasid_table`, :meth:`pasid_info` / :func:`decode_pasid_entry` (every present and
+    reserved bit checked, FaultError with the VT-d reason otherwise).
     """
+
+    translate_fast: TranslateFast
 
     def __init__(
         self,
@@ -231,42 +388,75 @@ class Walker:
         # First-stage reserved bits per level (index = level), QEMU VTD_FPTE_PAGE_L*_RSVD_MASK
         # (PS reserved in PML4E/PML5E) and VTD_FPTE_LPAGE_L2/L3_RSVD_MASK for large pages.
         self._fs_rsvd = (0, r, r, r, r | _FS_PS, r | _FS_PS)
-        self._fs_lrsvd = (0, r, r | 0x1FE000, r | 0x3FFFE000)
+        self._fs_lrsvd = (0, r, r | FIRST_STAGE_PDE_2M.reserved[0],
+                          r | FIRST_STAGE_PDPE_1G.reserved[0])  # fmt: skip
         # Second stage: QEMU VTD_SPTE_PAGE_L*_RSVD_MASK / VTD_SPTE_LPAGE_L*_RSVD_MASK.
         self._ss_rsvd = (0, r, r, r, r | _SS_PS, r | _SS_PS)
-        self._ss_lrsvd = (0, r, r | 0x1FF000, r | 0x3FFFF000)
+        self._ss_lrsvd = (0, r, r | SECOND_STAGE_PDE_2M.reserved[0],
+                          r | SECOND_STAGE_PDPE_1G.reserved[0])  # fmt: skip
         self._pe_rsvd = tuple(
             (i, w.reserved | (above if any(f.addr for f in w.fields) else 0))
-            for i, w in enumerate(_PE.words[:_PE_WORDS])
+            for i, w in enumerate(PASID_ENTRY.words[:_PE_WORDS])
         )
+        self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
+        self._ss_chk_w = tuple(_SS_W | m for m in self._ss_rsvd)
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
         self.direct = True  # uncached user requests try the one-run first-stage path first
         self._span_cache: tuple[object, int, Span] = (None, -1, _NO_SPAN)
-        # Folded checks for the direct (uncached) path: "present and no reserved bit" tests.
-        self._chk_root = _SRE_LP | _SRE_RSVD | above
-        self._chk_ctx0 = _SCE_P.mask | _SCE_RSVD[0] | above
-        self._chk_pde = _PDE_P | _PDE_RSVD | above
-        self._chk_pe0 = _PE_P.mask | _PE_PGTT.mask | _PE_RSVD[0] | above
-        self._want_pe0 = _PE_P.mask | (PGTT_FIRST_STAGE << _PE_PGTT.lo)
-        self._chk_pe2 = _PE_RSVD[2] | above
-        self._chk_fs = tuple(_FS_P | m for m in self._fs_rsvd)
-        self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
-        self._ss_chk_w = tuple(_SS_W | m for m in self._ss_rsvd)
+        gen = _generated(haw, self._direct_consts(above))
+        self._direct_first_stage: Callable[..., Any] = gen["make_direct"](
+            _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _NAME_FS
+        )
+        if self.caches.enabled:
+            self.translate_fast = self._cached_fast()
+        else:
+            self.translate_fast = gen["make"](
+                self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from
+            )
+
+    def _direct_consts(self, above: int) -> dict[str, int]:
+        """The direct walk's folded "present and no reserved bit" masks for this width."""
+        pe = PASID_ENTRY
+        return {
+            "TTM_SM": TTM_SCALABLE << _TTM.lo,
+            "ROOT_ENTRY_SIZE": ROOT_ENTRY_SIZE,
+            "SM_CONTEXT_ENTRY_SIZE": SM_CONTEXT_ENTRY_SIZE,
+            "PASID_LIMIT": _PASID_LIMIT,
+            "PASID_DIR_SHIFT": PASID_DIR_SHIFT,
+            "PASID_DIR_ENTRY_SIZE": PASID_DIR_ENTRY_SIZE,
+            "PASID_TABLE_MASK": PASID_TABLE_MASK,
+            "PASID_ENTRY_SIZE": PASID_ENTRY_SIZE,
+            "CHK_ROOT": _SRE_P | SM_ROOT_ENTRY.reserved[0] | above,
+            "CHK_CTX0": _SCE_P | SM_CONTEXT_ENTRY.reserved[0] | above,
+            "CHK_PDE": _PDE_P | PASID_DIR_ENTRY.reserved[0] | above,
+            "CHK_PE0": _PE_P | pe.mask("PGTT") | pe.reserved[0] | above,
+            "WANT_PE0": _PE_P | pe.field("PGTT").put(PGTT_FIRST_STAGE),
+            # FLPM must be 0 (4-level); its high bit is caught by the folded mask too
+            "CHK_PE2": pe.reserved[2] | above | pe.mask("FLPM"),
+            **{f"CHK_FS{lv}": _FS_P | self._fs_rsvd[lv] for lv in (1, 2, 3, 4)},
+            "LRSVD2": self._fs_lrsvd[2],
+            "LRSVD3": self._fs_lrsvd[3],
+            "INTR_LO": _INTR_LO,
+            "INTR_HI": _INTR_HI,
+            "PERM_RU": PERM_R | PERM_U,
+            "PERM_WSW": PERM_W | PERM_SW,
+            "PERM_SW": PERM_SW,
+            "PERM_S": PERM_S,
+            "PERM_X": PERM_X,
+        }
 
     # -- public API -----------------------------------------------------------------------
-    def translate(self, rtaddr: int, req: Request) -> Translation | Fault:
+    def translate(self, rtaddr: int, req: WalkRequest) -> Translation | Fault:
         """Translate one request; a :class:`Fault` for every failure, never an exception."""
         c = self.caches
         if c.enabled and c.rtaddr == rtaddr:
-            tag = c.fast.get((req.sid, req.pasid))
-            if tag is not None:
-                sub = c.iotlb.get(tag)
-                if sub is not None:
-                    hit = sub.get(req.addr >> 12)
-                    if hit is not None:
-                        need = need_mask(req.write, req.supervisor, req.execute)
-                        if hit[2] & need == need:
-                            return self._translation(req, hit, tag[1], True)
+            ent = c.fast.get((req.sid, req.pasid))
+            if ent is not None:
+                hit = ent[1].get(req.addr >> 12)
+                if hit is not None:
+                    need = need_mask(req.write, req.supervisor, req.execute)
+                    if hit[2] & need == need:
+                        return self._translation(req, hit, ent[0][1], True)
         try:
             e, pasid, cached = self._walk(
                 rtaddr, req.sid, req.addr, req.pasid, req.write, req.supervisor, req.execute
@@ -276,7 +466,9 @@ class Walker:
         return self._translation(req, e, pasid, cached)
 
     @staticmethod
-    def _translation(req: Request, e: IotlbEntry, pasid: int | None, cached: bool) -> Translation:
+    def _translation(
+        req: WalkRequest, e: IotlbEntry, pasid: int | None, cached: bool
+    ) -> Translation:
         perm = e[2]
         return Translation(
             iova=req.addr,
@@ -292,30 +484,28 @@ class Walker:
             cached=cached,
         )
 
-    def translate_fast(
-        self, rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
-    ) -> int | Fault:
-        """Hot path for user-privilege requests: the output address (int) or a Fault."""
-        c = self.caches
-        if not c.enabled:
-            if self.direct:
-                sc = self._span_cache
-                regions = self.mem.regions
-                if sc[0] is not regions or sc[1] != len(regions):
-                    sc = self._refresh_span_cache()
-                d = self._direct_first_stage(rtaddr, sid, addr, pasid, write, sc[2])
-                if d is not None:
-                    return d[0] | (addr & (d[1] - 1))
-        elif c.rtaddr == rtaddr:
-            tag = c.fast.get((sid, pasid))
-            if tag is not None:
-                sub = c.iotlb.get(tag)
-                if sub is not None:
-                    hit = sub.get(addr >> 12)
+    def _cached_fast(self) -> TranslateFast:
+        caches, fast, slow = self.caches, self.caches.fast, self._slow_fast
+        need_r, need_w = _NEED_READ, _NEED_WRITE
+
+        def translate_fast(
+            rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
+        ) -> int | Fault:
+            if rtaddr == caches.rtaddr:
+                ent = fast.get((sid, pasid))
+                if ent is not None:
+                    hit = ent[1].get(addr >> 12)
                     if hit is not None:
-                        need = _NEED_WRITE if write else _NEED_READ
+                        need = need_w if write else need_r
                         if hit[2] & need == need:
                             return hit[0] | (addr & (hit[1] - 1))
+            return slow(rtaddr, sid, addr, pasid, write)
+
+        return translate_fast
+
+    def _slow_fast(
+        self, rtaddr: int, sid: int, addr: int, pasid: int | None, write: bool
+    ) -> int | Fault:
         try:
             e, _, _ = self._walk(rtaddr, sid, addr, pasid, write, False, False)
         except FaultError as exc:
@@ -329,38 +519,38 @@ class Walker:
         spans = self._spans_of(self.mem)
         try:
             ctx = self._load_context(rtaddr, sid, spans)
-        except FaultError:
-            return False
-        if ctx.fpd:
-            return True
-        if not ctx.scalable:
-            return False
-        p = ctx.rid_pasid if pasid is None else pasid
-        if not 0 <= p < 1 << 20:
-            return False
-        try:
-            (pde,) = self._read(
-                spans, ctx.pasid_dir + (p >> 6) * 8, _Q, FR.PASID_DIR_ACCESS_ERR, ""
-            )
+            if ctx.fpd or not ctx.scalable:
+                return ctx.fpd
+            p = ctx.rid_pasid if pasid is None else pasid
+            pde = self._pasid_dir_entry(ctx, p, spans, present=False)
             if pde & _PDE_FPD:
                 return True
             if not pde & _PDE_P:
                 return False
             (w0,) = self._read(
-                spans, (pde & _PDE_PTP) + (p & 0x3F) * PASID_ENTRY_SIZE, _Q,
-                FR.PASID_TABLE_ACCESS_ERR, "",
-            )  # fmt: skip
+                spans, self._entry_gpa(pde, p), _Q, FR.PASID_TABLE_ACCESS_ERR, "PASID entry"
+            )
         except FaultError:
             return False
-        return bool(w0 & _PE_FPD.mask)
+        return bool(w0 & _PE_FPD)
 
     def context_info(self, rtaddr: int, sid: int) -> ContextInfo:
         """The decoded context entry for ``sid`` (raises FaultError)."""
         return self._load_context(rtaddr, sid, self._spans_of(self.mem))
 
+    def pasid_table(self, ctx: ContextInfo, pasid: int) -> int:
+        """The address of the leaf PASID table holding ``pasid`` (raises FaultError)."""
+        pde = self._pasid_dir_entry(ctx, pasid, self._spans_of(self.mem), present=True)
+        return pde & _PDE_PTP
+
     def pasid_info(self, ctx: ContextInfo, pasid: int) -> PasidInfo:
         """The decoded PASID-table entry (raises FaultError)."""
         return self._load_pasid(ctx, pasid, self._spans_of(self.mem))
+
+    def decode_pasid_entry(self, words: tuple[int, ...], pasid: int) -> PasidInfo:
+        """Check and decode the words of a PASID-table entry read by the caller (a whole leaf
+        table read at once, say); raises FaultError as :meth:`pasid_info` does."""
+        return self._check_pasid(words, pasid)
 
     # -- memory ---------------------------------------------------------------------------
     def _spans_of(self, mem: GuestMemory) -> list[Span]:
@@ -434,7 +624,7 @@ class Walker:
                 raise FaultError(FR.RTADDR_INV_TTM, "request with PASID on a legacy root table")
             tag: IotlbTag = (ctx.did, None)
             if cached:
-                c.fast[(sid, None)] = tag
+                c.fast[(sid, None)] = (tag, c.pages_of(tag))
                 hit = self._iotlb_hit(tag, addr, need)
                 if hit is not None:
                     return hit, None, True
@@ -458,8 +648,7 @@ class Walker:
             pasid = rpasid
             if not ctx.paside:
                 raise FaultError(FR.CONTEXT_PASIDE_CLEAR, "context entry PASIDE is clear")
-            if not 0 <= pasid < 1 << 20 or pasid >> 6 >= 1 << (ctx.pdts + 7):
-                raise FaultError(FR.CONTEXT_PASID_TOO_BIG, f"PASID {pasid} beyond PDTS={ctx.pdts}")
+            self._check_pdts(ctx, pasid)
         if cached:
             pe = c.pasid.get((sid, pasid))
             if pe is None:
@@ -472,7 +661,7 @@ class Walker:
             raise FaultError(FR.ERE_CLEAR, "execute request, ERE clear")
         tag = (pe.did, pasid)
         if cached:
-            c.fast[(sid, rpasid)] = tag
+            c.fast[(sid, rpasid)] = (tag, c.pages_of(tag))
             hit = self._iotlb_hit(tag, addr, need)
             if hit is not None:
                 return hit, pasid, True
@@ -535,245 +724,109 @@ class Walker:
             return None
         return e
 
-    # -- direct path --------------------------------------------------------------------
-    def _direct_first_stage(
-        self, rtaddr: int, sid: int, addr: int, rpasid: int | None, write: bool, span: Span
-    ) -> tuple[int, int, int, str, int, int] | None:
-        """The common case in one straight run: scalable mode, first-stage only, every table in
-        the largest region, user request, no fault. Each entry is checked with one folded
-        "present, no reserved bit" mask; anything unusual returns None and the general walk
-        (which reports the exact fault) takes over."""
-        if rtaddr & _TTM_MASK != _TTM_SM:
-            return None
-        b, e, buf = span
-        e -= 64
-        unpack = _UNPACK_Q
-        g = (rtaddr & _RTA) + ((sid >> 8) & 0xFF) * 16 + ((sid >> 4) & 8)
-        if not b <= g <= e:
-            return None
-        half = unpack(buf, g - b)[0]
-        if half & self._chk_root != _SRE_LP:
-            return None
-        g = (half & _SRE_LCTP) + (sid & 0x7F) * SM_CONTEXT_ENTRY_SIZE
-        if not b <= g <= e:
-            return None
-        c0, c1, c2, c3 = _UNPACK_Q4(buf, g - b)
-        if c0 & self._chk_ctx0 != 1 or c1 & _SCE_RSVD1 or c2 & _SCE_RSVD2 or c3 & _SCE_RSVD3:
-            return None
-        if rpasid is None:
-            pasid = (c1 >> _SCE_RID_PASID_S) & _SCE_RID_PASID_M
-        elif (c0 >> _SCE_PASIDE_S) & _SCE_PASIDE_M and 0 <= rpasid < 1 << 20:
-            pasid = rpasid
-        else:
-            return None
-        if pasid >> 6 >= 1 << (((c0 >> _SCE_PDTS_S) & _SCE_PDTS_M) + 7):
-            return None
-        g = (c0 & _SCE_DIR_M) + ((pasid >> 3) & ~7)
-        if not b <= g <= e:
-            return None
-        pde = unpack(buf, g - b)[0]
-        if pde & self._chk_pde != _PDE_P:
-            return None
-        g = (pde & _PDE_PTP) + ((pasid & 0x3F) << 6)  # 64-byte entries
-        if not b <= g <= e:
-            return None
-        w = _UNPACK_QPE(buf, g - b)
-        w2 = w[2]
-        if w[0] & self._chk_pe0 != self._want_pe0 or w2 & self._chk_pe2 or w[1] & _PE_RSVD1:
-            return None
-        flpm = (w2 >> _PE_FLPM_S) & _PE_FLPM_M
-        if flpm > 1:
-            return None
-        chk = self._chk_fs
-        table = w2 & _PE_FLPTPTR_M
-        if not flpm:
-            # 4-level, unrolled: index * 8 == (addr >> 9 * level) & 0xFF8
-            top = addr >> 47
-            if top and top != 0x1FFFF:
-                return None
-            g = table + ((addr >> 36) & 0xFF8)
-            if not b <= g <= e:
-                return None
-            p4 = unpack(buf, g - b)[0]
-            if p4 & chk[4] != _FS_P:
-                return None
-            g = (p4 & _FS_ADDR) + ((addr >> 27) & 0xFF8)
-            if not b <= g <= e:
-                return None
-            pte = unpack(buf, g - b)[0]
-            if pte & chk[3] != _FS_P:
-                return None
-            if pte & _FS_PS:
-                level, acc, xd = 3, p4 & pte, p4 | pte
-            else:
-                p3 = pte
-                g = (p3 & _FS_ADDR) + ((addr >> 18) & 0xFF8)
-                if not b <= g <= e:
-                    return None
-                pte = unpack(buf, g - b)[0]
-                if pte & chk[2] != _FS_P:
-                    return None
-                if pte & _FS_PS:
-                    level, acc, xd = 2, p4 & p3 & pte, p4 | p3 | pte
-                else:
-                    p2 = pte
-                    g = (p2 & _FS_ADDR) + ((addr >> 9) & 0xFF8)
-                    if not b <= g <= e:
-                        return None
-                    pte = unpack(buf, g - b)[0]
-                    if pte & chk[1] != _FS_P:
-                        return None
-                    level, acc, xd = 1, p4 & p3 & p2 & pte, p4 | p3 | p2 | pte
-        else:
-            top = addr >> 56
-            if top and top != 0xFF:
-                return None
-            acc = _FS_RW | _FS_US
-            xd = 0
-            level = 5
-            while True:
-                g = table + ((addr >> (9 * level)) & 0xFF8)
-                if not b <= g <= e:
-                    return None
-                pte = unpack(buf, g - b)[0]
-                if pte & chk[level] != _FS_P:
-                    return None
-                acc &= pte
-                xd |= pte
-                if level == 1 or (level <= 3 and pte & _FS_PS):
-                    break
-                table = pte & _FS_ADDR
-                level -= 1
-        size = 1 << (3 + 9 * level)
-        if level > 1 and pte & self._fs_lrsvd[level]:
-            return None
-        if not acc & _FS_US or (write and not acc & _FS_RW):
-            return None  # the general walk names the level that denies it
-        pa = pte & _FS_ADDR & ~(size - 1)
-        if pa <= _INTR_HI and pa + size > _INTR_LO:
-            return None
-        perm = PERM_R | PERM_U
-        if acc & _FS_RW:
-            perm |= PERM_W | PERM_SW
-        elif not w2 & _PE_WPE_MASK:
-            perm |= PERM_SW
-        if w2 & _PE_SRE_MASK:
-            perm |= PERM_S
-        if w2 & _PE_ERE_MASK and not xd & _FS_XD:
-            perm |= PERM_X
-        did = (w[1] >> _PE_DID_S) & _PE_DID_M
-        return pa, size, perm, _NAME_FS, did, pasid
-
     # -- root and context -----------------------------------------------------------------
     def _load_context(self, rtaddr: int, sid: int, spans: list[Span]) -> ContextInfo:
-        ttm = (rtaddr >> _TTM_S) & _TTM_M
+        ttm = _TTM.get(rtaddr)
         root = rtaddr & _RTA
-        bus, devfn = (sid >> 8) & 0xFF, sid & 0xFF
+        bus, devfn = sid >> 8, sid & 0xFF
         above = self._above_haw
         read = self._read
         if ttm == TTM_LEGACY:
-            lo, hi = read(spans, root + bus * 16, _Q2, FR.ROOT_TABLE_INV, "root entry")
+            rsvd = LEGACY_ROOT_ENTRY.reserved
+            lo, hi = read(spans, root + bus * ROOT_ENTRY_SIZE, _Q2, FR.ROOT_TABLE_INV, "root entry")
             if not lo & _LRE_P:
                 raise FaultError(FR.ROOT_ENTRY_P, f"bus {bus:02x}: root entry not present")
-            if lo & (_LRE_RSVD[0] | above) or hi & _LRE_RSVD[1]:
+            if lo & (rsvd[0] | above) or hi & rsvd[1]:
                 raise FaultError(FR.ROOT_ENTRY_RSVD, f"bus {bus:02x}: reserved bits in root entry")
             ce = read(
                 spans, (lo & _LRE_CTP) + devfn * LEGACY_CONTEXT_ENTRY_SIZE, _Q2,
                 FR.CONTEXT_TABLE_INV, "context entry",
             )  # fmt: skip
-            if not (ce[0] >> _LCE_P_S) & _LCE_P_M:
+            if not ce[0] & _LCE_P:
                 raise FaultError(FR.CONTEXT_ENTRY_P, "context entry not present")
-            if ce[0] & (_LCE_RSVD[0] | above) or ce[1] & _LCE_RSVD[1]:
+            rsvd = LEGACY_CONTEXT_ENTRY.reserved
+            if ce[0] & (rsvd[0] | above) or ce[1] & rsvd[1]:
                 raise FaultError(FR.CONTEXT_ENTRY_RSVD, "reserved bits in context entry")
-            tt = (ce[0] >> _LCE_TT_S) & _LCE_TT_M
-            aw = (ce[1] >> _LCE_AW_S) & _LCE_AW_M
-            if tt not in (TT_MULTI_LEVEL, TT_DEV_IOTLB, TT_PASS_THROUGH):
-                raise FaultError(FR.CONTEXT_ENTRY_INV, f"invalid TT {tt}")
-            if tt != TT_PASS_THROUGH and not 1 <= aw <= 3:
-                raise FaultError(FR.CONTEXT_ENTRY_INV, f"unsupported AW {aw}")
-            return ContextInfo(
-                scalable=False,
-                fpd=bool((ce[0] >> _LCE_FPD_S) & _LCE_FPD_M),
-                tt=tt,
-                ssptptr=ce[0] & _LCE_SSPTPTR_M,
-                aw=aw,
-                did=(ce[1] >> _LCE_DID_S) & _LCE_DID_M,
-            )
+            ctx = _decode_legacy_context(ce)
+            if ctx.tt not in (TT_MULTI_LEVEL, TT_DEV_IOTLB, TT_PASS_THROUGH):
+                raise FaultError(FR.CONTEXT_ENTRY_INV, f"invalid TT {ctx.tt}")
+            if ctx.tt != TT_PASS_THROUGH and not 1 <= ctx.aw <= 3:
+                raise FaultError(FR.CONTEXT_ENTRY_INV, f"unsupported AW {ctx.aw}")
+            return ctx
         if ttm != TTM_SCALABLE:
             raise FaultError(FR.RTADDR_INV_TTM, f"RTADDR TTM={ttm} is not supported")
-        upper = devfn >> 7
-        (half,) = read(spans, root + bus * 16 + 8 * upper, _Q, FR.ROOT_TABLE_INV, "root entry")
-        if not half & _SRE_LP:
+        upper = devfn >> 7  # devfn 128-255: the upper half (UP/UCTP)
+        (half,) = read(
+            spans, root + bus * ROOT_ENTRY_SIZE + 8 * upper, _Q, FR.ROOT_TABLE_INV, "root entry"
+        )
+        if not half & _SRE_P:
             raise FaultError(FR.ROOT_ENTRY_P, f"bus {bus:02x}: root entry not present")
-        if half & (_SRE_RSVD | above):
+        if half & (SM_ROOT_ENTRY.reserved[0] | above):
             raise FaultError(FR.ROOT_ENTRY_RSVD, f"bus {bus:02x}: reserved bits in root entry")
-        c0, c1, c2, c3 = read(
-            spans, (half & _SRE_LCTP) + (devfn & 0x7F) * SM_CONTEXT_ENTRY_SIZE, _Q4,
+        ce = read(
+            spans, (half & _SRE_CTP) + (devfn & 0x7F) * SM_CONTEXT_ENTRY_SIZE, _Q4,
             FR.CONTEXT_TABLE_INV, "context entry",
         )  # fmt: skip
-        if not (c0 >> _SCE_P_S) & _SCE_P_M:
+        if not ce[0] & _SCE_P:
             raise FaultError(FR.CONTEXT_ENTRY_P, "context entry not present")
-        if (
-            c0 & (_SCE_RSVD[0] | above)
-            or c1 & _SCE_RSVD[1]
-            or c2 & _SCE_RSVD[2]
-            or c3 & _SCE_RSVD[3]
-        ):
+        rsvd = SM_CONTEXT_ENTRY.reserved
+        if ce[0] & (rsvd[0] | above) or ce[1] & rsvd[1] or ce[2] & rsvd[2] or ce[3] & rsvd[3]:
             raise FaultError(FR.CONTEXT_ENTRY_RSVD, "reserved bits in context entry")
-        return ContextInfo(
-            True,
-            bool((c0 >> _SCE_FPD_S) & _SCE_FPD_M),
-            c0 & _SCE_DIR_M,
-            (c0 >> _SCE_PDTS_S) & _SCE_PDTS_M,
-            bool((c0 >> _SCE_PASIDE_S) & _SCE_PASIDE_M),
-            (c1 >> _SCE_RID_PASID_S) & _SCE_RID_PASID_M,
-            bool((c0 >> _SCE_PRE_S) & _SCE_PRE_M),
-        )
+        return _decode_sm_context(ce)
 
     # -- PASID directory and table ----------------------------------------------------------
-    def _load_pasid(self, ctx: ContextInfo, pasid: int, spans: list[Span]) -> PasidInfo:
-        read = self._read
-        if not 0 <= pasid < 1 << 20 or pasid >> 6 >= 1 << (ctx.pdts + 7):
+    @staticmethod
+    def _check_pdts(ctx: ContextInfo, pasid: int) -> None:
+        if not 0 <= pasid < _PASID_LIMIT or pasid >> PASID_DIR_SHIFT >= pasid_dir_entries(ctx.pdts):
             raise FaultError(FR.CONTEXT_PASID_TOO_BIG, f"PASID {pasid} beyond PDTS={ctx.pdts}")
-        (pde,) = read(
-            spans, ctx.pasid_dir + (pasid >> 6) * 8, _Q, FR.PASID_DIR_ACCESS_ERR, "PASID dir entry"
-        )
-        if not pde & _PDE_P:
-            raise FaultError(FR.PASID_DIR_ENTRY_P, f"PASID {pasid}: directory entry not present")
-        if pde & (_PDE_RSVD | self._above_haw):
-            raise FaultError(FR.PASID_DIR_ENTRY_RSVD, f"PASID {pasid}: reserved bits in dir entry")
-        w = read(
-            spans, (pde & _PDE_PTP) + (pasid & 0x3F) * PASID_ENTRY_SIZE, _QPE,
-            FR.PASID_TABLE_ACCESS_ERR, "PASID entry",
+
+    def _pasid_dir_entry(
+        self, ctx: ContextInfo, pasid: int, spans: list[Span], *, present: bool
+    ) -> int:
+        """The PASID-directory entry for ``pasid``; ``present``: checked present and free of
+        reserved bits."""
+        self._check_pdts(ctx, pasid)
+        (pde,) = self._read(
+            spans, ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE, _Q,
+            FR.PASID_DIR_ACCESS_ERR, "PASID dir entry",
         )  # fmt: skip
-        w0 = w[0]
-        if not w0 & 1:
+        if present:
+            if not pde & _PDE_P:
+                raise FaultError(
+                    FR.PASID_DIR_ENTRY_P, f"PASID {pasid}: directory entry not present"
+                )
+            if pde & (PASID_DIR_ENTRY.reserved[0] | self._above_haw):
+                raise FaultError(
+                    FR.PASID_DIR_ENTRY_RSVD, f"PASID {pasid}: reserved bits in dir entry"
+                )
+        return int(pde)
+
+    @staticmethod
+    def _entry_gpa(pde: int, pasid: int) -> int:
+        return (pde & _PDE_PTP) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+
+    def _load_pasid(self, ctx: ContextInfo, pasid: int, spans: list[Span]) -> PasidInfo:
+        pde = self._pasid_dir_entry(ctx, pasid, spans, present=True)
+        w = self._read(
+            spans, self._entry_gpa(pde, pasid), _QPE, FR.PASID_TABLE_ACCESS_ERR, "PASID entry"
+        )
+        return self._check_pasid(w, pasid)
+
+    def _check_pasid(self, w: tuple[int, ...], pasid: int) -> PasidInfo:
+        if not w[0] & _PE_P:
             raise FaultError(FR.PASID_ENTRY_P, f"PASID {pasid}: PASID entry not present")
         for i, rsvd in self._pe_rsvd:
             if w[i] & rsvd:
                 raise FaultError(FR.PASID_ENTRY_RSVD, f"PASID {pasid}: reserved bits in qw{i}")
-        w2 = w[2]
-        pgtt = (w0 >> _PE_PGTT_S) & _PE_PGTT_M
-        aw = (w0 >> _PE_AW_S) & _PE_AW_M
-        flpm = (w2 >> _PE_FLPM_S) & _PE_FLPM_M
+        pe = _decode_pasid(w)
+        pgtt, aw, flpm = pe.pgtt, pe.aw, pe.flpm
         if not PGTT_FIRST_STAGE <= pgtt <= PGTT_PASS_THROUGH:
             raise FaultError(FR.PASID_TABLE_ENTRY_INV, f"PASID {pasid}: invalid PGTT {pgtt}")
         if (pgtt in (PGTT_SECOND_STAGE, PGTT_NESTED)) and not 1 <= aw <= 3:
             raise FaultError(FR.PASID_TABLE_ENTRY_INV, f"PASID {pasid}: unsupported AW {aw}")
         if (pgtt in (PGTT_FIRST_STAGE, PGTT_NESTED)) and flpm > 1:
             raise FaultError(FR.PASID_TABLE_ENTRY_INV, f"PASID {pasid}: invalid FLPM {flpm}")
-        return PasidInfo(
-            pgtt,
-            (w[1] >> _PE_DID_S) & _PE_DID_M,
-            bool((w0 >> _PE_FPD_S) & _PE_FPD_M),
-            aw,
-            w0 & _PE_SSPTPTR_M,
-            w2 & _PE_FLPTPTR_M,
-            flpm,
-            bool((w2 >> _PE_SRE_S) & _PE_SRE_M),
-            bool((w2 >> _PE_WPE_S) & _PE_WPE_M),
-            bool((w2 >> _PE_ERE_S) & _PE_ERE_M),
-        )
+        return pe
 
     # -- first stage ----------------------------------------------------------------------
     def _fs_walk(

@@ -1,0 +1,426 @@
+"""The PASID DMA device model on in-memory guest RAM with Linux-like tables (no QEMU).
+
+The guest side is the model's Linux-like table writer (tests/engine_support.Lab); the device is
+driven exactly as the guest driver drives it: BAR0 register writes, 64-byte descriptors to the
+portal, completion records read back from guest RAM (docs/pasid-dma.md).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.engine_support import MB, Lab
+from vioasid.device.pasid_dma import PasidDmaFunction
+from vioasid.formats import pasid_dma as pd
+from vioasid.formats.fault import FaultReason
+from vioasid.formats.pasid import PGTT_FIRST_STAGE, PGTT_SECOND_STAGE
+from vioasid.formats.pasid_dma import (
+    BindStatus,
+    CompletionStatus,
+    FunctionType,
+    Opcode,
+    PortalStatus,
+    Reg,
+)
+
+DATA = 0x100000  # guest-physical data buffer (1 MiB)
+DATA2 = 0x200000  # a second one
+CTRL_AREA = 0x300000  # completion records / batch arrays (GPA)
+WINDOW = 0x10000000
+CTRL_OFF = 0x100000  # the control area's IOVA offset within a PASID window
+
+
+def iova(p: int, off: int) -> int:
+    return WINDOW * p + off
+
+
+class Rig:
+    """One VM with PASID DMA functions of the given types (per-device policy)."""
+
+    def __init__(self, *types: str, pasid_bits: int = 20, allocation: str = "per-device") -> None:
+        self.lab = Lab()
+        fns = []
+        devs = []
+        for i, t in enumerate(types):
+            fn_rid = f"01:{i:02x}.0"
+            enq = t == "enqcmd"
+            fns.append((fn_rid, enq, t in ("translating", "enqcmd")))
+            devs.append((f"00:{5 + i:02x}.0", fn_rid, "mdev" if t == "mdev" else "vfio-pci"))
+        self.host = self.lab.host("h", allocation, tuple(fns), pasid_bits)
+        self.guest = self.lab.vm("vm", "h", tuple(devs), memory=16 * MB)
+        self.mem = self.guest.memory
+        self.fns = [
+            PasidDmaFunction(self.host, "vm", 0x28 + 8 * i, FunctionType[t.upper()])
+            for i, t in enumerate(types)
+        ]
+        for f in self.fns:
+            self.write(f, Reg.CTRL, pd.CTRL_ENABLE)
+
+    @staticmethod
+    def write(f: PasidDmaFunction, reg: int, value: int, size: int = 4) -> None:
+        f.bar_write(0, reg, value.to_bytes(size, "little"))
+
+    @staticmethod
+    def read(f: PasidDmaFunction, reg: int, size: int = 4) -> int:
+        return int.from_bytes(f.bar_read(0, reg, size), "little")
+
+    def entry(self, f: PasidDmaFunction, p: int, **kw: object) -> None:
+        self.guest.driver.set_pasid_entry(
+            f.guest_rid, p, pgtt=PGTT_FIRST_STAGE, did=p, flptptr=self.guest.table(p).root, **kw
+        )  # type: ignore[arg-type]
+
+    def bind(self, f: PasidDmaFunction, p: int, *, entry: bool = True) -> int:
+        if entry:
+            self.entry(f, p)
+        self.write(f, Reg.BIND_PASID, p)
+        self.write(f, Reg.BIND_CMD, pd.BindCmd.BIND)
+        return self.read(f, Reg.BIND_STATUS)
+
+    def unbind(self, f: PasidDmaFunction, p: int) -> int:
+        self.write(f, Reg.BIND_PASID, p)
+        self.write(f, Reg.BIND_CMD, pd.BindCmd.UNBIND)
+        st = self.read(f, Reg.BIND_STATUS)
+        self.guest.driver.clear_pasid_entry(f.guest_rid, p)
+        return st
+
+    def map(self, p: int, off: int, gpa: int, size: int, write: bool = True, **kw: bool) -> None:
+        self.guest.table(p).map(iova(p, off), gpa, size, write=write, **kw)
+
+    def setup(self, f: PasidDmaFunction, p: int, *, ctrl_gpa: int = CTRL_AREA) -> None:
+        """Bind P, map the data buffer rw at offset 0 and the control area past it."""
+        assert self.bind(f, p) == BindStatus.OK
+        self.map(p, 0, DATA, MB)
+        self.map(p, CTRL_OFF, ctrl_gpa, 0x10000)
+
+    def submit(self, f: PasidDmaFunction, **desc: int) -> int:
+        desc.setdefault("flags", pd.DESC_FLAG_COMPLETION)
+        f.bar_write(0, pd.PORTAL_OFFSET, pd.DESCRIPTOR.build(**desc))
+        return self.read(f, Reg.PORTAL_STATUS)
+
+    def record(self, gpa: int = CTRL_AREA) -> dict[str, int]:
+        return pd.COMPLETION_RECORD.parse(self.mem.read(gpa, 32))
+
+    def job(
+        self, f: PasidDmaFunction, p: int, slot: int = 0, priv: bool = False, **desc: int
+    ) -> dict[str, int]:
+        """Submit with a completion record in the control area; return the record."""
+        self.mem.write(CTRL_AREA + 32 * slot, bytes(32))
+        pasid = p | (pd.DESC_PRIV if priv else 0)
+        st = self.submit(f, pasid=pasid, completion=iova(p, CTRL_OFF + 32 * slot), **desc)
+        assert st == PortalStatus.ACCEPTED
+        return self.record(CTRL_AREA + 32 * slot)
+
+
+def test_identity_registers_and_read_only_writes() -> None:
+    r = Rig("enqcmd")
+    f = r.fns[0]
+    assert r.read(f, Reg.ID) == 0x414D4456 and r.read(f, Reg.VERSION) == 1
+    assert r.read(f, Reg.TYPE) == 4
+    assert r.read(f, Reg.CAPS) == 20 | pd.CAPS_SWQ | pd.CAPS_BATCH
+    assert r.read(f, Reg.MAX_XFER) == 1 << 20 and r.read(f, Reg.MAX_BATCH) == 1024
+    assert r.read(f, Reg.STATUS) == 1
+    r.write(f, Reg.ID, 0)
+    r.write(f, Reg.MAX_XFER, 5)
+    assert r.read(f, Reg.ID) == 0x414D4456 and r.read(f, Reg.MAX_XFER) == 1 << 20
+
+
+def test_bind_statuses() -> None:
+    r = Rig("dedicated", "mdev")
+    d, m = r.fns
+    assert r.bind(d, 0, entry=False) == BindStatus.INVALID
+    assert r.bind(d, 1 << 20, entry=False) == BindStatus.INVALID
+    assert r.bind(d, 3, entry=False) == BindStatus.NOT_PRESENT
+    assert r.bind(d, 3) == BindStatus.OK and r.read(d, Reg.BOUND_COUNT) == 1
+    assert d.bound == {3: 3}
+    r.write(d, Reg.BIND_PASID, 3)
+    r.write(d, Reg.BIND_CMD, 7)
+    assert r.read(d, Reg.BIND_STATUS) == BindStatus.INVALID
+    assert r.unbind(d, 4) == BindStatus.NOT_BOUND
+    assert r.unbind(d, 3) == BindStatus.OK and r.read(d, Reg.BOUND_COUNT) == 0
+    # mdev converts: the first pPASID of the function's own space, whatever the vPASID
+    assert r.bind(m, 77) == BindStatus.OK and m.bound == {77: 1}
+    assert m.bindings() == [
+        {"device": "00:06.0", "type": "mdev", "vpasid": 77, "ppasid": 1, "tag": 1}
+    ]
+    # a second-stage guest entry is not one vioasid can nest: refused as unusable
+    r.guest.driver.set_pasid_entry(d.guest_rid, 9, pgtt=PGTT_SECOND_STAGE, did=2, ssptptr=0x1000)
+    assert r.bind(d, 9, entry=False) == BindStatus.NOT_PRESENT and 9 not in d.bound
+
+
+def test_conflict_reports_the_ppasid_in_the_way() -> None:
+    # an enqcmd + translating function draws the VM's global pPASID for X; a non-translating
+    # enqcmd function then needs pPASID == X (the seed's trouble case).
+    lab = Lab()
+    h = lab.host("h", "per-device", (("01:00.0", True, True), ("01:01.0", True, False)))
+    lab.vm("vm", "h", (("00:05.0", "01:00.0", "mdev"), ("00:06.0", "01:01.0", "vfio-pci")))
+    a = PasidDmaFunction(h, "vm", 0x28, FunctionType.ENQCMD)
+    b = PasidDmaFunction(h, "vm", 0x30, FunctionType.ENQCMD)
+    lab.guest_entry("vm", 0x28, 1)
+    lab.guest_entry("vm", 0x28, 5)
+    lab.guest_entry("vm", 0x30, 5)
+    for f, p in ((a, 1), (a, 5)):
+        Rig.write(f, Reg.BIND_PASID, p)
+        Rig.write(f, Reg.BIND_CMD, 1)
+        assert Rig.read(f, Reg.BIND_STATUS) == 0
+    assert a.bound == {1: 1, 5: 2}
+    before = h.snapshot()
+    Rig.write(b, Reg.BIND_PASID, 5)
+    Rig.write(b, Reg.BIND_CMD, 1)
+    assert Rig.read(b, Reg.BIND_STATUS) == BindStatus.PASID_CONFLICT
+    assert Rig.read(b, Reg.BIND_INFO, 8) == 2
+    assert h.snapshot() == before and b.bound == {}
+
+
+def test_exhausted() -> None:
+    # two mdev slices of one function with 2-bit PASIDs: its space holds pPASIDs 1..3
+    lab = Lab()
+    h = lab.host("h", "per-device", (("01:00.0", False, False),), pasid_bits=2)
+    lab.vm("vm", "h", (("00:05.0", "01:00.0", "mdev"), ("00:06.0", "01:00.0", "mdev")))
+    a = PasidDmaFunction(h, "vm", 0x28, FunctionType.MDEV)
+    b = PasidDmaFunction(h, "vm", 0x30, FunctionType.MDEV)
+    for f, p in ((a, 1), (a, 2), (a, 3), (b, 1)):
+        lab.guest_entry("vm", f.guest_rid, p)
+        Rig.write(f, Reg.BIND_PASID, p)
+        Rig.write(f, Reg.BIND_CMD, 1)
+    assert Rig.read(a, Reg.BIND_STATUS) == BindStatus.OK and len(a.bound) == 3
+    assert Rig.read(b, Reg.BIND_STATUS) == BindStatus.EXHAUSTED and b.bound == {}
+
+
+@pytest.mark.parametrize("ftype", ["dedicated", "translating", "mdev", "enqcmd"])
+def test_copy_fill_compare_random_unaligned_multipage(ftype: str) -> None:
+    rng = random.Random(ftype)
+    r = Rig(ftype)
+    f = r.fns[0]
+    p = 7
+    r.setup(f, p)
+    blob = rng.randbytes(MB)
+    r.mem.write(DATA, blob)
+    src, dst, n = 0x123, 0x80007, 3 * 4096 + 999
+    rec = r.job(f, p, opcode=Opcode.COPY, src=iova(p, src), dst=iova(p, dst), size=n)
+    assert rec["status"] == CompletionStatus.SUCCESS and rec["bytes_done"] == n
+    assert r.mem.read(DATA + dst, n) == blob[src : src + n]
+    assert r.mem.read(DATA + dst + n, 64) == blob[dst + n : dst + n + 64]  # nothing past it
+    rec = r.job(f, p, opcode=Opcode.COMPARE, src=iova(p, src), dst=iova(p, dst), size=n)
+    assert rec["status"] == 1 and rec["result"] == 0 and rec["bytes_done"] == n
+    r.mem.write(DATA + dst + 5000, b"\x00" if blob[src + 5000] else b"\x01")
+    rec = r.job(f, p, opcode=Opcode.COMPARE, src=iova(p, src), dst=iova(p, dst), size=n)
+    assert rec["result"] == 1 and rec["bytes_done"] == 5000
+    pattern = 0x0807060504030201
+    rec = r.job(f, p, opcode=Opcode.FILL, dst=iova(p, 0x40003), size=10001, pattern=pattern)
+    assert rec["status"] == 1
+    want = (pattern.to_bytes(8, "little") * 1300)[:10001]
+    assert r.mem.read(DATA + 0x40003, 10001) == want
+    assert f.jobs_ok == 4 and f.jobs_failed == 0
+
+
+def test_read_only_mapping_faults_on_write_with_the_vpasid() -> None:
+    r = Rig("mdev")
+    f = r.fns[0]
+    p = 42
+    r.setup(f, p)
+    r.map(p, 0x200000, DATA2, 0x2000, write=False)  # read-only window
+    before = r.mem.read(DATA2, 0x2000)
+    rec = r.job(f, p, opcode=Opcode.FILL, dst=iova(p, 0x200000), size=0x100, pattern=0xFF)
+    assert rec["status"] == CompletionStatus.FAULT
+    assert rec["fault_pasid"] == 42 and rec["fault_flags"] & pd.FAULT_FLAG_WRITE
+    assert rec["fault_addr"] == iova(p, 0x200000) and rec["bytes_done"] == 0
+    assert rec["fault_reason"] == FaultReason.SM_WRITE
+    assert r.mem.read(DATA2, 0x2000) == before
+    # reading it is fine
+    rec = r.job(f, p, opcode=Opcode.COPY, src=iova(p, 0x200000), dst=iova(p, 0), size=0x2000)
+    assert rec["status"] == CompletionStatus.SUCCESS
+    fs = r.host.drain_faults("vm")
+    assert [(x.pasid, x.sid, x.write) for x in fs] == [(42, f.guest_rid, True)]
+
+
+def test_unmapped_address_faults_and_stops_at_the_fault() -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    p = 3
+    r.setup(f, p)
+    r.mem.write(DATA, b"\x11" * MB)
+    # from 0xFF000 (mapped) over the 1 MiB window end (unmapped)
+    # from CTRL_OFF + 0xF800 (mapped, the control area's last page) over its end (unmapped)
+    r.mem.write(CTRL_AREA + 0xF800, b"\x11" * 0x800)
+    rec = r.job(f, p, opcode=Opcode.FILL, dst=iova(p, CTRL_OFF + 0xF800), size=0x1000, pattern=0)
+    assert rec["status"] == CompletionStatus.FAULT and rec["bytes_done"] == 0x800
+    assert rec["fault_addr"] == iova(p, CTRL_OFF + 0x10000) and rec["fault_pasid"] == 3
+    assert rec["fault_reason"] == FaultReason.FS_PAGING_ENTRY_P
+    assert r.mem.read(CTRL_AREA + 0xF800, 0x800) == bytes(0x800)
+
+
+def test_pasid_a_mapping_unreachable_through_b() -> None:
+    r = Rig("translating")
+    f = r.fns[0]
+    r.setup(f, 1)
+    assert r.bind(f, 2) == BindStatus.OK
+    r.map(2, CTRL_OFF, CTRL_AREA + 0x1000, 0x1000)
+    r.mem.write(DATA, b"secret-of-A" * 10)
+    # B asks for A's IOVA of the data buffer: not mapped in B's space
+    r.mem.write(CTRL_AREA + 0x1000, bytes(32))
+    st = r.submit(f, pasid=2, completion=iova(2, CTRL_OFF), opcode=Opcode.COPY,
+                  src=iova(1, 0), dst=iova(2, CTRL_OFF + 64), size=16)  # fmt: skip
+    assert st == PortalStatus.ACCEPTED
+    rec = r.record(CTRL_AREA + 0x1000)
+    assert rec["status"] == CompletionStatus.FAULT and rec["fault_pasid"] == 2
+    assert r.mem.read(CTRL_AREA + 0x1000 + 64, 16) == bytes(16)
+
+
+def test_after_unbind_the_record_write_faults_with_the_vpasid() -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    r.setup(f, 5)
+    assert r.unbind(f, 5) == BindStatus.OK
+    r.mem.write(CTRL_AREA, bytes(32))
+    st = r.submit(f, pasid=5, completion=iova(5, CTRL_OFF), opcode=Opcode.FILL,
+                  dst=iova(5, 0), size=64, pattern=0xAB)  # fmt: skip
+    assert st == PortalStatus.ACCEPTED
+    assert r.record()["status"] == 0  # nothing reached guest memory
+    assert r.read(f, Reg.ERR_STATUS) == pd.ERR_RECORD_WRITE
+    assert r.read(f, Reg.ERR_PASID) == 5 and r.read(f, Reg.ERR_ADDR, 8) == iova(5, CTRL_OFF)
+    reason = r.read(f, Reg.ERR_REASON)
+    assert reason & pd.ERR_REASON_WRITE and reason & 0xFF == FaultReason.PASID_ENTRY_P
+    assert r.mem.read(DATA, 64) == bytes(64)
+    r.write(f, Reg.ERR_STATUS, 1)  # RW1C
+    assert r.read(f, Reg.ERR_STATUS) == 0
+
+
+@pytest.mark.parametrize("ftype", ["dedicated", "mdev", "enqcmd"])
+def test_remap_then_dma_sees_the_new_page_every_time(ftype: str) -> None:
+    """No invalidation reaches the device: the doorbell's refresh is what keeps it coherent."""
+    r = Rig(ftype)
+    f = r.fns[0]
+    p = 9
+    r.setup(f, p)
+    table = r.guest.table(p)
+    for i in range(20):
+        page = DATA2 + 0x1000 * (i % 7)
+        r.mem.write(page, bytes([i]) * 0x1000)
+        table.unmap(iova(p, 0x200000), 0x1000)
+        table.map(iova(p, 0x200000), page, 0x1000)
+        rec = r.job(f, p, opcode=Opcode.COPY, src=iova(p, 0x200000), dst=iova(p, 0), size=0x1000)
+        assert rec["status"] == 1
+        assert r.mem.read(DATA, 0x1000) == bytes([i]) * 0x1000, i
+    # and an unmapped IOVA stops being reachable at once
+    table.unmap(iova(p, 0x200000), 0x1000)
+    rec = r.job(f, p, opcode=Opcode.COPY, src=iova(p, 0x200000), dst=iova(p, 0), size=16)
+    assert rec["status"] == CompletionStatus.FAULT
+
+
+def test_two_functions_share_one_pasid() -> None:
+    r = Rig("dedicated", "translating")
+    a, b = r.fns
+    r.setup(a, 4)
+    r.entry(b, 4)
+    assert r.bind(b, 4, entry=False) == BindStatus.OK
+    r.mem.write(DATA, b"A" * 4096)
+    rec = r.job(b, 4, opcode=Opcode.COPY, src=iova(4, 0), dst=iova(4, 0x1000), size=4096)
+    assert rec["status"] == 1 and r.mem.read(DATA + 0x1000, 4096) == b"A" * 4096
+    rec = r.job(a, 4, slot=1, opcode=Opcode.COMPARE, src=iova(4, 0), dst=iova(4, 0x1000),
+                size=4096)  # fmt: skip
+    assert rec["status"] == 1 and rec["result"] == 0
+
+
+def test_hundred_pasids_on_one_function() -> None:
+    r = Rig("mdev")
+    f = r.fns[0]
+    for p in range(1, 101):
+        assert r.bind(f, p) == BindStatus.OK, p
+        r.map(p, CTRL_OFF, CTRL_AREA + 0x1000 * (p % 16), 0x1000)
+    assert r.read(f, Reg.BOUND_COUNT) == 100
+    assert sorted(f.bound.values()) == list(range(1, 101))
+    for p in (1, 50, 100):
+        r.mem.write(CTRL_AREA + 0x1000 * (p % 16), bytes(64))
+        st = r.submit(f, pasid=p, opcode=Opcode.NOOP, completion=iova(p, CTRL_OFF))
+        assert st == 0 and r.record(CTRL_AREA + 0x1000 * (p % 16))["status"] == 1
+
+
+def test_batch() -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    p = 2
+    r.setup(f, p)
+    r.mem.write(DATA, bytes(range(256)) * 16)
+    n = 8
+    arr = b"".join(
+        pd.DESCRIPTOR.build(pasid=999, opcode=Opcode.COPY, flags=pd.DESC_FLAG_COMPLETION,
+                            completion=iova(p, CTRL_OFF + 0x1000 + 32 * i),
+                            src=iova(p, 512 * i), dst=iova(p, 0x80000 + 512 * i), size=512)
+        for i in range(n)
+    )  # fmt: skip
+    r.mem.write(CTRL_AREA + 0x2000, arr)
+    rec = r.job(f, p, opcode=Opcode.BATCH, src=iova(p, CTRL_OFF + 0x2000), size=n)
+    assert rec["status"] == 1 and rec["bytes_done"] == n
+    assert r.mem.read(DATA + 0x80000, 4096) == r.mem.read(DATA, 4096)
+    for i in range(n):
+        assert r.record(CTRL_AREA + 0x1000 + 32 * i)["status"] == 1
+    # one descriptor faults, a nested batch is invalid: the batch says so
+    bad = pd.DESCRIPTOR.build(pasid=p, opcode=Opcode.COPY, src=iova(p, 0x300000), dst=0, size=8)
+    nested = pd.DESCRIPTOR.build(pasid=p, opcode=Opcode.BATCH, src=0, size=1)
+    r.mem.write(CTRL_AREA + 0x2000 + 64, bad + nested)
+    rec = r.job(f, p, opcode=Opcode.BATCH, src=iova(p, CTRL_OFF + 0x2000), size=4)
+    assert rec["status"] == CompletionStatus.BATCH_FAILED and rec["bytes_done"] == 2
+
+
+@pytest.mark.parametrize(
+    "desc, status",
+    [
+        ({"opcode": Opcode.COPY, "size": pd.MAX_XFER + 1}, CompletionStatus.TOO_BIG),
+        ({"opcode": Opcode.BATCH, "size": pd.MAX_BATCH + 1}, CompletionStatus.TOO_BIG),
+        ({"opcode": Opcode.BATCH, "size": 0}, CompletionStatus.INVALID),
+        ({"opcode": 9}, CompletionStatus.INVALID),
+        ({"opcode": Opcode.NOOP, "rsvd2": 1}, CompletionStatus.INVALID),
+        ({"opcode": Opcode.NOOP, "flags": 0x81}, CompletionStatus.INVALID),
+    ],
+)
+def test_invalid_descriptors(desc: dict[str, int], status: int) -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    r.setup(f, 1)
+    desc = {"flags": pd.DESC_FLAG_COMPLETION} | desc
+    assert r.job(f, 1, **desc)["status"] == status
+
+
+def test_portal_statuses() -> None:
+    r = Rig("dedicated", "enqcmd")
+    d, e = r.fns
+    r.setup(e, 3)
+    assert r.submit(d, pasid=3 | 1 << 25, opcode=0) == PortalStatus.INVALID
+    assert r.submit(d, pasid=0, opcode=0) == PortalStatus.INVALID
+    assert r.submit(e, pasid=4, opcode=0) == PortalStatus.REFUSED  # not in the CPU table
+    assert r.submit(e, pasid=3, opcode=0, flags=0) == PortalStatus.ACCEPTED
+    r.write(d, Reg.CTRL, 0)
+    assert r.submit(d, pasid=3, opcode=0) == PortalStatus.NOT_ENABLED
+
+
+def test_supervisor_requests_need_sre_and_supervisor_pages() -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    p = 6
+    r.setup(f, p)
+    r.map(p, 0x200000, DATA2, 0x1000, user=False)  # a supervisor-only page
+    rec = r.job(f, p, opcode=Opcode.FILL, dst=iova(p, 0x200000), size=8, pattern=1)
+    assert rec["status"] == CompletionStatus.FAULT  # user request to a supervisor page
+    r.mem.write(CTRL_AREA, bytes(32))
+    r.submit(f, pasid=pd.DESC_PRIV | p, opcode=Opcode.FILL, dst=iova(p, 0x200000), size=8,
+             pattern=1, completion=iova(p, CTRL_OFF))  # fmt: skip
+    assert r.record()["status"] == 0  # SRE clear: even the record write is refused
+    assert r.read(f, Reg.ERR_REASON) & 0xFF == FaultReason.SRE_CLEAR
+    r.entry(f, p, sre=True)
+    rec = r.job(f, p, priv=True, opcode=Opcode.FILL, dst=iova(p, 0x200000), size=8, pattern=1)
+    assert rec["status"] == 1 and r.mem.read(DATA2, 8) == b"\x01" + bytes(7)
+
+
+def test_interrupt_status_and_reset() -> None:
+    r = Rig("dedicated")
+    f = r.fns[0]
+    r.setup(f, 1)
+    r.job(f, 1, opcode=Opcode.NOOP, flags=pd.DESC_FLAG_COMPLETION | pd.DESC_FLAG_INTERRUPT)
+    assert r.read(f, Reg.INTR_STATUS) == 1
+    r.write(f, Reg.INTR_STATUS, 1)
+    assert r.read(f, Reg.INTR_STATUS) == 0
+    r.write(f, Reg.CTRL, pd.CTRL_RESET)
+    assert r.read(f, Reg.CTRL) == 0 and r.read(f, Reg.BOUND_COUNT) == 0
+    assert list(r.host.bindings()) == []

@@ -1,0 +1,69 @@
+"""What every ``vioasid`` subcommand shares: the user-mistake error, output, number parsing.
+
+Command modules (``vioasid/commands/*.py``, ``qemu_glue/commands/*.py``) import from here;
+``vioasid.cli`` (the dispatcher) imports the command modules. Nothing here imports a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from vioasid.model.faults import parse_bdf
+
+if TYPE_CHECKING:
+    from qemu_glue.qemu.binary import QemuChoice
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line on stderr, exit status 2."""
+
+
+def emit(text: str = "", *, err: bool = False, end: str = "\n") -> None:
+    """Write one piece of command output (stdout, or stderr with ``err``)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + end)
+    if err:
+        stream.flush()
+
+
+def parse_number(text: str, what: str, limit: int = 1 << 64) -> int:
+    """Hex (``0x…``) or decimal; UsageError naming ``what`` when it is not a number in range."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r}: expected a number (hex 0x… or decimal)") from None
+    if not 0 <= value < limit:
+        raise UsageError(f"bad {what} {text!r}: out of range (0 .. 0x{limit - 1:x})")
+    return value
+
+
+def parse_rid(text: str) -> int:
+    """``BB:DD.F`` as a 16-bit requester id; UsageError on bad input."""
+    try:
+        return parse_bdf(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def qemu_choice(args: argparse.Namespace) -> QemuChoice:
+    """The QEMU a command will start (``--qemu``, then ``choose()``'s order); UsageError else."""
+    from qemu_glue.qemu.binary import QemuNotFound, choose
+
+    try:
+        return choose(getattr(args, "qemu", None))
+    except QemuNotFound as exc:
+        raise UsageError(str(exc)) from None
+
+
+def add_qemu_option(p: argparse.ArgumentParser) -> None:
+    """``--qemu PATH``: every command that starts QEMU takes it (then $VIOASID_QEMU, ...)."""
+    p.add_argument(
+        "--qemu",
+        metavar="PATH",
+        default=None,
+        help="the qemu-system-x86_64 to start (default: $VIOASID_QEMU, then the QEMU 11.1 of "
+        "'vioasid qemu install', then qemu-system-x86_64 >= 10.0 on PATH; "
+        "see 'vioasid qemu path')",
+    )
