@@ -33,12 +33,8 @@ from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
 
-<<<<<<< HEAD
 from .process import QemuProcess, read_line
-=======
-from .process import QemuProcess
 from .qemu.binary import QemuChoice
->>>>>>> main
 from .qmp import Qmp
 from .vhost_user.backend import VhostUserBlkBackend
 from .vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
