@@ -437,6 +437,7 @@ class PasidDmaFunction(PciFunction):
                 ctx.write(comp, rec)
             except _JobFault as e:
                 f = e.fault
+                self.faults.append(f)
                 self.err_status |= pd.ERR_RECORD_WRITE
                 self.err_pasid = f.pasid if f.pasid is not None else ctx.x
                 self.err_addr = f.addr
