@@ -26,14 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.commands import demo_migrate
+from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
+from qemu_glue.pasid_guest import (
+    ALL_TYPES,
+    PasidCollector,
+    PasidGuestRun,
+    parse_pasid_line,
+    pasid_iommu,
+)
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
+from qemu_glue.vhost_user.guest import BlkGuest, BlkRunResult, GuestOptions, run_guest_tests
 from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
 from vioasid.model.faults import bdf_str
-
-from ..pasid_dma import PasidDmaRig, parse_dma_device
-from ..pasid_guest import ALL_TYPES, PasidCollector, PasidGuestRun, parse_pasid_line, pasid_iommu
-from ..vhost_user.guest import BlkGuest, BlkRunResult, GuestOptions, run_guest_tests
-from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
-from . import demo_migrate
 
 
 def progress(msg: str) -> None:
@@ -61,8 +66,7 @@ async def _demo(
     args: argparse.Namespace,
 ) -> tuple[BlkRunResult, dict[str, Any], PasidGuestRun | None]:
     from images.build import ensure_image
-
-    from ..accel import choose_accel
+    from qemu_glue.qemu.accel import choose_accel
 
     t0 = time.monotonic()
     qemu = qemu_choice(args)
