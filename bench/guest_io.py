@@ -1,24 +1,32 @@
-"""Guest disk throughput and boot figures through the vioasid vhost-user-blk disk (JSON lines).
+"""Guest disk throughput and boot: the vioasid vhost-user-blk disk vs QEMU's own (JSON lines).
 
-In one invocation, one guest at a time (TCG, intel-iommu scalable mode, iommu.strict=1):
+In one invocation, one guest at a time (TCG, intel-iommu scalable mode), in strict
+(``iommu.strict=1``) and lazy (``iommu.strict=0``, Linux's default flush queue) mode:
 
 * sequential O_DIRECT write then read of ``--mib`` MiB in 1 MiB requests, timed inside the guest
-  (``/proc/uptime``), with vioasid walking the guest's VT-d tables itself (``own_walk``) and with
-  vioasid asking QEMU for every translation over the IOTLB-miss path (``qemu_iotlb``);
+  (``/proc/timer_list``, ns), through QEMU's built-in ``virtio-blk-pci`` behind the same intel-iommu
+  (``builtin``), with vioasid walking the guest's VT-d tables itself (``own_walk``) and (strict
+  only) with vioasid asking QEMU for every translation over the IOTLB-miss path (``qemu_iotlb``);
+  ``guest_seq_{write,read}_own_walk_vs_builtin`` is vioasid ÷ built-in (suffix ``_lazy`` for lazy);
 * boot → guest disk tests done (``boot_to_tests_s``) for the vioasid disk and for QEMU's built-in
-  ``virtio-blk-pci`` on the same image.
+  ``virtio-blk-pci`` on the same image (strict).
 
+Each line carries ``load`` (the 1-minute load average when it was measured): the machine is shared.
 The throughput guest is the test image plus a small overlay initramfs whose /init runs ``dd``
-(the kernel unpacks concatenated archives; later files win). Usage:
-``python3 bench/guest_io.py [--mib 32] [--runs 1] [--iommu scalable-fs]``.
+(the kernel unpacks concatenated archives; later files win). ``--profile FILE`` writes a
+cProfile of the back-end side (this process) of the own-walk runs. Usage:
+``python3 bench/guest_io.py [--mib 32] [--runs 1] [--iommu scalable-fs] [--modes strict,lazy]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import logging
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -32,7 +40,7 @@ from qemu_glue.process import launch
 from qemu_glue.vhost_user.guest import GuestOptions, run_guest_tests, vhost_blk_guest
 from qemu_glue.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 
-BENCH_INIT = """#!/bin/busybox sh
+BENCH_INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /bin
 /bin/busybox --install -s /bin 2>/dev/null
 mount -t proc proc /proc
@@ -41,21 +49,34 @@ mount -t devtmpfs dev /dev 2>/dev/null
 while read mod; do insmod "/lib/modules/$mod.ko"; done < /etc/vioasid/modules
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-up() { cut -d' ' -f1 /proc/uptime; }
-t0=$(up)
+# nanoseconds from /proc/timer_list ("now at N nsecs", read with shell builtins only);
+# the cost of one reading (c) is taken off each interval
+ns() {
+  while read -r a b n rest; do
+    if [ "$a $b" = "now at" ]; then echo "$n"; return; fi
+  done < /proc/timer_list
+  echo 0
+}
+a=$(ns)
+b=$(ns)
+c=$((b - a))
 fail() { echo "VIOASID-BENCH-ERROR $1"; }
+t0=$(ns)
 dd if=/dev/zero of=/dev/vda bs=1M count=@MIB@ oflag=direct 2>/dev/null || fail write
-t1=$(up)
+t1=$(ns)
 dd if=/dev/vda of=/dev/null bs=1M count=@MIB@ iflag=direct 2>/dev/null || fail read
-t2=$(up)
-echo "VIOASID-BENCH t0=$t0 t1=$t1 t2=$t2 mib=@MIB@"
+t2=$(ns)
+echo "VIOASID-BENCH t0=$t0 t1=$t1 t2=$t2 c=$c mib=@MIB@"
 poweroff -f
 """
-BENCH_RX = r"VIOASID-BENCH t0=([\d.]+) t1=([\d.]+) t2=([\d.]+) mib=(\d+)"
+BENCH_RX = r"VIOASID-BENCH t0=(\d+) t1=(\d+) t2=(\d+) c=(-?\d+) mib=(\d+)"
 
 
-def emit(name: str, value: float, unit: str) -> None:
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit}), flush=True)
+def emit(name: str, value: float, unit: str, **extra: object) -> None:
+    rec: dict[str, object] = {"name": name, "value": round(value, 3), "unit": unit}
+    rec.update(extra)
+    rec["load"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(rec), flush=True)
 
 
 def progress(msg: str) -> None:
@@ -70,13 +91,29 @@ def bench_initrd(img: GuestImage, mib: int, out: Path) -> Path:
     return out
 
 
+def _rates(text: str, m: re.Match[str], what: str) -> tuple[float, float]:
+    if "VIOASID-BENCH-ERROR" in text:
+        raise SystemExit(f"guest dd failed ({what})")
+    t0, t1, t2, c, n = (int(m.group(i)) for i in range(1, 6))
+    if not (0 < t0 < t1 < t2):
+        raise SystemExit(f"guest clock readings unusable ({what}): {m.group(0)}")
+    c = max(c, 0)
+    return n / max(1e-9 * (t1 - t0 - c), 1e-6), n / max(1e-9 * (t2 - t1 - c), 1e-6)
+
+
 async def throughput(
-    img: GuestImage, initrd: Path, disk: Path, mode: IommuMode, translate: str
+    img: GuestImage,
+    initrd: Path,
+    disk: Path,
+    mode: IommuMode,
+    translate: str,
+    strict: bool,
+    prof: cProfile.Profile | None = None,
 ) -> tuple[float, float, dict[str, object]]:
     opts = GuestOptions(
         kernel=img.kernel,
         initrd=initrd,
-        append=kernel_cmdline(mode, strict=True),
+        append=kernel_cmdline(mode, strict=strict),
         disk=disk,
         iommu=IommuSpec(mode=mode),
         translate=translate,
@@ -84,13 +121,39 @@ async def throughput(
         name="bench-io",
     )
     async with vhost_blk_guest(opts) as g:
-        m = await g.vm.wait_console(BENCH_RX, 300)
+        if prof is not None:
+            prof.enable()
+        try:
+            m = await g.vm.wait_console(BENCH_RX, 300)
+        finally:
+            if prof is not None:
+                prof.disable()
         await g.vm.wait(30)
         summary = g.backend.summary()
-    t0, t1, t2, n = float(m.group(1)), float(m.group(2)), float(m.group(3)), int(m.group(4))
-    if "VIOASID-BENCH-ERROR" in "\n".join(line.text for line in g.vm.console):
-        raise SystemExit(f"guest dd failed ({translate})")
-    return n / max(t1 - t0, 1e-3), n / max(t2 - t1, 1e-3), summary
+        summary["backend"] = {
+            "kicks": g.backend.stats.kicks,
+            "calls": g.backend.stats.calls,
+            "messages": dict(g.backend.stats.messages),
+        }
+    w, r = _rates("\n".join(line.text for line in g.vm.console), m, translate)
+    return w, r, summary
+
+
+async def builtin_throughput(
+    img: GuestImage, initrd: Path, disk: Path, mode: IommuMode, strict: bool
+) -> tuple[float, float]:
+    spec = VmSpec(
+        name="bench-io-builtin",
+        iommu=IommuSpec(mode=mode),
+        devices=(VirtioBlk(disk),),
+        kernel=img.kernel,
+        initrd=initrd,
+        append=kernel_cmdline(mode, strict=strict),
+    )
+    async with launch(spec) as vm:
+        m = await vm.wait_console(BENCH_RX, 300)
+        await vm.wait(30)
+    return _rates("\n".join(line.text for line in vm.console), m, "builtin")
 
 
 async def builtin_boot(img: GuestImage, disk: Path, mode: IommuMode) -> float:
@@ -109,56 +172,95 @@ async def builtin_boot(img: GuestImage, disk: Path, mode: IommuMode) -> float:
     return run.tests_done_s
 
 
+async def boot_figures(img: GuestImage, t: Path, mode: IommuMode, runs: int) -> None:
+    vu, bi = [], []
+    for _ in range(runs):
+        progress("boot to tests done, vioasid disk")
+        disk = patterns.make_disk(t / "disk.raw")
+        res = await run_guest_tests(
+            GuestOptions(
+                kernel=img.kernel,
+                initrd=img.initrd,
+                append=kernel_cmdline(mode, strict=True),
+                disk=disk,
+                iommu=IommuSpec(mode=mode),
+                name="bench-boot-vu",
+            )
+        )
+        if not res.ok or res.tests_done_s is None:
+            raise SystemExit(f"vioasid disk guest run failed: {res.to_json()}")
+        vu.append(res.tests_done_s)
+        progress("boot to tests done, built-in virtio-blk")
+        bi.append(await builtin_boot(img, patterns.make_disk(t / "disk.raw"), mode))
+    emit("boot_to_tests_s_vioasid_disk", statistics.median(vu), "s")
+    emit("boot_to_tests_s_builtin_virtio_blk", statistics.median(bi), "s")
+    emit("boot_to_tests_vioasid_vs_builtin", statistics.median(vu) / statistics.median(bi), "x")
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("strict", "lazy")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"modes are strict and/or lazy, not {text!r}")
+    return modes
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=32, help="MiB written then read (default 32)")
     ap.add_argument("--runs", type=int, default=1, help="runs per configuration (median)")
     ap.add_argument("--iommu", default="scalable-fs", choices=[m.value for m in IommuMode])
+    ap.add_argument(
+        "--modes", type=_modes, default=["strict", "lazy"], help="strict,lazy (default both)"
+    )
+    ap.add_argument("--no-qemu-iotlb", action="store_true", help="skip the QEMU IOTLB-miss runs")
+    ap.add_argument("--no-boot", action="store_true", help="skip the boot-to-tests figures")
+    ap.add_argument("--profile", type=Path, help="cProfile of the own-walk runs to this file")
     args = ap.parse_args()
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     mode = IommuMode(args.iommu)
     img = ensure_image(progress)
+    prof = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory(prefix="vioasid-bench-") as tmp:
         t = Path(tmp)
         initrd = bench_initrd(img, args.mib, t / "bench-initrd.cpio.gz")
-        rates: dict[str, tuple[float, float]] = {}
-        for translate, label in (("walk", "own_walk"), ("qemu", "qemu_iotlb")):
-            ws, rs = [], []
-            for _ in range(args.runs):
-                progress(f"throughput, {label}")
-                disk = patterns.make_disk(t / "disk.raw", max(64, 2 * args.mib) << 20)
-                w, r, summary = await throughput(img, initrd, disk, mode, translate)
-                ws.append(w)
-                rs.append(r)
-                progress(f"{label}: write {w:.1f} MiB/s read {r:.1f} MiB/s; {summary}")
-            rates[label] = (statistics.median(ws), statistics.median(rs))
-            emit(f"guest_seq_write_{label}", rates[label][0], "MiB/s")
-            emit(f"guest_seq_read_{label}", rates[label][1], "MiB/s")
-        for i, what in enumerate(("write", "read")):
-            ratio = rates["own_walk"][i] / max(rates["qemu_iotlb"][i], 1e-9)
-            emit(f"guest_seq_{what}_own_walk_vs_qemu_iotlb", ratio, "x")
-        vu, bi = [], []
-        for _ in range(args.runs):
-            progress("boot to tests done, vioasid disk")
-            disk = patterns.make_disk(t / "disk.raw")
-            res = await run_guest_tests(
-                GuestOptions(
-                    kernel=img.kernel,
-                    initrd=img.initrd,
-                    append=kernel_cmdline(mode, strict=True),
-                    disk=disk,
-                    iommu=IommuSpec(mode=mode),
-                    name="bench-boot-vu",
-                )
-            )
-            if not res.ok or res.tests_done_s is None:
-                raise SystemExit(f"vioasid disk guest run failed: {res.to_json()}")
-            vu.append(res.tests_done_s)
-            progress("boot to tests done, built-in virtio-blk")
-            bi.append(await builtin_boot(img, patterns.make_disk(t / "disk.raw"), mode))
-        emit("boot_to_tests_s_vioasid_disk", statistics.median(vu), "s")
-        emit("boot_to_tests_s_builtin_virtio_blk", statistics.median(bi), "s")
-        emit("boot_to_tests_vioasid_vs_builtin", statistics.median(vu) / statistics.median(bi), "x")
+        for iommu_mode in args.modes:
+            strict = iommu_mode == "strict"
+            sfx = "" if strict else "_lazy"
+            labels = ["builtin", "own_walk"]
+            if strict and not args.no_qemu_iotlb:
+                labels.append("qemu_iotlb")
+            rates: dict[str, tuple[float, float]] = {}
+            for label in labels:
+                ws, rs = [], []
+                for _ in range(args.runs):
+                    progress(f"throughput, {label}, {iommu_mode}")
+                    disk = patterns.make_disk(t / "disk.raw", max(64, 2 * args.mib) << 20)
+                    if label == "builtin":
+                        w, r = await builtin_throughput(img, initrd, disk, mode, strict)
+                        summary: dict[str, object] = {}
+                    else:
+                        translate = "walk" if label == "own_walk" else "qemu"
+                        p = prof if label == "own_walk" else None
+                        w, r, summary = await throughput(
+                            img, initrd, disk, mode, translate, strict, p
+                        )
+                    ws.append(w)
+                    rs.append(r)
+                    rate = f"write {w:.1f} read {r:.1f} MiB/s"
+                    progress(f"{label} {iommu_mode}: {rate}; {json.dumps(summary)}")
+                rates[label] = (statistics.median(ws), statistics.median(rs))
+                emit(f"guest_seq_write_{label}{sfx}", rates[label][0], "MiB/s", mode=iommu_mode)
+                emit(f"guest_seq_read_{label}{sfx}", rates[label][1], "MiB/s", mode=iommu_mode)
+            for i, what in enumerate(("write", "read")):
+                for ref in labels[2:] + labels[:1]:
+                    ratio = rates["own_walk"][i] / max(rates[ref][i], 1e-9)
+                    emit(f"guest_seq_{what}_own_walk_vs_{ref}{sfx}", ratio, "x", mode=iommu_mode)
+        if not args.no_boot:
+            await boot_figures(img, t, mode, args.runs)
+    if prof is not None:
+        prof.dump_stats(args.profile)
+        progress(f"profile written to {args.profile}")
 
 
 if __name__ == "__main__":

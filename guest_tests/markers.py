@@ -55,6 +55,7 @@ PASID_CHECKS = (
     "many-pasids",
     "batch",
     "every-function",
+    "reload",
 )
 
 _KIND_RE = re.compile(r"VIOASID-[A-Z]+(?:-[A-Z]+)*")

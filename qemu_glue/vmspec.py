@@ -9,6 +9,7 @@ through the vIOMMU. See shared/design/qemu-notes.md for the command line this mi
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,34 @@ class RawArgs:
         return list(self.argv)
 
 
-Device = VirtioBlk | VhostUserBlk | RawArgs
+@dataclass(frozen=True)
+class VfioUserPci:
+    """``vfio-user-pci`` (QEMU 11.1): a whole PCIe function served by vioasid on ``socket``.
+
+    QEMU connects to the socket at device realize (the server must be listening before
+    launch). Written in QEMU's JSON ``-device`` form (the socket is a SocketAddress). Behind
+    intel-iommu QEMU needs ``caching-mode=on``. ``no_posted_writes`` sets QEMU's
+    ``x-no-posted-writes=on``: every BAR write waits for the server's reply, so a doorbell's
+    job is done before the guest's next instruction (docs/pasid-dma.md).
+    """
+
+    socket: Path
+    id: str = "vfiouser0"
+    bus: str = "pcie.0"
+    addr: str | None = None  # slot on the root bus, e.g. "05.0"
+    no_posted_writes: bool = True
+
+    def args(self) -> list[str]:
+        dev: dict[str, object] = {"driver": "vfio-user-pci", "id": self.id, "bus": self.bus}
+        if self.addr:
+            dev["addr"] = self.addr
+        dev["socket"] = {"type": "unix", "path": str(self.socket)}
+        if self.no_posted_writes:
+            dev["x-no-posted-writes"] = True
+        return ["-device", json.dumps(dev, separators=(",", ":"))]
+
+
+Device = VirtioBlk | VhostUserBlk | VfioUserPci | RawArgs
 
 
 def kernel_cmdline(

@@ -376,8 +376,18 @@ def test_dirty_log_marks_pages_of_writes_only() -> None:
     state.set_log(open_log(VHOST_USER_LOG.packer.pack(64, 4096), [fd]))  # 64 bytes at +4096
 
     class Ident:
-        async def translate(self, iova: int, write: bool) -> int:
+        generation = 0
+
+        def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
+            return False
+
+        async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
             return iova
+
+        def spans(
+            self, iova: int, length: int, write: bool, pasid: int | None = None
+        ) -> list[tuple[int, int]]:
+            return [(iova, length)]
 
     t = state.wrap(Ident())
 

@@ -23,14 +23,14 @@ class CountingResolver:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved:
         self.calls += 1
-        return Resolved(iova & ~0xFFF, True, True, "count", 0)
+        return Resolved(iova & ~0xFFF, True, True, "count", pasid)
+
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        return self.resolve_now(iova, write, pasid)
 
     async def refresh(self) -> None:
-        return None
-
-    def invalidate(self, iova: int, size: int) -> None:
         return None
 
 

@@ -38,17 +38,17 @@ class OffsetResolver:
         self.mapped = mapped
         self.calls = 0
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> None:
+        return None  # this toy always makes the translator await (the QEMU-miss path's shape)
+
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
         self.calls += 1
         gpa = (iova - IOVA_BASE) & ~0xFFF
         if gpa not in self.mapped:
-            return Fault(FaultReason.FS_PAGING_ENTRY_P, iova, 0x20, None, write, "unmapped")
+            return Fault(FaultReason.FS_PAGING_ENTRY_P, iova, 0x20, pasid, write, "unmapped")
         return Resolved(gpa, True, True, "offset")
 
     async def refresh(self) -> None:
-        return None
-
-    def invalidate(self, iova: int, size: int) -> None:
         return None
 
 
@@ -261,13 +261,13 @@ class FixedResolver:
     def __init__(self, shift: int) -> None:
         self.shift = shift
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved:
         return Resolved((iova & ~0xFFF) + self.shift, True, True, "fixed")
 
-    async def refresh(self) -> None:
-        return None
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        return self.resolve_now(iova, write, pasid)
 
-    def invalidate(self, iova: int, size: int) -> None:
+    async def refresh(self) -> None:
         return None
 
 

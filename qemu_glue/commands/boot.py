@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
+from vioasid.model.faults import bdf_str
 
+from ..pasid_dma import DmaDeviceError, PasidDmaRig, parse_dma_device
 from ..vhost_user.guest import GuestOptions, vhost_blk_guest
 from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
 from .demo import quiet_qmp_logs
@@ -31,20 +33,66 @@ def _say(msg: str) -> None:
     print(f"vioasid boot: {msg}", file=sys.stderr, flush=True)
 
 
+def dma_rig(args: argparse.Namespace) -> PasidDmaRig | None:
+    """The PASID DMA functions of ``--dma-device`` (None without any); UsageError on misuse."""
+    if not args.dma_device:
+        if args.host is not None:
+            raise UsageError("--host describes the host functions of --dma-device; give one")
+        return None
+    try:
+        specs = [parse_dma_device(t) for t in args.dma_device]
+        return PasidDmaRig(specs, host_file=args.host, memory_mib=args.memory)
+    except DmaDeviceError as e:
+        raise UsageError(str(e)) from None
+
+
+def dma_iommu(mode: IommuMode, caching_mode: bool, rig: PasidDmaRig | None) -> IommuSpec:
+    """intel-iommu for the guest: vfio-user-pci needs caching-mode=on, PASIDs pasid-bits."""
+    if rig is None:
+        return IommuSpec(mode=mode, caching_mode=caching_mode)
+    if not mode.scalable:
+        raise UsageError("--dma-device needs a scalable-mode IOMMU (--iommu scalable-fs|ss)")
+    return IommuSpec(mode=mode, caching_mode=True, pasid_bits=20)
+
+
 async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> dict[str, Any]:
     from ..accel import choose_accel
 
     qemu = qemu_choice(args)
-    choice = await choose_accel(args.accel, kernel=args.kernel, initrd=args.initrd)
+    rig = dma_rig(args)
     mode = IommuMode(args.iommu)
+    iommu = dma_iommu(mode, args.caching_mode, rig)
+    if rig is not None and not qemu.features.vfio_user:
+        raise UsageError(
+            f"--dma-device needs vfio-user-pci (QEMU 11.1); {qemu.path} is {qemu.version}: "
+            "see 'vioasid qemu install'"
+        )
+    choice = await choose_accel(args.accel, kernel=args.kernel, initrd=args.initrd)
     append = args.append if args.append is not None else kernel_cmdline(mode, strict=True)
+    if rig is None:
+        return await _boot_with(args, disk, trace, qemu, choice.accel, mode, iommu, append, None)
+    async with rig:
+        return await _boot_with(args, disk, trace, qemu, choice.accel, mode, iommu, append, rig)
+
+
+async def _boot_with(
+    args: argparse.Namespace,
+    disk: Path,
+    trace: IO[str] | None,
+    qemu: Any,
+    accel: Any,
+    mode: IommuMode,
+    iommu: IommuSpec,
+    append: str,
+    rig: PasidDmaRig | None,
+) -> dict[str, Any]:
     opts = GuestOptions(
         kernel=args.kernel,
         initrd=args.initrd,
         append=append,
         disk=disk,
-        iommu=IommuSpec(mode=mode, caching_mode=args.caching_mode),
-        accel=choice.accel,
+        iommu=iommu,
+        accel=accel,
         memory_mib=args.memory,
         translate=args.translate,
         cross_check=args.cross_check,
@@ -54,9 +102,18 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
         name="vioasid-boot",
         follow_iq=args.follow_iq,
         qemu=qemu,
+        extra_devices=rig.devices() if rig is not None else (),
+        ram_path=rig.ram_path if rig is not None else None,
     )
-    _say(f"accel {choice.accel}; disk {disk}; iommu {mode}; translate {args.translate}")
+    _say(f"accel {accel}; disk {disk}; iommu {mode}; translate {args.translate}")
     async with vhost_blk_guest(opts) as g:
+        if rig is not None:
+            rig.set_registers(g.regs)
+            for f in rig.placed:
+                _say(
+                    f"PASID DMA function {f.arg.type.word} at {bdf_str(f.guest_rid)} "
+                    f"(host function {bdf_str(f.function)}, {f.assign})"
+                )
         _say(
             f"vhost-user-blk device at {g.backend.sid >> 8:02x}:{(g.backend.sid >> 3) & 31:02x}."
             f"{g.backend.sid & 7} (guest RID 0x{g.backend.sid:04x})"
@@ -65,6 +122,8 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
         summary = g.backend.summary()
     summary["qemu_exit"] = rc
     summary["qemu"] = qemu.to_json()
+    if rig is not None:
+        summary["pasid"] = rig.summary()
     return summary
 
 
@@ -91,7 +150,23 @@ def _run(args: argparse.Namespace) -> int:
         except TimeoutError:
             _say(f"the guest did not power off within {args.timeout:.0f}s")
             return 1
-    _say("summary " + json.dumps({k: v for k, v in summary.items() if k not in ("fault_log",)}))
+    short = {k: v for k, v in summary.items() if k not in ("fault_log",)}
+    if args.json:
+        pasid = summary.get("pasid") or {}
+        line = {
+            "ok": summary.get("qemu_exit") == 0,
+            "qemu_exit": summary.get("qemu_exit"),
+            "bindings": pasid.get("bind_log", []),
+            "bound_at_exit": pasid.get("bindings", []),
+            "jobs": pasid.get("jobs", {"ok": 0, "failed": 0}),
+            "faults": pasid.get("faults", []),
+            "invalidations": summary.get("invalidations", 0),
+            "functions": pasid.get("functions", []),
+            "disk": short,
+        }
+        print(json.dumps(line), flush=True)
+    else:
+        _say("summary " + json.dumps(short))
     return 0 if summary.get("qemu_exit") == 0 else 1
 
 
@@ -139,6 +214,26 @@ def register(subparsers: Any) -> None:
         help="also decode the guest's invalidation queue (QMP reads; default on)",
     )
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
+    p.add_argument(
+        "--dma-device",
+        action="append",
+        default=[],
+        metavar="TYPE[,function=RID]",
+        help="add a PASID DMA function over vfio-user (QEMU 11.1; repeatable); TYPE is "
+        "dedicated, translating, mdev or enqcmd (docs/pasid-dma.md); function= picks the "
+        "host function (default: one per type)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        metavar="FILE.toml",
+        help="the host functions of --dma-device: a [[host]] table as in scenario files",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary line at the end (bindings, jobs, faults, invalidations)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

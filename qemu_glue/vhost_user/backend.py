@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from vioasid.formats.virtio import (
     VHOST_USER_IOTLB,
     VHOST_USER_MEM_HDR,
     VHOST_USER_MEM_REGION,
+    VHOST_USER_NEED_REPLY,
+    VHOST_USER_VERSION,
     VHOST_USER_VRING_ADDR,
     VHOST_USER_VRING_IDX_MASK,
     VHOST_USER_VRING_NOFD,
@@ -57,7 +60,17 @@ from vioasid.protocol.framing import close_fds
 from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
 
 from .blk import BlkDevice
-from .codec import Decoder, Message, ProtocolError, encode, encode_reply, encode_u64, request_name
+from .codec import (
+    HDR_SIZE,
+    Decoder,
+    Message,
+    ProtocolError,
+    encode,
+    encode_reply,
+    encode_u64,
+    request_name,
+    unpack_header,
+)
 from .inflight import settle
 from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
 
@@ -80,6 +93,10 @@ VIRTIO_FEATURES = (
 )
 
 TRANSLATE_MODES = ("walk", "qemu", "identity")
+
+_IOTLB = VHOST_USER_IOTLB.packer
+_IOTLB_MSG_BYTES = HDR_SIZE + VHOST_USER_IOTLB.size
+_IOTLB_ACK = encode_reply(R.IOTLB_MSG, encode_u64(0))
 
 
 @dataclass
@@ -136,6 +153,7 @@ class VhostUserBlkBackend:
         self._decoder = Decoder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._kicked: set[int] = set()
+        self._kick_at: dict[int, float] = {}
         self._closed = asyncio.Event()
         self._session_done: asyncio.Event | None = None
         self._restart_pending = True
@@ -223,6 +241,7 @@ class VhostUserBlkBackend:
             "ioerr": b.ioerr,
         }
         out["requests"] = self.stats.requests
+        out["times"] = self.blk.times.to_json()
         out["device_starts"] = self.stats.device_starts
         out["ring_faults"] = self.stats.ring_faults
         out["iotlb_invalidates_from_qemu"] = self.stats.iotlb_invalidates
@@ -296,6 +315,20 @@ class VhostUserBlkBackend:
             log.warning("vhost-user socket error: %s", exc)
             self._end_session()
             return
+        if not fds and len(data) == _IOTLB_MSG_BYTES and not self._decoder.pending:
+            # The hot message (strict mode: one per guest unmap, the vCPU waiting for the ack)
+            # skips the decoder and the dispatcher.
+            request, flags, size = unpack_header(data)
+            if (
+                request == R.IOTLB_MSG
+                and size == VHOST_USER_IOTLB.size
+                and flags & 0x3 == VHOST_USER_VERSION
+            ):
+                t0 = time.perf_counter()
+                self.stats.messages["IOTLB_MSG"] += 1
+                self._iotlb_msg(data, HDR_SIZE, bool(flags & VHOST_USER_NEED_REPLY))
+                self.blk.times.add("message", time.perf_counter() - t0)
+                return
         if not data:
             close_fds(fds)
             self._end_session()
@@ -307,6 +340,7 @@ class VhostUserBlkBackend:
             self._end_session()
             return
         for msg in messages:
+            t0 = time.perf_counter()
             try:
                 self._dispatch(msg)
             except (ProtocolError, ValueError, OSError, MemoryAccessError) as exc:
@@ -315,6 +349,7 @@ class VhostUserBlkBackend:
                     self._send(encode_reply(msg.request, encode_u64(1)))
             finally:
                 msg.close_fds()
+                self.blk.times.add("message", time.perf_counter() - t0)
             if self._conn is None:
                 return
 
@@ -496,16 +531,27 @@ class VhostUserBlkBackend:
         return encode_u64(0)  # with LOG_SHMFD QEMU waits for this reply
 
     def _on_IOTLB_MSG(self, msg: Message) -> None:
-        iova, size, uaddr, perm, kind = VHOST_USER_IOTLB.packer.unpack_from(msg.payload)
-        if kind == IotlbType.UPDATE:
-            self.stats.iotlb_updates += 1
-            if self.qemu is not None:
-                self.qemu.on_update(iova, size, uaddr, perm)
-        elif kind == IotlbType.INVALIDATE:
+        self._iotlb_msg(msg.payload, 0, False)  # the dispatcher sends the ack
+
+    def _iotlb_msg(self, buf: bytes | memoryview, off: int, ack: bool) -> None:
+        """An IOTLB_MSG at ``buf[off:]``; ``ack``: send the REPLY_ACK here.
+
+        An invalidation is acknowledged first and then dropped, both before this returns: the
+        loop runs nothing in between, so no translation can use a page after QEMU heard it is
+        gone, and QEMU (with the guest's vCPU) resumes as early as possible.
+        """
+        iova, size, uaddr, perm, kind = _IOTLB.unpack_from(buf, off)
+        if ack and self.protocol_features & (1 << PF.REPLY_ACK):
+            self._send(_IOTLB_ACK)
+        if kind == IotlbType.INVALIDATE:
             self.stats.iotlb_invalidates += 1
             self.translator.invalidate(iova, size)
             if self.on_invalidate is not None:
                 self.on_invalidate()
+        elif kind == IotlbType.UPDATE:
+            self.stats.iotlb_updates += 1
+            if self.qemu is not None:
+                self.qemu.on_update(iova, size, uaddr, perm)
         else:
             log.warning("IOTLB_MSG type %d ignored", kind)
 
@@ -545,14 +591,19 @@ class VhostUserBlkBackend:
 
     def _schedule(self, index: int) -> None:
         self._kicked.add(index)
+        self._kick_at.setdefault(index, time.perf_counter())
         task = self._tasks.get(index)
         if task is None or task.done():
             self._tasks[index] = asyncio.get_event_loop().create_task(self._run_queue(index))
 
     async def _run_queue(self, index: int) -> None:
         q = self.queues[index]
+        times = self.blk.times
         while index in self._kicked:
             self._kicked.discard(index)
+            kicked = self._kick_at.pop(index, None)
+            if kicked is not None:
+                times.add("kick_to_run", time.perf_counter() - kicked)
             if not (q.started and q.ready) or self.memory is None:
                 return
             if self._restart_pending:
@@ -564,28 +615,37 @@ class VhostUserBlkBackend:
                 else Dma(self.get_memory, self.dirty.wrap(self._identity))
             )
             served = 0
-            while q.started and q.ready:
+            while q.started and q.ready and self.memory is not None:
+                t0 = time.perf_counter()
                 try:
                     chain = await q.pop(dma)
                 except (DmaFault, MemoryAccessError, ChainError) as exc:
                     self._ring_fault(q, exc)
                     break
+                t1 = time.perf_counter()
+                times.add("pop", t1 - t0)
                 if chain is None:
                     break
+                times.request_at(t0)
                 if self.inject_bad_iova is not None:
                     self._maybe_inject(chain)
                 written = await self.blk.handle(dma, chain)
                 self.stats.requests += 1
+                t2 = time.perf_counter()
                 try:
                     await q.push(dma, chain.head, written)
                 except (DmaFault, MemoryAccessError, ChainError) as exc:
                     self._ring_fault(q, exc)
                     break
+                t3 = time.perf_counter()
+                times.add("push", t3 - t2)
                 served += 1
-                if served % 16 == 0:
-                    self._call(q)
-            if served:
+                # Signal each completion at once (the guest can unmap and reuse its buffers
+                # while the next request is served), then let the loop answer what QEMU sent
+                # meanwhile (strict mode: invalidations a vCPU is waiting on) before the next.
                 self._call(q)
+                times.add("call", time.perf_counter() - t3)
+                await asyncio.sleep(0)
 
     def _maybe_inject(self, chain: Chain) -> None:
         regs = self.walk.regs if self.walk is not None else None

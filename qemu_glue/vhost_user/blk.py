@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.memory import MemoryAccessError
 
+from .timing import PhaseTimes
 from .virtqueue import Buffer, Chain, Dma
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class BlkDevice:
         self.capacity = self.size // BLK_SECTOR_SIZE
         self.serial = (serial or "vioasid-" + os.path.basename(self.path))[:BLK_ID_BYTES]
         self.stats = BlkStats()
+        self.times = PhaseTimes()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -138,10 +141,12 @@ class BlkDevice:
         if not self._range_ok(sector, total):
             self.stats.ioerr += 1
             return BlkStatus.IOERR, 0
-        views = []
-        for b in bufs:  # translate everything first: a fault touches no memory
-            views.extend(await dma.views(b.addr, b.len, True))
+        t0 = time.perf_counter()
+        views = await dma.buffer_views(bufs, True)  # everything first: a fault touches nothing
+        t1 = time.perf_counter()
         self._transfer(os.preadv, views, sector * BLK_SECTOR_SIZE, "short read from backing file")
+        self.times.add("translate", t1 - t0)
+        self.times.add("io", time.perf_counter() - t1)
         self.stats.reads += 1
         self.stats.bytes_read += total
         return BlkStatus.OK, total
@@ -167,10 +172,12 @@ class BlkDevice:
         if self.readonly or not self._range_ok(sector, total):
             self.stats.ioerr += 1
             return BlkStatus.IOERR
-        views = []
-        for b in bufs:
-            views.extend(await dma.views(b.addr, b.len, False))
+        t0 = time.perf_counter()
+        views = await dma.buffer_views(bufs, False)
+        t1 = time.perf_counter()
         self._transfer(os.pwritev, views, sector * BLK_SECTOR_SIZE, "short write to backing file")
+        self.times.add("translate", t1 - t0)
+        self.times.add("io", time.perf_counter() - t1)
         self.stats.writes += 1
         self.stats.bytes_written += total
         return BlkStatus.OK

@@ -19,7 +19,15 @@ from vioasid.formats.virtio import (
 )
 from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError, Message
 
-__all__ = ["Decoder", "Message", "ProtocolError", "encode", "encode_reply", "encode_u64"]
+__all__ = [
+    "Decoder",
+    "Message",
+    "ProtocolError",
+    "encode",
+    "encode_reply",
+    "encode_u64",
+    "unpack_header",
+]
 
 _HDR = VHOST_USER_HDR.packer
 HDR_SIZE = VHOST_USER_HDR.size
@@ -27,6 +35,12 @@ assert VHOST_USER_HEADER.size == HDR_SIZE
 
 ProtocolError = FramingError
 """The peer sent something that is not vhost-user (bad size, bad version, fds astray)."""
+
+
+def unpack_header(data: bytes | memoryview) -> tuple[int, int, int]:
+    """(request, flags, payload size) of the header at the start of ``data``."""
+    request, flags, size = _HDR.unpack_from(data)
+    return int(request), int(flags), int(size)
 
 
 def request_name(request: int) -> str:

@@ -55,6 +55,7 @@ class GuestOptions:
     inject_bad_iova: int | None = None  # tests: see VhostUserBlkBackend
     follow_iq: bool = True  # decode the guest's invalidation queue too (IqFollower)
     qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
+    ram_path: Path | None = None  # the memory-backend file (None: the launcher picks one)
 
 
 @dataclass
@@ -100,6 +101,7 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
         append=opts.append,
         qemu_binary=opts.qemu.path if opts.qemu else None,
         qemu_features=opts.qemu.features if opts.qemu else None,
+        ram_path=opts.ram_path,
     )
     try:
         async with launch(spec, echo=opts.echo, stdin_inherit=opts.stdin_inherit) as vm:

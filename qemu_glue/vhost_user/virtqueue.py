@@ -38,10 +38,20 @@ AVAIL_RING_OFF = VRING_AVAIL_HDR.size
 USED_IDX_OFF = 2  # offsetof(virtq_used, idx)
 USED_RING_OFF = VRING_USED_HDR.size
 MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
+MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails after this
 
 
 class Translator(Protocol):
-    async def translate(self, iova: int, write: bool) -> int: ...
+    @property
+    def generation(self) -> int: ...
+
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
+
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None: ...
 
 
 class ChainError(Exception):
@@ -61,13 +71,58 @@ class Dma:
             raise MemoryAccessError(0, 0)
         return mem
 
+    async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
+        """Views of every buffer of a request, all translated before the caller touches one.
+
+        If the translation had to wait (a miss QEMU answers, registers being read) and an
+        invalidation covering one of the buffers came in meanwhile, the buffers are translated
+        again: no access uses a translation made before its invalidation.
+        """
+        tr = self.translator
+        for _ in range(MAX_RETRANSLATIONS):
+            gen = tr.generation
+            views: list[memoryview] = []
+            for b in bufs:
+                views.extend(await self.views(b.addr, b.len, write))
+            if tr.generation == gen or not tr.invalidated_since(
+                gen, [(b.addr, b.len) for b in bufs]
+            ):
+                return views
+        sid = int(getattr(tr, "sid", 0))
+        raise DmaFault(
+            Fault(
+                FaultReason.PAGING_ENTRY_INV,
+                bufs[0].addr if bufs else 0,
+                sid,
+                None,
+                write,
+                "buffers invalidated while being translated, again and again",
+            )
+        )
+
     async def views(self, iova: int, length: int, write: bool) -> list[memoryview]:
         """Zero-copy views covering ``[iova, iova + length)``, translated page by page.
 
         Contiguous guest-physical pages in one region merge into one view. Every page is
-        translated before any view is returned (a fault leaves memory untouched).
+        translated before any view is returned (a fault leaves memory untouched). A buffer
+        whose misses the resolver answers at once never awaits (``Translator.spans``).
         """
+        spans = self.translator.spans(iova, length, write)
+        if spans is None:
+            spans = await self._spans_awaited(iova, length, write)
         mem = self._mem()
+        out: list[memoryview] = []
+        for gpa, n in spans:
+            try:
+                out.extend(_region_views(mem, gpa, n))
+            except MemoryAccessError as exc:
+                sid = int(getattr(self.translator, "sid", 0))
+                raise DmaFault(
+                    Fault(FaultReason.ADDR_BEYOND_MGAW, iova, sid, None, write, str(exc))
+                ) from None
+        return out
+
+    async def _spans_awaited(self, iova: int, length: int, write: bool) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
         pos = iova
         end = iova + length
@@ -79,16 +134,7 @@ class Dma:
             else:
                 spans.append((gpa, n))
             pos += n
-        out: list[memoryview] = []
-        for gpa, n in spans:
-            try:
-                out.extend(_region_views(mem, gpa, n))
-            except MemoryAccessError as exc:
-                sid = int(getattr(self.translator, "sid", 0))
-                raise DmaFault(
-                    Fault(FaultReason.ADDR_BEYOND_MGAW, iova, sid, None, write, str(exc))
-                ) from None
-        return out
+        return spans
 
     async def read(self, iova: int, length: int) -> bytes:
         return b"".join(bytes(v) for v in await self.views(iova, length, False))

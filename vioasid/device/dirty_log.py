@@ -34,7 +34,16 @@ _PAGE_SHIFT = 12
 
 
 class Translator(Protocol):
-    async def translate(self, iova: int, write: bool) -> int: ...
+    @property
+    def generation(self) -> int: ...
+
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
+
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None: ...
 
 
 class DirtyLog:
@@ -142,13 +151,31 @@ class LoggingTranslator:
         self.inner = inner
         self.state = state
 
-    async def translate(self, iova: int, write: bool) -> int:
-        gpa = await self.inner.translate(iova, write)
+    @property
+    def generation(self) -> int:
+        return self.inner.generation
+
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
+        return self.inner.invalidated_since(generation, ranges)
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
+        gpa = await self.inner.translate(iova, write, pasid)
         if write:
             dlog = self.state.active
             if dlog is not None:
                 dlog.mark(gpa)
         return gpa
+
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None:
+        out = self.inner.spans(iova, length, write, pasid)
+        if write and out:
+            dlog = self.state.active
+            if dlog is not None:
+                for gpa, n in out:
+                    dlog.mark(gpa, n)
+        return out
 
 
 def open_log(payload: bytes, fds: list[int]) -> DirtyLog:

@@ -129,6 +129,7 @@ class PasidDmaFunction(PciFunction):
         self.jobs_failed = 0
         self.faults: list[Fault] = []
         self.doorbells = 0
+        self.bind_log: list[dict[str, Any]] = []
         self._reset_regs()
 
     # -- registers ----------------------------------------------------------------------------
@@ -250,6 +251,19 @@ class PasidDmaFunction(PciFunction):
             log.exception("%s: bind command %d for PASID %d failed", self.name, cmd, pasid)
             st = BindStatus.INTERNAL
         self.bind_status = int(st)
+        if len(self.bind_log) < self.max_jobs_kept:
+            entry: dict[str, Any] = {
+                "device": bdf_str(self.guest_rid),
+                "type": self.ftype.word,
+                "cmd": "bind" if cmd == pd.BindCmd.BIND else "unbind" if cmd == 2 else cmd,
+                "vpasid": pasid,
+                "status": st.word,
+            }
+            if st is BindStatus.OK and cmd == pd.BindCmd.BIND:
+                entry["ppasid"] = entry["tag"] = self.bound[pasid]
+            if st is BindStatus.PASID_CONFLICT:
+                entry["in_the_way"] = self.bind_info
+            self.bind_log.append(entry)
         return st
 
     def _bind_command(self, cmd: int, p: int) -> BindStatus:

@@ -1,8 +1,9 @@
-"""The vhost-user device's DMA translator: IOVA → guest-physical, one 4 KiB page at a time.
+"""A device's DMA translator: (PASID, IOVA) → guest-physical, in 4 KiB pages.
 
-With ``VIRTIO_F_ACCESS_PLATFORM`` every ring and buffer address the device sees is an IOVA.
-:class:`DeviceTranslator` answers ``translate(iova, write)`` from its own IOTLB (a dict of 4 KiB
-pages) or, on a miss, from a *resolver*:
+With ``VIRTIO_F_ACCESS_PLATFORM`` every ring and buffer address a device sees is an IOVA; the
+PASID DMA function tags its requests with a PASID too. :class:`DeviceTranslator` answers
+``translate(iova, write, pasid)`` and, for whole buffers, ``spans(iova, length, write, pasid)``
+from its own IOTLB (a dict keyed by (PASID, 4 KiB page)) or, on a miss, from a *resolver*:
 
 * :class:`WalkResolver` — vioasid walks the guest's own VT-d tables (root → context → PASID →
   first/second stage) in guest memory with ``vioasid.model.walker``. While the guest has DMA
@@ -10,39 +11,70 @@ pages) or, on a miss, from a *resolver*:
 * :class:`QemuResolver` — asks QEMU: a ``BACKEND_IOTLB_MSG`` miss on the backend channel,
   answered by an ``IOTLB_MSG`` update on the main socket whose ``uaddr`` maps back through the
   ``SET_MEM_TABLE`` regions.
+* :class:`EngineResolver` — the engine's nested walk (``vioasid.model.engine.Host.dma``): the
+  guest's vPASID through the host's tables to guest-physical, faults queued for the guest.
 * :class:`IdentityResolver` — IOVA == GPA (no vIOMMU, or tests).
+
+A resolver that can answer at once (``resolve_now``: the walk, the engine, identity) keeps the
+whole buffer on a synchronous path (``spans``: no await per page); one that must wait (QEMU's
+miss path, registers not read yet) returns None there and is awaited page by page.
 
 In cross-check mode the translator asks both the own walk and QEMU for every miss and counts
 agreements. The IOTLB is dropped on the invalidations QEMU forwards (``IOTLB_MSG`` type 3).
 A failed translation raises :class:`DmaFault` carrying the VT-d :class:`Fault`; the caller fails
 the request and touches no memory.
+
+Correctness rules the fast path keeps: every entry comes from a walk of the guest's own tables
+at the time of the miss (the walker keeps no cache of its own here); an invalidation drops its
+pages before the next translation (the caller handles it synchronously, between requests);
+permissions are those the walk granted for the access asked (a page resolved for reading is
+re-walked before its first write).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from vioasid.formats.fault import FaultReason
+from vioasid.formats.invalidation import (
+    IOTLB_PAGE,
+    PIOTLB_PSI_IN_PASID,
+    TYPE_CC,
+    TYPE_IOTLB,
+    TYPE_PC,
+    TYPE_PIOTLB,
+)
 from vioasid.formats.registers import GSTS
+from vioasid.model.cache import Caches
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory, MemoryAccessError
+from vioasid.model.walker import Walker
+
+if TYPE_CHECKING:
+    from vioasid.model.engine import Host
 
 log = logging.getLogger(__name__)
-
-# Invalidation descriptor types (VT-d §6.5.2; vioasid.formats.invalidation TYPE_*).
-_IQ_CC, _IQ_IOTLB, _IQ_PIOTLB, _IQ_PC = 1, 2, 6, 7
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 GSTS_TES = GSTS.field("TES").mask  # VT-d §10.4.5 GSTS_REG: translation enable status
-RTADDR_ADDR_MASK = ~0xFFF & ((1 << 64) - 1)
+U64 = (1 << 64) - 1
+RTADDR_ADDR_MASK = ~0xFFF & U64
+_PASID_SHIFT = 52  # IOTLB key: (PASID + 1) << 52 | page (pages of a 64-bit IOVA fit in 52 bits)
+_PAGE_BITS = (1 << _PASID_SHIFT) - 1
+
+
+def iotlb_key(pasid: int | None, page: int) -> int:
+    """The device IOTLB key of a (PASID, 4 KiB page number); PASID None (no PASID) is its own."""
+    return ((0 if pasid is None else pasid + 1) << _PASID_SHIFT) | page
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +97,21 @@ class DmaFault(Exception):
 
 
 class Resolver(Protocol):
-    """Resolves a page miss. ``refresh()`` re-reads whatever state the answer depends on."""
+    """Resolves a page miss for (PASID, IOVA). ``resolve_now`` answers without waiting or
+    returns None when only ``resolve`` can (it may await); ``refresh()`` re-reads whatever
+    state the answer depends on."""
 
     name: str
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault: ...
+    async def resolve(
+        self, iova: int, write: bool, pasid: int | None = None
+    ) -> Resolved | Fault: ...
+
+    def resolve_now(
+        self, iova: int, write: bool, pasid: int | None = None
+    ) -> Resolved | Fault | None: ...
 
     async def refresh(self) -> None: ...
-
-    def invalidate(self, iova: int, size: int) -> None: ...
 
 
 @dataclass
@@ -100,17 +138,17 @@ class IdentityResolver:
         self._memory = memory
         self.sid = sid
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
         page = iova & ~PAGE_MASK
         mem = self._memory() if self._memory else None
         if mem is not None and not mem.contains(page, PAGE_SIZE):
-            return Fault(FaultReason.ADDR_BEYOND_MGAW, iova, self.sid, None, write, "not RAM")
-        return Resolved(page, True, True, "identity")
+            return Fault(FaultReason.ADDR_BEYOND_MGAW, iova, self.sid, pasid, write, "not RAM")
+        return Resolved(page, True, True, "identity", pasid)
+
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        return self.resolve_now(iova, write, pasid)
 
     async def refresh(self) -> None:
-        return None
-
-    def invalidate(self, iova: int, size: int) -> None:
         return None
 
 
@@ -118,7 +156,8 @@ class WalkResolver:
     """vioasid's own walk of the guest's VT-d tables (``vioasid.model.walker.Walker``).
 
     ``regs`` reads GSTS and RTADDR (QMP ``xp`` on the DMAR registers); it is called lazily on the
-    first miss after :meth:`refresh` marked the registers stale (device start, a fault).
+    first miss after :meth:`refresh` marked the registers stale (device start, a fault). Until
+    then :meth:`resolve_now` returns None and the translator awaits :meth:`resolve`.
     """
 
     name = "walk"
@@ -128,27 +167,23 @@ class WalkResolver:
         memory: Callable[[], GuestMemory | None],
         sid: int,
         regs: RegsReader | None,
-        pasid: int | None = None,
     ) -> None:
         self._memory = memory
         self.sid = sid
-        self.pasid = pasid
         self._regs_reader = regs
         self.regs: VtdRegs | None = None if regs is not None else VtdRegs()
-        self._walker: Any = None
+        self._walker: Walker | None = None
         self._walker_mem: GuestMemory | None = None
         self.regs_reads = 0
 
-    def _get_walker(self, mem: GuestMemory) -> Any:
-        if self._walker is None or self._walker_mem is not mem:
-            from vioasid.model.cache import Caches
-            from vioasid.model.walker import Walker
-
+    def _get_walker(self, mem: GuestMemory) -> Walker:
+        w = self._walker
+        if w is None or self._walker_mem is not mem:
             # No walker-side caching: the device IOTLB in front of this resolver is the cache,
             # and it is dropped on exactly the invalidations QEMU forwards.
-            self._walker = Walker(mem, caches=Caches(enabled=False))
+            w = self._walker = Walker(mem, caches=Caches(enabled=False))
             self._walker_mem = mem
-        return self._walker
+        return w
 
     async def _ensure_regs(self) -> VtdRegs:
         if self.regs is None:
@@ -163,64 +198,82 @@ class WalkResolver:
             )
         return self.regs
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
-        regs = await self._ensure_regs()
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        await self._ensure_regs()
+        res = self.resolve_now(iova, write, pasid)
+        assert res is not None  # the registers are known now
+        return res
+
+    def resolve_now(
+        self, iova: int, write: bool, pasid: int | None = None
+    ) -> Resolved | Fault | None:
+        regs = self.regs
+        if regs is None:
+            return None
         mem = self._memory()
         if mem is None:
-            return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, self.pasid, write, "no memory")
+            return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, "no memory")
         if not regs.translating:
             page = iova & ~PAGE_MASK
             if not mem.contains(page, PAGE_SIZE):
                 return Fault(
-                    FaultReason.ADDR_BEYOND_MGAW, iova, self.sid, None, write, "not guest RAM"
+                    FaultReason.ADDR_BEYOND_MGAW, iova, self.sid, pasid, write, "not guest RAM"
                 )
-            return Resolved(page, True, True, "identity")
-        from vioasid.model.walker import Request
-
-        walker = self._get_walker(mem)
+            return Resolved(page, True, True, "identity", pasid)
         try:
-            out = walker.translate(
-                regs.rtaddr, Request(self.sid, iova, pasid=self.pasid, write=write)
-            )
+            # The walk enforces the access asked: a read-only page faults a write here.
+            out = self._get_walker(mem).translate_fast(regs.rtaddr, self.sid, iova, pasid, write)
         except MemoryAccessError as exc:  # the walker should turn these into faults itself
-            return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, self.pasid, write, str(exc))
+            return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))
         if isinstance(out, Fault):
             return out
-        gpa = out.address + ((iova & ~PAGE_MASK) - (out.iova & ~PAGE_MASK))
-        page = gpa & ~PAGE_MASK
+        page = out & ~PAGE_MASK
         if not mem.contains(page, PAGE_SIZE):
             # Mapped, but not to guest RAM the back-end holds (MMIO, a hole): refuse the DMA.
             return Fault(
                 FaultReason.ADDR_BEYOND_MGAW,
                 iova,
                 self.sid,
-                out.pasid,
+                pasid,
                 write,
                 f"translated to 0x{page:x}, outside the guest RAM regions",
             )
-        return Resolved(page, bool(out.read), bool(out.write), "walk", out.pasid)
+        # Only the access asked is known to be allowed (second stage may grant W without R).
+        return Resolved(page, not write, write, "walk", pasid)
 
     async def refresh(self) -> None:
         if self._regs_reader is not None:
             self.regs = None
-        self.invalidate_caches()
 
-    def invalidate_caches(self) -> None:
-        w = self._walker
-        if w is None:
-            return
-        for meth in ("invalidate_all", "flush", "clear_caches"):
-            fn = getattr(w, meth, None)
-            if callable(fn):
-                fn()
-                return
-        self._walker = None  # no flush API: start from a fresh walker
 
-    def invalidate(self, iova: int, size: int) -> None:
-        # QEMU forwards IOTLB invalidations only; paging-structure and PASID caches inside the
-        # walker may hold entries the guest changed. Domain-wide flushes drop everything.
-        if size >= (1 << 30):
-            self.invalidate_caches()
+class EngineResolver:
+    """The engine's translation for one guest device (``Host.dma``): the guest's vPASID, through
+    the host's PASID table and the nested walk (guest first stage, then the VM's second stage),
+    to guest-physical. A fault is queued on the VM by the engine (the guest sees it with its
+    vPASID) and returned here; a request without PASID uses ``rid_pasid``."""
+
+    name = "engine"
+
+    def __init__(self, host: Host, vm: str, guest_rid: int, rid_pasid: int = 0) -> None:
+        self.host = host
+        self.vm = vm
+        self.sid = guest_rid
+        self.rid_pasid = rid_pasid
+
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        vpasid = self.rid_pasid if pasid is None else pasid
+        page = iova & ~PAGE_MASK
+        r = self.host.dma(self.vm, self.sid, vpasid, page, write=write)
+        if r.fault is not None:
+            return r.fault
+        assert r.gpa is not None
+        return Resolved(r.gpa & ~PAGE_MASK, not write, write, "engine", vpasid)
+
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        return self.resolve_now(iova, write, pasid)
+
+    async def refresh(self) -> None:
+        return None
 
 
 class QemuResolver:
@@ -250,7 +303,14 @@ class QemuResolver:
         self.unanswered = 0
         self.latency_s = 0.0
 
-    async def resolve(self, iova: int, write: bool) -> Resolved | Fault:
+    def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> None:
+        return None  # always a round trip to QEMU
+
+    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
+        if pasid is not None:
+            return Fault(
+                FaultReason.PASID_ENTRY_P, iova, self.sid, pasid, write, "QEMU: no PASID path"
+            )
         page = iova & ~PAGE_MASK
         fut: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(page, []).append(fut)
@@ -300,9 +360,6 @@ class QemuResolver:
     async def refresh(self) -> None:
         return None
 
-    def invalidate(self, iova: int, size: int) -> None:
-        return None
-
     def cancel_all(self) -> None:
         for futs in self._pending.values():
             for fut in futs:
@@ -345,11 +402,12 @@ class TranslatorStats:
 
 
 class DeviceTranslator:
-    """The device's IOTLB in front of a primary resolver (and an optional reference one).
+    """The device's IOTLB, keyed by (PASID, page), in front of a primary resolver (and an
+    optional reference one).
 
     ``translate`` returns the guest-physical address for one IOVA (valid to the end of its
-    4 KiB page) or raises :class:`DmaFault`. ``trace`` (a text file) receives one JSON line per
-    translation, invalidation and fault.
+    4 KiB page) or raises :class:`DmaFault`; ``spans`` does a whole buffer without awaiting.
+    ``trace`` (a text file) receives one JSON line per translation, invalidation and fault.
     """
 
     MAX_FAULT_LOG = 256
@@ -369,50 +427,122 @@ class DeviceTranslator:
         self.trace = trace
         self.use_cache = cache
         self._iotlb: dict[int, Resolved] = {}
+        self._pasid_keys: set[int] = set()  # key prefixes (PASID + 1, 0 for none) in the IOTLB
         self.stats = TranslatorStats()
+        # One step per invalidation; the recent ones' page ranges, for invalidated_since().
+        self.generation = 0
+        self._recent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
 
     # -- lookup -----------------------------------------------------------------------------
-    async def translate(self, iova: int, write: bool) -> int:
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None:
+        """Guest-physical ``(address, length)`` runs covering ``[iova, iova + length)``, merged
+        where pages are contiguous; every page translated before returning. None when a miss
+        needs a resolver that must wait (the caller then awaits :meth:`translate` per page).
+        Raises :class:`DmaFault` for a page the device may not access."""
+        out: list[tuple[int, int]] = []
+        if length <= 0:
+            return out
+        iotlb = self._iotlb
+        st = self.stats
+        prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        pos, end = iova, iova + length
+        run_gpa = run_len = -1
+        while pos < end:
+            n = PAGE_SIZE - (pos & PAGE_MASK)
+            if n > end - pos:
+                n = end - pos
+            key = prefix | (pos >> PAGE_SHIFT)
+            ent = iotlb.get(key)
+            st.translations += 1
+            if ent is not None and (ent.write if write else ent.read):
+                st.hits += 1
+                hit = True
+            else:
+                st.misses += 1
+                hit = False
+                if self.reference is not None:
+                    st.translations -= 1
+                    st.misses -= 1
+                    return None
+                res = self.primary.resolve_now(pos, write, pasid)
+                if res is None or isinstance(res, Fault):
+                    # wait / retry after a refresh on the awaited path (it counts again)
+                    st.translations -= 1
+                    st.misses -= 1
+                    return None
+                ent = self._store(key, ent, res, write, pos, pasid)
+            if self.trace is not None:
+                self._trace_translation(pos, ent, write, hit)
+            gpa = ent.gpa | (pos & PAGE_MASK)
+            if run_gpa + run_len == gpa:
+                run_len += n
+            else:
+                if run_len > 0:
+                    out.append((run_gpa, run_len))
+                run_gpa, run_len = gpa, n
+            pos += n
+        out.append((run_gpa, run_len))
+        return out
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
         """Guest-physical address of ``iova`` for a read (``write`` False) or a write."""
         st = self.stats
         st.translations += 1
-        page = iova >> PAGE_SHIFT
-        ent = self._iotlb.get(page)
+        key = iotlb_key(pasid, iova >> PAGE_SHIFT)
+        ent = self._iotlb.get(key)
         if ent is not None and (ent.write if write else ent.read):
             st.hits += 1
             if self.trace is not None:
                 self._trace_translation(iova, ent, write, True)
             return ent.gpa | (iova & PAGE_MASK)
         st.misses += 1
-        res = await self._resolve(iova, write)
+        res = await self._resolve(iova, write, pasid)
         if isinstance(res, Fault):
             # The guest may have just enabled translation or moved its tables: re-read, retry.
             await self.primary.refresh()
-            res = await self._resolve(iova, write)
+            res = await self._resolve(iova, write, pasid)
         if isinstance(res, Fault):
             self._fault(res)
             raise DmaFault(res)
+        ent = self._store(key, ent, res, write, iova, pasid)
+        if self.trace is not None:
+            self._trace_translation(iova, ent, write, False)
+        return ent.gpa | (iova & PAGE_MASK)
+
+    def _store(
+        self,
+        key: int,
+        old: Resolved | None,
+        res: Resolved,
+        write: bool,
+        iova: int,
+        pasid: int | None,
+    ) -> Resolved:
         if not (res.write if write else res.read):
             fault = Fault(
                 FaultReason.SM_WRITE if write else FaultReason.SM_READ,
                 iova,
                 self.sid,
-                getattr(self.primary, "pasid", None),
+                pasid,
                 write,
                 "permission",
             )
             self._fault(fault)
             raise DmaFault(fault)
+        if old is not None and old.gpa == res.gpa and (old.read or old.write):
+            # the same page now known for the other access too (both walks granted it)
+            res = Resolved(res.gpa, res.read or old.read, res.write or old.write, res.source, pasid)
         if self.use_cache:
-            self._iotlb[page] = res
-        if self.trace is not None:
-            self._trace_translation(iova, res, write, False)
-        return res.gpa | (iova & PAGE_MASK)
+            self._iotlb[key] = res
+            self._pasid_keys.add(key >> _PASID_SHIFT)
+        return res
 
-    async def _resolve(self, iova: int, write: bool) -> Resolved | Fault:
-        res = await self.primary.resolve(iova, write)
+    async def _resolve(self, iova: int, write: bool, pasid: int | None) -> Resolved | Fault:
+        res = await self.primary.resolve(iova, write, pasid)
         if self.reference is not None:
-            ref = await self.reference.resolve(iova, write)
+            ref = await self.reference.resolve(iova, write, pasid)
             self._compare(iova, write, res, ref)
         return res
 
@@ -449,24 +579,60 @@ class DeviceTranslator:
             self._write({"event": "fault", **rec})
 
     # -- invalidation ------------------------------------------------------------------------
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
+        """Whether an invalidation since ``generation`` may have covered a page of ``ranges``
+        (IOVA, length): translations made before it must not be used for an access after it
+        (the caller translates again). True when the history no longer reaches back."""
+        if generation == self.generation:
+            return False
+        recent = self._recent
+        if not recent or recent[0][0] > generation + 1:
+            return True
+        pages = [(iova >> PAGE_SHIFT, (iova + max(n, 1) - 1) >> PAGE_SHIFT) for iova, n in ranges]
+        for gen, first, last in reversed(recent):
+            if gen <= generation:
+                break
+            for lo, hi in pages:
+                if lo <= last and hi >= first:
+                    return True
+        return False
+
+    def _note(self, first: int, last: int) -> None:
+        self.generation += 1
+        self._recent.append((self.generation, first, last))
+
+    def _drop(self, first: int, last: int, prefixes: list[int]) -> int:
+        """Drop pages ``first..last`` of the given key prefixes; the number dropped."""
+        iotlb = self._iotlb
+        before = len(iotlb)
+        if not before:
+            return 0
+        n = last - first + 1
+        if n * len(prefixes) >= before:
+            wanted = set(prefixes)
+            self._iotlb = {
+                k: e
+                for k, e in iotlb.items()
+                if not (k >> _PASID_SHIFT in wanted and first <= k & _PAGE_BITS <= last)
+            }
+        else:
+            pop = iotlb.pop
+            for pre in prefixes:
+                base = pre << _PASID_SHIFT
+                for p in range(first, last + 1):
+                    pop(base | p, None)
+        return before - len(self._iotlb)
+
     def invalidate(self, iova: int, size: int, source: str = "qemu-iotlb") -> None:
-        """Drop cached pages in ``[iova, iova + size)`` (an IOTLB_MSG invalidate)."""
+        """Drop cached pages in ``[iova, iova + size)`` of every PASID (an IOTLB_MSG invalidate:
+        it carries no PASID)."""
         st = self.stats
         st.invalidations += 1
-        first = iova >> PAGE_SHIFT
-        last = (iova + max(size, 1) - 1) >> PAGE_SHIFT
-        n = last - first + 1
-        dropped = 0
-        if n >= len(self._iotlb):
-            keep = {p: e for p, e in self._iotlb.items() if not first <= p <= last}
-            dropped = len(self._iotlb) - len(keep)
-            self._iotlb = keep
-        else:
-            for p in range(first, last + 1):
-                if self._iotlb.pop(p, None) is not None:
-                    dropped += 1
+        first = (iova & U64) >> PAGE_SHIFT
+        last = min(((iova & U64) + max(size, 1) - 1) >> PAGE_SHIFT, _PAGE_BITS)
+        self._note(first, last)
+        dropped = self._drop(first, last, list(self._pasid_keys)) if self._iotlb else 0
         st.invalidated_pages += dropped
-        self.primary.invalidate(iova, size)
         if self.trace is not None:
             self._write(
                 {
@@ -482,24 +648,29 @@ class DeviceTranslator:
     def on_iq_descriptor(self, desc: dict[str, Any]) -> None:
         """A descriptor from the guest's invalidation queue (decoded by ``IqFollower``).
 
-        IOTLB / PASID-IOTLB page-selective descriptors drop their range; domain, global,
-        context-cache and PASID-cache ones drop the whole device IOTLB. Waits are only counted.
+        Page-selective IOTLB descriptors drop their range in every PASID, page-selective
+        PASID-IOTLB ones in their PASID only (PASID 0 is also the requests without PASID, whose
+        RID_PASID it is); domain, global, PASID-wide, context-cache and PASID-cache ones drop
+        the whole device IOTLB. Waits are only counted.
         """
         st = self.stats
         st.iq_descriptors += 1
         t = desc.get("type_code")
         dropped_before = len(self._iotlb)
-        if t in (_IQ_IOTLB, _IQ_PIOTLB) and desc.get("G") == 3:
+        g = desc.get("G")
+        if (t == TYPE_IOTLB and g == IOTLB_PAGE) or (t == TYPE_PIOTLB and g == PIOTLB_PSI_IN_PASID):
             addr = int(desc.get("ADDR", 0)) & ~PAGE_MASK
-            size = PAGE_SIZE << int(desc.get("AM", 0))
-            first, last = addr >> PAGE_SHIFT, (addr + size - 1) >> PAGE_SHIFT
-            if last - first + 1 >= len(self._iotlb):
-                self._iotlb = {p: e for p, e in self._iotlb.items() if not first <= p <= last}
+            size = PAGE_SIZE << min(int(desc.get("AM", 0)), 52)
+            first, last = addr >> PAGE_SHIFT, min((addr + size - 1) >> PAGE_SHIFT, _PAGE_BITS)
+            self._note(first, last)
+            if t == TYPE_PIOTLB:
+                p = int(desc.get("PASID", 0))
+                prefixes = [p + 1] + ([0] if p == 0 else [])
             else:
-                for p in range(first, last + 1):
-                    self._iotlb.pop(p, None)
-        elif t in (_IQ_IOTLB, _IQ_PIOTLB, _IQ_CC, _IQ_PC):
-            self._iotlb.clear()
+                prefixes = list(self._pasid_keys)
+            self._drop(first, last, prefixes)
+        elif t in (TYPE_IOTLB, TYPE_PIOTLB, TYPE_CC, TYPE_PC):
+            self.flush()
         if self.trace is not None:
             rec = {k: (hex(v) if k == "ADDR" else v) for k, v in desc.items()}
             self._write(
@@ -512,11 +683,13 @@ class DeviceTranslator:
 
     async def restart(self) -> None:
         """The device (re)started: registers may have changed, drop everything."""
-        self._iotlb.clear()
+        self.flush()
         await self.primary.refresh()
 
     def flush(self) -> None:
+        self._note(0, _PAGE_BITS)
         self._iotlb.clear()
+        self._pasid_keys.clear()
 
     # -- trace --------------------------------------------------------------------------------
     def _trace_translation(self, iova: int, ent: Resolved, write: bool, hit: bool) -> None:

@@ -476,14 +476,18 @@ class PciFunction:
         if flags & vu.DMA_UNMAP_FLAG_ALL:
             self.windows.clear()
         else:
-            gone = [
-                k
-                for k, w in self.windows.items()
-                if iova <= w.iova and w.iova + w.size <= iova + size
-            ]
-            if not gone:
-                raise BadCommand(errno.EINVAL, f"DMA_UNMAP {iova:#x}+{size:#x}: no such window")
-            for k in gone:
+            end = iova + size
+            if end > 1 << 64:
+                raise BadCommand(errno.EINVAL, f"DMA_UNMAP {iova:#x}+{size:#x}")
+            gone = []
+            for k, w in self.windows.items():
+                if w.iova < end and iova < w.iova + w.size:
+                    if w.iova < iova or w.iova + w.size > end:  # VFIO type1: no bisecting
+                        raise BadCommand(
+                            errno.EINVAL, f"DMA_UNMAP {iova:#x}+{size:#x} splits {w.iova:#x}"
+                        )
+                    gone.append(k)
+            for k in gone:  # a range with nothing mapped is fine (QEMU sweeps its IOVA space)
                 del self.windows[k]
         return vu.DMA_UNMAP.packer.pack(vu.DMA_UNMAP.size, flags, iova, size)
 

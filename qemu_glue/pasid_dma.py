@@ -1,0 +1,251 @@
+"""PASID DMA functions for a QEMU guest: the engine, one vfio-user server per function, wiring.
+
+``vioasid boot --dma-device TYPE[,function=RID]`` and ``vioasid demo`` run this in-process:
+
+1. :func:`parse_dma_device` reads each ``--dma-device`` (TYPE: dedicated | translating | mdev |
+   enqcmd; ``function=BB:DD.F`` picks the host function).
+2. :class:`PasidDmaRig` builds the engine :class:`~vioasid.model.engine.Host` (from ``--host
+   FILE.toml``'s ``[[host]]`` table, or a default host with one function per type), creates the
+   guest's RAM file itself (the ``memory-backend-file`` QEMU then opens, so the engine maps the
+   VM's RAM, GPA == file offset, before QEMU starts), places the VM, attaches one engine device
+   per function at its guest RID (slot 05.0, 06.0, ... on pcie.0) and starts one
+   :class:`~vioasid.vfio_user.server.FunctionServer` per function.
+3. :meth:`PasidDmaRig.devices` gives the ``vfio-user-pci`` devices for the VmSpec; once QMP is
+   up, :meth:`PasidDmaRig.set_registers` hands the functions a reader of the guest's RTADDR
+   (QMP ``xp``, :mod:`qemu_glue.vtd_regs`), read at bind time when unknown or changed.
+4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vioasid.daemon.hostconfig import HostConfigError, load_host
+from vioasid.device.pasid_dma import PasidDmaFunction
+from vioasid.formats.pasid_dma import FunctionType
+from vioasid.model.engine import Host, guest_fault_json
+from vioasid.model.faults import bdf_str, parse_bdf
+from vioasid.model.memory import GuestMemory
+from vioasid.vfio_user.server import FunctionServer
+
+from .vmspec import VfioUserPci
+from .vtd_regs import VtdRegisterReader
+
+log = logging.getLogger(__name__)
+
+VM_NAME = "guest"
+FIRST_SLOT = 5  # 00:05.0, 00:06.0, ... on pcie.0
+MAX_FUNCTIONS = 16
+MAX_RAM_MIB = 2048  # q35 keeps all RAM below 4 GiB up to here: GPA == file offset
+TYPES = tuple(t.word for t in FunctionType)
+
+# The default host: one function per type (type -> (base RID, enqcmd, translating, assign)).
+_DEFAULT_FN: dict[FunctionType, tuple[int, bool, bool, str]] = {
+    FunctionType.DEDICATED: (0x3A00, False, False, "vfio-pci"),
+    FunctionType.TRANSLATING: (0x3B00, False, True, "vfio-pci"),
+    FunctionType.MDEV: (0x3C00, False, False, "mdev"),
+    FunctionType.ENQCMD: (0x5F00, True, True, "vfio-pci"),
+}
+
+
+class DmaDeviceError(ValueError):
+    """A ``--dma-device`` / ``--host`` the rig cannot use (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class DmaDeviceArg:
+    """One ``--dma-device TYPE[,function=RID]``."""
+
+    type: FunctionType
+    function: int | None = None
+
+
+def parse_dma_device(text: str) -> DmaDeviceArg:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or parts[0] not in TYPES:
+        raise DmaDeviceError(f"--dma-device {text!r}: TYPE must be one of {', '.join(TYPES)}")
+    fn: int | None = None
+    for p in parts[1:]:
+        key, _, val = p.partition("=")
+        if key != "function" or not val:
+            raise DmaDeviceError(f"--dma-device {text!r}: unknown option {p!r} (function=RID)")
+        try:
+            fn = parse_bdf(val)
+        except ValueError:
+            raise DmaDeviceError(f"--dma-device {text!r}: function={val} is not BB:DD.F") from None
+    return DmaDeviceArg(FunctionType[parts[0].upper()], fn)
+
+
+@dataclass
+class _Placed:
+    arg: DmaDeviceArg
+    guest_rid: int
+    function: int
+    assign: str
+    slot: int
+
+
+def _assign_for(t: FunctionType) -> str:
+    return "mdev" if t is FunctionType.MDEV else "vfio-pci"
+
+
+def plan_functions(args: list[DmaDeviceArg], host: Host | None) -> tuple[Host, list[_Placed]]:
+    """The engine host and where each function goes (guest RID, host function, assignment)."""
+    if len(args) > MAX_FUNCTIONS:
+        raise DmaDeviceError(f"at most {MAX_FUNCTIONS} --dma-device")
+    h = host if host is not None else Host("host")
+    placed: list[_Placed] = []
+    used_whole: set[int] = set()
+    counts: dict[FunctionType, int] = {}
+    for i, a in enumerate(args):
+        assign = _assign_for(a.type)
+        rid = a.function
+        if rid is None:
+            if host is None:
+                base, enq, tr, _ = _DEFAULT_FN[a.type]
+                n = counts.get(a.type, 0)
+                counts[a.type] = n + 1
+                rid = base if assign == "mdev" else base + n
+                if rid not in h.functions:
+                    h.add_function(rid, enqcmd=enq, translating=tr)
+            else:
+                rid = _pick(h, a.type, used_whole)
+        elif rid not in h.functions:
+            if host is not None:
+                raise DmaDeviceError(f"--dma-device: the host file has no function {bdf_str(rid)}")
+            _, enq, tr, _ = _DEFAULT_FN[a.type]
+            h.add_function(rid, enqcmd=enq, translating=tr)
+        fn = h.functions[rid]
+        if a.type is FunctionType.ENQCMD and not fn.enqcmd:
+            raise DmaDeviceError(f"--dma-device enqcmd: function {fn.bdf} has no shared work queue")
+        if assign == "vfio-pci":
+            if rid in used_whole:
+                raise DmaDeviceError(f"function {fn.bdf} is given whole twice")
+            used_whole.add(rid)
+        slot = FIRST_SLOT + i
+        placed.append(_Placed(a, slot << 3, rid, assign, slot))
+    return h, placed
+
+
+def _pick(h: Host, t: FunctionType, used: set[int]) -> int:
+    want_enq = t is FunctionType.ENQCMD
+    want_tr = t is FunctionType.TRANSLATING
+    for rid, fn in sorted(h.functions.items()):
+        if fn.enqcmd != want_enq or (want_tr and not fn.translating):
+            continue
+        if _assign_for(t) == "vfio-pci" and rid in used:
+            continue
+        return rid
+    raise DmaDeviceError(f"--dma-device {t.word}: the host file has no free function for it")
+
+
+class PasidDmaRig:
+    """The engine + one vfio-user server per PASID DMA function, for one QEMU guest."""
+
+    def __init__(
+        self,
+        args: list[DmaDeviceArg],
+        *,
+        host_file: str | None = None,
+        memory_mib: int = 512,
+    ) -> None:
+        if memory_mib > MAX_RAM_MIB:
+            raise DmaDeviceError(f"--dma-device needs --memory <= {MAX_RAM_MIB} MiB")
+        host = None
+        if host_file is not None:
+            try:
+                host = load_host(host_file)
+            except HostConfigError as e:
+                raise DmaDeviceError(str(e)) from None
+        self.host, self.placed = plan_functions(args, host)
+        self.memory_mib = memory_mib
+        self.tmp = Path(tempfile.mkdtemp(prefix="vioasid-dma-"))
+        shm = Path("/dev/shm")
+        self.ram_path = (shm if shm.is_dir() else self.tmp) / f"{self.tmp.name}-ram"
+        self.functions: list[PasidDmaFunction] = []
+        self.servers: list[FunctionServer] = []
+        self._regs: VtdRegisterReader | None = None
+        self._memory: GuestMemory | None = None
+
+    async def start(self) -> None:
+        """Create the RAM file, place the VM and its devices, start the servers."""
+        fd = os.open(self.ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.memory_mib << 20)
+        finally:
+            os.close(fd)
+        self._memory = GuestMemory.from_file(self.ram_path, writable=True)
+        self.host.add_vm(VM_NAME, self._memory)
+        for p in self.placed:
+            self.host.attach_device(VM_NAME, p.guest_rid, p.function, p.assign)  # type: ignore[arg-type]
+            fn = PasidDmaFunction(
+                self.host, VM_NAME, p.guest_rid, p.arg.type, rtaddr_source=self._rtaddr
+            )
+            srv = FunctionServer(fn, self.tmp / f"dma{len(self.servers)}.sock")
+            await srv.start()
+            self.functions.append(fn)
+            self.servers.append(srv)
+
+    def devices(self) -> tuple[VfioUserPci, ...]:
+        return tuple(
+            VfioUserPci(socket=s.path, id=f"dma{i}", addr=f"{p.slot:02x}.0")
+            for i, (s, p) in enumerate(zip(self.servers, self.placed, strict=True))
+        )
+
+    def set_registers(self, reader: VtdRegisterReader | None) -> None:
+        self._regs = reader
+
+    async def _rtaddr(self) -> int | None:
+        if self._regs is None:
+            return None
+        regs, _ = await self._regs.refresh_if_changed()
+        return regs.root_table if regs.root_table_set else None
+
+    async def close(self) -> None:
+        for s in self.servers:
+            await s.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.ram_path.unlink()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def __aenter__(self) -> PasidDmaRig:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def summary(self) -> dict[str, Any]:
+        """``bindings`` [{device, type, vpasid, ppasid, tag}], jobs, faults (guest terms)."""
+        bindings = [b for f in self.functions for b in f.bindings()]
+        faults = [guest_fault_json(x) for f in self.functions for x in f.faults]
+        return {
+            "functions": [
+                {
+                    **f.stats(),
+                    "function": bdf_str(f.function_rid),
+                    "pasid_enabled": f.pasid_enabled,
+                    "connected": s.connected.is_set(),
+                    "messages": s.messages,
+                }
+                for f, s in zip(self.functions, self.servers, strict=True)
+            ],
+            "bindings": bindings,
+            "bind_log": [e for f in self.functions for e in f.bind_log],
+            "jobs": {
+                "ok": sum(f.jobs_ok for f in self.functions),
+                "failed": sum(f.jobs_failed for f in self.functions),
+            },
+            "faults": faults,
+        }
