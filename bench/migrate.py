@@ -51,7 +51,7 @@ def emit(name: str, value: float, unit: str, **extra: Any) -> None:
 
 class MemfdRam:
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, RAM)
         self.mem = GuestMemory()
         self.mem.add_fd(self.fd, 0, RAM, 0)

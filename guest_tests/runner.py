@@ -74,7 +74,8 @@ async def watch_guest(
         run.exit_s = vm.elapsed()
 
     try:
-        await asyncio.wait_for(follow(), timeout)
+        async with asyncio.timeout(timeout):
+            await follow()
     except (TimeoutError, QemuError):
         run.timed_out = True
     return run

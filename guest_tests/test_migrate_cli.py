@@ -95,7 +95,8 @@ async def test_vioasid_migrate_cli(image: GuestImage) -> None:
         )
         try:
             assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                line = await proc.stdout.readline()
             assert line, (await proc.stderr.read()).decode() if proc.stderr else ""
             doc = json.loads(line)
             print(
@@ -116,7 +117,9 @@ async def test_vioasid_migrate_cli(image: GuestImage) -> None:
             patterns.request_stop(disk)
             await chain.wait(STOPPED, TIMEOUT)
             # the guest powered off: the destination QEMU exits, and so does the command
-            assert await asyncio.wait_for(proc.wait(), 60) == 0
+            async with asyncio.timeout(60):
+                rc = await proc.wait()
+            assert rc == 0
         finally:
             if proc.returncode is None:
                 proc.kill()

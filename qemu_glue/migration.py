@@ -252,7 +252,8 @@ class _Migration:
             if h.reserve is not None:
                 await _wait_reserve(h.reserve, PRECOPY_WAIT_S)
             else:
-                await asyncio.wait_for(self.pass_seen.wait(), PRECOPY_WAIT_S)
+                async with asyncio.timeout(PRECOPY_WAIT_S):
+                    await self.pass_seen.wait()
             # From here until self.pre is set the switch-over waits for this task instead of
             # cancelling it: a cancelled import would leave the destination holding the VM.
             self.importing = True

@@ -176,7 +176,7 @@ async def _tenant(daemon: Daemon, bindings: int) -> Client:
 
     client = await daemon.connect()
     size = 8 << 20
-    fd = os.memfd_create("vioasid-tenant", os.MFD_CLOEXEC)
+    fd = os.memfd_create("vioasid-tenant", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     mem = GuestMemory()
     mem.add_fd(fd, 0, size, 0, name="tenant")

@@ -33,7 +33,7 @@ from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
 
-from .process import QemuProcess
+from .process import QemuProcess, read_line
 from .qemu.binary import QemuChoice
 from .qmp import Qmp
 from .vhost_user.backend import VhostUserBlkBackend
@@ -102,7 +102,8 @@ class Daemon:
         with contextlib.suppress(ProcessLookupError):
             p.terminate()
         try:
-            await asyncio.wait_for(p.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await p.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
@@ -161,7 +162,8 @@ class BlkVm:
         self._ram_fd = -1
 
     async def _read_regs(self) -> VtdRegs:
-        await asyncio.wait_for(self._qmp_ready.wait(), 60)
+        async with asyncio.timeout(60):
+            await self._qmp_ready.wait()
         assert self.reader is not None
         return VtdRegs(gsts=await self.reader.gsts(), rtaddr=await self.reader.rtaddr())
 
@@ -206,7 +208,8 @@ class BlkVm:
             stdout=asyncio.subprocess.PIPE,
         )
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 60.0)
+        async with asyncio.timeout(60.0):
+            line = await read_line(self.proc.stdout)
         if line.strip() != b"READY":
             raise RuntimeError(f"vhost-user-blk back-end did not start: {line!r}")
 
@@ -277,7 +280,8 @@ class BlkVm:
             with contextlib.suppress(ProcessLookupError):
                 p.terminate()
         try:
-            out, _ = await asyncio.wait_for(p.communicate(), 10.0)
+            async with asyncio.timeout(10.0):
+                out, _ = await p.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()

@@ -284,7 +284,7 @@ class QemuProcess:
         assert self.proc.stdout is not None
         try:
             while True:
-                raw = await self.proc.stdout.readline()
+                raw = await read_line(self.proc.stdout)
                 if not raw:
                     break
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -308,7 +308,7 @@ class QemuProcess:
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         while True:
-            raw = await self.proc.stderr.readline()
+            raw = await read_line(self.proc.stderr)
             if not raw:
                 return
             text = raw.decode("utf-8", "replace")
@@ -425,3 +425,33 @@ async def launch(
         yield vm
     finally:
         await vm.close()
+
+
+MAX_LINE = 1 << 20
+"""A console line longer than this is handed on in pieces of this size."""
+
+
+async def read_line(stream: asyncio.StreamReader, max_line: int = MAX_LINE) -> bytes:
+    """One line of ``stream`` with its newline, of any length (``StreamReader.readline`` stops
+    the reader with ``ValueError`` past its 64 KiB limit); a longer line than ``max_line``
+    comes in ``max_line`` pieces. ``b""`` at end of file."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return b"".join(parts) + exc.partial
+        except asyncio.LimitOverrunError as exc:
+            chunk = await stream.read(max(1, min(exc.consumed, max_line - size)))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= max_line:
+                return b"".join(parts)
+            continue
+        if not parts:
+            return chunk
+        parts.append(chunk)
+        return b"".join(parts)

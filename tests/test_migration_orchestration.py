@@ -50,7 +50,7 @@ class Ram:
     """A memfd guest RAM, mapped here (what a memory-backend-file is to QEMU)."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vioasid-test-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vioasid-test-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, RAM)
         self.mem = GuestMemory()
         self.mem.add_fd(self.fd, 0, RAM, 0, name="ram")

@@ -74,7 +74,8 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
     holder: dict[str, VtdRegisterReader] = {}
 
     async def read_regs() -> VtdRegs:
-        await asyncio.wait_for(qmp_ready.wait(), 30)
+        async with asyncio.timeout(30):
+            await qmp_ready.wait()
         reader = holder["regs"]
         return VtdRegs(gsts=await reader.gsts(), rtaddr=await reader.rtaddr())
 
