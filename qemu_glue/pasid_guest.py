@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 from .pasid_dma import PasidDmaRig, parse_dma_device
 from .qemu.binary import QemuChoice
+from .qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from .vhost_user.guest import GuestOptions, vhost_blk_guest
-from .vmspec import IommuMode, IommuSpec, kernel_cmdline
 
 log = logging.getLogger(__name__)
 
