@@ -69,7 +69,7 @@ class Guest:
     """Guest RAM in a memfd with vPASID 5 mapping ``PAGES`` pages at VA."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, GUEST_SIZE)
         self.mem = GuestMemory()
         self.mem.add_fd(self.fd, 0, GUEST_SIZE, 0)

@@ -7,6 +7,7 @@
 #   VIOASID-PASID-BIND dev=dmaN pasid=P                     each PASID a check bound
 #   VIOASID-PASID-TEST name=<check> result=pass|fail|skip dev=dmaN pasid=P [fault_*=...] detail=...
 #   VIOASID-PASID-DONE passed=N failed=M skipped=K
+# The last check ("reload") unloads and reloads the driver; it also runs with no function.
 # Every result is checked here in the guest (buffer contents through /dev/vioasid-dmaN, result
 # lines, fault addresses and vPASIDs); the host checks its own view against these lines.
 checks=${1:-all}
@@ -399,6 +400,32 @@ check_every_function() { # each function (each type) binds and copies
     result every-function fail "$D0" 0 "$detail"; fi
 }
 
+check_reload() { # rmmod with PASIDs still bound and mapped tears down cleanly; insmod again works
+  ko=/lib/modules/vioasid_dma.ko
+  detail="" kept=""
+  for d in $devs; do
+    for k in 1 2 3; do
+      bind "$d" || { detail="$detail $d bind: $R"; break; }
+      kept="$kept $d:$P"
+      cmd "$d" map "$P" $((k * 4096)) 4096 rw || detail="$detail $d map: $R"
+    done
+  done
+  rmmod vioasid_dma 2>"$work/err" || detail="$detail rmmod: $(cat "$work/err")"
+  [ -e "$cls" ] && detail="$detail $cls still there after rmmod"
+  insmod "$ko" 2>"$work/err" || detail="$detail insmod: $(cat "$work/err")"
+  n=0
+  for p in "$cls"/dma*; do [ -e "$p/cmd" ] && n=$((n + 1)); done
+  [ "$n" = "$ndev" ] || detail="$detail $n functions after insmod, $ndev before"
+  if [ "$ndev" -gt 0 ] && [ -z "$detail" ]; then
+    bind "$D0" || detail="bind after reload: $R"
+    cmd "$D0" map "$P" 0 8192 rw || detail="$detail map after reload: $R"
+    cmd "$D0" copy "$P" 0 4096 4096 || detail="$detail copy after reload: $R"
+    cleanup "$D0" "$P"
+  fi
+  if [ -z "$detail" ]; then result reload pass "$D0" 0 "rmmod with${kept:- no} bindings, insmod, $n function(s) back"; else
+    result reload fail "$D0" 0 "$detail"; fi
+}
+
 FAULT=
 P=0
 want devices && check_devices
@@ -418,6 +445,7 @@ if [ "$ndev" -gt 0 ]; then
   want batch && check_batch
   want every-function && check_every_function
 fi
+want reload && check_reload
 echo "VIOASID-PASID-DONE passed=$passed failed=$failed skipped=$skipped"
 rm -rf "$work"
 [ "$failed" = 0 ]

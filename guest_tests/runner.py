@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from qemu_glue.process import QemuError, QemuProcess
+from qemu_glue.qemu.process import QemuError, QemuProcess
 
 from .markers import DONE, INIT, STOPPED, GuestReport
 
@@ -74,7 +74,8 @@ async def watch_guest(
         run.exit_s = vm.elapsed()
 
     try:
-        await asyncio.wait_for(follow(), timeout)
+        async with asyncio.timeout(timeout):
+            await follow()
     except (TimeoutError, QemuError):
         run.timed_out = True
     return run

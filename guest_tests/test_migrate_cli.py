@@ -18,8 +18,8 @@ import pytest
 from guest_tests import patterns
 from guest_tests.markers import INIT, STOPPED, TEST
 from images.build import GuestImage, ensure_image
-from qemu_glue.migration_demo import FUNCTIONS, guest_devices
-from qemu_glue.migration_rig import (
+from qemu_glue.migration.demo import FUNCTIONS, guest_devices
+from qemu_glue.migration.rig import (
     CLI_MAIN,
     BlkVm,
     Daemon,
@@ -28,8 +28,7 @@ from qemu_glue.migration_rig import (
     host_toml,
     workdir,
 )
-from qemu_glue.vmspec import IommuMode, IommuSpec, kernel_cmdline
-from qemu_glue.vpasid_reserve import (
+from qemu_glue.migration.vpasid_reserve import (
     DEFAULT_BASE,
     DEFAULT_SIZE,
     VpasidTables,
@@ -37,6 +36,7 @@ from qemu_glue.vpasid_reserve import (
     ppasid_table,
     register,
 )
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 
 pytestmark = pytest.mark.guest
 TIMEOUT = 300.0
@@ -95,7 +95,8 @@ async def test_vioasid_migrate_cli(image: GuestImage) -> None:
         )
         try:
             assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                line = await proc.stdout.readline()
             assert line, (await proc.stderr.read()).decode() if proc.stderr else ""
             doc = json.loads(line)
             print(
@@ -116,7 +117,9 @@ async def test_vioasid_migrate_cli(image: GuestImage) -> None:
             patterns.request_stop(disk)
             await chain.wait(STOPPED, TIMEOUT)
             # the guest powered off: the destination QEMU exits, and so does the command
-            assert await asyncio.wait_for(proc.wait(), 60) == 0
+            async with asyncio.timeout(60):
+                rc = await proc.wait()
+            assert rc == 0
         finally:
             if proc.returncode is None:
                 proc.kill()

@@ -43,7 +43,7 @@ class MemfdGuest:
     tables: dict[int, FirstStagePageTable] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.fd = os.memfd_create("vioasid-test-guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vioasid-test-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
         self.memory = GuestMemory()
         self.memory.add_fd(self.fd, 0, self.size, 0, name="ram")

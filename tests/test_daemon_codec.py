@@ -64,7 +64,7 @@ def test_messages_split_anywhere_decode_the_same() -> None:
     stream = (
         encode_request(Request.GET_FEATURES)
         + encode_request(Request.SET_FEATURES, {"features": 3}, need_reply=True)
-        + encode_request(Request.DUMP, {"vm": wire.ALL_VMS})
+        + encode_request(Request.DUMP, {"vm": wire.ALL_VMS, "offset": 0})
     )
     for cut in range(len(stream) + 1):
         codec = Codec(Role.DAEMON)
@@ -98,7 +98,7 @@ def test_short_header_at_eof() -> None:
 
 def test_truncated_payload_at_eof() -> None:
     codec = Codec(Role.DAEMON)
-    codec.receive(encode_request(Request.DUMP, {"vm": 1})[:-2])
+    codec.receive(encode_request(Request.DUMP, {"vm": 1, "offset": 0})[:-2])
     assert codec.next_message() is None
     with pytest.raises(ProtocolViolation, match="truncated payload of DUMP"):
         codec.receive_eof()
@@ -174,7 +174,7 @@ def test_fds_on_a_message_without_fds(fds: list[int]) -> None:
 
 def test_fds_on_payload_tail_belong_to_no_message(fds: list[int]) -> None:
     codec = Codec(Role.DAEMON)
-    raw = encode_request(Request.DUMP, {"vm": 1})
+    raw = encode_request(Request.DUMP, {"vm": 1, "offset": 0})
     codec.receive(raw[:14])
     assert codec.next_message() is None
     codec.receive(raw[14:], fds[:1])

@@ -33,7 +33,7 @@ _valid_prefixes = st.sampled_from(
     [
         b"",
         encode_request(Request.GET_FEATURES),
-        encode_request(Request.DUMP, {"vm": wire.ALL_VMS}),
+        encode_request(Request.DUMP, {"vm": wire.ALL_VMS, "offset": 0}),
         encode_request(Request.SET_FEATURES, {"features": 1}, need_reply=True),
     ]
 )

@@ -52,14 +52,14 @@ async def test_serve_refuses_an_unusable_path(tmp_path: Path) -> None:
 def test_serve_run_reports_host_file_errors(tmp_path: Path) -> None:
     args = argparse.Namespace(
         socket=str(tmp_path / "s"), host=str(tmp_path / "none.toml"), host_name=None,
-        serve_log_level="info",
+        serve_log_level="info", group=None, max_connections=16,
     )  # fmt: skip
     with pytest.raises(UsageError, match="cannot read host file"):
         serve_cmd.run(args)
 
 
 def test_status_run_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(socket=str(tmp_path / "none.sock"), json=True, vm=None)
+    args = argparse.Namespace(socket=str(tmp_path / "none.sock"), json=True, vm=None, timeout=5.0)
     assert status_cmd.run(args) == 1
     assert "none.sock" in capsys.readouterr().err
 
@@ -126,7 +126,7 @@ async def test_late_reader_gets_every_reply_in_order() -> None:
 @pytest.mark.asyncio
 async def test_large_request_is_queued_by_the_client() -> None:
     """A 4 MiB import stream does not fit the socket at once: the client queues the rest."""
-    fd = os.memfd_create("import-guest", os.MFD_CLOEXEC)
+    fd = os.memfd_create("import-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 1 << 20)
     async with running_daemon() as (_, path), await Client.connect(path) as c:
         with pytest.raises(MigrationFailed, match="not a vioasid migration stream"):

@@ -47,7 +47,9 @@ def test_status_reply_ok_is_eight_zero_bytes_and_error_carries_utf8() -> None:
 
 def test_error_codes_are_the_contract_kinds() -> None:
     kinds = {c.kind for c in ErrorCode if c not in (ErrorCode.OK, ErrorCode.INTERNAL)}
-    assert kinds == {"pasid-conflict", "invalid", "not-found", "exhausted", "migration-failed"}
+    assert kinds == {
+        "pasid-conflict", "invalid", "not-found", "exhausted", "migration-failed", "not-owner"
+    }  # fmt: skip
     for c in ErrorCode:
         assert ErrorCode.from_kind(c.kind) is c
 

@@ -31,7 +31,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import construct as cs
+
 from vioasid.daemon.codec import (
+    BAD_PAYLOAD,
     Codec,
     DmaResults,
     Message,
@@ -73,6 +76,7 @@ __all__ = [
     "MemoryRegion",
     "MigrationFailed",
     "NotFound",
+    "NotOwner",
     "PageRequestEvent",
     "PageResponseEvent",
     "PasidConflict",
@@ -149,19 +153,37 @@ class MigrationFailed(RequestError):
     code = ErrorCode.MIGRATION_FAILED
 
 
+class NotOwner(RequestError):
+    """The VM belongs to another connection (changes, subscriptions) or another user."""
+
+    code = ErrorCode.NOT_OWNER
+
+
 class InternalError(RequestError):
     code = ErrorCode.INTERNAL
 
 
 _ERRORS: dict[int, type[RequestError]] = {
     cls.code: cls
-    for cls in (PasidConflict, Invalid, NotFound, Exhausted, MigrationFailed, InternalError)
-}
+    for cls in (
+        PasidConflict, Invalid, NotFound, Exhausted, MigrationFailed, NotOwner, InternalError
+    )
+}  # fmt: skip
 
 
 def error_for(request: int, status: int, message: str) -> RequestError:
     cls = _ERRORS.get(status, InternalError)
-    return cls(Request(request), message if status in _ERRORS else f"status {status}: {message}")
+    text = message if status in _ERRORS else f"status {status}: {message}"
+    try:
+        return cls(Request(request), text)
+    except ValueError:
+        return _refused(cls, text)
+
+
+def _refused(cls: type[RequestError], text: str) -> RequestError:
+    """The error of a connection the daemon refused (a reply to request 0)."""
+    err = cls(Request.GET_FEATURES, f"connection refused: {text}")
+    return err
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -365,7 +387,7 @@ class Client:
     ``async with``. Closing the connection releases every VM it registered or imported."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self._codec = Codec(Role.CLIENT)
+        self._codec = Codec(Role.CLIENT, tolerant=True)
         self._pending: deque[tuple[int, asyncio.Future[Any]]] = deque()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._error: ClientError | None = None
@@ -429,7 +451,14 @@ class Client:
 
     def _dispatch(self, msg: Message) -> None:
         if not msg.flags & _FLAG_REPLY:
-            self._event(msg)
+            if msg.body is not BAD_PAYLOAD:
+                self._event(msg)
+            return
+        if msg.request == 0:  # the daemon refused this connection (a limit): say why
+            status = msg.body.status if msg.body is not BAD_PAYLOAD else int(ErrorCode.INTERNAL)
+            text = msg.body.body if msg.body is not BAD_PAYLOAD else "refused"
+            self._error = _refused(_ERRORS.get(status, InternalError), str(text))
+            self._transport.close(str(self._error))
             return
         pending = self._pending
         if not pending or pending[0][0] != msg.request:
@@ -438,6 +467,9 @@ class Client:
         if fut.done():
             return
         body = msg.body
+        if body is BAD_PAYLOAD:  # framed fine, payload undecodable: this request fails alone
+            fut.set_exception(DaemonProtocolError(f"undecodable reply to {Request(request).name}"))
+            return
         if request == _GET_FEATURES:
             fut.set_result(body.features)
         elif body.status == 0:
@@ -466,7 +498,7 @@ class Client:
 
     def _on_close(self, reason: str | None) -> None:
         self._codec.close()
-        err: ClientError = (
+        err: ClientError = self._error or (
             DaemonProtocolError(reason)
             if reason and "malformed" in reason
             else ConnectionLost(reason or "connection closed")
@@ -493,7 +525,15 @@ class Client:
         """Send a request and wait for its reply; requests without a result ask for a status
         reply (need_reply) so a refusal raises here."""
         need = request not in wire.REPLY_LAYOUTS
-        raw = encode_request(request, body)[wire.HEADER_SIZE :]
+        try:
+            raw = encode_request(request, body)[wire.HEADER_SIZE :]
+        except (cs.ConstructError, UnicodeError, ValueError, OverflowError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise Invalid(request, f"not sent: {first}") from None
+        if len(raw) > wire.MAX_PAYLOAD:
+            raise Invalid(request, f"not sent: {len(raw)} bytes (max {wire.MAX_PAYLOAD})")
+        if len(fds) > wire.MAX_FDS:
+            raise Invalid(request, f"not sent: {len(fds)} fds (max {wire.MAX_FDS})")
         return await self._send(request, raw, fds, need_reply=need)
 
     # -- features -------------------------------------------------------------------------
@@ -508,7 +548,10 @@ class Client:
     # -- VMs ------------------------------------------------------------------------------
     async def register_vm(self, name: str, regions: Sequence[MemoryRegion]) -> int:
         """Create VM ``name`` with its guest memory (the fds are sent, not kept by the daemon's
-        caller: close yours when you like). Owned by this connection. Returns the VM id."""
+        caller: close yours when you like). Owned by this connection. Returns the VM id. A memfd
+        must allow sealing (``MFD_ALLOW_SEALING``) or carry ``F_SEAL_SHRINK``: the daemon seals
+        it against shrinking."""
+        _check_regions(Request.REGISTER_VM, regions)
         body = {"flags": 0, "nregions": len(regions), "name": name, "regions": _regions(regions)}
         result = await self._call(Request.REGISTER_VM, body, [r.fd for r in regions])
         return int(result.vm)
@@ -607,7 +650,8 @@ class Client:
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next pushed event (raises ``ConnectionLost`` once the connection is gone)."""
-        ev = await asyncio.wait_for(self._events.get(), timeout)
+        async with asyncio.timeout(timeout):
+            ev = await self._events.get()
         if ev is None:
             self._events.put_nowait(None)
             raise self._error or ConnectionLost("connection closed")
@@ -636,8 +680,20 @@ class Client:
     async def dump(self, vm: int | None = None) -> dict[str, Any]:
         """The daemon's state as JSON: VMs, devices, vPASID/pPASID tables, functions and
         allocators (one VM, or every VM when ``vm`` is None)."""
-        r = await self._call(Request.DUMP, {"vm": wire.ALL_VMS if vm is None else vm})
-        doc: dict[str, Any] = json.loads(r.json)
+        ref = wire.ALL_VMS if vm is None else vm
+        r = await self._call(Request.DUMP, {"vm": ref, "offset": 0})
+        total, parts = r.total, [bytes(r.json)]
+        got = len(parts[0])
+        while got < total:  # a document bigger than one reply comes in pages
+            r = await self._call(Request.DUMP, {"vm": ref, "offset": got})
+            if not r.json or r.total != total:
+                raise DaemonProtocolError("DUMP pages do not add up")
+            parts.append(bytes(r.json))
+            got += len(r.json)
+        try:
+            doc: dict[str, Any] = json.loads(b"".join(parts))
+        except ValueError as exc:
+            raise DaemonProtocolError(f"DUMP: {exc}") from None
         return doc
 
     # -- migration ------------------------------------------------------------------------
@@ -658,6 +714,7 @@ class Client:
         (default: the same function RIDs as on the source). Every binding gets a pPASID under
         this host's occupancy and policy, or the import fails (:class:`MigrationFailed`) and
         this daemon keeps nothing. The new VM is owned by this connection."""
+        _check_regions(Request.IMPORT_VM, regions)
         mapping = [{"rid": _rid(k), "function": _rid(v)} for k, v in (functions or {}).items()]
         body = {
             "name": name,
@@ -669,6 +726,12 @@ class Client:
         }
         r = await self._call(Request.IMPORT_VM, body, [r.fd for r in regions])
         return ImportResult(int(r.vm), _bindings(r.bindings))
+
+
+def _check_regions(request: Request, regions: Sequence[MemoryRegion]) -> None:
+    """What the daemon would refuse, refused here (a 17th fd would cost the connection)."""
+    if len(regions) > wire.MAX_REGIONS:
+        raise Invalid(request, f"{len(regions)} memory regions (max {wire.MAX_REGIONS})")
 
 
 def _regions(regions: Sequence[MemoryRegion]) -> list[dict[str, int]]:

@@ -323,8 +323,13 @@ static int vdma_bind_status_result(struct vdma_func *f, u32 st, u32 pasid, u64 i
 		return vdma_result(f, -err, "error %s %s pasid %u refused (pPASID %llu in the way)",
 				   word, what, pasid, info);
 	}
-	dev_err(&f->pdev->dev, "%s pasid %u refused: %s (status %u)\n", what, pasid, word, st);
-	return vdma_result(f, -err, "error %s %s pasid %u refused (status %u)", word, what,
+	if (!strcmp(what, "bind"))
+		dev_err(&f->pdev->dev, "%s pasid %u refused: %s (status %#x)\n", what, pasid,
+			word, st);
+	else
+		dev_info(&f->pdev->dev, "%s pasid %u refused: %s (status %#x)\n", what, pasid,
+			 word, st);
+	return vdma_result(f, -err, "error %s %s pasid %u refused (status %#x)", word, what,
 			   pasid, st);
 }
 

@@ -16,6 +16,15 @@ from typing import Any
 from vioasid.commands.common import UsageError
 from vioasid.model.scenario import ScenarioError, ScenarioRunner, parse_scenario
 
+_TROUBLE = (MemoryError, OverflowError, OSError, ValueError, TypeError, RecursionError)
+"""What a well-formed but impossible scenario can raise (memory the machine cannot map, a page
+allocator exhausted, an expectation holding a TOML date): one line, exit 2, no traceback."""
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).splitlines()
+    return text[0] if text and text[0] else type(exc).__name__
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -37,15 +46,29 @@ def run(args: argparse.Namespace) -> int:
             doc = tomllib.load(fh)
     except OSError as exc:
         raise UsageError(f"{args.file}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{args.file}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{args.file}: not valid TOML: nested too deeply") from None
     try:
         runner = ScenarioRunner(parse_scenario(doc))
     except ScenarioError as exc:
         raise UsageError(f"{args.file}: {exc}") from None
+    except _TROUBLE as exc:  # e.g. guest memory larger than this machine can give
+        raise UsageError(f"{args.file}: cannot set the scenario up: {_line(exc)}") from None
     out = sys.stdout
-    for result in runner.run():
-        out.write(json.dumps(result) + "\n")
+    steps = runner.run()
+    while True:
+        try:
+            result = next(steps, None)
+            if result is None:
+                break
+            line = json.dumps(result)
+        except (ScenarioError, *_TROUBLE) as exc:
+            # after the steps already printed, one final line says why the run stopped
+            out.flush()
+            raise UsageError(f"{args.file}: scenario stopped: {_line(exc)}") from None
+        out.write(line + "\n")
     out.write(runner.summary() + "\n")
     out.flush()
     return 1 if runner.failed else 0

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import signal
 
 from vioasid.commands.common import UsageError
 from vioasid.daemon import eventloop
 from vioasid.daemon.hostconfig import HostConfigError, default_host, load_host
-from vioasid.daemon.server import Server
+from vioasid.daemon.server import MAX_CONNECTIONS, Server
 from vioasid.daemon.service import Service
 from vioasid.model.engine import Host
 
@@ -28,7 +29,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Serve the vioasid protocol (docs/protocol.md) on a unix socket until "
         "SIGTERM/SIGINT.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket path to listen on")
+    p.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="unix socket path to listen on (created 0600; a PATH.lock beside it keeps a "
+        "second daemon off the same path)",
+    )
+    p.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="let this group's members connect too (socket 0660); each still sees and "
+        "changes only what its own uid may (docs/protocol.md, 'Limits and ownership')",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help=f"clients served at once; one more is refused with 'exhausted' "
+        f"(default {MAX_CONNECTIONS})",
+    )
     p.add_argument(
         "--host",
         metavar="FILE.toml",
@@ -49,6 +70,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     if args.serve_log_level:
         logging.getLogger().setLevel(getattr(logging, args.serve_log_level.upper()))
+    if not args.socket or args.socket.startswith("\0"):
+        raise UsageError("--socket needs a file path (an empty path would be an abstract socket)")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    group = None
+    if args.group is not None:
+        try:
+            group = int(args.group) if args.group.isdigit() else grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            raise UsageError(f"--group {args.group}: no such group") from None
     try:
         host = load_host(args.host, args.host_name) if args.host else default_host()
     except HostConfigError as exc:
@@ -57,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
         loop, _ = eventloop.choose()  # stdlib asyncio, or uvloop when installed
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return eventloop.run(serve(args.socket, host), loop)
+    return eventloop.run(serve(args.socket, host, group, args.max_connections), loop)
 
 
-async def serve(path: str, host: Host) -> int:
+async def serve(
+    path: str, host: Host, group: int | None = None, max_connections: int = MAX_CONNECTIONS
+) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean shutdown."""
-    server = Server(Service(host), path)
+    server = Server(Service(host), path, group=group, max_connections=max_connections)
     try:
         await server.start()
     except OSError as exc:

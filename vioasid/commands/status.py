@@ -11,8 +11,17 @@ import asyncio
 import json
 from typing import Any
 
-from vioasid.client import Client, ClientError
-from vioasid.commands.common import emit
+from vioasid.client import Client, ClientError, NotFound, NotOwner
+from vioasid.commands.common import UsageError, emit
+
+MAX_NAME = 0xFFFF  # a VM name on the wire: u16 length, UTF-8 (formats/wire.py)
+
+
+def _encodable(name: str) -> bool:
+    try:
+        return len(name.encode()) <= MAX_NAME
+    except UnicodeEncodeError:
+        return False
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,22 +32,42 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's unix socket")
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
-    p.add_argument("--vm", metavar="NAME", help="only this VM")
+    p.add_argument("--vm", metavar="NAME", help="only this VM (exit 2 when there is none)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up when the daemon has not answered within this time (default 5)",
+    )
     p.set_defaults(func=run)
 
 
-async def fetch(path: str, vm: str | None) -> dict[str, Any]:
-    client = await Client.connect(path, timeout=0)
-    try:
-        vm_id = None if vm is None else await client.open_vm(vm)
-        return await client.dump(vm_id)
-    finally:
-        await client.close()
+async def fetch(path: str, vm: str | None, timeout: float = 5.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        client = await Client.connect(path, timeout=0)
+        try:
+            vm_id = None if vm is None else await client.open_vm(vm)
+            return await client.dump(vm_id)
+        finally:
+            await client.close()
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vm is not None and (len(args.vm) > MAX_NAME or not _encodable(args.vm)):
+        raise UsageError(f"--vm: not a VM name (at most {MAX_NAME} bytes of valid UTF-8)")
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
     try:
-        doc = asyncio.run(fetch(args.socket, args.vm))
+        doc = asyncio.run(fetch(args.socket, args.vm, args.timeout))
+    except TimeoutError:
+        emit(
+            f"vioasid status: {args.socket}: the daemon did not answer within {args.timeout:g}s",
+            err=True,
+        )
+        return 1
+    except (NotFound, NotOwner) as exc:
+        raise UsageError(f"--vm {args.vm}: {exc.message}") from None
     except (OSError, ClientError) as exc:
         emit(f"vioasid status: {args.socket}: {exc}", err=True)
         return 1

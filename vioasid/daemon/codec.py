@@ -57,8 +57,13 @@ def _name(request: int) -> str:
 class Codec:
     """Framing, validation and payload parsing for one connection (see the module docstring)."""
 
-    def __init__(self, role: Role, *, max_payload: int = wire.MAX_PAYLOAD) -> None:
+    def __init__(
+        self, role: Role, *, max_payload: int = wire.MAX_PAYLOAD, tolerant: bool = False
+    ) -> None:
+        """``tolerant`` (the client): a well-framed message whose payload does not parse
+        comes out with ``body`` :data:`BAD_PAYLOAD` instead of ending the connection."""
         self.role = role
+        self._tolerant = tolerant
         self._daemon = role is Role.DAEMON  # a plain bool for the per-message checks
         self.max_payload = max_payload
         self._frames = FrameBuffer(
@@ -113,6 +118,8 @@ class Codec:
                 )
         except ProtocolViolation:
             Message(request, flags, b"", fds).close_fds()
+            if self._tolerant:
+                return Message(request, flags, b"", [], BAD_PAYLOAD)
             raise
         return Message(request, flags, b"", fds, body)
 
@@ -186,7 +193,7 @@ class Codec:
                 raise ProtocolViolation(f"unknown request {request}")
         else:
             known = wire.REPLY_LAYOUTS if is_reply else wire.EVENT_LAYOUTS
-            if request not in known and not (is_reply and request in _REQUESTS):
+            if request not in known and not (is_reply and (request in _REQUESTS or not request)):
                 raise ProtocolViolation(
                     f"unknown {'reply' if is_reply else 'event'} {_name(request)}"
                 )
@@ -201,7 +208,7 @@ class Codec:
         elif flags & wire.FLAG_REPLY:
             if request == _DMA and payload[:8] == _OK:
                 return _parse_dma_reply(payload)
-            layout = wire.REPLY_LAYOUTS.get(Request(request), wire.STATUS_REPLY)
+            layout = wire.REPLY_LAYOUTS.get(request, wire.STATUS_REPLY)  # type: ignore[call-overload]
         else:
             layout = wire.EVENT_LAYOUTS[Request(request)]
         try:
@@ -214,6 +221,8 @@ class Codec:
 
 
 _DMA = int(Request.DMA)
+BAD_PAYLOAD = "bad-payload"
+"""``Message.body`` of a message a tolerant codec could frame but not parse."""
 FDS_LOST = "fds-lost"
 """``Message.body`` of a message whose fds the kernel dropped (see :meth:`Codec.receive`)."""
 _REQUESTS = frozenset(int(r) for r in wire.REQUEST_LAYOUTS)

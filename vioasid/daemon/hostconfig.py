@@ -80,8 +80,10 @@ def load_host(path: str, name: str | None = None) -> Host:
             doc = tomllib.load(f)
     except OSError as exc:
         raise HostConfigError(f"cannot read host file {path!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise HostConfigError(f"{path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise HostConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise HostConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return host_from_doc(doc, path, name)
 
 

@@ -11,6 +11,15 @@ well-formed ``DMA`` message and nothing else is buffered, :meth:`Codec.take_dma`
 general path, which validates everything.
 Malformed input ends only the connection that sent it (logged with its reason); its session's
 VMs are released, every other connection carries on.
+
+Limits (docs/protocol.md, "Limits and ownership"): at most ``max_connections`` clients (one
+more is told ``exhausted`` and closed); running out of file descriptors pauses accepting with a
+back-off (logged once) and refuses only the request whose fds could not be received; input held
+for partial messages is bounded across all connections (:data:`INPUT_BUDGET`: a connection that
+would exceed it stops being read until others finish theirs); a client that leaves more than
+:data:`MAX_QUEUED` bytes of replies unread is disconnected, its events are dropped sooner
+(``service.EVENT_BACKLOG``). The socket is created 0600 (0660 with a group), next to a lock
+file that keeps two daemons off one path; only a socket this daemon created is removed.
 """
 
 from __future__ import annotations
@@ -18,23 +27,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
 import struct
+import weakref
 
 from vioasid.formats import wire
 from vioasid.protocol.transport import Transport
 
-from .codec import Codec, ProtocolViolation, Role
+from .codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
 from .service import Service
 from .session import Session
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED = 64 << 20
+MAX_QUEUED = 2 * wire.MAX_PAYLOAD + (1 << 20)
 """A client that lets this much output pile up unread is disconnected."""
+MAX_CONNECTIONS = 256
+"""Clients served at once (``vioasid serve --max-connections``)."""
+INPUT_BUDGET = 64 << 20
+"""Bytes of partial messages held across all connections."""
+SMALL_INPUT = 1 << 20
+"""A connection may always hold this much of a partial message, budget or not."""
+ACCEPT_BACKOFF = (0.05, 1.0)
+"""First and longest pause of accepting while the process is out of file descriptors."""
+_NO_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _UCRED = struct.Struct("3i")
 _DMA_ENTRIES = wire.DMA_FRAME_S.size  # a DMA request's entries start here
@@ -51,14 +71,21 @@ def _is_live(path: str) -> bool:
     return True
 
 
-def _peer(sock: socket.socket) -> str:
+def _peer(sock: socket.socket) -> tuple[str, int]:
+    """``("pid P uid U", U)`` from SO_PEERCRED (``("", -1)`` when unavailable)."""
     try:
         pid, uid, _ = _UCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
     except OSError:
-        return ""
-    return f"pid {pid} uid {uid}"
+        return "", -1
+    return f"pid {pid} uid {uid}", uid
+
+
+def refusal(code: wire.ErrorCode, message: str) -> bytes:
+    """The notice a refused connection gets before it is closed: a reply to request 0 (which
+    no client sends) carrying the error; clients fail their requests with it."""
+    return encode_error(0, code, message)
 
 
 class Connection:
@@ -68,8 +95,13 @@ class Connection:
         self.server = server
         self.service = server.service
         self.codec = Codec(Role.DAEMON)
-        self.session: Session = server.service.open_session(_peer(sock))
+        peer, uid = _peer(sock)
+        self.session: Session = server.service.open_session(peer, uid)
         self.transport = Transport(sock, self.on_data, self.on_close, server.loop)
+        sink = weakref.ref(self.transport)  # a session (kept by log records) must not pin it
+        self.session.unsent = lambda: t.pending if (t := sink()) is not None else 0
+        self.held = 0  # bytes of a partial message counted in the server's input budget
+        self.paused = False
 
     def on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         service = self.service
@@ -95,11 +127,16 @@ class Connection:
                 msg = self.codec.next_message()
                 if msg is None:
                     break
+                if msg.body is FDS_LOST:
+                    service.refuse_lost_fds(self.session, msg)
+                    continue
                 service.handle(self.session, msg)
         except ProtocolViolation as exc:
             self.server.flush()
             self.close(f"malformed input: {exc}")
             return
+        if self.held or self.codec.buffered > SMALL_INPUT:
+            self.server.account(self)
         self.server.flush()
 
     def close(self, reason: str | None) -> None:
@@ -116,21 +153,39 @@ class Connection:
         else:
             log.info("%s: connection closed", self.session)
         self.codec.close()
+        self.server.account(self, closing=True)
         self.server.connections.pop(self.session.id, None)
         self.server.service.end_session(self.session)
         self.server.flush()
 
 
 class Server:
-    """Serves one :class:`Service` on a unix socket path."""
+    """Serves one :class:`Service` on a unix socket path (see the module docstring's limits)."""
 
-    def __init__(self, service: Service, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        service: Service,
+        path: str | os.PathLike[str],
+        *,
+        group: int | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.service = service
         self.path = os.fspath(path)
+        self.group = group
+        self.max_connections = max_connections
         self.connections: dict[int, Connection] = {}
+        self.input_held = 0  # bytes of partial messages above SMALL_INPUT, all connections
+        self.refused = 0  # connections refused (limit or no fds)
+        self._waiting: dict[int, Connection] = {}  # paused for the input budget
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._done: asyncio.Event | None = None
+        self._lock_fd: int | None = None
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
+        self._reserve: int | None = None  # a spare fd, to refuse honestly at the fd limit
+        self._backoff = 0.0
+        self._resume: asyncio.TimerHandle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -139,26 +194,65 @@ class Server:
         return self._loop
 
     async def start(self) -> None:
-        """Bind and listen. A stale socket file at the path (nobody listening) is replaced; a
-        live one (another daemon) or any other file is an error."""
+        """Take the lock file beside the path, then bind and listen. A stale socket file at
+        the path (nobody holds the lock) is replaced; a daemon holding the lock, or any other
+        file at the path, is an error."""
+        if not self.path or self.path.startswith("\0"):
+            raise ValueError("the socket path must be a file path (not empty, not abstract)")
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        self._lock_fd = _lock(self.path + ".lock")
+        try:
+            self._sock = self._bind()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        with contextlib.suppress(OSError):
+            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.loop.add_reader(self._sock.fileno(), self._accept)
+        log.info("listening on %s", self.path)
+
+    def _bind(self) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                if _is_live(self.path):
-                    raise OSError(errno.EADDRINUSE, "another daemon is serving this socket")
-                os.unlink(self.path)  # stale: nobody listens
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, "a file that is not a socket is in the way")
+            if _is_live(self.path):
+                raise OSError(errno.EADDRINUSE, "another daemon is serving this socket")
+            os.unlink(self.path)  # stale: nobody holds the lock, nobody listens
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is born 0600: nobody else connects
         try:
             sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        try:
+            st = os.stat(self.path)
+            self._ident = (st.st_dev, st.st_ino)
+            if self.group is not None:
+                os.chown(self.path, -1, self.group)
+                os.chmod(self.path, 0o660)
             sock.listen(64)
             sock.setblocking(False)
         except OSError:
             sock.close()
+            self._unlink_own()
             raise
-        self._sock = sock
-        self.loop.add_reader(sock.fileno(), self._accept)
-        log.info("listening on %s", self.path)
+        return sock
+
+    def _unlink_own(self) -> None:
+        """Remove the socket file only if it is still the one this daemon created."""
+        if self._ident is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+        self._ident = None
 
     def _accept(self) -> None:
         assert self._sock is not None
@@ -168,12 +262,81 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept: %s", exc)
+                if exc.errno in _NO_FDS:
+                    self._out_of_fds(exc)
+                else:
+                    log.warning("accept: %s", exc)
                 return
+            if self._backoff:
+                log.warning("accepting again")
+                self._backoff = 0.0
+            if len(self.connections) >= self.max_connections:
+                self._refuse(sock, f"the daemon serves {self.max_connections} connections already")
+                continue
             conn = Connection(self, sock)
             self.connections[conn.session.id] = conn
             log.info("%s: connected", conn.session)
             conn.transport.start()
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        self.refused += 1
+        log.info("connection refused: %s", why)
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(refusal(wire.ErrorCode.EXHAUSTED, why))
+        sock.close()
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        """accept() failed for want of fds: refuse the waiting client with the spare fd, and
+        stop accepting for a while (the listening socket stays readable: no busy loop)."""
+        assert self._sock is not None
+        if not self._backoff:
+            log.warning("accept: %s; pausing accepting (existing connections are served)", exc)
+        while self._reserve is not None:  # refuse every waiting client, one spare fd each
+            os.close(self._reserve)
+            self._reserve = None
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                sock = None
+            if sock is not None:
+                self._refuse(sock, f"the daemon is out of file descriptors ({exc.strerror})")
+            with contextlib.suppress(OSError):
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if sock is None:
+                break
+        first, longest = ACCEPT_BACKOFF
+        self._backoff = min(longest, self._backoff * 2 or first)
+        self.loop.remove_reader(self._sock.fileno())
+        self._resume = self.loop.call_later(self._backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._sock is not None:
+            self.loop.add_reader(self._sock.fileno(), self._accept)
+
+    def account(self, conn: Connection, *, closing: bool = False) -> None:
+        """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection
+        over it is paused until the others' messages complete or close."""
+        held = 0 if closing else max(0, conn.codec.buffered - SMALL_INPUT)
+        self.input_held += held - conn.held
+        conn.held = held
+        if closing:
+            self._waiting.pop(conn.session.id, None)
+        elif held and self.input_held > INPUT_BUDGET and not conn.paused:
+            log.warning(
+                "%s: paused: partial messages hold %d bytes (budget %d)",
+                conn.session, self.input_held, INPUT_BUDGET,
+            )  # fmt: skip
+            conn.paused = True
+            conn.transport.pause_reading()
+            self._waiting[conn.session.id] = conn
+            return
+        if self._waiting and self.input_held <= INPUT_BUDGET:
+            waiting, self._waiting = self._waiting, {}
+            for c in waiting.values():
+                c.paused = False
+                c.transport.resume_reading()
 
     def flush(self) -> None:
         """Write every session's pending output to its socket."""
@@ -192,16 +355,25 @@ class Server:
         await self._done.wait()
 
     async def close(self) -> None:
-        """Stop listening, remove the socket file, close every client (releasing their VMs)."""
+        """Stop listening, remove the socket file (if still ours), close every client
+        (releasing their VMs), release the lock."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            self._unlink_own()
         for conn in list(self.connections.values()):
             conn.close(None)
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         if self._done is not None:
             self._done.set()
 
@@ -211,3 +383,18 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _lock(path: str) -> int:
+    """Hold an exclusive lock on ``path`` (created 0600) for the daemon's life; EADDRINUSE
+    when another daemon holds it. The file stays (removing it would race a starting daemon)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EADDRINUSE, "another daemon is serving this socket") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

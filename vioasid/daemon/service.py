@@ -17,6 +17,7 @@ and the connection stays up.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import decode_stream, export_vm, import_vm
-from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
+from vioasid.model.vm import VM
 
 from .codec import Message, encode_error, encode_event, encode_ok
 from .session import Session
@@ -81,9 +82,56 @@ class VmEntry:
     model: VM  # the engine's VM (stable for the VM's life)
     subscribers: dict[Session, int] = field(default_factory=dict)  # session -> EventMask
     host_range: tuple[int, int] = (0, 0)  # [first, end) of the host range its requests reach
+    files: list[tuple[int, int]] = field(default_factory=list)  # plain files: (dup'd fd, end)
 
     def __post_init__(self) -> None:
         self.host_range = (self.model.hpa, self.model.hpa + self.model.memory_size)
+
+
+class NotOwner(VioasidError):
+    """The VM belongs to another connection (changes, subscriptions) or another user."""
+
+    kind = "not-owner"
+
+
+EVENT_BACKLOG = 1 << 20
+"""An event for a client with more than this many bytes unread is dropped (and counted)."""
+
+
+def _may_read(session: Session, entry: VmEntry) -> bool:
+    return entry.owner is session or session.uid == 0 or session.uid == entry.owner.uid != -1
+
+
+def _check_files(entry: VmEntry) -> None:
+    """A plain memory file must still hold every byte mapped from it: checked before each
+    request that may touch the VM's memory (reading a page past a file's end is SIGBUS)."""
+    for fd, end in entry.files:
+        size = os.fstat(fd).st_size
+        if size < end:
+            raise InvalidRequest(
+                f"VM {entry.name}: its memory file shrank to 0x{size:x} bytes, below the 0x{end:x} "
+                "its regions map; the daemon no longer touches that memory (unregister the VM)"
+            )
+
+
+def memory_seal(fd: int) -> str:
+    """Make a memfd unshrinkable: ``"sealed"`` (F_SEAL_SHRINK is set now, the daemon adding it
+    when the memfd allows sealing), ``"file"`` (not a memfd: no seals), or raises
+    ``InvalidRequest`` for a memfd that is sealed against adding the seal it lacks."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return "file"
+    if seals & fcntl.F_SEAL_SHRINK:
+        return "sealed"
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        raise InvalidRequest(
+            "memfd is not sealed against shrinking (F_SEAL_SHRINK) and cannot be "
+            f"sealed now ({exc.strerror}): create it with MFD_ALLOW_SEALING"
+        ) from None
+    return "sealed"
 
 
 Handler = Callable[[Session, Message], Any]
@@ -121,8 +169,8 @@ class Service:
         }
 
     # -- sessions -------------------------------------------------------------------------
-    def open_session(self, peer: str = "") -> Session:
-        session = Session(self._next_session, peer)
+    def open_session(self, peer: str = "", uid: int = -1) -> Session:
+        session = Session(self._next_session, peer, uid)
         self._next_session += 1
         self.sessions[session.id] = session
         return session
@@ -160,6 +208,18 @@ class Service:
             session.outbox.append(data)
             self.dirty[session] = None
 
+    def _event(self, session: Session, data: bytes) -> None:
+        """A pushed event: dropped (and counted) while the client leaves too much unread, so
+        a subscriber that never reads costs O(1) per event and bounded memory."""
+        if session.unsent() > EVENT_BACKLOG or len(session.outbox) > EVENT_BACKLOG // 64:
+            session.events_dropped += 1
+            if session.events_dropped == 1 or session.events_dropped % 100_000 == 0:
+                log.warning(
+                    "%s: does not read its events: %d dropped", session, session.events_dropped
+                )
+            return
+        self._out(session, data)
+
     # -- the request path ------------------------------------------------------------------
     def handle(self, session: Session, msg: Message) -> None:
         """Run one request; its reply (if any) goes to the session's outbox."""
@@ -181,6 +241,18 @@ class Service:
         elif request in wire.REPLY_LAYOUTS or msg.need_reply:
             self._out(session, encode_ok(request, result))
 
+    def refuse_lost_fds(self, session: Session, msg: Message) -> None:
+        """The kernel could not hand over this request's fds (the daemon is at its fd limit):
+        refuse the request, keep the connection."""
+        msg.close_fds()
+        log.warning("%s: out of file descriptors: %s refused", session, Request(msg.request).name)
+        self._refuse(
+            session,
+            msg,
+            ErrorCode.EXHAUSTED,
+            "the daemon is out of file descriptors: this request's fds did not arrive",
+        )
+
     def _refuse(self, session: Session, msg: Message, code: ErrorCode, message: str) -> None:
         name = Request(msg.request).name
         if msg.request in wire.REPLY_LAYOUTS or msg.need_reply:
@@ -196,14 +268,33 @@ class Service:
         entry = self.vms.get(vm_id)
         if entry is None:
             raise NotFound(f"no VM with id {vm_id}")
+        if entry.files:
+            _check_files(entry)
+        return entry
+
+    def _owned(self, session: Session, vm_id: int) -> VmEntry:
+        """The VM, for a request that changes it or subscribes to it: its owner only."""
+        entry = self._entry(vm_id)
+        if entry.owner is not session:
+            raise NotOwner(f"VM {entry.name} belongs to {entry.owner}, not {session}")
+        return entry
+
+    def _visible(self, session: Session, vm_id: int) -> VmEntry:
+        """The VM, for a request that reads it (open, dump, export, device requests): its
+        owner, another connection of the owner's uid, or root."""
+        entry = self._entry(vm_id)
+        if not _may_read(session, entry):
+            raise NotOwner(f"VM {entry.name} belongs to another user's {entry.owner}")
         return entry
 
     def _model(self, entry: VmEntry) -> VM:
         return entry.model
 
-    def _add_entry(self, session: Session, vm: VM, memory: GuestMemory) -> VmEntry:
+    def _add_entry(
+        self, session: Session, vm: VM, memory: GuestMemory, files: list[tuple[int, int]]
+    ) -> VmEntry:
         name = vm.name
-        entry = VmEntry(self._next_vm, name, session, memory, vm)
+        entry = VmEntry(self._next_vm, name, session, memory, vm, files=files)
         self._next_vm += 1
         self.vms[entry.id] = entry
         self._by_name[name] = entry
@@ -219,20 +310,31 @@ class Service:
             self.host.remove_vm(entry.name)
         finally:
             entry.memory.close()
+            for fd, _ in entry.files:
+                os.close(fd)
         log.info("VM %s (id %d) released: %s", entry.name, vm_id, why)
 
     @staticmethod
-    def _map_memory(regions: Any, fds: list[int]) -> GuestMemory:
-        """Guest memory from vhost-user style regions and their fds (validated first: a region
-        past the end of its file would SIGBUS the daemon on access)."""
+    def _map_memory(regions: Any, fds: list[int]) -> tuple[GuestMemory, list[tuple[int, int]]]:
+        """Guest memory from vhost-user style regions and their fds, and the plain files to
+        watch. Nothing the client does to its memory afterwards may SIGBUS the daemon: a memfd
+        is sealed against shrinking first (:func:`memory_seal`); a plain file is kept (a dup)
+        and its size checked before every request that may touch it (:func:`_check_files`);
+        a region must lie inside its file when it is registered."""
         if len(regions) > wire.MAX_REGIONS:
             raise InvalidRequest(f"{len(regions)} memory regions (max {wire.MAX_REGIONS})")
         mem = GuestMemory()
+        files: list[tuple[int, int]] = []
         try:
             for i, (r, fd) in enumerate(zip(regions, fds, strict=True)):
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise InvalidRequest(f"memory region {i}: fd is not a file or memfd")
+                try:
+                    kind = memory_seal(fd)
+                except InvalidRequest as exc:
+                    raise InvalidRequest(f"memory region {i}: {exc.message}") from None
+                st = os.fstat(fd)
                 if r.memory_size == 0 or r.mmap_offset + r.memory_size > st.st_size:
                     raise InvalidRequest(
                         f"memory region {i}: 0x{r.mmap_offset:x}+0x{r.memory_size:x} is not "
@@ -249,10 +351,14 @@ class Service:
                     )
                 except (OSError, ValueError) as exc:
                     raise InvalidRequest(f"memory region {i}: {exc}") from None
+                if kind == "file":
+                    files.append((os.dup(fd), r.mmap_offset + r.memory_size))
         except BaseException:
             mem.close()
+            for fd, _ in files:
+                os.close(fd)
             raise
-        return mem
+        return mem, files
 
     # -- features -------------------------------------------------------------------------
     def _get_features(self, session: Session, msg: Message) -> int:
@@ -272,25 +378,25 @@ class Service:
             raise InvalidRequest(f"REGISTER_VM flags 0x{body.flags:x} are reserved")
         if not body.regions:
             raise InvalidRequest(f"VM {body.name!r} has no memory regions")
-        mem = self._map_memory(body.regions, msg.fds)
+        mem, files = self._map_memory(body.regions, msg.fds)
         try:
             vm = self.host.add_vm(body.name, mem)
         except BaseException:
             mem.close()
+            for fd, _ in files:
+                os.close(fd)
             raise
-        return {"vm": self._add_entry(session, vm, mem).id}
+        return {"vm": self._add_entry(session, vm, mem, files).id}
 
     def _unregister_vm(self, session: Session, msg: Message) -> None:
-        entry = self._entry(msg.body.vm)
-        if entry.owner is not session:
-            raise InvalidRequest(f"VM {entry.name} belongs to {entry.owner}, not {session}")
+        entry = self._owned(session, msg.body.vm)
         self._release(entry.id, "unregistered")
 
     def _open_vm(self, session: Session, msg: Message) -> dict[str, int]:
         entry = self._by_name.get(msg.body.name)
         if entry is None:
             raise NotFound(f"no VM named {msg.body.name!r}")
-        return {"vm": entry.id}
+        return {"vm": self._visible(session, entry.id).id}
 
     def _attach_device(self, session: Session, msg: Message) -> None:
         b = msg.body
@@ -300,24 +406,24 @@ class Service:
             raise InvalidRequest(
                 f"assign {b.assign} is neither vfio-pci (0) nor mdev (1)"
             ) from None
-        self.host.attach_device(self._entry(b.vm).name, b.rid, b.function, assign)  # type: ignore[arg-type]
+        self.host.attach_device(self._owned(session, b.vm).name, b.rid, b.function, assign)  # type: ignore[arg-type]
 
     def _detach_device(self, session: Session, msg: Message) -> None:
-        self.host.detach_device(self._entry(msg.body.vm).name, msg.body.rid)
+        self.host.detach_device(self._owned(session, msg.body.vm).name, msg.body.rid)
 
     # -- guest-side notifications -----------------------------------------------------------
     def _set_root_table(self, session: Session, msg: Message) -> None:
-        self.host.set_rtaddr(self._entry(msg.body.vm).name, msg.body.rtaddr)
+        self.host.set_rtaddr(self._owned(session, msg.body.vm).name, msg.body.rtaddr)
 
     def _pasid_entry(self, session: Session, msg: Message) -> dict[str, int]:
         b = msg.body
-        binding = self.host.sync_pasid(self._entry(b.vm).name, b.rid, b.vpasid)
+        binding = self.host.sync_pasid(self._owned(session, b.vm).name, b.rid, b.vpasid)
         if binding is None:
             return {"bound": 0, "space": wire.Space.NONE, "ppasid": 0}
         return {"bound": 1, "space": _SPACE[binding.space], "ppasid": binding.ppasid}
 
     def _invalidate(self, session: Session, msg: Message) -> dict[str, int]:
-        entry = self._entry(msg.body.vm)
+        entry = self._owned(session, msg.body.vm)
         return {"changes": self._apply_invalidation(entry, msg.body.desc)}
 
     def _apply_invalidation(self, entry: VmEntry, desc: bytes) -> int:
@@ -363,14 +469,13 @@ class Service:
         data = encode_event(Request.PAGE_RESPONSE_EVENT, {"vm": entry.id, "desc": desc})
         takers = [s for s, m in entry.subscribers.items() if m & EventMask.PAGE_REQUESTS]
         for s in takers:
-            self._out(s, data)
+            self._event(s, data)
         return len(takers)
 
     def _guest_did(self, vm: VM, rid: int, vpasid: int) -> int | None:
         """The DID of the guest's present PASID entry, or None (missing or unreadable)."""
         try:
-            pdir, ndir = guest_pasid_dir(vm.memory, vm.rtaddr, rid)
-            words = read_guest_pasid_entry(vm.memory, pdir, ndir, rid, vpasid)
+            words = vm.tables.pasid_entry(vm.tables.context(vm.rtaddr, rid), rid, vpasid)
         except VioasidError:
             return None
         return _DID.get(words[1])
@@ -402,7 +507,7 @@ class Service:
     # -- device side ----------------------------------------------------------------------
     def _dma(self, session: Session, msg: Message) -> bytes | bytearray:
         batch = msg.body
-        return self._dma_frame(batch.vm, batch.count, batch.entries)
+        return self._dma_frame(session, batch.vm, batch.count, batch.entries)
 
     def handle_dma(
         self, session: Session, flags: int, vm_id: int, count: int, entries: Raw
@@ -412,7 +517,9 @@ class Service:
         refused (the error reply, if any, is then in the session's outbox, as with
         :meth:`handle`). ``entries`` is only read during the call."""
         try:
-            entry = self.vms.get(vm_id) or self._entry(vm_id)
+            entry = self.vms.get(vm_id)
+            if entry is None or entry.owner is not session or entry.files:
+                entry = self._visible(session, vm_id)
             if count == 1:  # _dma_frame without its frame: this is the round-trip path
                 return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
             return self._dma_batch(entry, count, entries)
@@ -454,11 +561,13 @@ class Service:
             _OK, 0, perm, tag, hpa - base, hpa,
         )  # fmt: skip
 
-    def _dma_frame(self, vm_id: int, count: int, entries: Raw) -> bytes | bytearray:
+    def _dma_frame(
+        self, session: Session, vm_id: int, count: int, entries: Raw
+    ) -> bytes | bytearray:
         """Batched device requests: the hot path (cached translations never leave the daemon;
         faults and errors take the engine's full path so the guest sees them). Returns the
         whole reply frame."""
-        entry = self.vms.get(vm_id) or self._entry(vm_id)
+        entry = self._visible(session, vm_id)
         if count == 1:
             return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
         return self._dma_batch(entry, count, entries)
@@ -536,11 +645,11 @@ class Service:
 
     def _enqcmd(self, session: Session, msg: Message) -> dict[str, int]:
         b = msg.body
-        return {"ppasid": self.host.enqcmd(self._entry(b.vm).name, b.rid, b.vpasid)}
+        return {"ppasid": self.host.enqcmd(self._visible(session, b.vm).name, b.rid, b.vpasid)}
 
     # -- events ---------------------------------------------------------------------------
     def _subscribe(self, session: Session, msg: Message) -> None:
-        entry = self._entry(msg.body.vm)
+        entry = self._owned(session, msg.body.vm)
         mask = msg.body.events
         if mask & ~int(EventMask.FAULTS | EventMask.PAGE_REQUESTS):
             raise InvalidRequest(f"event mask 0x{mask:x} has undefined bits")
@@ -562,7 +671,7 @@ class Service:
                 for f in vm.faults:
                     data = self._fault_event(entry.id, f)
                     for s in takers:
-                        self._out(s, data)
+                        self._event(s, data)
                 vm.faults.clear()
         if vm.page_requests:
             takers = [s for s, m in entry.subscribers.items() if m & EventMask.PAGE_REQUESTS]
@@ -570,7 +679,7 @@ class Service:
                 for desc in vm.page_requests:
                     data = encode_event(Request.PAGE_REQUEST_EVENT, {"vm": entry.id, "desc": desc})
                     for s in takers:
-                        self._out(s, data)
+                        self._event(s, data)
                 vm.page_requests.clear()
 
     @staticmethod
@@ -590,16 +699,35 @@ class Service:
         return encode_event(Request.FAULT_EVENT, body)
 
     # -- state ----------------------------------------------------------------------------
-    def _dump(self, session: Session, msg: Message) -> dict[str, str]:
-        vm_id = msg.body.vm
-        name = None if vm_id == wire.ALL_VMS else self._entry(vm_id).name
-        return {"json": json.dumps(self.dump(name), sort_keys=True)}
+    def _dump(self, session: Session, msg: Message) -> dict[str, Any]:
+        """One page of the document: offset 0 renders it (what this connection may read) and
+        keeps it for the later pages, so a document of any size arrives whole and
+        consistent, in replies of at most ``wire.DUMP_PAGE`` bytes."""
+        b = msg.body
+        if b.offset == 0:
+            name = None if b.vm == wire.ALL_VMS else self._visible(session, b.vm).name
+            session.dump = json.dumps(self.dump(name, viewer=session), sort_keys=True).encode()
+        data = session.dump
+        if data is None or b.offset >= len(data):
+            raise InvalidRequest(f"DUMP offset {b.offset}: no document is being paged there")
+        page = data[b.offset : b.offset + wire.DUMP_PAGE]
+        if b.offset + len(page) >= len(data):
+            session.dump = None
+        return {"total": len(data), "json": page}
 
-    def dump(self, name: str | None = None) -> dict[str, Any]:
+    def dump(self, name: str | None = None, *, viewer: Session | None = None) -> dict[str, Any]:
         """The engine's dump plus the daemon's view: VM ids, owners, subscribers, sessions, and
-        the allocators' and host tables' occupancy (what a released VM must leave empty)."""
+        the allocators' and host tables' occupancy (what a released VM must leave empty).
+        With ``viewer``, only the VMs that connection may read are listed."""
         host = self.host
         doc = host.dump(name)
+        if viewer is not None:
+            for entry in self.vms.values():
+                if not _may_read(viewer, entry):
+                    doc["vms"].pop(entry.name, None)
+        dropped = {str(s.id): s.events_dropped for s in self.sessions.values() if s.events_dropped}
+        if dropped:
+            doc["events_dropped"] = dropped
         for entry in self.vms.values():
             v = doc["vms"].get(entry.name)
             if v is not None:
@@ -626,7 +754,7 @@ class Service:
 
     # -- migration ------------------------------------------------------------------------
     def _export_vm(self, session: Session, msg: Message) -> dict[str, bytes]:
-        return {"stream": export_vm(self.host, self._entry(msg.body.vm).name)}
+        return {"stream": export_vm(self.host, self._visible(session, msg.body.vm).name)}
 
     def _import_vm(self, session: Session, msg: Message) -> dict[str, Any]:
         b = msg.body
@@ -635,13 +763,15 @@ class Service:
             raise InvalidRequest("function map names a guest device twice")
         if not functions:  # default: the same function RIDs as on the source
             functions = {d.guest_rid: d.function for d in decode_stream(b.stream).devices}
-        mem = self._map_memory(b.regions, msg.fds)
+        mem, files = self._map_memory(b.regions, msg.fds)
         try:
             vm = import_vm(self.host, b.stream, mem, functions, name=b.name or None)
         except BaseException:
             mem.close()
+            for fd, _ in files:
+                os.close(fd)
             raise
-        entry = self._add_entry(session, vm, mem)
+        entry = self._add_entry(session, vm, mem, files)
         # the reply's packed BINDING array, one struct pack per binding (no construct per record)
         pack = _BINDING_PACK
         records: list[bytes] = []

@@ -9,7 +9,12 @@ connection ends, the service releases every VM the session owns (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+def _nothing_unsent() -> int:
+    return 0
 
 
 @dataclass(eq=False)
@@ -17,11 +22,15 @@ class Session:
     """A connected client."""
 
     id: int
-    peer: str = ""  # "pid 1234" from SO_PEERCRED, for logs
+    peer: str = ""  # "pid 1234 uid 1000" from SO_PEERCRED, for logs
+    uid: int = -1  # the peer's uid (SO_PEERCRED); -1: unknown (sees only its own VMs)
     features: int = 0  # acknowledged with SET_FEATURES
     owned: set[int] = field(default_factory=set)  # VM ids this connection registered/imported
     outbox: list[bytes | bytearray] = field(default_factory=list)
     closed: bool = False
+    unsent: Callable[[], int] = _nothing_unsent  # bytes the socket has not taken yet (server)
+    events_dropped: int = 0  # events not queued because this client left too much unread
+    dump: bytes | None = None  # the DUMP document being paged through
 
     def __str__(self) -> str:
         return f"session {self.id}" + (f" ({self.peer})" if self.peer else "")

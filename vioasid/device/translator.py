@@ -322,7 +322,8 @@ class QemuResolver:
         t0 = time.perf_counter()
         try:
             self._send_miss(page, write)
-            start, uaddr, perm = await asyncio.wait_for(fut, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                start, uaddr, perm = await fut
         except (TimeoutError, OSError) as exc:
             self.unanswered += 1
             waiters = self._pending.get(page)

@@ -108,6 +108,7 @@ class ErrorCode(IntEnum):
     NOT_FOUND = 3
     EXHAUSTED = 4
     MIGRATION_FAILED = 5
+    NOT_OWNER = 6  # the VM belongs to another connection (docs/protocol.md "Limits and ownership")
     INTERNAL = 255  # a daemon bug, logged by the daemon; not one of the contract's kinds
 
     @property
@@ -215,7 +216,11 @@ out as vhost-user ``SET_MEM_TABLE``'s, one fd per region (a memfd or memory-back
 REGISTER_VM_REPLY = status_reply(cs.Struct("vm" / cs.Int32ul))
 
 VM_REF = _fixed("vm" / cs.Int32ul)
-"""``UNREGISTER_VM``, ``EXPORT_VM``, ``DUMP`` (``ALL_VMS`` = every VM)."""
+"""``UNREGISTER_VM``, ``EXPORT_VM``."""
+
+DUMP = _fixed("vm" / cs.Int32ul, cs.Padding(4), "offset" / cs.Int64ul)
+"""``DUMP`` of one VM (``ALL_VMS`` = every VM) from byte ``offset`` of the document: offset 0
+renders a fresh document; later offsets page through that same rendering."""
 
 OPEN_VM = _fixed("name" / _Name)
 OPEN_VM_REPLY = REGISTER_VM_REPLY
@@ -283,8 +288,10 @@ ENQCMD_REPLY = status_reply(cs.Struct("ppasid" / cs.Int32ul))
 
 SUBSCRIBE = _fixed("vm" / cs.Int32ul, "events" / cs.Int32ul)
 
-DUMP_REPLY = status_reply(cs.Struct("json" / cs.GreedyString("utf8")))
-"""A JSON document (UTF-8): VMs, devices, vPASID/pPASID tables, functions, allocators."""
+DUMP_REPLY = status_reply(cs.Struct("total" / cs.Int64ul, "json" / cs.GreedyBytes))
+"""One page (at most :data:`DUMP_PAGE` bytes from the request's offset) of a UTF-8 JSON document
+of ``total`` bytes: VMs, devices, vPASID/pPASID tables, functions, allocators."""
+DUMP_PAGE = 1 << 20
 
 EXPORT_VM_REPLY = status_reply(cs.Struct("stream" / cs.GreedyBytes))
 """The engine's versioned migration stream of one VM (docs/migration-stream.md)."""
@@ -366,7 +373,7 @@ REQUEST_LAYOUTS: dict[Request, cs.Construct] = {
     Request.DMA: DMA,
     Request.ENQCMD: ENQCMD,
     Request.SUBSCRIBE: SUBSCRIBE,
-    Request.DUMP: VM_REF,
+    Request.DUMP: DUMP,
     Request.EXPORT_VM: VM_REF,
     Request.IMPORT_VM: IMPORT_VM,
 }

@@ -31,6 +31,7 @@ from vioasid.formats.pasid import (
 )
 
 from .allocator import PasidAllocator
+from .errors import Exhausted, InvalidRequest
 from .faults import bdf_str
 from .guest_driver import GuestIommuDriver, PageAllocator, SecondStagePageTable
 from .memory import GuestMemory, Region
@@ -41,6 +42,11 @@ HOST_TABLES_SIZE = 0x4000_0000  # 1 GiB of lazily-backed host memory for root/co
 VM_HPA_BASE = 0x1_0000_0000
 VM_HPA_ALIGN = 0x4000_0000
 SS_LEVELS = 4  # second stage AW = 2 (48-bit guest-physical)
+HPA_LIMIT = 1 << 48
+"""Host-physical addresses the second stage can reach (48-bit, AW = 2): every VM's host range
+ends at or below it."""
+GPA_LIMIT = 1 << 48
+"""Guest-physical addresses a 4-level second stage maps."""
 
 _P = PASID_ENTRY.field("P")
 _AW = PASID_ENTRY.field("AW")
@@ -108,7 +114,8 @@ class HostIommu:
         self.rtaddr = self.driver.rtaddr
         if hpa_base < VM_HPA_BASE or hpa_base % VM_HPA_ALIGN:
             raise ValueError("VM host ranges start 1 GiB aligned, at or above 4 GiB")
-        self._next_hpa = hpa_base
+        self._hpa_base = hpa_base
+        self._ranges: dict[int, int] = {}  # host range start -> size, one per VM
         self._ndir = pasid_dir_entries(self.driver.pdts)
         # (function RID, directory index) -> leaf PASID table (host-physical)
         self.leaves: dict[tuple[int, int], int] = {}
@@ -140,24 +147,25 @@ class HostIommu:
         return leaf + (ppasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
 
     # -- all-or-nothing sections (migration import) ----------------------------------------
-    def begin(self) -> tuple[list[tuple[int, int]], int]:
+    def begin(self) -> tuple[list[tuple[int, int]], frozenset[int]]:
         """Start recording what is created, so :meth:`rollback` can give it back."""
         self._journal = []
-        return self._journal, self._next_hpa
+        return self._journal, frozenset(self._ranges)
 
-    def rollback(self, saved: tuple[list[tuple[int, int]], int]) -> None:
+    def rollback(self, saved: tuple[list[tuple[int, int]], frozenset[int]]) -> None:
         """Free the leaf PASID tables made since :meth:`begin` (their entries are clear by
-        now) and give back the host range."""
-        journal, next_hpa = saved
+        now) and give back the host ranges taken since."""
+        journal, ranges = saved
         for rid, didx in reversed(journal):
             leaf = self.leaves.pop((rid, didx))
             self.mem.write_u64(self.driver.pasid_dirs[rid] + didx * PASID_DIR_ENTRY_SIZE, 0)
             self.mem.write(leaf, bytes(4096))
             self.pages.release(leaf)
-        self._next_hpa = next_hpa
+        for start in set(self._ranges) - ranges:
+            del self._ranges[start]
         self._journal = None
 
-    def commit(self, saved: tuple[list[tuple[int, int]], int]) -> None:
+    def commit(self, saved: tuple[list[tuple[int, int]], frozenset[int]]) -> None:
         self._journal = None
 
     def write_nested(
@@ -216,29 +224,64 @@ class HostIommu:
         return out
 
     # -- VM ranges ------------------------------------------------------------------------
+    def _take_range(self, span: int) -> int:
+        """The lowest free ``span`` bytes of VM host space (first fit between the VMs' ranges,
+        given back by :meth:`unmap_vm`); ``Exhausted`` when none is left below the limit."""
+        start = self._hpa_base
+        for base in sorted(self._ranges):
+            if base - start >= span:
+                break
+            start = max(start, base + self._ranges[base])
+        if start + span > HPA_LIMIT:
+            raise Exhausted(
+                f"no free host range of 0x{span:x} bytes below 0x{HPA_LIMIT:x} "
+                f"({len(self._ranges)} VMs placed)"
+            )
+        self._ranges[start] = span
+        return start
+
     def map_vm(
         self, name: str, guest: GuestMemory
     ) -> tuple[int, SecondStagePageTable, list[Region]]:
         """Give the VM a distinct host range: its RAM appears in host memory at ``hpa + gpa``
-        and a second-stage table maps exactly that. Returns (hpa, table, host regions)."""
-        hpa = self._next_hpa
+        and a second-stage table maps exactly that. Returns (hpa, table, host regions). A VM
+        whose RAM reaches past the 48-bit guest-physical space is refused, one that fits in no
+        free host range is ``Exhausted``; either way nothing changes."""
         top = max((r.end for r in guest.regions), default=0)
-        self._next_hpa += max(VM_HPA_ALIGN, -(-top // VM_HPA_ALIGN) * VM_HPA_ALIGN)
+        if top > GPA_LIMIT:
+            raise InvalidRequest(
+                f"VM {name}: guest memory ends at 0x{top:x}, past the 48-bit guest-physical "
+                "space the second stage maps"
+            )
+        hpa = self._take_range(max(VM_HPA_ALIGN, -(-top // VM_HPA_ALIGN) * VM_HPA_ALIGN))
         ss = SecondStagePageTable(self.mem, self.pages, levels=SS_LEVELS)
         added: list[Region] = []
-        for r in guest.regions:
-            added.append(self.mem.add(hpa + r.gpa, r.buf, name=f"{name}:{r.name or hex(r.gpa)}"))
-            start = -(-r.gpa // 4096) * 4096
-            end = r.end // 4096 * 4096
-            if end > start:
-                ss.map(start, hpa + start, end - start)
+        try:
+            for r in guest.regions:
+                added.append(
+                    self.mem.add(hpa + r.gpa, r.buf, name=f"{name}:{r.name or hex(r.gpa)}")
+                )
+                start = -(-r.gpa // 4096) * 4096
+                end = r.end // 4096 * 4096
+                if end > start:
+                    ss.map(start, hpa + start, end - start)
+        except BaseException:
+            self.unmap_vm(ss, added, hpa)
+            raise
         return hpa, ss, added
 
-    def unmap_vm(self, ss: SecondStagePageTable, regions: list[Region]) -> None:
-        """Drop a VM's host regions and free its second-stage pages."""
+    def unmap_vm(
+        self, ss: SecondStagePageTable, regions: list[Region], hpa: int | None = None
+    ) -> None:
+        """Drop a VM's host regions, free its second-stage pages and give its host range back
+        (``hpa``, else the range holding its first region)."""
+        if hpa is None and regions:
+            hpa = next((b for b, n in self._ranges.items() if b <= regions[0].gpa < b + n), None)
         for r in regions:
             self.mem.remove(r)
         self._release_table(ss.root, ss.levels)
+        if hpa is not None:
+            self._ranges.pop(hpa, None)
 
     def _release_table(self, table: int, level: int) -> None:
         if level > 1:

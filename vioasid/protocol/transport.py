@@ -121,6 +121,7 @@ class Transport:
         self._writing = False
         self._drained: asyncio.Event | None = None
         self.closed = False
+        self.paused = True  # until start()
         sock.setblocking(False)
         buf = _recv_buffer()  # this thread's, shared with its other transports
         self._bufs = [buf]
@@ -129,6 +130,18 @@ class Transport:
 
     def start(self) -> None:
         self.loop.add_reader(self._fd, self._readable)
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        """Stop reading (the peer's sends then block once the socket buffer fills)."""
+        if not self.closed and not self.paused:
+            self.loop.remove_reader(self._fd)
+            self.paused = True
+
+    def resume_reading(self) -> None:
+        if not self.closed and self.paused:
+            self.loop.add_reader(self._fd, self._readable)
+            self.paused = False
 
     # -- reading ------------------------------------------------------------------------
     def _readable(self) -> None:

@@ -1,6 +1,6 @@
 """Launch and supervise one QEMU process with asyncio.
 
-:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.vmspec.VmSpec`, captures the serial
+:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.qemu.vmspec.VmSpec`, captures the serial
 console line by line (history, async iteration, callbacks, optional live echo), connects QMP,
 and on every exit path (``async with``) shuts QEMU down, kills it if it will not go, and removes
 the temporary files it created (QMP socket, shared RAM file).
@@ -9,7 +9,7 @@ QEMU never outlives its launcher: :meth:`QemuProcess.close` ends with SIGKILL an
 whatever happened before (an error, a cancelled close, a QEMU ignoring ``quit`` and SIGTERM), and
 on Linux QEMU is started with ``PR_SET_PDEATHSIG`` so it is killed even if this process dies
 without running any cleanup (SIGKILL, a CI timeout). Waits use ``asyncio.timeout``, not
-``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qmp`).
+``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qemu.qmp`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from .qemu.binary import QemuNotFound, choose, probe
-from .qmp import Qmp, QmpError
-from .vmspec import DEFAULT_SHM_DIR, VmSpec
+from qemu_glue.qemu.binary import QemuNotFound, choose, probe
+from qemu_glue.qemu.qmp import Qmp, QmpError
+from qemu_glue.qemu.vmspec import DEFAULT_SHM_DIR, VmSpec
 
 log = logging.getLogger(__name__)
 
 ConsoleCallback = Callable[[str], None]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+READER_DRAIN_S = 2.0  # after exit, for the console/stderr readers to reach EOF
 KILL_REAP_TIMEOUT_S = 10.0  # after SIGKILL: only a process stuck in the kernel takes longer
 
 
@@ -182,7 +183,6 @@ class QemuProcess:
             except BaseException as exc:
                 await self.close()
                 if isinstance(exc, QmpError):
-                    await asyncio.sleep(0.05)
                     raise QemuError(f"QEMU did not come up: {exc}", self.stderr) from exc
                 raise
         return self
@@ -284,7 +284,7 @@ class QemuProcess:
         assert self.proc.stdout is not None
         try:
             while True:
-                raw = await self.proc.stdout.readline()
+                raw = await read_line(self.proc.stdout)
                 if not raw:
                     break
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -308,7 +308,7 @@ class QemuProcess:
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         while True:
-            raw = await self.proc.stderr.readline()
+            raw = await read_line(self.proc.stderr)
             if not raw:
                 return
             text = raw.decode("utf-8", "replace")
@@ -379,6 +379,12 @@ class QemuProcess:
             finally:
                 if self.qmp is not None:
                     await self.qmp.close()
+                # QEMU is gone: let the readers take its last words (an early "bad option"
+                # is only on stderr) before they are cancelled; the pipes end at EOF.
+                pending = [t for t in self._tasks if not t.done()]
+                if pending and not self.running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(pending, timeout=READER_DRAIN_S)
                 for t in self._tasks:
                     if not t.done():
                         t.cancel()
@@ -425,3 +431,33 @@ async def launch(
         yield vm
     finally:
         await vm.close()
+
+
+MAX_LINE = 1 << 20
+"""A console line longer than this is handed on in pieces of this size."""
+
+
+async def read_line(stream: asyncio.StreamReader, max_line: int = MAX_LINE) -> bytes:
+    """One line of ``stream`` with its newline, of any length (``StreamReader.readline`` stops
+    the reader with ``ValueError`` past its 64 KiB limit); a longer line than ``max_line``
+    comes in ``max_line`` pieces. ``b""`` at end of file."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return b"".join(parts) + exc.partial
+        except asyncio.LimitOverrunError as exc:
+            chunk = await stream.read(max(1, min(exc.consumed, max_line - size)))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= max_line:
+                return b"".join(parts)
+            continue
+        if not parts:
+            return chunk
+        parts.append(chunk)
+        return b"".join(parts)

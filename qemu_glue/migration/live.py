@@ -37,11 +37,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qemu_glue.migration.vpasid_reserve import digest, ppasid_table
+from qemu_glue.qemu.qmp import (
+    MIGRATION,
+    MIGRATION_PASS,
+    RESUME,
+    STOP,
+    EventStream,
+    Qmp,
+    QmpError,
+    QmpTimeout,
+)
 from vioasid.client import Client, ImportResult, MemoryRegion, RequestError
 from vioasid.model.memory import GuestMemory
-
-from .qmp import MIGRATION, MIGRATION_PASS, RESUME, STOP, EventStream, Qmp, QmpError, QmpTimeout
-from .vpasid_reserve import digest, ppasid_table
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +260,8 @@ class _Migration:
             if h.reserve is not None:
                 await _wait_reserve(h.reserve, PRECOPY_WAIT_S)
             else:
-                await asyncio.wait_for(self.pass_seen.wait(), PRECOPY_WAIT_S)
+                async with asyncio.timeout(PRECOPY_WAIT_S):
+                    await self.pass_seen.wait()
             # From here until self.pre is set the switch-over waits for this task instead of
             # cancelling it: a cancelled import would leave the destination holding the VM.
             self.importing = True

@@ -1,0 +1,555 @@
+"""The daemon under hostile and careless clients (issue 15, items 1-8): one test (or a few) per
+item, each reproducing what a bad client did to the daemon before and checking that it now
+hurts nobody else: no crash, no hang, no leak, no other tenant's VM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import resource
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from daemon_support import MemfdGuest, running_daemon, setup_vm
+
+from vioasid.cli import main as cli_main
+from vioasid.client import (
+    Client,
+    ConnectionLost,
+    DmaRequest,
+    Exhausted,
+    Invalid,
+    MemoryRegion,
+    NotFound,
+    NotOwner,
+)
+from vioasid.daemon.codec import BAD_PAYLOAD, Codec, Role, frame
+from vioasid.daemon.hostconfig import default_host
+from vioasid.daemon.server import Server
+from vioasid.daemon.service import EVENT_BACKLOG, Service
+from vioasid.formats import wire
+from vioasid.formats.wire import EventMask, Request
+from vioasid.model.errors import Exhausted as ModelExhausted
+from vioasid.model.errors import InvalidRequest
+from vioasid.model.memory import GuestMemory
+from vioasid.model.vm import FAULT_QUEUE_LIMIT
+
+DEV = "00:03.0"
+SID = 0x18
+VA, GPA = 0x40_0000, 0x20_0000
+
+
+def bound_guest() -> MemfdGuest:
+    """A guest whose vPASID 5 maps two pages at VA (entry written once a device is attached)."""
+    g = MemfdGuest()
+    g.map(5, VA, GPA, 0x2000)
+    return g
+
+
+Served = AsyncIterator[tuple[str, "subprocess.Popen[bytes]"]]
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    tmp: str, *, nofile: int | None = None
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``vioasid serve`` as a process of its own (a SIGBUS or fd exhaustion there must not take
+    the test down), optionally with a low fd limit."""
+    path = os.path.join(tmp, "d.sock")
+    limit = nofile
+
+    def lower() -> None:  # runs in the child
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vioasid", "serve", "--socket", path, "--log-level", "warning"],
+        stderr=subprocess.PIPE,
+        preexec_fn=lower,
+        env={**os.environ, "VIOASID_EVENT_LOOP": "asyncio"},
+    )
+    try:
+        async with await Client.connect(path, timeout=30):
+            pass
+        yield path, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+# -- 1. a client that shrinks its memory cannot SIGBUS the daemon ------------------------------
+
+
+@pytest.mark.asyncio
+async def test_memfd_is_sealed_against_shrinking() -> None:
+    g = MemfdGuest(size=4 << 20)
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        await c.register_vm("vm1", [g.region()])
+        with pytest.raises(PermissionError):  # the daemon sealed it: shrinking is refused
+            os.ftruncate(g.fd, 0)
+        assert fcntl.fcntl(g.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        # a memfd that can no longer be sealed is refused, and the connection stays
+        fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 1 << 20)
+        with pytest.raises(Invalid, match="F_SEAL_SHRINK"):
+            await c.register_vm("vm2", [MemoryRegion(fd, 0, 1 << 20)])
+        os.close(fd)
+        assert set((await c.dump())["vms"]) == {"vm1"}
+    g.close()
+
+
+@pytest.mark.asyncio
+async def test_truncated_plain_file_is_refused_not_sigbus(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    g = bound_guest()  # tables for vPASID 5 of 00:03.0, in a memfd
+    g.attach(SID)
+    g.write_entry(SID, 5)
+    data = os.pread(g.fd, g.size, 0)
+    ram.write_bytes(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        async with serve_process(tmp) as (path, proc):
+            fd = os.open(ram, os.O_RDWR)
+            async with await Client.connect(path) as tenant, await Client.connect(path) as other:
+                vm = await tenant.register_vm("vm1", [MemoryRegion(fd, 0, g.size)])
+                await tenant.attach_device(vm, DEV, "3a:00.0", "vfio-pci")
+                await tenant.set_root_table(vm, g.rtaddr)
+                await tenant.pasid_entry(vm, DEV, 5)
+                os.ftruncate(fd, 0)  # the hostile part: shrink it under the daemon
+                with pytest.raises(Invalid, match="shrank"):
+                    await tenant.pasid_entry(vm, DEV, 5)  # re-reads guest tables
+                with pytest.raises(Invalid, match="shrank"):
+                    await tenant.dma(vm, [DmaRequest(DEV, 5, VA + 0x123000)])
+                # the daemon lives: another tenant still gets served
+                other_g = MemfdGuest(size=4 << 20)
+                await other.register_vm("vm2", [other_g.region()])
+                assert set((await other.dump())["vms"]) >= {"vm2"}
+                other_g.close()
+            os.close(fd)
+            assert proc.poll() is None
+    g.close()
+
+
+# -- 2. the host address allocator reclaims and refuses what cannot fit --------------------------
+
+
+def test_host_ranges_are_reclaimed_and_bounded() -> None:
+    host = default_host()
+    # a VM whose RAM ends 64 GiB up, registered and released 4,096 times (256 TiB in all)
+    for i in range(4096):
+        mem = GuestMemory()
+        mem.add((64 << 30) - 4096, bytearray(4096))
+        host.add_vm(f"vm{i % 2}", mem)
+        host.remove_vm(f"vm{i % 2}")
+    # a VM placed past the 48-bit guest-physical space is refused and changes nothing
+    huge = GuestMemory()
+    huge.add(1 << 50, bytearray(4096))
+    with pytest.raises(InvalidRequest, match="48-bit"):
+        host.add_vm("huge", huge)
+    assert "huge" not in host.vms
+    # ... and the next VM lands in the first range again (nothing was leaked)
+    small = GuestMemory.from_bytes(1 << 20)
+    vm = host.add_vm("small", small)
+    assert vm.hpa == 1 << 32
+
+
+def test_host_range_exhaustion_is_a_clean_refusal() -> None:
+    host = default_host()
+    mem = GuestMemory()
+    mem.add((1 << 47) - 4096, bytearray(4096))  # 128 TiB: one fits below 2^48, not two
+    host.add_vm("a", mem)
+    mem2 = GuestMemory()
+    mem2.add((1 << 47) - 4096, bytearray(4096))
+    with pytest.raises(ModelExhausted):
+        host.add_vm("b", mem2)
+    assert set(host.vms) == {"a"}
+    host.add_vm("c", GuestMemory.from_bytes(4096))  # a small one still fits in what is left
+
+
+@pytest.mark.asyncio
+async def test_out_of_range_region_leaves_later_registers_working() -> None:
+    g = bound_guest()
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        with pytest.raises(Invalid, match="48-bit"):
+            await c.register_vm("far", [MemoryRegion(g.fd, 1 << 52, 4096)])
+        vm = await setup_vm(c, g)
+        g.write_entry(SID, 5)
+        await c.pasid_entry(vm, DEV, 5)
+        [r] = await c.dma(vm, [DmaRequest(DEV, 5, VA + 8)])
+        assert r.ok and r.gpa == GPA + 8
+    g.close()
+
+
+# -- 3. a subscriber that never reads costs O(1) per event and bounded memory ------------------
+
+
+@pytest.mark.asyncio
+async def test_subscriber_that_never_reads_has_its_events_dropped_and_counted() -> None:
+    g = bound_guest()
+    async with running_daemon() as (server, path):
+        owner = await Client.connect(path)
+        vm = await setup_vm(owner, g)
+        g.write_entry(SID, 5)
+        await owner.pasid_entry(vm, DEV, 5)
+        await owner.subscribe(vm, EventMask.FAULTS)
+        # the owner stops reading
+        server.loop.remove_reader(owner._transport.sock.fileno())
+        device = await Client.connect(path)
+        dvm = await device.open_vm("vm1")
+        faults = [DmaRequest(DEV, 5, 0x7000_0000 + i * 4096) for i in range(FAULT_QUEUE_LIMIT)]
+        for _ in range(40):  # 40k fault events for a subscriber that reads none
+            results = await device.dma(dvm, faults)
+            assert all(r.fault is not None for r in results)
+        owner_conn = next(c for c in server.connections.values() if vm in c.session.owned)
+        assert owner_conn.transport.pending <= EVENT_BACKLOG + (1 << 20)
+        doc = await device.dump()
+        assert doc["events_dropped"][str(owner_conn.session.id)] > 0
+        # the device client is still served normally
+        [ok] = await device.dma(dvm, [DmaRequest(DEV, 5, VA)])
+        assert ok.ok
+        await device.close()
+        await owner.close()
+    g.close()
+
+
+# -- 4. out of file descriptors: back off, refuse honestly, keep serving ------------------------
+
+
+@pytest.mark.asyncio
+async def test_fd_exhaustion_refuses_new_clients_and_keeps_old_ones() -> None:
+    g = MemfdGuest(size=1 << 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        async with serve_process(tmp, nofile=64) as (path, proc):
+            async with await Client.connect(path) as tenant:
+                await tenant.register_vm("vm1", [g.region()])
+                hogs: list[socket.socket] = []
+                try:
+                    for _ in range(80):  # more than the daemon has fds for
+                        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        s.connect(path)
+                        hogs.append(s)
+                    await asyncio.sleep(0.5)
+                    # a new client is told why, promptly, instead of hanging
+                    async with asyncio.timeout(20):
+                        late = await Client.connect(path)
+                        with pytest.raises((Exhausted, ConnectionLost)):
+                            await late.get_features()
+                        await late.close()
+                    # the tenant's next fd-carrying request is refused, its VMs are kept
+                    g2 = MemfdGuest(size=1 << 20)
+                    with pytest.raises(Exhausted, match="file descriptors"):
+                        await tenant.register_vm("vm2", [g2.region()])
+                    g2.close()
+                    assert set((await tenant.dump())["vms"]) == {"vm1"}
+                finally:
+                    for s in hogs:
+                        s.close()
+                await asyncio.sleep(1.5)  # the back-off ends; accepting works again
+                async with asyncio.timeout(20), await Client.connect(path) as fresh:
+                    assert await fresh.get_features() == wire.ALL_FEATURES
+            proc.terminate()
+            assert proc.stderr is not None
+            _, err = proc.communicate(timeout=20)
+            # logged once per episode, not once per wakeup
+            assert err.count(b"pausing accepting") <= 5, err[-2000:]
+    g.close()
+
+
+@pytest.mark.asyncio
+async def test_connection_cap_refuses_with_a_reason(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.sock")
+    async with Server(Service(default_host()), path, max_connections=2):
+        a = await Client.connect(path)
+        b = await Client.connect(path)
+        assert await a.get_features() == await b.get_features()
+        c = await Client.connect(path)
+        with pytest.raises(Exhausted, match="connections"):
+            await c.get_features()
+        for x in (a, b, c):
+            await x.close()
+
+
+@pytest.mark.asyncio
+async def test_partial_messages_are_bounded_across_connections(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.sock")
+    async with Server(Service(default_host()), path) as server:
+        socks = []
+        half = wire.HEADER_S.pack(Request.DUMP, wire.VERSION, wire.MAX_PAYLOAD) + bytes(8 << 20)
+        loop = asyncio.get_running_loop()
+        for _ in range(20):  # 20 half-sent 16 MiB messages
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, path)
+            socks.append(s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # a paused connection stops taking bytes
+                    await loop.sock_sendall(s, half)
+        held = sum(c.codec.buffered for c in server.connections.values())
+        assert held <= 64 * (1 << 20) + 20 * (2 << 20)
+        async with await Client.connect(path) as fresh:  # small requests still served
+            assert await fresh.get_features() == wire.ALL_FEATURES
+        for s in socks:
+            s.close()
+
+
+# -- 5. replies of any size; a bad reply costs one request, not the VMs ------------------------
+
+
+@pytest.mark.asyncio
+async def test_dump_larger_than_one_message_arrives_whole() -> None:
+    g = MemfdGuest(size=1 << 20)
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        for i in range(300):  # 300 VMs with 64 KiB names: the document is over 16 MiB
+            await c.register_vm(f"{i:05d}" + "x" * 65000, [g.region()])
+        doc = await c.dump()
+        assert len(doc["vms"]) == 300
+        assert not c.closed and len((await c.dump())["vms"]) == 300
+    g.close()
+
+
+def test_undecodable_reply_fails_one_request_not_the_connection() -> None:
+    codec = Codec(Role.CLIENT, tolerant=True)
+    codec.receive(frame(Request.DUMP, wire.VERSION | wire.FLAG_REPLY, b"\0" * 3))
+    codec.receive(frame(Request.GET_FEATURES, wire.VERSION | wire.FLAG_REPLY, bytes(8)))
+    bad = codec.next_message()
+    good = codec.next_message()
+    assert bad is not None and bad.body is BAD_PAYLOAD
+    assert good is not None and good.body.features == 0
+
+
+@pytest.mark.asyncio
+async def test_client_refuses_locally_what_the_daemon_would_refuse() -> None:
+    g = MemfdGuest(size=1 << 20)
+    async with running_daemon() as (_, path), await Client.connect(path) as c:
+        regions = [MemoryRegion(g.fd, i << 20, 4096) for i in range(17)]
+        with pytest.raises(Invalid, match="17 memory regions"):
+            await c.register_vm("many", regions)
+        with pytest.raises(Invalid, match="not sent"):
+            await c.open_vm("\udcff-not-utf8")
+        assert await c.get_features() == wire.ALL_FEATURES  # the connection is fine
+    g.close()
+
+
+# -- 6. the socket path: a lock beside it, remove only what we created -------------------------
+
+
+@pytest.mark.asyncio
+async def test_second_daemon_on_a_path_is_refused_even_without_the_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.sock")
+    async with Server(Service(default_host()), path):
+        os.unlink(path)  # the window a racing daemon used to hit: the file is gone
+        with pytest.raises(OSError, match="another daemon"):
+            await Server(Service(default_host()), path).start()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_removes_only_its_own_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.sock")
+    server = Server(Service(default_host()), path)
+    await server.start()
+    os.unlink(path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(path)  # someone else's socket now lives at the path
+    await server.close()
+    assert os.path.exists(path)
+    other.close()
+
+
+# -- 7. access control ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_socket_is_private_and_only_the_owner_changes_its_vm() -> None:
+    g = bound_guest()
+    async with running_daemon() as (_, path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        owner = await Client.connect(path)
+        other = await Client.connect(path)
+        vm = await setup_vm(owner, g)
+        g.write_entry(SID, 5)
+        await owner.pasid_entry(vm, DEV, 5)
+        seen = await other.open_vm("vm1")  # same uid: may read
+        assert "vm1" in (await other.dump())["vms"]
+        for attempt in (
+            other.unregister_vm(seen),
+            other.attach_device(seen, "00:04.0", "3b:00.0", "vfio-pci"),
+            other.detach_device(seen, DEV),
+            other.set_root_table(seen, 0),
+            other.pasid_entry(seen, DEV, 5),
+            other.subscribe(seen),
+        ):
+            with pytest.raises(NotOwner):
+                await attempt
+        [r] = await owner.dma(vm, [DmaRequest(DEV, 5, VA)])
+        assert r.ok  # the VM is untouched
+        await other.close()
+        await owner.close()
+    g.close()
+
+
+def test_other_users_see_nothing_of_a_vm() -> None:
+    service = Service(default_host())
+    alice = service.open_session("alice", uid=1000)
+    bob = service.open_session("bob", uid=1001)
+    g = MemfdGuest(size=1 << 20)
+    codec = Codec(Role.DAEMON)
+
+    def ask(session: object, request: Request, body: dict[str, object], fds: list[int]) -> None:
+        codec.receive(frame(request, wire.VERSION, wire.REQUEST_LAYOUTS[request].build(body)), fds)
+        msg = codec.next_message()
+        assert msg is not None
+        service.handle(session, msg)  # type: ignore[arg-type]
+
+    regions = [
+        {"guest_phys_addr": 0, "memory_size": 1 << 20, "userspace_addr": 0, "mmap_offset": 0}
+    ]
+    ask(
+        alice,
+        Request.REGISTER_VM,
+        {"flags": 0, "nregions": 1, "name": "a", "regions": regions},
+        [os.dup(g.fd)],
+    )
+    assert service.vms
+    ask(bob, Request.OPEN_VM, {"name": "a"}, [])
+    assert b"VM a belongs to another user" in b"".join(bob.outbox)
+    assert "a" not in service.dump(viewer=bob)["vms"]
+    assert "a" in service.dump(viewer=alice)["vms"]
+    service.end_session(alice)
+    g.close()
+
+
+# -- 8. the command line: one line, exit 2, never a traceback or a hang -------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    rc = cli_main(list(argv))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe not utf-8 = 1\n", b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n"],
+    ids=["non-utf8", "5000-deep"],
+)
+def test_bad_toml_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_bytes(content)
+    for argv in (
+        ["scenario", str(f)],
+        ["serve", "--socket", str(tmp_path / "s"), "--host", str(f)],
+    ):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_scenario_with_a_date_in_expect_ends_with_an_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "date.toml"
+    f.write_text(
+        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
+        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "4M"\n'
+        '[[vm.device]]\nrid = "00:03.0"\nfunction = "3a:00.0"\nassign = "vfio-pci"\n'
+        '[[step]]\nop = "dump"\nvm = "v"\nexpect = { when = 1979-05-27 }\n'
+    )
+    rc, err = _cli(capsys, "scenario", str(f))
+    assert rc in (1, 2) and "Traceback" not in err
+    if rc == 2:
+        assert err.count("\n") == 1
+
+
+def test_scenario_with_memory_the_host_cannot_map_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "huge.toml"
+    f.write_text(
+        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
+        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "1000000G"\n'
+    )
+    rc, err = _cli(capsys, "scenario", str(f))
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_serve_refuses_an_empty_socket_path(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(capsys, "serve", "--socket", "")
+    assert rc == 2 and "file path" in err
+
+
+def test_status_times_out_on_a_daemon_that_never_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(8)  # connections complete in the backlog; nobody ever answers
+    try:
+        rc, err = _cli(capsys, "status", "--socket", path, "--timeout", "0.5")
+    finally:
+        mute.close()
+    assert rc == 1 and "did not answer" in err and err.count("\n") == 1
+
+
+def test_status_vm_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(capsys, "status", "--socket", str(tmp_path / "s"), "--vm", "x" * 70000)
+    assert rc == 2 and err.count("\n") == 1
+    rc, err = _cli(capsys, "status", "--socket", str(tmp_path / "s"), "--vm", "\udcff")
+    assert rc == 2 and err.count("\n") == 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "d.sock")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vioasid", "serve", "--socket", path], stderr=subprocess.DEVNULL
+        )
+        try:
+            for _ in range(300):
+                if os.path.exists(path):
+                    break
+                proc.wait(0.1) if proc.poll() is not None else None
+                import time
+
+                time.sleep(0.05)
+            rc, err = _cli(capsys, "status", "--socket", path, "--vm", "nope")
+            assert rc == 2 and "nope" in err and err.count("\n") == 1
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_asyncio_wait_for_is_gone_where_it_could_swallow_a_cancellation() -> None:
+    root = Path(__file__).resolve().parent.parent
+    files = [
+        "qemu_glue/migration/live.py", "qemu_glue/migration/rig.py", "vioasid/device/translator.py",
+        "qemu_glue/vhost_user/guest.py", "vioasid/client.py", "guest_tests/runner.py",
+    ]  # fmt: skip
+    for name in files:
+        assert "asyncio.wait_for(" not in (root / name).read_text(), name
+
+
+@pytest.mark.asyncio
+async def test_console_lines_longer_than_64k_do_not_stop_the_reader() -> None:
+    from qemu_glue.qemu.process import read_line
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"x" * 200_000 + b"\nnext line\n")
+    reader.feed_eof()
+    long = await read_line(reader)
+    assert long == b"x" * 200_000 + b"\n"
+    assert await read_line(reader) == b"next line\n"
+    assert await read_line(reader) == b""
+    # NotFound is re-exported for callers that match it
+    assert issubclass(NotFound, Exception)
