@@ -36,7 +36,7 @@ PAGES = 256  # one 1 MiB request
 
 CLIENT = r"""
 import socket, struct, sys, time
-from qemu_glue.vhost_user.codec import encode
+from vioasid.vhost_user.codec import encode
 from vioasid.formats.virtio import (VHOST_USER_IOTLB, VHOST_USER_NEED_REPLY, VHOST_USER_VERSION,
     VhostUserRequest as R, IotlbType)
 path, rounds = sys.argv[1], int(sys.argv[2])
@@ -134,7 +134,7 @@ def translation_figures() -> None:
 
 
 async def ack_figures(rounds: int) -> None:
-    from qemu_glue.vhost_user.backend import VhostUserBlkBackend
+    from vioasid.vhost_user.backend import VhostUserBlkBackend
 
     with tempfile.TemporaryDirectory(prefix="vioasid-dp-") as tmp:
         disk = Path(tmp) / "disk.raw"

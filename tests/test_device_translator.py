@@ -8,7 +8,6 @@ import asyncio
 import pytest
 from engine_support import Lab
 
-from qemu_glue.vhost_user.virtqueue import YIELD_EVERY, Buffer, Dma
 from vioasid.device.translator import (
     DeviceTranslator,
     DmaFault,
@@ -23,6 +22,7 @@ from vioasid.formats.invalidation import PIOTLB_PSI_IN_PASID, TYPE_PIOTLB
 from vioasid.model.faults import Fault
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
+from vioasid.vhost_user.virtqueue import YIELD_EVERY, Buffer, Dma
 
 SID = 0x20
 
