@@ -23,9 +23,9 @@ from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, launch
 from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
-from qemu_glue.vhost_user.backend import VhostUserBlkBackend
 from vioasid.device.translator import VtdRegs
 from vioasid.formats.registers import REG_IQA, REG_IQT
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 
