@@ -2,7 +2,8 @@
 # vioasid test guest /init (busybox): mount the basics, load the modules listed in
 # /etc/vioasid/modules (the last is the PASID DMA driver, /lib/modules/vioasid_dma.ko), then run
 # the tests named by vioasid.tests= and power off: the disk tests on /dev/vda, and the PASID DMA
-# checks (guest_tests/pasid_tests.sh) when the list holds "pasid".
+# checks (guest_tests/pasid_tests.sh) when the list holds "pasid", the guest-measured PASID DMA
+# figures (guest_tests/pasid_bench.sh, vioasid.bench_s=N seconds each) when it holds "pasid-bench".
 # Kernel command line: vioasid.tests=a,b|all|none|pasid[,...]  vioasid.loop=1 (repeat until the
 #   stop sector)  vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX
 #   vioasid.pasid=check,check (the PASID checks to run; default all)  vioasid.shell=1 (shell)
@@ -26,7 +27,7 @@ while read -r mod; do
 done < /etc/vioasid/modules
 echo "VIOASID-MODULES loaded=${loaded:-none}"
 
-tests=all loop=0 loops=0 disk=/dev/vda shell=0 pasid=all
+tests=all loop=0 loops=0 disk=/dev/vda shell=0 pasid=all bench_s=3
 for word in $(cat /proc/cmdline); do
   case "$word" in
     vioasid.tests=*) tests="${word#vioasid.tests=}" ;;
@@ -35,6 +36,7 @@ for word in $(cat /proc/cmdline); do
     vioasid.disk=*) disk="${word#vioasid.disk=}" ;;
     vioasid.shell=*) shell="${word#vioasid.shell=}" ;;
     vioasid.pasid=*) pasid="${word#vioasid.pasid=}" ;;
+    vioasid.bench_s=*) bench_s="${word#vioasid.bench_s=}" ;;
   esac
 done
 
@@ -45,12 +47,13 @@ if [ "$shell" = 1 ]; then
 fi
 
 case ",$tests," in
-  *,pasid,*)
-    sh /guest_tests/pasid_tests.sh "$pasid"
-    tests=$(echo ",$tests," | sed 's/,pasid,/,/g; s/^,//; s/,$//')
-    [ -n "$tests" ] || tests=none
-    ;;
+  *,pasid,*) sh /guest_tests/pasid_tests.sh "$pasid" ;;
 esac
+case ",$tests," in
+  *,pasid-bench,*) sh /guest_tests/pasid_bench.sh "$bench_s" ;;
+esac
+tests=$(echo ",$tests," | sed 's/,pasid-bench,/,/g; s/,pasid,/,/g; s/^,//; s/,$//')
+[ -n "$tests" ] || tests=none
 
 if [ "$tests" != none ]; then
   i=0

@@ -16,6 +16,8 @@ PASID DMA checks (guest_tests/pasid_tests.sh, ``vioasid.tests=pasid``; docs/pasi
     VIOASID-PASID-TEST name=<check> result=pass|fail|skip dev=<dmaN> pasid=<P>
         [fault_reason=0xNN fault_addr=0x... fault_pasid=<P> fault_write=0|1] detail=<text>
     VIOASID-PASID-DONE passed=<N> failed=<M> skipped=<K>
+    VIOASID-PASID-BENCH name=<figure> value=<v> unit=<MiB/s|jobs/s> ops=<n> seconds=<s>
+    VIOASID-PASID-BENCH-DONE ok=1|0 [detail=<why not>]      (guest_tests/pasid_bench.sh)
 
 The ``fault_*`` fields are the fault the driver reported for a check that expects one (the
 device's completion record or error registers: VT-d reason, IOVA, the guest's vPASID, write).
@@ -38,6 +40,8 @@ PASID_DEVICES = "VIOASID-PASID-DEVICES"
 PASID_BIND = "VIOASID-PASID-BIND"
 PASID_TEST = "VIOASID-PASID-TEST"
 PASID_DONE = "VIOASID-PASID-DONE"
+PASID_BENCH = "VIOASID-PASID-BENCH"
+PASID_BENCH_DONE = "VIOASID-PASID-BENCH-DONE"
 
 PASID_CHECKS = (
     "devices",
@@ -188,6 +192,8 @@ class GuestReport:
     pasid_binds: list[tuple[str, int]] = field(default_factory=list)  # (dmaN, vPASID)
     pasid_results: list[PasidResult] = field(default_factory=list)
     pasid_done: tuple[int, int, int] | None = None  # (passed, failed, skipped)
+    pasid_bench: dict[str, float] = field(default_factory=dict)  # figure -> value
+    pasid_bench_done: bool | None = None  # None: the bench did not finish
 
     def feed(self, line: str) -> Marker | None:
         """Account for one console line; the marker it held, if any."""
@@ -242,6 +248,15 @@ class GuestReport:
             )
         elif mk.kind == PASID_DONE:
             self.pasid_done = (mk.int("passed"), mk.int("failed"), mk.int("skipped"))
+        elif mk.kind == PASID_BENCH:
+            try:
+                self.pasid_bench[mk.fields["name"]] = float(mk.fields["value"])
+            except (KeyError, ValueError):
+                self.errors.append(f"bad bench line: {mk.fields}")
+        elif mk.kind == PASID_BENCH_DONE:
+            self.pasid_bench_done = mk.fields.get("ok") == "1"
+            if not self.pasid_bench_done:
+                self.errors.append("pasid bench: " + mk.fields.get("detail", "failed"))
 
     @property
     def pasid_ok(self) -> bool:

@@ -11,13 +11,15 @@
    per function at its guest RID (slot 05.0, 06.0, ... on pcie.0) and starts one
    :class:`~vioasid.vfio_user.server.FunctionServer` per function.
 3. :meth:`PasidDmaRig.devices` gives the ``vfio-user-pci`` devices for the VmSpec; once QMP is
-   up, :meth:`PasidDmaRig.set_registers` hands the functions a reader of the guest's RTADDR
-   (QMP ``xp``, :mod:`qemu_glue.vtd_regs`), read at bind time when unknown or changed.
+   up, :meth:`PasidDmaRig.set_registers` follows the guest's RTADDR/GSTS (QMP ``xp`` polls,
+   :mod:`qemu_glue.qemu.vtd_regs`) into the engine VM, in the background: a vfio-user message must
+   never wait on QMP (the vCPU waits for its reply holding QEMU's lock).
 4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.qemu.vmspec import VfioUserPci
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats.pasid_dma import FunctionType
@@ -35,14 +39,12 @@ from vioasid.model.faults import bdf_str, parse_bdf
 from vioasid.model.memory import GuestMemory
 from vioasid.vfio_user.server import FunctionServer
 
-from .vmspec import VfioUserPci
-from .vtd_regs import VtdRegisterReader
-
 log = logging.getLogger(__name__)
 
 VM_NAME = "guest"
 FIRST_SLOT = 5  # 00:05.0, 00:06.0, ... on pcie.0
 MAX_FUNCTIONS = 16
+RTADDR_POLL_S = 0.2
 MAX_RAM_MIB = 2048  # q35 keeps all RAM below 4 GiB up to here: GPA == file offset
 TYPES = tuple(t.word for t in FunctionType)
 
@@ -171,7 +173,7 @@ class PasidDmaRig:
         self.ram_path = (shm if shm.is_dir() else self.tmp) / f"{self.tmp.name}-ram"
         self.functions: list[PasidDmaFunction] = []
         self.servers: list[FunctionServer] = []
-        self._regs: VtdRegisterReader | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._memory: GuestMemory | None = None
 
     async def start(self) -> None:
@@ -185,9 +187,7 @@ class PasidDmaRig:
         self.host.add_vm(VM_NAME, self._memory)
         for p in self.placed:
             self.host.attach_device(VM_NAME, p.guest_rid, p.function, p.assign)  # type: ignore[arg-type]
-            fn = PasidDmaFunction(
-                self.host, VM_NAME, p.guest_rid, p.arg.type, rtaddr_source=self._rtaddr
-            )
+            fn = PasidDmaFunction(self.host, VM_NAME, p.guest_rid, p.arg.type)
             srv = FunctionServer(fn, self.tmp / f"dma{len(self.servers)}.sock")
             await srv.start()
             self.functions.append(fn)
@@ -200,15 +200,30 @@ class PasidDmaRig:
         )
 
     def set_registers(self, reader: VtdRegisterReader | None) -> None:
-        self._regs = reader
+        """Follow the guest's RTADDR (QMP ``xp`` polls, in the background: never from a
+        vfio-user message, where QEMU's vCPU waits for our reply holding its lock)."""
+        if reader is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._follow(reader))
 
-    async def _rtaddr(self) -> int | None:
-        if self._regs is None:
-            return None
-        regs, _ = await self._regs.refresh_if_changed()
-        return regs.root_table if regs.root_table_set else None
+    async def _follow(self, reader: VtdRegisterReader) -> None:
+        try:
+            async with contextlib.aclosing(reader.watch(RTADDR_POLL_S)) as regs:
+                async for r in regs:
+                    rt = r.rtaddr if r.root_table_set else 0  # the register (TTM too)
+                    if rt != self.host.vm(VM_NAME).rtaddr:
+                        log.info("guest RTADDR %#x (GSTS %#x)", rt, r.gsts)
+                        self.host.set_rtaddr(VM_NAME, rt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # QEMU went away: nothing more to follow
+            log.info("stopped following the guest's RTADDR: %r", e)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
+            self._watch = None
         for s in self.servers:
             await s.close()
         with contextlib.suppress(FileNotFoundError):

@@ -4,7 +4,7 @@ The fake QMP (:class:`FakeQemuPair`) plays QEMU's side of a pre-copy migration: 
 copies the source's RAM (a memfd) into the destination's and emits MIGRATION events up to
 ``pre-switchover``; ``migrate-continue`` completes (destination RESUME), ``migrate_cancel``
 cancels and the source runs again. The vPASID tables live in a reserved range of that RAM, as
-with a real guest (qemu_glue.vpasid_reserve).
+with a real guest (qemu_glue.migration.vpasid_reserve).
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from typing import Any, cast
 
 import pytest
 
-from qemu_glue.migration import (
+from qemu_glue.migration.live import (
     MigrationError,
     Reserve,
     VpasidHandover,
     iommu_differences,
     migrate,
 )
-from qemu_glue.qmp import EventStream, Qmp, QmpError
-from qemu_glue.vpasid_reserve import (
+from qemu_glue.migration.vpasid_reserve import (
     DATA_IOVA,
     VirtualDevice,
     VpasidTables,
@@ -34,6 +33,7 @@ from qemu_glue.vpasid_reserve import (
     ppasid_table,
     register,
 )
+from qemu_glue.qemu.qmp import EventStream, Qmp, QmpError
 from vioasid.client import Client, DmaRequest, MemoryRegion
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Server
@@ -79,7 +79,7 @@ class _Listener:
 
 
 class FakeQmp:
-    """Enough of :class:`qemu_glue.qmp.Qmp` for :func:`migrate`."""
+    """Enough of :class:`qemu_glue.qemu.qmp.Qmp` for :func:`migrate`."""
 
     def __init__(self, name: str, iommu: dict[str, Any]) -> None:
         self.name = name

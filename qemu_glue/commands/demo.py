@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.commands import demo_migrate
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
+from qemu_glue.vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
 from vioasid.commands.common import add_qemu_option, qemu_choice
-
-from ..vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
-from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
-from . import demo_migrate
 
 
 def progress(msg: str) -> None:
@@ -44,8 +43,7 @@ def _guest_progress(line: str) -> None:
 async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]:
     from guest_tests import patterns
     from images.build import ensure_image
-
-    from ..accel import choose_accel
+    from qemu_glue.qemu.accel import choose_accel
 
     t0 = time.monotonic()
     qemu = qemu_choice(args)

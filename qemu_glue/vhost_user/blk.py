@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from qemu_glue.vhost_user.timing import PhaseTimes
+from qemu_glue.vhost_user.virtqueue import Buffer, Chain, Dma
 from vioasid.device.translator import DmaFault
 from vioasid.formats.virtio import (
     BLK_CONFIG,
@@ -25,9 +27,6 @@ from vioasid.formats.virtio import (
     BlkType,
 )
 from vioasid.model.memory import MemoryAccessError
-
-from .timing import PhaseTimes
-from .virtqueue import Buffer, Chain, Dma
 
 log = logging.getLogger(__name__)
 

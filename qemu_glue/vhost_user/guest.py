@@ -1,9 +1,9 @@
 """A QEMU guest whose disk is the vioasid vhost-user-blk back-end: start both, wire them up.
 
-:func:`vhost_blk_guest` starts the back-end listening, launches QEMU (``qemu_glue.process``)
+:func:`vhost_blk_guest` starts the back-end listening, launches QEMU (``qemu_glue.qemu.process``)
 with a ``vhost-user-blk-pci`` device on that socket, reads the device's guest RID from QMP
 ``query-pci`` and gives the back-end a reader of the VT-d GSTS/RTADDR registers
-(``qemu_glue.vtd_regs``, QMP ``xp``). Everything is stopped on exit, also on failure.
+(``qemu_glue.qemu.vtd_regs``, QMP ``xp``). Everything is stopped on exit, also on failure.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from qemu_glue.iq_follower import IqFollower
+from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.process import QemuProcess, launch
+from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
+from qemu_glue.vhost_user.backend import VhostUserBlkBackend
 from vioasid.device.translator import VtdRegs
 from vioasid.formats.registers import REG_IQA, REG_IQT
-
-from ..iq_follower import IqFollower
-from ..process import QemuProcess, launch
-from ..qemu.binary import QemuChoice
-from ..vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
-from ..vtd_regs import VtdRegisterReader
-from .backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 

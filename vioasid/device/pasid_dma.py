@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +59,6 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _REG_END = 0x100
 _PORTAL_END = pd.PORTAL_OFFSET + pd.PORTAL_SIZE
-
-RtaddrSource = Callable[[], Awaitable[int | None]]
 
 
 class _JobFault(Exception):
@@ -94,7 +91,6 @@ class PasidDmaFunction(PciFunction):
         ftype: FunctionType,
         *,
         name: str | None = None,
-        rtaddr_source: RtaddrSource | None = None,
         ats: bool = False,
         pri: bool = False,
     ) -> None:
@@ -121,7 +117,6 @@ class PasidDmaFunction(PciFunction):
             ats=ats,
             pri=pri,
         )
-        self.rtaddr_source = rtaddr_source
         self.bound: dict[int, int] = {}  # vPASID -> pPASID (the tag on the wire)
         self.jobs: list[Job] = []
         self.max_jobs_kept = 10_000
@@ -188,22 +183,6 @@ class PasidDmaFunction(PciFunction):
             return bytes(count)  # the portal and the rest of BAR0 read as 0
         end = min(offset + count, _REG_END)
         return bytes(self._regs()[offset:end]) + bytes(count - (end - offset))
-
-    def before_write(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
-        if (
-            index == 0
-            and self.rtaddr_source is not None
-            and offset <= Reg.BIND_CMD < offset + len(data)
-        ):
-            return self._refresh_rtaddr()
-        return None
-
-    async def _refresh_rtaddr(self) -> None:
-        assert self.rtaddr_source is not None
-        rt = await self.rtaddr_source()
-        if rt is not None and rt != self.host.vm(self.vm).rtaddr:
-            log.info("%s: guest RTADDR %#x", self.name, rt)
-            self.host.set_rtaddr(self.vm, rt)
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
         if index != 0:
@@ -458,6 +437,7 @@ class PasidDmaFunction(PciFunction):
                 ctx.write(comp, rec)
             except _JobFault as e:
                 f = e.fault
+                self.faults.append(f)
                 self.err_status |= pd.ERR_RECORD_WRITE
                 self.err_pasid = f.pasid if f.pasid is not None else ctx.x
                 self.err_addr = f.addr

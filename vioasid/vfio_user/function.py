@@ -242,7 +242,9 @@ class PciFunction:
 
     def before_write(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
         """Called before :meth:`bar_write`; an awaitable returned here is awaited by the server
-        first (e.g. to read a register of the VM over QMP). Default: nothing."""
+        first. Never wait on QEMU itself here (QMP): with non-posted writes the vCPU waits for
+        this write's reply holding QEMU's big lock, so QMP would not answer (deadlock until
+        QEMU's x-msg-timeout). Default: nothing."""
         return None
 
     def config_written(self, offset: int, data: bytes) -> None:

@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from guest_tests.markers import GuestReport, Marker
+from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.process import QemuProcess, read_line
+from qemu_glue.qemu.qmp import Qmp
+from qemu_glue.qemu.vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
+from qemu_glue.vhost_user.backend import VhostUserBlkBackend
 from vioasid.client import Client, MemoryRegion
 from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
-
-from .process import QemuProcess, read_line
-from .qemu.binary import QemuChoice
-from .qmp import Qmp
-from .vhost_user.backend import VhostUserBlkBackend
-from .vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
-from .vtd_regs import VtdRegisterReader
 
 log = logging.getLogger(__name__)
 
