@@ -45,7 +45,7 @@ from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
 from .vm import VM, Device
-from .walker import Request, Walker
+from .walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ class Host:
                 if dev.rule.equal_x:
                     return self._request(fn, tag, addr, write, v, dev, supervisor)
             res = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=supervisor)
             )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
@@ -684,7 +684,7 @@ class Host:
         res: int | Fault
         if supervisor:
             t = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=True)
             )
             res = t if isinstance(t, Fault) else t.address
         else:
