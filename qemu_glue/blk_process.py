@@ -24,8 +24,8 @@ from typing import Any
 
 from qemu_glue.qemu.qmp import Qmp
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
-from qemu_glue.vhost_user.backend import VhostUserBlkBackend
 from vioasid.device.translator import VtdRegs
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 

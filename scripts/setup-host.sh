@@ -23,7 +23,6 @@ case "$codename" in
   *) say "warning: untested distribution '${PRETTY_NAME:-$codename}' (Debian 12 or 13 expected)" ;;
 esac
 
-<<<<<<< HEAD
 # The Debian archive URI apt already uses (deb822 .sources first, then sources.list).
 archive_uri() {
   local uri=""
@@ -40,17 +39,6 @@ add_backports() {  # $1 = suite, e.g. bookworm-backports
     say "adding $1 from $uri"
     echo "deb $uri $1 main" | $SUDO tee "/etc/apt/sources.list.d/$1.list" >/dev/null
     # Backports stay opt-in (-t): apt never upgrades the host from them on its own.
-=======
-pkgs="busybox-static cpio zstd xz-utils gcc make"
-if [ "$codename" = "bookworm" ] && [ $need_qemu -eq 1 ]; then
-  # Add bookworm-backports on the same archive URI apt already uses.
-  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    uri=$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | grep -v security | head -1 | awk '{print $2}')
-    [ -n "$uri" ] || uri=$(grep -hsE '^deb ' /etc/apt/sources.list | grep -v security | head -1 | awk '{print $2}')
-    [ -n "$uri" ] || uri="http://deb.debian.org/debian"
-    echo "setup: adding bookworm-backports from $uri"
-    echo "deb $uri bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
->>>>>>> main
   fi
 }
 

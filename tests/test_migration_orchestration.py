@@ -409,8 +409,8 @@ def test_dirty_log_marks_pages_of_writes_only() -> None:
 
 
 def test_settle_hands_back_inflight_request() -> None:
-    from qemu_glue.vhost_user.inflight import settle
-    from qemu_glue.vhost_user.virtqueue import SplitQueue
+    from vioasid.vhost_user.inflight import settle
+    from vioasid.vhost_user.virtqueue import SplitQueue
 
     async def go() -> None:
         q = SplitQueue(0, num=8, last_avail=6, used_idx=5)
@@ -458,8 +458,6 @@ def test_migrate_cli_rejects_bad_uri(capsys: pytest.CaptureFixture[str]) -> None
 def test_backend_offers_migration_features_and_maps_the_log(tmp_path: Any) -> None:
     """The features QEMU requires before it allows migrating a vhost-user device, and the
     SET_LOG_BASE reply it waits for (exact texts in shared/design/qemu-notes.md)."""
-    from qemu_glue.vhost_user.backend import VhostUserBlkBackend
-    from qemu_glue.vhost_user.codec import Decoder, Message
     from vioasid.formats.virtio import (
         VHOST_USER_LOG,
         VHOST_USER_VERSION,
@@ -467,6 +465,8 @@ def test_backend_offers_migration_features_and_maps_the_log(tmp_path: Any) -> No
         VhostUserRequest,
         VirtioFeature,
     )
+    from vioasid.vhost_user.backend import VhostUserBlkBackend
+    from vioasid.vhost_user.codec import Decoder, Message
 
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(1 << 20))

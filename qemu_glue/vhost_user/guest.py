@@ -23,9 +23,9 @@ from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, launch
 from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
-from qemu_glue.vhost_user.backend import VhostUserBlkBackend
 from vioasid.device.translator import VtdRegs
 from vioasid.formats.registers import REG_IQA, REG_IQT
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ async def run_guest_tests(
     opts: GuestOptions,
     timeout: float = 300.0,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[BlkGuest], None] | None = None,
 ) -> BlkRunResult:
     """Boot the test guest with the vioasid disk, follow its markers, check the backing file.
 
@@ -223,6 +224,8 @@ async def run_guest_tests(
     from guest_tests.runner import watch_guest
 
     async with vhost_blk_guest(opts) as g:
+        if on_start is not None:
+            on_start(g)
         if on_line is not None:
             g.vm.on_console(on_line)
         run = await watch_guest(g.vm, timeout)

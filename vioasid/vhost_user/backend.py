@@ -27,27 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from qemu_glue.vhost_user.blk import BlkDevice
-from qemu_glue.vhost_user.codec import (
-    HDR_SIZE,
-    Decoder,
-    Message,
-    ProtocolError,
-    encode,
-    encode_reply,
-    encode_u64,
-    request_name,
-    unpack_header,
-)
-from qemu_glue.vhost_user.inflight import settle
-from qemu_glue.vhost_user.virtqueue import (
-    MAX_QUEUE_SIZE,
-    Buffer,
-    Chain,
-    ChainError,
-    Dma,
-    SplitQueue,
-)
 from vioasid.device.dirty_log import DirtyLogging, open_log
 from vioasid.device.translator import (
     DeviceTranslator,
@@ -79,6 +58,27 @@ from vioasid.formats.virtio import (
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 from vioasid.protocol.framing import close_fds
 from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
+from vioasid.vhost_user.blk import BlkDevice
+from vioasid.vhost_user.codec import (
+    HDR_SIZE,
+    Decoder,
+    Message,
+    ProtocolError,
+    encode,
+    encode_reply,
+    encode_u64,
+    request_name,
+    unpack_header,
+)
+from vioasid.vhost_user.inflight import settle
+from vioasid.vhost_user.virtqueue import (
+    MAX_QUEUE_SIZE,
+    Buffer,
+    Chain,
+    ChainError,
+    Dma,
+    SplitQueue,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qemu_glue.vhost_user.timing import PhaseTimes
-from qemu_glue.vhost_user.virtqueue import Buffer, Chain, Dma
 from vioasid.device.translator import DmaFault
 from vioasid.formats.virtio import (
     BLK_CONFIG,
@@ -27,6 +25,8 @@ from vioasid.formats.virtio import (
     BlkType,
 )
 from vioasid.model.memory import MemoryAccessError
+from vioasid.vhost_user.timing import PhaseTimes
+from vioasid.vhost_user.virtqueue import Buffer, Chain, Dma
 
 log = logging.getLogger(__name__)
 
