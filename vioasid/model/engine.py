@@ -181,7 +181,6 @@ class Host:
         # the VM's second stage. (did, vPASID) of those bindings:
         self.guest_second_stage = guest_second_stage
         self._soft_ss: set[tuple[int, int]] = set()
-        self._guest_walkers: dict[str, Walker] = {}
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
@@ -722,10 +721,8 @@ class Host:
     ) -> DmaResult:
         """A guest second-stage binding: the guest's own walk (its root, context and PASID
         entries, its second-stage table) gives the GPA, the VM's second stage the HPA."""
-        w = self._guest_walkers.get(v.name)
-        if w is None or w.mem is not v.memory:
-            w = self._guest_walkers[v.name] = Walker(v.memory, caches=Caches(enabled=False))
-        t = w.translate(v.rtaddr, Request(dev.guest_rid, addr, x, write, supervisor=supervisor))
+        w = v.tables.reader  # the VM's one uncached reader of its own tables
+        t = w.translate(v.rtaddr, WalkRequest(dev.guest_rid, addr, x, write, supervisor=supervisor))
         if isinstance(t, Fault):
             f = Fault(t.reason, addr, dev.guest_rid, x, write, t.detail)
             v.queue_fault(f)
