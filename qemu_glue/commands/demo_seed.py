@@ -16,7 +16,8 @@ import sys
 import textwrap
 from typing import Any
 
-from vioasid.commands.common import UsageError, qemu_choice
+from qemu_glue.commands.options import qemu_choice
+from vioasid.commands.common import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
