@@ -17,8 +17,8 @@ from pathlib import Path
 from guest_tests import patterns
 from guest_tests.runner import watch_guest
 from images.build import ensure_image
-from qemu_glue.process import launch
-from qemu_glue.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 
 
 def emit(name: str, value: float, unit: str = "s") -> None:

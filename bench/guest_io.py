@@ -36,9 +36,9 @@ from guest_tests import patterns
 from guest_tests.runner import watch_guest
 from images import cpio
 from images.build import GuestImage, ensure_image
-from qemu_glue.process import launch
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import GuestOptions, run_guest_tests, vhost_blk_guest
-from qemu_glue.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 
 BENCH_INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /bin

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qemu_glue.migration_demo import FUNCTIONS, DemoOptions, run_migration_demo  # noqa: E402
-from qemu_glue.migration_rig import Daemon, host_toml, workdir  # noqa: E402
-from qemu_glue.vpasid_reserve import VirtualDevice, VpasidTables, register  # noqa: E402
+from qemu_glue.migration.demo import FUNCTIONS, DemoOptions, run_migration_demo  # noqa: E402
+from qemu_glue.migration.rig import Daemon, host_toml, workdir  # noqa: E402
+from qemu_glue.migration.vpasid_reserve import VirtualDevice, VpasidTables, register  # noqa: E402
 from vioasid.client import Client, MemoryRegion  # noqa: E402
 from vioasid.daemon.hostconfig import host_from_doc  # noqa: E402
 from vioasid.model.faults import parse_bdf  # noqa: E402

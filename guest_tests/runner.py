@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from qemu_glue.process import QemuError, QemuProcess
+from qemu_glue.qemu.process import QemuError, QemuProcess
 
 from .markers import DONE, INIT, STOPPED, GuestReport
 

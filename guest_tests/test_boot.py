@@ -15,9 +15,9 @@ import pytest
 from guest_tests import patterns
 from guest_tests.runner import watch_guest
 from images.build import GuestImage, ensure_image
-from qemu_glue.process import launch
-from qemu_glue.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
-from qemu_glue.vtd_regs import VtdRegisterReader, VtdRegisters
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader, VtdRegisters
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0

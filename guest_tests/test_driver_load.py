@@ -10,8 +10,8 @@ import pytest
 
 from guest_tests.runner import watch_guest
 from images.build import DRIVER_MODULE, GuestImage, ensure_image
-from qemu_glue.process import launch
-from qemu_glue.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0

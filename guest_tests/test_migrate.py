@@ -1,6 +1,6 @@
 """Live migration with real QEMU (TCG): the guest writes and verifies data while it moves.
 
-One run of :func:`qemu_glue.migration_demo.run_migration_demo` (two daemons, at most two QEMUs
+One run of :func:`qemu_glue.migration.demo.run_migration_demo` (two daemons, at most two QEMUs
 at a time): first two refused attempts — a corrupted vPASID state stream and a destination that
 cannot re-create a binding — each of which must leave the source running with its state intact,
 the destination daemon empty and its QEMU stopped; then two migrations A → B → A while the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from images.build import GuestImage, ensure_image
-from qemu_glue.migration_demo import DemoOptions, run_migration_demo
+from qemu_glue.migration.demo import DemoOptions, run_migration_demo
 
 pytestmark = pytest.mark.guest
 

@@ -18,8 +18,8 @@ import pytest
 from guest_tests import patterns
 from guest_tests.markers import INIT, STOPPED, TEST
 from images.build import GuestImage, ensure_image
-from qemu_glue.migration_demo import FUNCTIONS, guest_devices
-from qemu_glue.migration_rig import (
+from qemu_glue.migration.demo import FUNCTIONS, guest_devices
+from qemu_glue.migration.rig import (
     CLI_MAIN,
     BlkVm,
     Daemon,
@@ -28,8 +28,7 @@ from qemu_glue.migration_rig import (
     host_toml,
     workdir,
 )
-from qemu_glue.vmspec import IommuMode, IommuSpec, kernel_cmdline
-from qemu_glue.vpasid_reserve import (
+from qemu_glue.migration.vpasid_reserve import (
     DEFAULT_BASE,
     DEFAULT_SIZE,
     VpasidTables,
@@ -37,6 +36,7 @@ from qemu_glue.vpasid_reserve import (
     ppasid_table,
     register,
 )
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 
 pytestmark = pytest.mark.guest
 TIMEOUT = 300.0

@@ -21,7 +21,7 @@ import pytest
 from images.build import GuestImage, ensure_image
 from qemu_glue.pasid_guest import run_pasid_guest
 from qemu_glue.qemu.binary import QemuChoice, QemuNotFound, choose
-from qemu_glue.vmspec import IommuMode
+from qemu_glue.qemu.vmspec import IommuMode
 
 pytestmark = pytest.mark.guest
 

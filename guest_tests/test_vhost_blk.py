@@ -13,8 +13,8 @@ import pytest
 
 from guest_tests import patterns
 from images.build import GuestImage, ensure_image
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
-from qemu_glue.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from vioasid.formats.fault import FaultReason
 
 pytestmark = pytest.mark.guest

@@ -28,10 +28,10 @@ from guest_tests import patterns
 from guest_tests.markers import DONE
 from guest_tests.runner import watch_guest
 from images.build import GuestImage, ensure_image
-from qemu_glue.process import launch
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, RawArgs, VirtioBlk, VmSpec, kernel_cmdline
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from qemu_glue.trace_check import CheckCounts, TraceChecker, check_paused, trace_args
-from qemu_glue.vmspec import IommuMode, IommuSpec, RawArgs, VirtioBlk, VmSpec, kernel_cmdline
-from qemu_glue.vtd_regs import VtdRegisterReader
 from vioasid.model.cache import Caches
 from vioasid.model.memory import GuestMemory
 from vioasid.model.walker import Walker

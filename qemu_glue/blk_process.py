@@ -22,11 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from qemu_glue.qemu.qmp import Qmp
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.device.translator import VtdRegs
-
-from .qmp import Qmp
-from .vhost_user.backend import VhostUserBlkBackend
-from .vtd_regs import VtdRegisterReader
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@
    :class:`~vioasid.vfio_user.server.FunctionServer` per function.
 3. :meth:`PasidDmaRig.devices` gives the ``vfio-user-pci`` devices for the VmSpec; once QMP is
    up, :meth:`PasidDmaRig.set_registers` follows the guest's RTADDR/GSTS (QMP ``xp`` polls,
-   :mod:`qemu_glue.vtd_regs`) into the engine VM, in the background: a vfio-user message must
+   :mod:`qemu_glue.qemu.vtd_regs`) into the engine VM, in the background: a vfio-user message must
    never wait on QMP (the vCPU waits for its reply holding QEMU's lock).
 4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
 """
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.qemu.vmspec import VfioUserPci
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats.pasid_dma import FunctionType
@@ -36,9 +38,6 @@ from vioasid.model.engine import Host, guest_fault_json
 from vioasid.model.faults import bdf_str, parse_bdf
 from vioasid.model.memory import GuestMemory
 from vioasid.vfio_user.server import FunctionServer
-
-from .vmspec import VfioUserPci
-from .vtd_regs import VtdRegisterReader
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 from .pasid_dma import PasidDmaRig, parse_dma_device
 from .qemu.binary import QemuChoice
+from .qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from .vhost_user.guest import GuestOptions, vhost_blk_guest
-from .vmspec import IommuMode, IommuSpec, kernel_cmdline
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,51 @@ class PasidGuestRun:
         }  # fmt: skip
 
 
+class PasidCollector:
+    """Follows the console's ``VIOASID-PASID-*`` lines into a :class:`PasidGuestRun`."""
+
+    def __init__(self, mode: str, types: list[str]) -> None:
+        self.run = PasidGuestRun(mode, types)
+
+    def feed(self, text: str) -> None:
+        got = parse_pasid_line(text)
+        if got is None:
+            return
+        kind, fields = got
+        run = self.run
+        if kind == "TEST":
+            run.tests.append(fields)
+        elif kind == "BIND":
+            dev = fields.get("dev", "")
+            if dev.startswith("dma") and dev[3:].isdigit() and fields.get("pasid", "").isdigit():
+                run.binds.append((int(dev[3:]), int(fields["pasid"])))
+        elif kind == "DONE":
+            run.done = fields
+        elif kind == "DEVICES":
+            run.devices = fields.get("types", "")
+
+    async def finish(self, rig: PasidDmaRig) -> PasidGuestRun:
+        """After QEMU exited: wait for the servers to see it, then compare with the host."""
+        import asyncio
+
+        for s in rig.servers:
+            for _ in range(200):
+                if not s.connected.is_set():
+                    break
+                await asyncio.sleep(0.01)
+        run = self.run
+        run.host = rig.summary()
+        run.invariants = rig.host.check_invariants()
+        run.bound_at_exit = sum(1 for _ in rig.host.bindings())
+        run.host_errors = cross_check(run, rig)
+        return run
+
+
+def pasid_iommu(mode: IommuMode) -> IommuSpec:
+    """intel-iommu for PASID DMA functions: caching-mode=on (vfio-user-pci), pasid-bits=20."""
+    return IommuSpec(mode=mode, caching_mode=True, pasid_bits=20)
+
+
 async def run_pasid_guest(
     kernel: Path,
     initrd: Path,
@@ -125,17 +170,14 @@ async def run_pasid_guest(
     qemu: QemuChoice | None = None,
     timeout: float = 420.0,
     echo: bool | TextIO = False,
-    disk_tests: bool = False,
 ) -> PasidGuestRun:
     """Boot, run the guest's PASID checks on one function per type, cross-check the host."""
-    import asyncio
-
     from guest_tests.runner import watch_guest
 
-    run = PasidGuestRun(str(mode), list(types))
+    col = PasidCollector(str(mode), list(types))
     rig = PasidDmaRig([parse_dma_device(t) for t in types], memory_mib=512)
     extra = f"vioasid.pasid={checks}" if checks != "all" else ""
-    append = kernel_cmdline(mode, strict=True, tests=None if disk_tests else ["pasid"], extra=extra)
+    append = kernel_cmdline(mode, strict=True, tests=["pasid"], extra=extra)
     with tempfile.TemporaryDirectory(prefix="vioasid-pasid-") as tmp:
         disk = Path(tmp) / "disk.raw"
         with open(disk, "wb") as f:
@@ -146,7 +188,7 @@ async def run_pasid_guest(
                 initrd=initrd,
                 append=append,
                 disk=disk,
-                iommu=IommuSpec(mode=mode, caching_mode=True, pasid_bits=20),
+                iommu=pasid_iommu(mode),
                 echo=echo,
                 name=f"pasid-{mode}",
                 qemu=qemu,
@@ -156,40 +198,12 @@ async def run_pasid_guest(
             )
             async with vhost_blk_guest(opts) as g:
                 rig.set_registers(g.regs)
-
-                def on_line(text: str) -> None:
-                    got = parse_pasid_line(text)
-                    if got is None:
-                        return
-                    kind, fields = got
-                    if kind == "TEST":
-                        run.tests.append(fields)
-                    elif kind == "BIND":
-                        dev = fields.get("dev", "")
-                        if dev.startswith("dma") and dev[3:].isdigit():
-                            run.binds.append((int(dev[3:]), int(fields.get("pasid", "0"))))
-                    elif kind == "DONE":
-                        run.done = fields
-                    elif kind == "DEVICES":
-                        run.devices = fields.get("types", "")
-
-                g.vm.on_console(on_line)
+                g.vm.on_console(col.feed)
                 result = await watch_guest(g.vm, timeout)
-                run.timed_out = result.timed_out
-                run.qemu_exit = result.returncode
-                run.console_tail = [line.text for line in g.vm.console[-30:]]
-                await asyncio.sleep(0)  # let the servers see QEMU go
-            # QEMU is gone: every connection_lost ran (bindings dropped) once the servers noticed
-            for s in rig.servers:
-                for _ in range(200):
-                    if not s.connected.is_set():
-                        break
-                    await asyncio.sleep(0.01)
-            run.host = rig.summary()
-            run.invariants = rig.host.check_invariants()
-            run.bound_at_exit = sum(1 for _ in rig.host.bindings())
-            run.host_errors = cross_check(run, rig)
-    return run
+                col.run.timed_out = result.timed_out
+                col.run.qemu_exit = result.returncode
+                col.run.console_tail = [line.text for line in g.vm.console[-30:]]
+            return await col.finish(rig)
 
 
 def cross_check(run: PasidGuestRun, rig: PasidDmaRig) -> list[str]:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.qemu.qmp import Qmp, QmpError
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.formats.invalidation import (
     IOTLB_DESC,
     IOTLB_PAGE,
@@ -52,9 +54,6 @@ from vioasid.formats.invalidation import (
 )
 from vioasid.model.faults import Translation, bdf_str
 from vioasid.model.walker import Request, Walker
-
-from .qmp import Qmp, QmpError
-from .vtd_regs import VtdRegisterReader
 
 log = logging.getLogger(__name__)
 

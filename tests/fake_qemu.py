@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import os
 import re
@@ -171,7 +172,8 @@ async def serve(path: str, hang: bool) -> None:
         await done.wait()
         for w in list(writers):
             w.close()
-    os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):  # Python 3.13's server removes it itself
+        os.unlink(path)
     print("fake qemu: quit", flush=True)
 
 

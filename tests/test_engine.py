@@ -279,3 +279,28 @@ def test_bind_many_matches_bind(policy: str) -> None:
         many.bind_many("vm1", 0x18, [1])
     with pytest.raises(NotFound):
         many.bind_many("vm1", 0x18, [300])  # no guest entry
+
+
+def test_bind_checks_reserved_bits_as_the_walker_does() -> None:
+    """The bind reads the guest's entries through the walker's reader: a reserved bit in the
+    guest's PASID entry (bits 11:10 of qw0) or context entry is a refusal naming the VT-d
+    reason, by bind and bind_many alike, and nothing changes."""
+    lab = _lab()
+    h, g = lab.hosts["h"], lab.guests["vm1"]
+    lab.guest_entry("vm1", "00:03.0", 5)
+    lab.guest_entry("vm1", "00:03.0", 6)
+    pe = g.driver.pasid_entry_gpa(0x18, 5)
+    g.memory.write_u64(pe, g.memory.read_u64(pe) | (1 << 10))
+    before = h.snapshot()
+    with pytest.raises(InvalidRequest, match="reserved bits in qw0") as exc:
+        h.bind("vm1", 0x18, 5)
+    assert exc.value.reason == FaultReason.PASID_ENTRY_RSVD  # type: ignore[attr-defined]
+    assert h.snapshot() == before
+    with pytest.raises(InvalidRequest, match="reserved bits in qw0"):
+        h.bind_many("vm1", 0x18, [6, 5])
+    assert set(h.vm("vm1").devices[0x18].ppasids) == {6}  # the binding before the refusal
+    ce = g.driver.context_entry_gpa(0x18)
+    g.memory.write_u64(ce, g.memory.read_u64(ce) | (1 << 5))  # bits 8:5 reserved
+    h.set_rtaddr("vm1", g.driver.rtaddr)  # drops the VM's context cache
+    with pytest.raises(InvalidRequest, match="reserved bits in context entry"):
+        h.bind("vm1", 0x18, 6)

@@ -533,7 +533,7 @@ def test_status_vm_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_asyncio_wait_for_is_gone_where_it_could_swallow_a_cancellation() -> None:
     root = Path(__file__).resolve().parent.parent
     files = [
-        "qemu_glue/migration.py", "qemu_glue/migration_rig.py", "vioasid/device/translator.py",
+        "qemu_glue/migration/live.py", "qemu_glue/migration/rig.py", "vioasid/device/translator.py",
         "qemu_glue/vhost_user/guest.py", "vioasid/client.py", "guest_tests/runner.py",
     ]  # fmt: skip
     for name in files:
@@ -542,7 +542,7 @@ def test_asyncio_wait_for_is_gone_where_it_could_swallow_a_cancellation() -> Non
 
 @pytest.mark.asyncio
 async def test_console_lines_longer_than_64k_do_not_stop_the_reader() -> None:
-    from qemu_glue.process import read_line
+    from qemu_glue.qemu.process import read_line
 
     reader = asyncio.StreamReader()
     reader.feed_data(b"x" * 200_000 + b"\nnext line\n")

@@ -20,10 +20,10 @@ from typing import Any, cast
 import pytest
 from qemu.qmp import QMPClient
 
-from qemu_glue.process import launch
-from qemu_glue.qmp import Qmp, QmpError
-from qemu_glue.vmspec import VmSpec
-from qemu_glue.vtd_regs import VtdRegisterReader
+from qemu_glue.qemu.process import launch
+from qemu_glue.qemu.qmp import Qmp, QmpError
+from qemu_glue.qemu.vmspec import VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 
 FAKE = str(Path(__file__).with_name("fake_qemu.py"))
 
@@ -122,8 +122,8 @@ async def test_qemu_dies_with_its_parent(tmp_path: Path) -> None:
         f"""
         import asyncio
         from pathlib import Path
-        from qemu_glue.process import launch
-        from qemu_glue.vmspec import VmSpec
+        from qemu_glue.qemu.process import launch
+        from qemu_glue.qemu.vmspec import VmSpec
 
         async def main() -> None:
             spec = VmSpec(name="fake", qemu_binary={FAKE!r}, ram_path=Path({ram!r}))

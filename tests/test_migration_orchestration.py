@@ -4,7 +4,7 @@ The fake QMP (:class:`FakeQemuPair`) plays QEMU's side of a pre-copy migration: 
 copies the source's RAM (a memfd) into the destination's and emits MIGRATION events up to
 ``pre-switchover``; ``migrate-continue`` completes (destination RESUME), ``migrate_cancel``
 cancels and the source runs again. The vPASID tables live in a reserved range of that RAM, as
-with a real guest (qemu_glue.vpasid_reserve).
+with a real guest (qemu_glue.migration.vpasid_reserve).
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from typing import Any, cast
 
 import pytest
 
-from qemu_glue.migration import (
+from qemu_glue.migration.live import (
     MigrationError,
     Reserve,
     VpasidHandover,
     iommu_differences,
     migrate,
 )
-from qemu_glue.qmp import EventStream, Qmp, QmpError
-from qemu_glue.vpasid_reserve import (
+from qemu_glue.migration.vpasid_reserve import (
     DATA_IOVA,
     VirtualDevice,
     VpasidTables,
@@ -34,6 +33,7 @@ from qemu_glue.vpasid_reserve import (
     ppasid_table,
     register,
 )
+from qemu_glue.qemu.qmp import EventStream, Qmp, QmpError
 from vioasid.client import Client, DmaRequest, MemoryRegion
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Server
@@ -79,7 +79,7 @@ class _Listener:
 
 
 class FakeQmp:
-    """Enough of :class:`qemu_glue.qmp.Qmp` for :func:`migrate`."""
+    """Enough of :class:`qemu_glue.qemu.qmp.Qmp` for :func:`migrate`."""
 
     def __init__(self, name: str, iommu: dict[str, Any]) -> None:
         self.name = name
@@ -409,8 +409,8 @@ def test_dirty_log_marks_pages_of_writes_only() -> None:
 
 
 def test_settle_hands_back_inflight_request() -> None:
-    from qemu_glue.vhost_user.inflight import settle
-    from qemu_glue.vhost_user.virtqueue import SplitQueue
+    from vioasid.vhost_user.inflight import settle
+    from vioasid.vhost_user.virtqueue import SplitQueue
 
     async def go() -> None:
         q = SplitQueue(0, num=8, last_avail=6, used_idx=5)
@@ -458,8 +458,6 @@ def test_migrate_cli_rejects_bad_uri(capsys: pytest.CaptureFixture[str]) -> None
 def test_backend_offers_migration_features_and_maps_the_log(tmp_path: Any) -> None:
     """The features QEMU requires before it allows migrating a vhost-user device, and the
     SET_LOG_BASE reply it waits for (exact texts in shared/design/qemu-notes.md)."""
-    from qemu_glue.vhost_user.backend import VhostUserBlkBackend
-    from qemu_glue.vhost_user.codec import Decoder, Message
     from vioasid.formats.virtio import (
         VHOST_USER_LOG,
         VHOST_USER_VERSION,
@@ -467,6 +465,8 @@ def test_backend_offers_migration_features_and_maps_the_log(tmp_path: Any) -> No
         VhostUserRequest,
         VirtioFeature,
     )
+    from vioasid.vhost_user.backend import VhostUserBlkBackend
+    from vioasid.vhost_user.codec import Decoder, Message
 
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(1 << 20))

@@ -20,7 +20,7 @@ from qemu_glue.pasid_dma import (
     parse_dma_device,
     plan_functions,
 )
-from qemu_glue.vmspec import VfioUserPci
+from qemu_glue.qemu.vmspec import VfioUserPci
 from vioasid.formats import vfio_user as vu
 from vioasid.formats.pasid_dma import FunctionType
 from vioasid.vfio_user.codec import decode_reply, encode_command, version_payload

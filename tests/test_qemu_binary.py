@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.process import QemuError, launch
 from qemu_glue.qemu import binary, install
 from qemu_glue.qemu.binary import QEMU_10_FEATURES, QemuFeatures, QemuNotFound, choose, probe
-from qemu_glue.vmspec import IommuMode, IommuSpec, VmSpec
+from qemu_glue.qemu.process import QemuError, launch
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec
 from vioasid.cli import main
 
 FAKE = str(Path(__file__).with_name("fake_qemu.py"))

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.vhost_user.backend import PROTOCOL_FEATURES, VhostUserBlkBackend
-from qemu_glue.vhost_user.codec import Decoder, ProtocolError, encode, encode_reply
 from vioasid.device.translator import VtdRegs
 from vioasid.formats.virtio import (
     BLK_CONFIG,
@@ -41,6 +39,8 @@ from vioasid.formats.virtio import (
     VhostUserRequest,
     VirtioFeature,
 )
+from vioasid.vhost_user.backend import PROTOCOL_FEATURES, VhostUserBlkBackend
+from vioasid.vhost_user.codec import Decoder, ProtocolError, encode, encode_reply
 
 R = VhostUserRequest
 

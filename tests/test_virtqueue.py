@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.vhost_user.blk import BlkDevice
-from qemu_glue.vhost_user.virtqueue import ChainError, Dma, SplitQueue
 from vioasid.device.translator import DeviceTranslator, DmaFault, IdentityResolver, Resolved
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
@@ -23,6 +21,8 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.faults import Fault
 from vioasid.model.memory import GuestMemory
+from vioasid.vhost_user.blk import BlkDevice
+from vioasid.vhost_user.virtqueue import ChainError, Dma, SplitQueue
 
 QSIZE = 16
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000

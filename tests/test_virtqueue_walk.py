@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.vhost_user.blk import BlkDevice
-from qemu_glue.vhost_user.virtqueue import Dma, SplitQueue
 from vioasid.device.translator import DeviceTranslator, VtdRegs, WalkResolver
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
@@ -25,6 +23,8 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
+from vioasid.vhost_user.blk import BlkDevice
+from vioasid.vhost_user.virtqueue import Dma, SplitQueue
 
 SID = 0x20  # 00:04.0
 RING_GPA, HDR_GPA, DATA_GPA, RO_GPA, STATUS_GPA = 0x10000, 0x20000, 0x30000, 0x40000, 0x50000

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.qmp import parse_query_pci, parse_xp
-from qemu_glue.vmspec import (
+from qemu_glue.qemu.qmp import parse_query_pci, parse_xp
+from qemu_glue.qemu.vmspec import (
     Accel,
     IommuMode,
     IommuSpec,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_glue.process import QemuError, launch
-from qemu_glue.qmp import QmpError, QmpTimeout
-from qemu_glue.vmspec import VmSpec
-from qemu_glue.vtd_regs import VtdRegisterReader
+from qemu_glue.qemu.process import QemuError, launch
+from qemu_glue.qemu.qmp import QmpError, QmpTimeout
+from qemu_glue.qemu.vmspec import VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 
 FAKE = str(Path(__file__).with_name("fake_qemu.py"))
 
@@ -105,3 +105,19 @@ async def test_start_failures_are_clear(tmp_path: Path) -> None:
         async with launch(VmSpec(qemu_binary=str(exiting))):
             pass
     await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_qemu_last_words_are_never_lost(tmp_path: Path) -> None:
+    """A QEMU that refuses its command line: its stderr is in the error, every time."""
+    from qemu_glue.qemu.binary import QEMU_10_FEATURES
+
+    refusing = tmp_path / "refuse"
+    refusing.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -foo: invalid option' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    spec = VmSpec(qemu_binary=str(refusing), qemu_features=QEMU_10_FEATURES)
+    for _ in range(20):
+        with pytest.raises(QemuError) as exc:
+            async with launch(spec):
+                pass
+        assert "-foo: invalid option" in str(exc.value) + " ".join(map(str, exc.value.args))

@@ -18,13 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from qemu_glue.commands.demo import quiet_qmp_logs
+from qemu_glue.pasid_dma import DmaDeviceError, PasidDmaRig, parse_dma_device
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
+from qemu_glue.vhost_user.guest import GuestOptions, vhost_blk_guest
 from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
 from vioasid.model.faults import bdf_str
-
-from ..pasid_dma import DmaDeviceError, PasidDmaRig, parse_dma_device
-from ..vhost_user.guest import GuestOptions, vhost_blk_guest
-from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
-from .demo import quiet_qmp_logs
 
 DEFAULT_DISK_MIB = 64
 
@@ -56,7 +55,7 @@ def dma_iommu(mode: IommuMode, caching_mode: bool, rig: PasidDmaRig | None) -> I
 
 
 async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> dict[str, Any]:
-    from ..accel import choose_accel
+    from qemu_glue.qemu.accel import choose_accel
 
     qemu = qemu_choice(args)
     rig = dma_rig(args)

@@ -2,15 +2,22 @@
 
 Builds (or reuses) the test image, starts the vhost-user-blk back-end, boots the guest (TCG by
 default) behind intel-iommu in scalable mode with ``iommu.strict=1``, runs the guest disk tests,
-checks the backing file, and prints a summary (or one JSON object with ``--json``). Exit 0 only
-if every guest test passed, the backing file holds what the guest wrote and (cross-check) no
-translation disagreed with QEMU's.
+checks the backing file, and prints a summary (or one JSON object with ``--json``).
+
+With QEMU 11.1 (vfio-user-pci) the guest also gets one PASID DMA function of each type
+(dedicated, mdev, translating, enqcmd; docs/pasid-dma.md): its ``vioasid_dma.ko`` binds its own
+vPASIDs, runs copy/fill/compare jobs with random data, provokes the expected faults (a write to a
+read-only mapping, an unmapped IOVA, a PASID after unbind), and the summary prints the
+vPASID -> pPASID table as vioasid saw it (``--json``: ``pasid``). Exit 0 only if every guest
+test passed, the backing file holds what the guest wrote, (cross-check) no translation
+disagreed with QEMU's, and every PASID check passed with the host agreeing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -19,11 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vioasid.commands.common import add_qemu_option, qemu_choice
-
-from ..vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
-from ..vmspec import IommuMode, IommuSpec, kernel_cmdline
-from . import demo_migrate
+from qemu_glue.commands import demo_migrate
+from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
+from qemu_glue.pasid_guest import (
+    ALL_TYPES,
+    PasidCollector,
+    PasidGuestRun,
+    parse_pasid_line,
+    pasid_iommu,
+)
+from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
+from qemu_glue.vhost_user.guest import BlkGuest, BlkRunResult, GuestOptions, run_guest_tests
+from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
+from vioasid.model.faults import bdf_str
 
 
 def progress(msg: str) -> None:
@@ -39,13 +54,19 @@ def _guest_progress(line: str) -> None:
         progress(f"guest test {fields.get('name', '?')}: {fields.get('result', '?')}")
     elif line.startswith("VIOASID-TESTS-DONE"):
         progress("guest tests done; powering off")
+    elif line.startswith("VIOASID-PASID-TEST "):
+        got = parse_pasid_line(line)
+        if got is not None:
+            f = got[1]
+            extra = f" (fault pasid={f['fault_pasid']})" if "fault_pasid" in f else ""
+            progress(f"guest PASID check {f.get('name', '?')}: {f.get('result', '?')}{extra}")
 
 
-async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]:
-    from guest_tests import patterns
+async def _demo(
+    args: argparse.Namespace,
+) -> tuple[BlkRunResult, dict[str, Any], PasidGuestRun | None]:
     from images.build import ensure_image
-
-    from ..accel import choose_accel
+    from qemu_glue.qemu.accel import choose_accel
 
     t0 = time.monotonic()
     qemu = qemu_choice(args)
@@ -55,14 +76,56 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
     choice = await choose_accel(args.accel, kernel=img.kernel, initrd=img.initrd)
     progress(f"accel {choice.accel} ({choice.reason})")
     mode = IommuMode(args.iommu)
+    pasid = args.pasid
+    if pasid is None:
+        pasid = qemu.features.vfio_user and mode.scalable
+        if not pasid:
+            progress("no PASID part: it needs QEMU 11.1 (vfio-user-pci) and a scalable IOMMU")
+    elif pasid and not qemu.features.vfio_user:
+        raise UsageError(f"--pasid needs vfio-user-pci (QEMU 11.1); {qemu.path} is {qemu.version}")
+    elif pasid and not mode.scalable:
+        raise UsageError("--pasid needs a scalable-mode IOMMU (--iommu scalable-fs|ss)")
+    async with contextlib.AsyncExitStack() as stack:
+        rig = col = None
+        if pasid:
+            rig = PasidDmaRig([parse_dma_device(t) for t in ALL_TYPES], memory_mib=512)
+            await stack.enter_async_context(rig)
+            col = PasidCollector(str(mode), list(ALL_TYPES))
+        result = await _run_demo_guest(args, img, choice, qemu, mode, rig, col)
+        pasid_run = await col.finish(rig) if col is not None and rig is not None else None
+    extra = {
+        "image": img.key,
+        "kernel": img.kernel_version,
+        "accel_choice": choice.to_json(),
+        "qemu": qemu.to_json(),
+        "wall_seconds": round(time.monotonic() - t0, 3),
+    }
+    return result, extra, pasid_run
+
+
+async def _run_demo_guest(
+    args: argparse.Namespace,
+    img: Any,
+    choice: Any,
+    qemu: Any,
+    mode: IommuMode,
+    rig: PasidDmaRig | None,
+    col: PasidCollector | None,
+) -> BlkRunResult:
+    from guest_tests import patterns
+
     with tempfile.TemporaryDirectory(prefix="vioasid-demo-") as tmp:
         disk = patterns.make_disk(Path(tmp) / "disk.raw")
         opts = GuestOptions(
             kernel=img.kernel,
             initrd=img.initrd,
-            append=kernel_cmdline(mode, strict=True),
+            append=kernel_cmdline(mode, strict=True, tests=["pasid", "all"] if rig else None),
             disk=disk,
-            iommu=IommuSpec(mode=mode, caching_mode=args.caching_mode),
+            iommu=pasid_iommu(mode)
+            if rig
+            else IommuSpec(mode=mode, caching_mode=args.caching_mode),
+            extra_devices=rig.devices() if rig else (),
+            ram_path=rig.ram_path if rig else None,
             accel=choice.accel,
             translate=args.translate,
             cross_check=args.cross_check,
@@ -74,15 +137,80 @@ async def _demo(args: argparse.Namespace) -> tuple[BlkRunResult, dict[str, Any]]
             f"booting: vhost-user-blk-pci,iommu_platform=on behind intel-iommu ({mode}), "
             f"translate={args.translate}, cross-check={'on' if args.cross_check else 'off'}"
         )
-        result = await run_guest_tests(opts, timeout=args.timeout, on_line=_guest_progress)
-    extra = {
-        "image": img.key,
-        "kernel": img.kernel_version,
-        "accel_choice": choice.to_json(),
-        "qemu": qemu.to_json(),
-        "wall_seconds": round(time.monotonic() - t0, 3),
+        if rig is not None:
+            progress(
+                "and one PASID DMA function of each type over vfio-user: "
+                + ", ".join(f"{p.arg.type.word} at {bdf_str(p.guest_rid)}" for p in rig.placed)
+            )
+
+        def on_line(line: str) -> None:
+            _guest_progress(line)
+            if col is not None:
+                col.feed(line)
+
+        def on_start(g: BlkGuest) -> None:
+            if rig is not None:
+                rig.set_registers(g.regs)
+
+        return await run_guest_tests(opts, timeout=args.timeout, on_line=on_line, on_start=on_start)
+
+
+def pasid_json(run: PasidGuestRun) -> dict[str, Any]:
+    """The ``pasid`` part of ``vioasid demo --json``."""
+    j = run.to_json()
+    table = {(b["device"], b["type"], b["vpasid"], b["ppasid"], b["tag"]) for b in j["bindings"]}
+    return {
+        "ok": j["ok"],
+        "bindings": [
+            {"device": d, "type": t, "vpasid": x, "ppasid": p, "tag": g}
+            for d, t, x, p, g in sorted(table)
+        ],
+        "jobs": j["jobs"],
+        "faults_expected": j["faults_expected"],
+        "faults_unexpected": j["faults_unexpected"],
+        "guest_checks": j["guest_tests"],
+        "failures": j["failures"],
+        "refusals": len(j["refusals"]),
+        "host_errors": j["host_errors"],
+        "invariants": j["invariants"],
     }
-    return result, extra
+
+
+def _print_pasid(run: PasidGuestRun) -> None:
+    j = pasid_json(run)
+    print()
+    print("PASID DMA functions: the guest's own vPASIDs as vioasid bound them (pPASID, wire tag)")
+    rows = [("device", "type", "vPASID", "pPASID", "tag")]
+    seen: dict[tuple[str, int], tuple[str, int, int]] = {}
+    for b in j["bindings"]:
+        seen.setdefault((b["device"], b["vpasid"]), (b["type"], b["ppasid"], b["tag"]))
+    shown = 0
+    per_dev: dict[str, int] = {}
+    for (dev, x), (t, p, g) in sorted(seen.items()):
+        if per_dev.get(dev, 0) < 4:  # the first few of each function
+            rows.append((dev, t, str(x), str(p), str(g)))
+            per_dev[dev] = per_dev.get(dev, 0) + 1
+            shown += 1
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    if len(seen) > shown:
+        print(f"  ... {len(seen) - shown} more (see --json)")
+    print(
+        f"guest PASID checks  {j['guest_checks']['passed']} passed, "
+        f"{j['guest_checks']['failed']} failed"
+    )
+    print(
+        f"jobs                {j['jobs']['ok']} ok, {j['jobs']['failed']} failed (expected faults)"
+    )
+    print(
+        f"faults              {j['faults_expected']} provoked by the guest, all seen by vioasid "
+        f"with the guest's vPASID; {j['faults_unexpected']} unexpected"
+        if not j["host_errors"]
+        else f"faults              guest/host disagree: {j['host_errors'][:3]}"
+    )
+    for f in j["failures"]:
+        print(f"FAILED PASID check {f.get('name')}: {f.get('detail')}")
 
 
 def _print_human(res: BlkRunResult, extra: dict[str, Any]) -> None:
@@ -138,14 +266,21 @@ def _run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
         return demo_migrate.run(args)
-    res, extra = asyncio.run(_demo(args))
+    res, extra, pasid_run = asyncio.run(_demo(args))
+    ok = res.ok and (pasid_run is None or pasid_run.ok)
     if args.json:
         out = res.to_json()
         out.update(extra)
+        if pasid_run is not None:
+            out["pasid"] = pasid_json(pasid_run)
+            out["ok"] = ok
         print(json.dumps(out))
     else:
         _print_human(res, extra)
-    return 0 if res.ok else 1
+        if pasid_run is not None:
+            _print_pasid(pasid_run)
+            print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 def register(subparsers: Any) -> None:
@@ -188,6 +323,13 @@ def register(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="also decode the guest's invalidation queue (QMP reads; default on)",
     )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument(
+        "--pasid",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="also one PASID DMA function of each type over vfio-user, driven by the guest's "
+        "vioasid_dma.ko (default: on when the QEMU has vfio-user-pci, i.e. 11.1)",
+    )
+    p.add_argument("--timeout", type=float, default=420.0, help="seconds (default 420)")
     demo_migrate.add_arguments(p)
     p.set_defaults(func=_run)

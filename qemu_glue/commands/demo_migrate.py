@@ -1,7 +1,7 @@
 """``vioasid demo --migrate [--count N]``: the migration demo behind the ``demo`` command.
 
 The guest runs its disk tests continuously while it is live-migrated ``N`` times between two
-hosts (two vioasid daemons); see :mod:`qemu_glue.migration_demo`. The summary shows, per
+hosts (two vioasid daemons); see :mod:`qemu_glue.migration.demo`. The summary shows, per
 migration, the downtime, the vPASID hand-over's share of it, vPASIDs carried and pPASIDs before
 and after, then the guest tests passed and the backing-file check. ``--json``: one JSON object.
 """
@@ -14,10 +14,9 @@ import json
 import sys
 from typing import Any
 
+from qemu_glue.migration.demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
+from qemu_glue.qemu.vmspec import Accel, IommuMode
 from vioasid.commands.common import qemu_choice
-
-from ..migration_demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
-from ..vmspec import Accel, IommuMode
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,13 +21,18 @@ import os
 import sys
 from typing import Any
 
+from qemu_glue.migration.live import (
+    MigrationError,
+    MigrationResult,
+    Reserve,
+    VpasidHandover,
+    migrate,
+)
+from qemu_glue.qemu.qmp import Qmp, QmpError
 from vioasid.client import Client, ClientError, MemoryRegion
 from vioasid.commands.common import UsageError
 from vioasid.model.faults import parse_bdf
 from vioasid.model.memory import GuestMemory
-
-from ..migration import MigrationError, MigrationResult, Reserve, VpasidHandover, migrate
-from ..qmp import Qmp, QmpError
 
 
 def _parse_map(items: list[str]) -> dict[str | int, str | int]:
@@ -175,7 +180,7 @@ def _print(res: MigrationResult, as_json: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .demo import quiet_qmp_logs
+    from qemu_glue.commands.demo import quiet_qmp_logs
 
     quiet_qmp_logs()
     _check_args(args)

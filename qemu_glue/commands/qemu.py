@@ -14,10 +14,9 @@ import sys
 import time
 from typing import Any
 
+from qemu_glue.qemu.binary import QemuNotFound, choose
+from qemu_glue.qemu.install import InstallError, install
 from vioasid.commands.common import UsageError, add_qemu_option, emit
-
-from ..qemu.binary import QemuNotFound, choose
-from ..qemu.install import InstallError, install
 
 
 def _progress(msg: str) -> None:

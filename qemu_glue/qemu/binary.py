@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .install import cache_dir, newest_installed, version_tuple
+from qemu_glue.qemu.install import cache_dir, newest_installed, version_tuple
 
 log = logging.getLogger(__name__)
 

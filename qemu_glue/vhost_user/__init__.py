@@ -1,5 +1,2 @@
-"""A vhost-user-blk back-end whose every DMA address is translated by vioasid.
-
-``codec`` (sans-IO message framing), ``virtqueue`` (split rings over a DMA translator),
-``blk`` (virtio-blk requests on a raw file), ``backend`` (the asyncio server QEMU connects to).
-"""
+"""A guest with vioasid's vhost-user-blk disk: the back-end (:mod:`vioasid.vhost_user`) wired to a
+QEMU process, its QMP monitor and the guest's invalidation queue (``guest.py``)."""

@@ -1,9 +1,9 @@
 """A QEMU guest whose disk is the vioasid vhost-user-blk back-end: start both, wire them up.
 
-:func:`vhost_blk_guest` starts the back-end listening, launches QEMU (``qemu_glue.process``)
+:func:`vhost_blk_guest` starts the back-end listening, launches QEMU (``qemu_glue.qemu.process``)
 with a ``vhost-user-blk-pci`` device on that socket, reads the device's guest RID from QMP
 ``query-pci`` and gives the back-end a reader of the VT-d GSTS/RTADDR registers
-(``qemu_glue.vtd_regs``, QMP ``xp``). Everything is stopped on exit, also on failure.
+(``qemu_glue.qemu.vtd_regs``, QMP ``xp``). Everything is stopped on exit, also on failure.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from qemu_glue.iq_follower import IqFollower
+from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.process import QemuProcess, launch
+from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.device.translator import VtdRegs
 from vioasid.formats.registers import REG_IQA, REG_IQT
-
-from ..iq_follower import IqFollower
-from ..process import QemuProcess, launch
-from ..qemu.binary import QemuChoice
-from ..vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
-from ..vtd_regs import VtdRegisterReader
-from .backend import VhostUserBlkBackend
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +213,7 @@ async def run_guest_tests(
     opts: GuestOptions,
     timeout: float = 300.0,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[BlkGuest], None] | None = None,
 ) -> BlkRunResult:
     """Boot the test guest with the vioasid disk, follow its markers, check the backing file.
 
@@ -224,6 +224,8 @@ async def run_guest_tests(
     from guest_tests.runner import watch_guest
 
     async with vhost_blk_guest(opts) as g:
+        if on_start is not None:
+            on_start(g)
         if on_line is not None:
             g.vm.on_console(on_line)
         run = await watch_guest(g.vm, timeout)

@@ -36,7 +36,7 @@ from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
 from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import decode_stream, export_vm, import_vm
-from vioasid.model.vm import VM, guest_pasid_dir, read_guest_pasid_entry
+from vioasid.model.vm import VM
 
 from .codec import Message, encode_error, encode_event, encode_ok
 from .session import Session
@@ -475,8 +475,7 @@ class Service:
     def _guest_did(self, vm: VM, rid: int, vpasid: int) -> int | None:
         """The DID of the guest's present PASID entry, or None (missing or unreadable)."""
         try:
-            pdir, ndir = guest_pasid_dir(vm.memory, vm.rtaddr, rid)
-            words = read_guest_pasid_entry(vm.memory, pdir, ndir, rid, vpasid)
+            words = vm.tables.pasid_entry(vm.tables.context(vm.rtaddr, rid), rid, vpasid)
         except VioasidError:
             return None
         return _DID.get(words[1])

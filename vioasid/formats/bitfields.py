@@ -146,6 +146,7 @@ class Layout:
         self.size = 8 * len(self.words)
         self.struct: cs.Construct = cs.Struct(*(w.name / w.construct for w in self.words))
         self._unpack = struct.Struct(f"<{len(self.words)}Q")
+        self.reserved: tuple[int, ...] = tuple(w.reserved for w in self.words)  # per word
         self.fields: dict[str, tuple[int, Field]] = {}
         for i, w in enumerate(self.words):
             for f in w.fields:
@@ -192,11 +193,6 @@ class Layout:
     def mask(self, name: str) -> int:
         """Field ``name`` in place in its word."""
         return self.fields[name][1].mask
-
-    @property
-    def reserved(self) -> tuple[int, ...]:
-        """Each word's reserved mask, qw0 first."""
-        return tuple(w.reserved for w in self.words)
 
     def decoder(
         self, items: Sequence[object] | None = None, into: Callable[..., Any] | None = None

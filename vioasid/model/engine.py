@@ -38,13 +38,13 @@ from vioasid.formats.pasid import (
 from vioasid.formats.prq import PAGE_REQ_DESC
 
 from .allocator import PasidAllocator
-from .cache import Caches
+from .cache import Caches, ContextInfo
 from .errors import Exhausted, InvalidRequest, NotFound, PasidConflict, VioasidError
 from .faults import Fault, Translation, bdf_str
 from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
-from .vm import VM, Device, guest_leaf, guest_pasid_dir, read_guest_pasid_entry
+from .vm import VM, Device
 from .walker import Request, Walker
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ _TABLE_MASK = PASID_TABLE_MASK
 _PE_WORDS = len(PASID_ENTRY.words)
 _VPASID_MASK = (1 << _OWNER_SHIFT) - 1
 
-_PGTT_S, _PGTT_VM = PASID_ENTRY.field("PGTT").lo, PASID_ENTRY.field("PGTT").vmask
+_PGTT = PASID_ENTRY.field("PGTT")
+_PGTT_FS = _PGTT.put(PGTT_FIRST_STAGE)
 
 
 class Binding(NamedTuple):
@@ -308,16 +309,15 @@ class Host:
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
         self._check_vpasid(vpasid)
-        pasid_dir, ndir = self._guest_dir(v, guest_rid)
-        words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
+        words = v.tables.pasid_entry(self._guest_context(v, guest_rid), guest_rid, vpasid)
         return self._bind(v, dev, vpasid, words)
 
-    def _guest_dir(self, v: VM, guest_rid: int) -> tuple[int, int]:
-        """The guest device's PASID directory, through the VM's context cache (VT-d lets the
+    def _guest_context(self, v: VM, guest_rid: int) -> ContextInfo:
+        """The guest device's context entry, through the VM's context cache (VT-d lets the
         IOMMU cache context entries until the guest invalidates them)."""
         hit = v.context_cache.get(guest_rid)
         if hit is None:
-            hit = v.context_cache[guest_rid] = guest_pasid_dir(v.memory, v.rtaddr, guest_rid)
+            hit = v.context_cache[guest_rid] = v.tables.context(v.rtaddr, guest_rid)
         return hit
 
     def invalidate_context(self, vm: str, guest_rid: int | None = None) -> None:
@@ -330,43 +330,54 @@ class Host:
             v.context_cache.pop(guest_rid, None)
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
-        w0 = words[0]
-        if (w0 >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
+        """Bind (or refresh) ``x`` from the guest's checked entry words."""
+        if words[0] & _PGTT.mask != _PGTT_FS:
             raise InvalidRequest(
                 f"VM {v.name} device {dev.bdf} vPASID {x}: the guest entry has PGTT="
-                f"{(w0 >> _PGTT_S) & _PGTT_VM}; vioasid nests guest first-stage (PGTT=1) "
-                "entries only"
+                f"{_PGTT.get(words[0])}; vioasid nests guest first-stage (PGTT=1) entries only"
             )
         fn = dev.function
-        rule = dev.rule
         pp = dev.ppasids.get(x)
-        update = pp is not None
         if pp is None:
-            pp, new_global = self._plan(v, dev, x)
-            # Everything below succeeds (the leaf PASID table is made first; it may refuse).
-            if (fn.rid, pp >> _DIR_SHIFT) not in self.iommu.leaves and (
-                self.iommu.entry_gpa(fn.rid, pp, create=True) is None
-            ):
-                raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
-            if rule.space == "per-rid":
-                fn.allocator.take(pp)
-            else:
-                if new_global:
-                    self.global_alloc.take(pp)
-                    v.global_ppasid[x] = pp
-                    self.global_owner[pp] = (v.name, x)
-                v.global_refs[x] = v.global_refs.get(x, 0) + 1
-            if rule.cpu_table:
-                v.cpu_table[x] = pp
-                v.cpu_refs[x] = v.cpu_refs.get(x, 0) + 1
-            fn.owner[pp] = (dev.did << _OWNER_SHIFT) | x
-            dev.ppasids[x] = pp
-        self.iommu.write_nested(
-            fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
-        )
-        if update:  # a fresh slot has nothing cached (no negative caching; unbind flushed it)
+            pp = self._commit(v, dev, x)
+            self.iommu.write_nested(
+                fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
+            )
+        else:
+            self.iommu.write_nested(
+                fn.rid, pp, did=dev.did, guest_qw2=words[2], ssptptr=v.second_stage.root
+            )
+            # a fresh slot has nothing cached (no negative caching; unbind flushed it)
             self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
+        rule = dev.rule
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
+
+    def _commit(self, v: VM, dev: Device, x: int) -> int:
+        """Plan ``x``'s pPASID (refusals change nothing), then record it everywhere: the
+        leaf host PASID table (made first; it may refuse), the allocator, the VM's global and
+        CPU tables, the slot owner and the device's vPASID -> pPASID table. Returns the pPASID;
+        the caller writes the host entry."""
+        pp, new_global = self._plan(v, dev, x)
+        fn, rule = dev.function, dev.rule
+        iommu = self.iommu
+        if (fn.rid, pp >> _DIR_SHIFT) not in iommu.leaves and (
+            iommu.entry_gpa(fn.rid, pp, create=True) is None
+        ):
+            raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
+        if rule.space == "per-rid":
+            fn.allocator.take(pp)
+        else:
+            if new_global:
+                self.global_alloc.take(pp)
+                v.global_ppasid[x] = pp
+                self.global_owner[pp] = (v.name, x)
+            v.global_refs[x] = v.global_refs.get(x, 0) + 1
+        if rule.cpu_table:
+            v.cpu_table[x] = pp
+            v.cpu_refs[x] = v.cpu_refs.get(x, 0) + 1
+        fn.owner[pp] = (dev.did << _OWNER_SHIFT) | x
+        dev.ppasids[x] = pp
+        return pp
 
     def bind_many(self, vm: str, guest_rid: int, vpasids: Iterable[int]) -> int:
         """Bind many vPASIDs of one device in order (migration import, benchmarks): the same
@@ -374,55 +385,28 @@ class Host:
         Stops at the first refusal (the bindings before it stay). Returns how many bound."""
         v = self._vm(vm)
         dev = self._device(v, guest_rid)
-        mem = v.memory
-        pasid_dir, ndir = self._guest_dir(v, guest_rid)
-        fn, rule, did = dev.function, dev.rule, dev.did
-        rid, per_rid, cpu = fn.rid, rule.space == "per-rid", rule.cpu_table
-        alloc, galloc = fn.allocator, self.global_alloc
-        owner, ppasids = fn.owner, dev.ppasids
-        gmap, grefs, gown = v.global_ppasid, v.global_refs, self.global_owner
-        ctab, crefs = v.cpu_table, v.cpu_refs
-        tag_hi = did << _OWNER_SHIFT
-        iommu = self.iommu
-        write, leaves = iommu.write_nested, iommu.leaves
-        ss = v.second_stage.root
+        tables = v.tables
+        ctx = self._guest_context(v, guest_rid)
+        rid, did, ss = dev.function.rid, dev.did, v.second_stage.root
+        ppasids, entry_ok = dev.ppasids, tables.entry_ok
+        write, commit = self.iommu.write_nested, self._commit
         leaf_idx = -1
         leaf: tuple[int, ...] = ()
         n = 0
         for x in vpasids:
+            if not 1 <= x < _VPASID_LIMIT:
+                self._check_vpasid(x)  # raises
             if x >> _DIR_SHIFT != leaf_idx:
-                self._check_vpasid(x)
-                words = read_guest_pasid_entry(mem, pasid_dir, ndir, guest_rid, x)
-                leaf = guest_leaf(mem, pasid_dir, x)
+                leaf = tables.leaf(ctx, guest_rid, x)
                 leaf_idx = x >> _DIR_SHIFT
             base = (x & _TABLE_MASK) * _PE_WORDS
-            if not 1 <= x < _VPASID_LIMIT or not leaf[base] & 1:
-                self._check_vpasid(x)
-                read_guest_pasid_entry(mem, pasid_dir, ndir, guest_rid, x)  # raises
+            words = leaf[base : base + _PE_WORDS]
+            if not entry_ok(words):
+                tables.check(words, guest_rid, x)  # raises, unless it is another PGTT:
+                return n + self._bind_one(v, dev, x, words)  # raises the PGTT refusal
             if x in ppasids:
                 raise InvalidRequest(f"{_who(v, dev, x)}: bound twice")
-            words = leaf[base : base + _PE_WORDS]
-            if (words[0] >> _PGTT_S) & _PGTT_VM != PGTT_FIRST_STAGE:
-                return n + self._bind_one(v, dev, x, words)  # raises the PGTT refusal
-            pp, new_global = self._plan(v, dev, x)
-            if (rid, pp >> _DIR_SHIFT) not in leaves and iommu.entry_gpa(
-                rid, pp, create=True
-            ) is None:
-                raise Exhausted(f"host {self.name}: no host memory left for PASID tables")
-            if per_rid:
-                alloc.take(pp)
-            else:
-                if new_global:
-                    galloc.take(pp)
-                    gmap[x] = pp
-                    gown[pp] = (v.name, x)
-                grefs[x] = grefs.get(x, 0) + 1
-            if cpu:
-                ctab[x] = pp
-                crefs[x] = crefs.get(x, 0) + 1
-            owner[pp] = tag_hi | x
-            ppasids[x] = pp
-            write(rid, pp, did=did, guest_qw2=words[2], ssptptr=ss)
+            write(rid, commit(v, dev, x), did=did, guest_qw2=words[2], ssptptr=ss)
             n += 1
         return n
 
@@ -604,8 +588,7 @@ class Host:
         self._check_vpasid(vpasid)
         v.context_cache.pop(guest_rid, None)  # re-read: the guest may have rewritten it too
         try:
-            pasid_dir, ndir = self._guest_dir(v, guest_rid)
-            words = read_guest_pasid_entry(v.memory, pasid_dir, ndir, guest_rid, vpasid)
+            words = v.tables.pasid_entry(self._guest_context(v, guest_rid), guest_rid, vpasid)
         except NotFound:
             if vpasid in dev.ppasids:
                 self._unbind(v, dev, vpasid)

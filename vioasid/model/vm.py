@@ -5,52 +5,36 @@ the guest's own scalable-mode tables live in guest RAM), its devices (guest RID 
 function, ``vfio-pci`` | ``mdev``), the VM's global pPASIDs (one per vPASID, README "pPASID
 allocation"), its CPU PASID translation table (vPASID -> pPASID for ENQCMD), its fault queue (VT-d
 fault records, reported with guest RID + vPASID) and its page-request queue (VT-d page request
-descriptors). :func:`read_guest_pasid_entry` reads the guest's PASID entry for (device, vPASID)
-out of guest memory, bounded and refusing anything malformed.
+descriptors). :class:`GuestTables` reads the guest's context and PASID entries out of guest
+memory through the walker's one reader: bounded, every present and reserved bit checked.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vioasid.formats.context import SM_CONTEXT_ENTRY, SM_CONTEXT_ENTRY_SIZE
 from vioasid.formats.fault import FaultReason
-from vioasid.formats.pasid import (
-    PASID_DIR_ENTRY,
-    PASID_DIR_ENTRY_SIZE,
-    PASID_DIR_SHIFT,
-    PASID_ENTRY,
-    PASID_ENTRY_SIZE,
-    PASID_TABLE_MASK,
-)
+from vioasid.formats.pasid import PASID_ENTRIES_PER_TABLE, PASID_ENTRY, PASID_TABLE_MASK
 from vioasid.formats.registers import RTADDR, TTM_SCALABLE
-from vioasid.formats.root import ROOT_ENTRY_SIZE, SM_ROOT_ENTRY
 
-from .errors import InvalidRequest, NotFound
-from .faults import Fault, bdf_str
+from .cache import Caches, ContextInfo
+from .errors import InvalidRequest, NotFound, VioasidError
+from .faults import Fault, FaultError, bdf_str
 from .guest_driver import SecondStagePageTable
 from .host import HostFunction
 from .memory import GuestMemory, MemoryAccessError, Region
 from .policy import Assign, Rule
+from .walker import NOT_PRESENT, Walker
 
 FAULT_QUEUE_LIMIT = 1024  # records kept per VM; later faults only count as overflow (PFO)
 PRQ_LIMIT = 1024
 
-# Masks/shifts for the bind path, derived from the layouts.
-_TTM_S, _TTM_M = RTADDR.field("TTM").lo, RTADDR.field("TTM").vmask
-_RTA_M = RTADDR.field("RTA").mask
-_LP_M = SM_ROOT_ENTRY.field("LP").mask
-_LCTP_M = SM_ROOT_ENTRY.field("LCTP").mask
-assert SM_ROOT_ENTRY.field("UP").mask == _LP_M and SM_ROOT_ENTRY.field("UCTP").mask == _LCTP_M
-_CE_P_M = SM_CONTEXT_ENTRY.field("P").mask
-_CE_PASIDE_M = SM_CONTEXT_ENTRY.field("PASIDE").mask
-_CE_PDTS_S, _CE_PDTS_M = SM_CONTEXT_ENTRY.field("PDTS").lo, SM_CONTEXT_ENTRY.field("PDTS").vmask
-_CE_DIR_M = SM_CONTEXT_ENTRY.field("PASIDDIRPTR").mask
-_PDE_P_M = PASID_DIR_ENTRY.field("P").mask
-_PDE_PTP_M = PASID_DIR_ENTRY.field("PTP").mask
-_PE_P_M = PASID_ENTRY.field("P").mask
-_Q8 = struct.Struct(f"<{len(PASID_ENTRY.words)}Q")
+_TTM = RTADDR.field("TTM")
+_PE_WORDS = len(PASID_ENTRY.words)
+_PE_SIZE = PASID_ENTRY.size
+_PE_STRUCT = struct.Struct(f"<{_PE_WORDS}Q")
 
 
 @dataclass(eq=False)
@@ -85,8 +69,8 @@ class VM:
     host_regions: list[Region]
     rtaddr: int = 0  # the guest's RTADDR register (its own root table, in guest RAM)
     devices: dict[int, Device] = field(default_factory=dict)
-    # guest RID -> (PASID directory, entries) from its context entry, until invalidated
-    context_cache: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # guest RID -> its context entry, until invalidated
+    context_cache: dict[int, ContextInfo] = field(default_factory=dict)
     global_ppasid: dict[int, int] = field(default_factory=dict)  # vPASID -> VM's global pPASID
     global_refs: dict[int, int] = field(default_factory=dict)  # bindings using it
     cpu_table: dict[int, int] = field(default_factory=dict)  # CPU PASID translation table
@@ -95,6 +79,9 @@ class VM:
     fault_overflow: int = 0
     page_requests: list[bytes] = field(default_factory=list)  # VT-d page request descriptors
     prq_overflow: int = 0
+
+    def __post_init__(self) -> None:
+        self.tables = GuestTables(self.memory)
 
     @property
     def memory_size(self) -> int:
@@ -138,81 +125,75 @@ def _who(sid: int, pasid: int | None = None) -> str:
     return who if pasid is None else f"{who} vPASID {pasid}"
 
 
-def guest_pasid_dir(mem: GuestMemory, rtaddr: int, sid: int) -> tuple[int, int]:
-    """(PASID directory GPA, number of directory entries) of a guest device, from the guest's
-    root and scalable-mode context entry."""
-    if (rtaddr >> _TTM_S) & _TTM_M != TTM_SCALABLE:
-        raise GuestEntryError(
-            f"{_who(sid)}: guest RTADDR 0x{rtaddr:x} is not scalable mode",
-            FaultReason.RTADDR_INV_TTM,
-        )
-    devfn = sid & 0xFF
-    try:
-        half = mem.read_u64((rtaddr & _RTA_M) + (sid >> 8) * ROOT_ENTRY_SIZE + 8 * (devfn >> 7))
-    except MemoryAccessError:
-        raise GuestEntryError(
-            f"{_who(sid)}: root entry outside guest memory", FaultReason.ROOT_TABLE_INV
-        ) from None
-    if not half & _LP_M:  # LP and UP are bit 0 of their halves
-        raise GuestEntryMissing(f"{_who(sid)}: root entry not present", FaultReason.ROOT_ENTRY_P)
-    try:
-        ce0 = mem.read_u64((half & _LCTP_M) + (devfn & 0x7F) * SM_CONTEXT_ENTRY_SIZE)
-    except MemoryAccessError:
-        raise GuestEntryError(
-            f"{_who(sid)}: context entry outside guest memory", FaultReason.CONTEXT_TABLE_INV
-        ) from None
-    if not ce0 & _CE_P_M:
-        raise GuestEntryMissing(
-            f"{_who(sid)}: context entry not present", FaultReason.CONTEXT_ENTRY_P
-        )
-    if not ce0 & _CE_PASIDE_M:
-        raise GuestEntryError(
-            f"{_who(sid)}: context entry has PASIDE clear", FaultReason.CONTEXT_PASIDE_CLEAR
-        )
-    return ce0 & _CE_DIR_M, 1 << (((ce0 >> _CE_PDTS_S) & _CE_PDTS_M) + 7)
+def _refusal(exc: FaultError, sid: int, pasid: int | None = None) -> VioasidError:
+    """The walker's fault as a refusal: a missing entry is NotFound, anything else invalid."""
+    cls = GuestEntryMissing if exc.reason in NOT_PRESENT else GuestEntryError
+    return cls(f"{_who(sid, pasid)}: {exc.detail}", exc.reason)
 
 
-def read_guest_pasid_entry(
-    mem: GuestMemory, pasid_dir: int, ndir: int, sid: int, pasid: int
-) -> tuple[int, ...]:
-    """The 8 words of the guest's present PASID entry for ``pasid`` under ``pasid_dir``."""
-    didx = pasid >> PASID_DIR_SHIFT
-    if didx >= ndir:
-        raise GuestEntryError(
-            f"{_who(sid, pasid)}: beyond the guest's PASID directory",
-            FaultReason.CONTEXT_PASID_TOO_BIG,
-        )
-    try:
-        pde = mem.read_u64(pasid_dir + didx * PASID_DIR_ENTRY_SIZE)
-    except MemoryAccessError:
-        raise GuestEntryError(
-            f"{_who(sid, pasid)}: PASID directory outside guest memory",
-            FaultReason.PASID_DIR_ACCESS_ERR,
-        ) from None
-    if not pde & _PDE_P_M:
-        raise GuestEntryMissing(
-            f"{_who(sid, pasid)}: PASID directory entry not present",
-            FaultReason.PASID_DIR_ENTRY_P,
-        )
-    gpa = (pde & _PDE_PTP_M) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
-    try:
-        r = mem.region_of(gpa, PASID_ENTRY_SIZE)
-        words: tuple[int, ...] = _Q8.unpack_from(r.buf, gpa - r.gpa)
-    except MemoryAccessError:
-        raise GuestEntryError(
-            f"{_who(sid, pasid)}: PASID table outside guest memory",
-            FaultReason.PASID_TABLE_ACCESS_ERR,
-        ) from None
-    if not words[0] & _PE_P_M:
-        raise GuestEntryMissing(
-            f"{_who(sid, pasid)}: PASID entry not present", FaultReason.PASID_ENTRY_P
-        )
-    return words
+class GuestTables:
+    """A guest's root -> context -> PASID tables in its RAM, read through the walker's one
+    reader (every present and reserved bit checked, as a request through them would be).
+    Refusals are :class:`GuestEntryMissing` (not present) or :class:`GuestEntryError`."""
 
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.reader = Walker(memory, caches=Caches(enabled=False))
+        # The folded test of a present, well-formed first-stage entry (the bind fast path);
+        # False means :meth:`check` names what is wrong (or it is another PGTT).
+        self.entry_ok: Callable[[tuple[int, ...]], bool] = self.reader.first_stage_entry_ok
 
-def guest_leaf(mem: GuestMemory, pasid_dir: int, pasid: int) -> tuple[int, ...]:
-    """All words of the guest's leaf PASID table holding ``pasid`` (its directory entry must
-    have been checked present, e.g. by :func:`read_guest_pasid_entry`)."""
-    pde = mem.read_u64(pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE)
-    words: tuple[int, ...] = mem.words(pde & _PDE_PTP_M, PASID_ENTRY_SIZE // 8 * 64)
-    return words
+    def context(self, rtaddr: int, sid: int) -> ContextInfo:
+        """The guest device's scalable-mode context entry, with PASIDs enabled."""
+        if _TTM.get(rtaddr) != TTM_SCALABLE:
+            raise GuestEntryError(
+                f"{_who(sid)}: guest RTADDR 0x{rtaddr:x} is not scalable mode",
+                FaultReason.RTADDR_INV_TTM,
+            )
+        try:
+            ctx = self.reader.context_info(rtaddr, sid)
+        except FaultError as exc:
+            raise _refusal(exc, sid) from None
+        if not ctx.paside:
+            raise GuestEntryError(
+                f"{_who(sid)}: context entry has PASIDE clear", FaultReason.CONTEXT_PASIDE_CLEAR
+            )
+        return ctx
+
+    def pasid_entry(self, ctx: ContextInfo, sid: int, pasid: int) -> tuple[int, ...]:
+        """The words of the guest's present, well-formed PASID entry for ``pasid``."""
+        reader = self.reader
+        words = reader.first_stage_words(ctx, pasid)
+        if words is not None:
+            return words
+        # anything else: the reader names the refusal (or it is another PGTT, refused later)
+        try:
+            gpa = reader.pasid_table(ctx, pasid) + (pasid & PASID_TABLE_MASK) * _PE_SIZE
+            words = self.leaf_words(gpa, 1)
+            reader.decode_pasid_entry(words, pasid)
+        except FaultError as exc:
+            raise _refusal(exc, sid, pasid) from None
+        return words
+
+    def leaf(self, ctx: ContextInfo, sid: int, pasid: int) -> tuple[int, ...]:
+        """Every word of the leaf PASID table holding ``pasid`` (64 entries), for binding many
+        vPASIDs with one read; check each entry with ``entry_ok`` / :meth:`check`."""
+        try:
+            return self.leaf_words(self.reader.pasid_table(ctx, pasid), PASID_ENTRIES_PER_TABLE)
+        except FaultError as exc:
+            raise _refusal(exc, sid, pasid) from None
+
+    def leaf_words(self, gpa: int, entries: int) -> tuple[int, ...]:
+        try:
+            return self.memory.words(gpa, entries * _PE_WORDS)
+        except MemoryAccessError:
+            raise FaultError(
+                FaultReason.PASID_TABLE_ACCESS_ERR, f"PASID table 0x{gpa:x} outside guest memory"
+            ) from None
+
+    def check(self, words: tuple[int, ...], sid: int, pasid: int) -> None:
+        """Raise the refusal :meth:`pasid_entry` would for these entry words."""
+        try:
+            self.reader.decode_pasid_entry(words, pasid)
+        except FaultError as exc:
+            raise _refusal(exc, sid, pasid) from None

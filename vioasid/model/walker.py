@@ -81,7 +81,7 @@ from .cache import (
     PasidInfo,
 )
 from .faults import Fault, FaultError, Translation
-from .memory import GuestMemory
+from .memory import GuestMemory, MemoryAccessError
 
 U64 = (1 << 64) - 1
 _PASID_LIMIT = 1 << PASID_BITS
@@ -91,6 +91,7 @@ _Q4 = struct.Struct("<4Q")
 _PE_WORDS = 1 + max(i for i, w in enumerate(PASID_ENTRY.words) if w.fields)  # words decoded
 _QPE = struct.Struct(f"<{_PE_WORDS}Q")
 assert _PE_WORDS == 3  # the direct walk unpacks qw0..qw2
+_QPE_ALL = struct.Struct(f"<{len(PASID_ENTRY.words)}Q")
 _UNPACK_Q = _Q.unpack_from
 
 # -- decoders and masks generated from the layouts -----------------------------------------
@@ -398,6 +399,14 @@ class Walker:
             (i, w.reserved | (above if any(f.addr for f in w.fields) else 0))
             for i, w in enumerate(PASID_ENTRY.words[:_PE_WORDS])
         )
+        pe = PASID_ENTRY
+        # a present, well-formed first-stage entry: one folded test per word (bind fast path)
+        self._fs_chk0 = _PE_P | pe.mask("PGTT") | pe.reserved[0] | above
+        self._fs_want0 = _PE_P | pe.field("PGTT").put(PGTT_FIRST_STAGE)
+        self._fs_rsvd1 = pe.reserved[1]
+        self._fs_chk2 = pe.reserved[2] | above | 1 << pe.field("FLPM").hi  # FLPM 0 or 1
+        self._pde_rsvd = PASID_DIR_ENTRY.reserved[0] | above
+        self._chk_pde = _PDE_P | self._pde_rsvd
         self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
         self._ss_chk_w = tuple(_SS_W | m for m in self._ss_rsvd)
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
@@ -546,6 +555,34 @@ class Walker:
     def pasid_info(self, ctx: ContextInfo, pasid: int) -> PasidInfo:
         """The decoded PASID-table entry (raises FaultError)."""
         return self._load_pasid(ctx, pasid, self._spans_of(self.mem))
+
+    def first_stage_words(self, ctx: ContextInfo, pasid: int) -> tuple[int, ...] | None:
+        """The fast path of :meth:`pasid_table` + reading the entry + :meth:`first_stage_entry_ok`
+        (one folded test per entry, as the direct walk does): the words of a present,
+        well-formed first-stage entry, or None for anything else (:meth:`pasid_info` then
+        names the fault, or it is another PGTT)."""
+        if not 0 <= pasid < _PASID_LIMIT or pasid >> PASID_DIR_SHIFT >= 1 << (ctx.pdts + 7):
+            return None
+        mem = self.mem
+        try:
+            pde = mem.read_u64(ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE)
+            if pde & self._chk_pde != _PDE_P:
+                return None
+            gpa = (pde & _PDE_PTP) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+            r = mem.region_of(gpa, PASID_ENTRY_SIZE)
+        except MemoryAccessError:
+            return None
+        w: tuple[int, ...] = _QPE_ALL.unpack_from(r.buf, gpa - r.gpa)
+        return w if self.first_stage_entry_ok(w) else None
+
+    def first_stage_entry_ok(self, w: tuple[int, ...]) -> bool:
+        """Whether PASID-entry words are a present, well-formed first-stage entry (False:
+        :meth:`decode_pasid_entry` names the fault, or it is another PGTT)."""
+        return (
+            w[0] & self._fs_chk0 == self._fs_want0
+            and not w[1] & self._fs_rsvd1
+            and not w[2] & self._fs_chk2
+        )
 
     def decode_pasid_entry(self, words: tuple[int, ...], pasid: int) -> PasidInfo:
         """Check and decode the words of a PASID-table entry read by the caller (a whole leaf
@@ -785,7 +822,8 @@ class Walker:
     ) -> int:
         """The PASID-directory entry for ``pasid``; ``present``: checked present and free of
         reserved bits."""
-        self._check_pdts(ctx, pasid)
+        if not 0 <= pasid < _PASID_LIMIT or pasid >> PASID_DIR_SHIFT >= 1 << (ctx.pdts + 7):
+            self._check_pdts(ctx, pasid)  # raises
         (pde,) = self._read(
             spans, ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE, _Q,
             FR.PASID_DIR_ACCESS_ERR, "PASID dir entry",
@@ -795,7 +833,7 @@ class Walker:
                 raise FaultError(
                     FR.PASID_DIR_ENTRY_P, f"PASID {pasid}: directory entry not present"
                 )
-            if pde & (PASID_DIR_ENTRY.reserved[0] | self._above_haw):
+            if pde & self._pde_rsvd:
                 raise FaultError(
                     FR.PASID_DIR_ENTRY_RSVD, f"PASID {pasid}: reserved bits in dir entry"
                 )

@@ -58,9 +58,8 @@ from vioasid.formats.virtio import (
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 from vioasid.protocol.framing import close_fds
 from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
-
-from .blk import BlkDevice
-from .codec import (
+from vioasid.vhost_user.blk import BlkDevice
+from vioasid.vhost_user.codec import (
     HDR_SIZE,
     Decoder,
     Message,
@@ -71,8 +70,15 @@ from .codec import (
     request_name,
     unpack_header,
 )
-from .inflight import settle
-from .virtqueue import MAX_QUEUE_SIZE, Buffer, Chain, ChainError, Dma, SplitQueue
+from vioasid.vhost_user.inflight import settle
+from vioasid.vhost_user.virtqueue import (
+    MAX_QUEUE_SIZE,
+    Buffer,
+    Chain,
+    ChainError,
+    Dma,
+    SplitQueue,
+)
 
 log = logging.getLogger(__name__)
 

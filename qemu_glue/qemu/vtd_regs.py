@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
+from qemu_glue.qemu.qmp import Qmp, QmpTimeout
 from vioasid.formats.registers import (
     DMAR_BASE_Q35,
     GSTS,
@@ -27,8 +28,6 @@ from vioasid.formats.registers import (
     iq_entries,
     is_scalable,
 )
-
-from .qmp import Qmp, QmpTimeout
 
 _TES = GSTS.field("TES")
 _RTPS = GSTS.field("RTPS")

@@ -9,7 +9,7 @@
    devices (mdev on a plain function, vfio-pci on an enqcmd + translating one, mdev on an enqcmd
    one) into the reserved range and binds them on host A's daemon.
 3. ``count`` migrations A → B → A ..., each to a fresh destination QEMU with its own RAM, serial
-   and vhost-user-blk back-end, through :func:`qemu_glue.migration.migrate`. ``failures``
+   and vhost-user-blk back-end, through :func:`qemu_glue.migration.live.migrate`. ``failures``
    (tests) first runs refused attempts: ``corrupt`` (a byte of the state stream flipped on the
    way) and ``conflict`` (the destination cannot re-create a binding). After each refused
    attempt the source must still run with its state intact and the destination hold nothing.
@@ -30,15 +30,9 @@ from typing import Any
 
 from guest_tests import patterns
 from guest_tests.markers import DONE, INIT, STOPPED, TEST, GuestReport
-from vioasid.client import Client
-from vioasid.model.faults import bdf_str, parse_bdf
-from vioasid.model.memory import GuestMemory
-
-from .migration import MigrationResult, Reserve, VpasidHandover, migrate
-from .migration_rig import BlkVm, Daemon, SerialChain, VmOptions, host_toml, workdir
-from .qemu.binary import QemuChoice
-from .vmspec import Accel, IommuMode, IommuSpec, kernel_cmdline
-from .vpasid_reserve import (
+from qemu_glue.migration.live import MigrationResult, Reserve, VpasidHandover, migrate
+from qemu_glue.migration.rig import BlkVm, Daemon, SerialChain, VmOptions, host_toml, workdir
+from qemu_glue.migration.vpasid_reserve import (
     DATA_IOVA,
     DEFAULT_BASE,
     DEFAULT_SIZE,
@@ -48,6 +42,11 @@ from .vpasid_reserve import (
     ppasid_table,
     register,
 )
+from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.vmspec import Accel, IommuMode, IommuSpec, kernel_cmdline
+from vioasid.client import Client
+from vioasid.model.faults import bdf_str, parse_bdf
+from vioasid.model.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 * :class:`Daemon` — ``vioasid serve`` as a subprocess with its own socket and host file: one
   "host". :func:`host_toml` writes a host file.
 * :class:`BlkVm` — one QEMU (its own shared RAM file and serial file) whose ``vhost-user-blk``
-  disk is served by its own :class:`~qemu_glue.vhost_user.backend.VhostUserBlkBackend` (own
+  disk is served by its own :class:`~vioasid.vhost_user.backend.VhostUserBlkBackend` (own
   socket, walking that QEMU's VT-d tables), on a backing file both hosts share. ``incoming``
   starts it as a migration destination (``-incoming defer``).
 * :class:`SerialChain` — the guest's serial console across migrations: the source's serial
@@ -28,17 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from guest_tests.markers import GuestReport, Marker
+from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.process import QemuProcess, read_line
+from qemu_glue.qemu.qmp import Qmp
+from qemu_glue.qemu.vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
+from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.client import Client, MemoryRegion
 from vioasid.device.translator import VtdRegs
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
-
-from .process import QemuProcess, read_line
-from .qemu.binary import QemuChoice
-from .qmp import Qmp
-from .vhost_user.backend import VhostUserBlkBackend
-from .vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
-from .vtd_regs import VtdRegisterReader
+from vioasid.vhost_user.backend import VhostUserBlkBackend
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .process import QemuError, launch
-from .vmspec import Accel, IommuSpec, VmSpec, kernel_cmdline
+from qemu_glue.qemu.process import QemuError, launch
+from qemu_glue.qemu.vmspec import Accel, IommuSpec, VmSpec, kernel_cmdline
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ async def choose_accel(
     initrd: Path | None = None,
     timeout: float = PROBE_TIMEOUT_S,
 ) -> AccelChoice:
-    """Resolve ``auto`` | ``tcg`` | ``kvm`` to an :class:`~qemu_glue.vmspec.Accel`."""
+    """Resolve ``auto`` | ``tcg`` | ``kvm`` to an :class:`~qemu_glue.qemu.vmspec.Accel`."""
     if requested == "tcg":
         return AccelChoice(Accel.TCG, requested, "forced")
     if requested == "kvm":

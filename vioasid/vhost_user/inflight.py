@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .virtqueue import SplitQueue
+from vioasid.vhost_user.virtqueue import SplitQueue
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Launch and supervise one QEMU process with asyncio.
 
-:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.vmspec.VmSpec`, captures the serial
+:class:`QemuProcess` starts QEMU from a :class:`~qemu_glue.qemu.vmspec.VmSpec`, captures the serial
 console line by line (history, async iteration, callbacks, optional live echo), connects QMP,
 and on every exit path (``async with``) shuts QEMU down, kills it if it will not go, and removes
 the temporary files it created (QMP socket, shared RAM file).
@@ -9,7 +9,7 @@ QEMU never outlives its launcher: :meth:`QemuProcess.close` ends with SIGKILL an
 whatever happened before (an error, a cancelled close, a QEMU ignoring ``quit`` and SIGTERM), and
 on Linux QEMU is started with ``PR_SET_PDEATHSIG`` so it is killed even if this process dies
 without running any cleanup (SIGKILL, a CI timeout). Waits use ``asyncio.timeout``, not
-``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qmp`).
+``asyncio.wait_for`` (which on Python 3.11 can drop a cancellation; see :mod:`qemu_glue.qemu.qmp`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from .qemu.binary import QemuNotFound, choose, probe
-from .qmp import Qmp, QmpError
-from .vmspec import DEFAULT_SHM_DIR, VmSpec
+from qemu_glue.qemu.binary import QemuNotFound, choose, probe
+from qemu_glue.qemu.qmp import Qmp, QmpError
+from qemu_glue.qemu.vmspec import DEFAULT_SHM_DIR, VmSpec
 
 log = logging.getLogger(__name__)
 
 ConsoleCallback = Callable[[str], None]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+READER_DRAIN_S = 2.0  # after exit, for the console/stderr readers to reach EOF
 KILL_REAP_TIMEOUT_S = 10.0  # after SIGKILL: only a process stuck in the kernel takes longer
 
 
@@ -182,7 +183,6 @@ class QemuProcess:
             except BaseException as exc:
                 await self.close()
                 if isinstance(exc, QmpError):
-                    await asyncio.sleep(0.05)
                     raise QemuError(f"QEMU did not come up: {exc}", self.stderr) from exc
                 raise
         return self
@@ -379,6 +379,12 @@ class QemuProcess:
             finally:
                 if self.qmp is not None:
                     await self.qmp.close()
+                # QEMU is gone: let the readers take its last words (an early "bad option"
+                # is only on stderr) before they are cancelled; the pipes end at EOF.
+                pending = [t for t in self._tasks if not t.done()]
+                if pending and not self.running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(pending, timeout=READER_DRAIN_S)
                 for t in self._tasks:
                     if not t.done():
                         t.cancel()

@@ -37,11 +37,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qemu_glue.migration.vpasid_reserve import digest, ppasid_table
+from qemu_glue.qemu.qmp import (
+    MIGRATION,
+    MIGRATION_PASS,
+    RESUME,
+    STOP,
+    EventStream,
+    Qmp,
+    QmpError,
+    QmpTimeout,
+)
 from vioasid.client import Client, ImportResult, MemoryRegion, RequestError
 from vioasid.model.memory import GuestMemory
-
-from .qmp import MIGRATION, MIGRATION_PASS, RESUME, STOP, EventStream, Qmp, QmpError, QmpTimeout
-from .vpasid_reserve import digest, ppasid_table
 
 log = logging.getLogger(__name__)
 

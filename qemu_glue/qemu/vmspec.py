@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .qemu.binary import QEMU_10_FEATURES, QemuFeatures
+from qemu_glue.qemu.binary import QEMU_10_FEATURES, QemuFeatures
 
 QEMU_BINARY = "qemu-system-x86_64"
 DEFAULT_SHM_DIR = Path("/dev/shm")
@@ -33,7 +33,7 @@ class IommuMode(enum.StrEnum):
 
 
 class Accel(enum.StrEnum):
-    """Resolved accelerator (``auto`` is resolved by :mod:`qemu_glue.accel` before argv)."""
+    """Resolved accelerator (``auto`` is resolved by :mod:`qemu_glue.qemu.accel` before argv)."""
 
     TCG = "tcg"
     KVM = "kvm"
@@ -228,7 +228,7 @@ def kernel_cmdline(
 class VmSpec:
     """Everything needed to start one QEMU VM. ``argv()`` turns it into a command line.
 
-    Paths left as None are filled by the launcher (:func:`qemu_glue.process.QemuProcess.start`)
+    Paths left as None are filled by the launcher (:func:`qemu_glue.qemu.process.QemuProcess.start`)
     with per-VM temporary files it removes on exit.
     """
 

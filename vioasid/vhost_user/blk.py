@@ -25,9 +25,8 @@ from vioasid.formats.virtio import (
     BlkType,
 )
 from vioasid.model.memory import MemoryAccessError
-
-from .timing import PhaseTimes
-from .virtqueue import Buffer, Chain, Dma
+from vioasid.vhost_user.timing import PhaseTimes
+from vioasid.vhost_user.virtqueue import Buffer, Chain, Dma
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Live migration: the vPASID hand-over around QEMU's migration, two-host rigs, the demo."""
