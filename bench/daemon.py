@@ -9,7 +9,13 @@ over the unix socket:
   (a few messages in flight);
 * ``dma_batched_per_s_4_clients``: the same with four clients at once;
 * ``daemon_cpu_per_dma_us``: the daemon process's CPU time (user + system, from /proc) per
-  single-``dma`` request, a figure that does not depend on how busy the machine is otherwise.
+  single-``dma`` request, a figure that does not depend on how busy the machine is otherwise;
+* ``rtt_p50_us_noisy`` / ``rtt_p99_us_noisy``: the same round trip while a noisy neighbour (a
+  process of its own, another VM) floods the daemon: it subscribes to its VM's faults and never
+  reads, and sends batches of faulting ``dma`` requests as fast as the daemon takes them
+  (reconnecting when the daemon drops it for not reading its replies); next to
+  ``rtt_p50_us_idle`` / ``rtt_p99_us_idle`` measured just before, in the same run;
+  ``noisy_events_dropped`` is how many events the daemon dropped for it meanwhile.
 
 Every line carries ``load1``, the 1-minute load average when it was measured: on a shared
 2-core machine, round trips stretch with the number of runnable processes; and ``loop``, the
@@ -33,7 +39,7 @@ import tempfile
 import time
 from typing import Any
 
-from vioasid.client import Client, DmaRequest, MemoryRegion
+from vioasid.client import Client, ClientError, DmaRequest, MemoryRegion
 from vioasid.daemon import eventloop
 from vioasid.formats import wire
 from vioasid.formats.pasid import PGTT_FIRST_STAGE
@@ -81,9 +87,9 @@ class Guest:
         self.driver.set_pasid_entry(SID, VPASID, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=table.root)
 
 
-async def setup(client: Client, guest: Guest, name: str) -> int:
+async def setup(client: Client, guest: Guest, name: str, function: str = "3a:00.0") -> int:
     vm = await client.register_vm(name, [MemoryRegion(guest.fd, 0, GUEST_SIZE)])
-    await client.attach_device(vm, DEV, "3a:00.0", "vfio-pci")
+    await client.attach_device(vm, DEV, function, "vfio-pci")
     await client.set_root_table(vm, guest.driver.rtaddr)
     await client.pasid_entry(vm, DEV, VPASID)
     return vm
@@ -127,6 +133,50 @@ async def throughput(client: Client, vm: int, seconds: float, depth: int = 4) ->
     return done
 
 
+async def flood(sock: str, batch: int) -> None:
+    """The noisy neighbour: its own VM, subscribed to faults, never reads, floods faults."""
+    guest = Guest()
+    bad = b"".join(DmaRequest(DEV, VPASID, 0x7000_0000 + i * 4096).pack() for i in range(batch))
+    while True:
+        try:
+            c = await Client.connect(sock, timeout=60)
+            vm = await setup(c, guest, "noisy", "3b:00.0")
+            await c.subscribe(vm)
+            msg = (
+                wire.DMA_FRAME_S.pack(
+                    int(wire.Request.DMA), wire.VERSION, wire.DMA_HEAD_S.size + len(bad), vm, batch
+                )
+                + bad
+            )
+            transport = c._transport  # raw from here on: no futures, no reading
+            asyncio.get_running_loop().remove_reader(transport.sock.fileno())
+            while not transport.closed:
+                transport.send(msg)
+                await transport.drain()
+        except (ClientError, OSError):
+            await asyncio.sleep(0.01)
+
+
+async def noisy(client: Client, vm: int, sock: str, n: int, batch: int) -> tuple[list[float], int]:
+    """Round trips while the noisy neighbour (a subprocess) floods; and the events dropped."""
+    env = {**os.environ, eventloop.ENV: LOOP}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--flood", sock, "--flood-batch", str(batch), env=env
+    )
+    try:
+        for _ in range(200):  # until the neighbour is registered and flooding
+            if "noisy" in (await client.dump())["vms"]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        samples = await rtt(client, vm, n)
+        doc = await client.dump()
+    finally:
+        proc.kill()
+        await proc.wait()
+    return samples, int(doc.get("events_dropped_total", 0))
+
+
 async def main(args: argparse.Namespace) -> None:
     guest = Guest()
     with tempfile.TemporaryDirectory(prefix="vioasid-bench-") as tmp:
@@ -143,6 +193,18 @@ async def main(args: argparse.Namespace) -> None:
             emit("rtt_p50_us", q[49], "us", requests=len(samples))
             emit("rtt_p99_us", q[98], "us", requests=len(samples))
             emit("daemon_cpu_per_dma_us", cpu, "us", requests=len(samples))
+
+            if args.noisy:
+                idle = await rtt(client, vm, args.requests)
+                loud, dropped = await noisy(client, vm, sock, args.requests, args.flood_batch)
+                qi = statistics.quantiles(idle, n=100)
+                qn = statistics.quantiles(loud, n=100)
+                extra = {"requests": len(loud), "flood_batch": args.flood_batch}
+                emit("rtt_p50_us_idle", qi[49], "us", **extra)
+                emit("rtt_p99_us_idle", qi[98], "us", **extra)
+                emit("rtt_p50_us_noisy", qn[49], "us", **extra)
+                emit("rtt_p99_us_noisy", qn[98], "us", **extra)
+                emit("noisy_events_dropped", dropped, "events", **extra)
 
             start = time.perf_counter()
             n = await throughput(client, vm, args.seconds)
@@ -173,6 +235,19 @@ if __name__ == "__main__":
         help="event loop of the daemon and this client (default: $VIOASID_EVENT_LOOP or auto, "
         "as vioasid serve: uvloop when installed, else asyncio)",
     )
+    parser.add_argument(
+        "--noisy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the round trip next to a noisy neighbour (default on)",
+    )
+    parser.add_argument(
+        "--flood-batch", type=int, default=64, metavar="N", help="faults per noisy request"
+    )
+    parser.add_argument("--flood", metavar="SOCK", help=argparse.SUPPRESS)  # the neighbour
     args = parser.parse_args()
     LOOP, _ = eventloop.choose(args.loop)
-    eventloop.run(main(args), LOOP)
+    if args.flood:
+        eventloop.run(flood(args.flood, args.flood_batch), LOOP)
+    else:
+        eventloop.run(main(args), LOOP)

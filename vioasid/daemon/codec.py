@@ -79,6 +79,11 @@ class Codec:
         """Input bytes held for a message not yet complete."""
         return self._frames.buffered
 
+    @property
+    def ready(self) -> bool:
+        """A message may be complete in the buffer (:meth:`next_message` to see)."""
+        return self._frames.ready
+
     # -- input --------------------------------------------------------------------------
     def receive(
         self,

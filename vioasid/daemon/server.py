@@ -33,13 +33,14 @@ import os
 import socket
 import stat
 import struct
+import time
 import weakref
 
 from vioasid.formats import wire
 from vioasid.protocol.transport import Transport
 
 from .codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
-from .service import Service
+from .service import DmaJob, Service
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _UCRED = struct.Struct("3i")
 _DMA_ENTRIES = wire.DMA_FRAME_S.size  # a DMA request's entries start here
+_DMA = int(wire.Request.DMA)
+TURN_S = 50e-6
+"""CPU time one connection's requests get per turn of the event loop (then others' turn)."""
+_clock = time.perf_counter
 
 
 def _is_live(path: str) -> bool:
@@ -101,15 +106,26 @@ class Connection:
         sink = weakref.ref(self.transport)  # a session (kept by log records) must not pin it
         self.session.unsent = lambda: t.pending if (t := sink()) is not None else 0
         self.held = 0  # bytes of a partial message counted in the server's input budget
-        self.paused = False
+        self.paused = False  # held back by the input budget
+        self.busy = False  # work left for the next turn (not read meanwhile)
+        self.job: DmaJob | None = None  # a big DMA batch being translated slice by slice
 
     def on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         service = self.service
         if not fds:
             dma = self.codec.take_dma(data)
+            if dma is not None and dma[2] > 1 and not self.session.closed and not self.job:
+                # one batch: translated within this turn's time, else over the next turns
+                flags, vm, count = dma
+                job = service.start_dma(self.session, flags, vm, count, data[_DMA_ENTRIES:])
+                if job is not None and not service.step_dma(job, _clock() + TURN_S):
+                    self.job = job
+                    self._later()
+                self.server.flush()
+                return
             if dma is not None and not self.session.closed:
-                # the hot path: exactly one DMA request arrived; reply straight to the socket
-                # unless other output is pending (events it raised, an error reply)
+                # the hot path: exactly one one-entry DMA request arrived; reply straight to
+                # the socket unless other output is pending (events it raised, an error reply)
                 flags, vm, count = dma
                 reply = service.handle_dma(self.session, flags, vm, count, data[_DMA_ENTRIES:])
                 if service.dirty:
@@ -123,21 +139,65 @@ class Connection:
                 return
         try:
             self.codec.receive(data, fds)
-            while not self.session.closed:
-                msg = self.codec.next_message()
-                if msg is None:
-                    break
-                if msg.body is FDS_LOST:
-                    service.refuse_lost_fds(self.session, msg)
-                    continue
-                service.handle(self.session, msg)
         except ProtocolViolation as exc:
             self.server.flush()
             self.close(f"malformed input: {exc}")
             return
+        self._work()
+
+    def _work(self) -> None:
+        """Handle what is buffered for at most :data:`TURN_S` of CPU per turn of the loop: a
+        client that sends a lot (or slow requests: faults) waits for its next turn, not read
+        meanwhile, while every other client gets its turn in between (a DMA batch too: it
+        is a job that may span turns)."""
+        service = self.service
+        deadline = _clock() + TURN_S
+        try:
+            while not self.session.closed:
+                job = self.job
+                if job is not None:
+                    if service.step_dma(job, deadline):
+                        self.job = None
+                elif (msg := self.codec.next_message()) is None:
+                    break
+                elif msg.body is FDS_LOST:
+                    service.refuse_lost_fds(self.session, msg)
+                elif msg.request == _DMA and msg.body.count > 1:
+                    b = msg.body
+                    self.job = service.start_dma(self.session, msg.flags, b.vm, b.count, b.entries)
+                else:
+                    service.handle(self.session, msg)
+                if _clock() >= deadline:
+                    break
+        except ProtocolViolation as exc:
+            self.server.flush()
+            self.close(f"malformed input: {exc}")
+            return
+        if self.job is not None or self.codec.ready:
+            self._later()
         if self.held or self.codec.buffered > SMALL_INPUT:
             self.server.account(self)
         self.server.flush()
+
+    def _later(self) -> None:
+        """Work is left: stop reading, carry on at the next turn of the loop."""
+        if not self.transport.closed and not self.session.closed:
+            if not self.busy:
+                self.busy = True
+                self.transport.pause_reading()
+            self.server.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        if self.transport.closed:
+            return
+        self.busy = False
+        self._work()
+        self.resume()
+
+    def resume(self) -> None:
+        """Read again unless a turn is pending or the input budget holds this connection."""
+        if not self.busy and not self.paused:
+            self.transport.resume_reading()
 
     def close(self, reason: str | None) -> None:
         self.transport.close(reason)
@@ -336,7 +396,7 @@ class Server:
             waiting, self._waiting = self._waiting, {}
             for c in waiting.values():
                 c.paused = False
-                c.transport.resume_reading()
+                c.resume()
 
     def flush(self) -> None:
         """Write every session's pending output to its socket."""

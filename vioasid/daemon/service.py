@@ -22,13 +22,15 @@ import json
 import logging
 import os
 import stat
+import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vioasid.formats import invalidation as inv
 from vioasid.formats import wire
-from vioasid.formats.fault import FaultReason
+from vioasid.formats.fault import FAULT_RECORD, FaultReason
 from vioasid.formats.pasid import PASID_ENTRY
 from vioasid.formats.wire import DmaFlag, DmaStatus, ErrorCode, EventMask, Request
 from vioasid.model.engine import Host
@@ -60,6 +62,16 @@ _OK = int(DmaStatus.OK)
 _F_WRITE = int(DmaFlag.WRITE)  # plain ints: IntFlag arithmetic is slow in the hot loop
 _F_BY_TAG = int(DmaFlag.BY_TAG)
 _BINDING_PACK = wire.BINDING_S.pack
+_FAULT_EVENT_S = wire.struct_of(wire.FAULT_EVENT)
+_FAULT_FRAME = wire.joined(wire.HEADER_S, _FAULT_EVENT_S).pack
+_FAULT_REQ = int(Request.FAULT_EVENT)
+_FAULT_SIZE = _FAULT_EVENT_S.size
+_FR_FI, _FR_SID, _FR_PP, _FR_FR, _FR_PV, _FR_T, _FR_F = (
+    FAULT_RECORD.field(n) for n in ("FI", "SID", "PP", "FR", "PV", "T", "F")
+)
+_RECORD_PACK = struct.Struct("<2Q").pack  # FAULT_RECORD's two words
+_U64 = (1 << 64) - 1
+_clock = time.perf_counter
 _route = Host.route  # (VM, guest rid, vPASID) -> (host function, tag) | None
 
 
@@ -134,6 +146,18 @@ def memory_seal(fd: int) -> str:
     return "sealed"
 
 
+@dataclass(eq=False)
+class DmaJob:
+    """A ``DMA`` batch being translated a slice at a time (:meth:`Service.step_dma`)."""
+
+    session: Session
+    entry: VmEntry
+    count: int
+    entries: bytes
+    out: bytearray
+    done: int = 0
+
+
 Handler = Callable[[Session, Message], Any]
 Raw = bytes | bytearray | memoryview
 
@@ -149,6 +173,7 @@ class Service:
         self._next_session = 1
         self._next_vm = 1
         self.dirty: dict[Session, None] = {}  # sessions with output (read-only outside)
+        self.events_dropped = 0  # every session's, since the daemon started
         self._handlers: dict[int, Handler] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -213,6 +238,7 @@ class Service:
         a subscriber that never reads costs O(1) per event and bounded memory."""
         if session.unsent() > EVENT_BACKLOG or len(session.outbox) > EVENT_BACKLOG // 64:
             session.events_dropped += 1
+            self.events_dropped += 1
             if session.events_dropped == 1 or session.events_dropped % 100_000 == 0:
                 log.warning(
                     "%s: does not read its events: %d dropped", session, session.events_dropped
@@ -574,17 +600,82 @@ class Service:
 
     def _dma_batch(self, entry: VmEntry, count: int, entries: Raw) -> bytearray:
         """The general loop: every entry, faults and errors included."""
+        out = _reply_frame(count)
+        self._dma_range(entry, entries, out, 0, count)
+        if entry.subscribers:
+            self._deliver(entry)
+        return out
+
+    # A big batch is translated a slice at a time (Connection interleaves other clients):
+    def start_dma(
+        self, session: Session, flags: int, vm_id: int, count: int, entries: Raw
+    ) -> DmaJob | None:
+        """A ``DMA`` request to be translated in slices (:meth:`step_dma`); None when it is
+        refused (the error reply is then queued)."""
+        try:
+            entry = self._visible(session, vm_id)
+        except VioasidError as exc:
+            self._refuse(
+                session, Message(_DMA_REQ, flags), ErrorCode.from_kind(exc.kind), exc.message
+            )
+            return None
+        return DmaJob(session, entry, count, bytes(entries), _reply_frame(count))
+
+    def step_dma(self, job: DmaJob, deadline: float) -> bool:
+        """Translate more entries of ``job`` until ``deadline`` (``time.perf_counter``) or
+        the end; True when it is finished (its reply queued).
+        Entries of a VM released meanwhile come back as ``not-found`` errors."""
+        entry = job.entry
+        if self.vms.get(entry.id) is not entry:
+            for i in range(job.done, job.count):
+                _DMA_RESULT.pack_into(
+                    job.out, _DMA_REPLY_HEAD + i * _DMA_RESULT.size,
+                    DmaStatus.ERROR, ErrorCode.NOT_FOUND, 0, 0, 0, 0,
+                )  # fmt: skip
+            job.done = job.count
+        try:
+            if job.done < job.count:
+                job.done = self._dma_range(
+                    entry, job.entries, job.out, job.done, job.count, deadline
+                )
+        except Exception as exc:  # a daemon bug: this request fails, the daemon goes on
+            log.exception("%s: DMA failed", job.session)
+            msg = Message(_DMA_REQ, wire.VERSION)
+            self._refuse(job.session, msg, ErrorCode.INTERNAL, f"internal error: {exc!r}")
+            return True
+        if job.done < job.count:
+            return False
+        if entry.subscribers and self.vms.get(entry.id) is entry:
+            self._deliver(entry)
+        self._out(job.session, job.out)
+        return True
+
+    def _dma_range(
+        self,
+        entry: VmEntry,
+        entries: Raw,
+        out: bytearray,
+        start: int,
+        stop: int,
+        deadline: float | None = None,
+    ) -> int:
+        """Entries ``[start, stop)`` of a batch into their slots of the reply frame ``out``;
+        with a ``deadline``, stops once past it (looking at the clock after every entry that
+        took the slow path and every 64 that did not). Returns where it stopped."""
         vm = entry.model
         host = self.host
-        out = _reply_frame(count)
         pack = _DMA_RESULT.pack_into
         fast = host.dma_fast  # (function, tag, addr, write) -> host address | Fault
         base, top = entry.host_range
-        off = _DMA_REPLY_HEAD
         size = _DMA_RESULT.size
+        off = _DMA_REPLY_HEAD + start * size
+        esize = wire.DMA_ENTRY_S.size
         key = -1  # (rid, pasid) of the previous entry: batches repeat them, look up once
         route: tuple[int, int] | None = None  # (host function, tag) for key
-        for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(entries):
+        view = memoryview(entries)[start * esize : stop * esize]
+        i = start
+        for rid, flags, pasid, addr in wire.DMA_ENTRY_S.iter_unpack(view):
+            i += 1
             write = flags & _F_WRITE
             if not flags & _F_BY_TAG:
                 if (rid << 32 | pasid) != key:
@@ -595,12 +686,14 @@ class Service:
                     if type(hpa) is int and base <= hpa < top:
                         pack(out, off, 0, 0, 3 if write else 1, route[1], hpa - base, hpa)
                         off += size
+                        if deadline is not None and not i & 63 and _clock() >= deadline:
+                            return i
                         continue
             self._dma_slow(entry, vm, out, off, rid, flags, pasid, addr, bool(write))
             off += size
-        if entry.subscribers:
-            self._deliver(entry)
-        return out
+            if deadline is not None and _clock() >= deadline:
+                return i
+        return stop
 
     def _dma_slow(
         self,
@@ -684,19 +777,20 @@ class Service:
 
     @staticmethod
     def _fault_event(vm_id: int, f: Fault) -> bytes:
+        """A whole ``FAULT_EVENT`` frame, packed with the structs derived from its layouts
+        (one per fault of a flood: construct's build costs ~100x more)."""
         flags = (wire.FAULT_PASID_PRESENT if f.pasid is not None else 0) | (
             wire.FAULT_WRITE if f.write else 0
         )
-        body = {
-            "vm": vm_id,
-            "rid": f.sid,
-            "reason": int(f.reason),
-            "flags": flags,
-            "vpasid": f.pasid or 0,
-            "addr": f.addr,
-            "record": f.record(),
-        }
-        return encode_event(Request.FAULT_EVENT, body)
+        qw1 = (
+            _FR_SID.put(f.sid) | _FR_PP.put(f.pasid is not None) | _FR_FR.put(int(f.reason))
+            | _FR_PV.put(f.pasid or 0) | _FR_T.put(not f.write) | _FR_F.put(1)
+        )  # fmt: skip
+        record = _RECORD_PACK(f.addr & _FR_FI.mask, qw1)
+        return _FAULT_FRAME(
+            _FAULT_REQ, wire.VERSION, _FAULT_SIZE,
+            vm_id, f.sid, int(f.reason), flags, f.pasid or 0, f.addr & _U64, record,
+        )  # fmt: skip
 
     # -- state ----------------------------------------------------------------------------
     def _dump(self, session: Session, msg: Message) -> dict[str, Any]:
@@ -728,6 +822,7 @@ class Service:
         dropped = {str(s.id): s.events_dropped for s in self.sessions.values() if s.events_dropped}
         if dropped:
             doc["events_dropped"] = dropped
+        doc["events_dropped_total"] = self.events_dropped
         for entry in self.vms.values():
             v = doc["vms"].get(entry.name)
             if v is not None:

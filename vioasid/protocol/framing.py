@@ -167,6 +167,14 @@ class FrameBuffer:
         return len(self._buf)
 
     @property
+    def ready(self) -> bool:
+        """:meth:`next_frame` may have something to return (a whole frame, or a header not
+        looked at yet)."""
+        if self._pending is None:
+            return len(self._buf) >= self._hsize
+        return len(self._buf) >= self._hsize + self._pending[1]
+
+    @property
     def wanted(self) -> int:
         """Bytes the frame being received still needs (0 when no header is complete)."""
         if self._pending is None:
