@@ -60,7 +60,21 @@ def _print_human(out: dict[str, Any]) -> None:
             print(f"{'':<{width}}  {label}: {wrapped[0]}")
             for line in wrapped[1:]:
                 print(f"{'':<{width}}            {line}")
-    print(f"served by {out['served_by']}; {out['wall_seconds']} s")
+    from vioasid.commands.status import render
+
+    shown = {c["name"]: c.get("tables") for c in out["cases"]}
+    for name, title in (
+        ("trouble-case", "the engine's tables at the trouble case's refusal (as vioasid status)"),
+        ("shared-parent", "the two tenants' binds in the shared parent's table"),
+    ):
+        if shown.get(name):
+            print(f"\n{title}:")
+            print(textwrap.indent(render(shown[name]), "  "), end="")
+    after = out.get("tenants", {}).get("tables_after_kill")
+    if after:
+        print(f"\nafter SIGKILL of {out['tenants']['killed']}:")
+        print(textwrap.indent(render(after), "  "), end="")
+    print(f"\nserved by {out['served_by']}; {out['wall_seconds']} s")
     print("PASS" if out["ok"] else "FAIL")
 
 
