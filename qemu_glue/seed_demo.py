@@ -1,7 +1,7 @@
 """``vioasid demo --seed``: the seed's systems on real guests, case by case.
 
 Three runs of real QEMU 11.1 guests (TCG), each through the PASID DMA function
-(docs/pasid-dma.md) and the guest's ``vioasid_dma.ko`` driven by ``guest_tests/seed_tests.sh``:
+(docs/pasid-dma.md) and the guest's ``vioasid_dma.ko`` driven by ``images/guest/seed_tests.sh``:
 
 1. **one guest, per-device policy** (:data:`ONE_GUEST`: dedicated, translating, mdev, enqcmd
    non-translating, enqcmd + translating, an enqcmd mdev, an mdev of a parent with 2 PASID bits):
