@@ -46,7 +46,7 @@ from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
 from .vm import VM, Device
-from .walker import Request, Walker
+from .walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +181,26 @@ class Host:
         # the VM's second stage. (did, vPASID) of those bindings:
         self.guest_second_stage = guest_second_stage
         self._soft_ss: set[tuple[int, int]] = set()
-        self._guest_walkers: dict[str, Walker] = {}
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
-        self, rid: int, *, enqcmd: bool = False, translating: bool = False
+        self,
+        rid: int,
+        *,
+        enqcmd: bool = False,
+        translating: bool = False,
+        pasid_bits: int | None = None,
     ) -> HostFunction:
-        """Declare a physical function (its PASID table is created in host memory)."""
+        """Declare a physical function (its PASID table is created in host memory).
+        ``pasid_bits``: the function's own PASID width (default the host's; at most it)."""
+        bits = self.pasid_bits if pasid_bits is None else pasid_bits
+        if not 1 <= bits <= self.pasid_bits:
+            raise InvalidRequest(f"function pasid_bits must be 1..{self.pasid_bits}, not {bits}")
         if not 0 <= rid <= 0xFFFF:
             raise InvalidRequest(f"function RID 0x{rid:x} is not a 16-bit BDF")
         if rid in self.functions:
             raise InvalidRequest(f"host {self.name} already has function {bdf_str(rid)}")
-        fn = HostFunction(rid, enqcmd, translating, self.pasid_bits)
+        fn = HostFunction(rid, enqcmd, translating, bits)
         self.iommu.add_function(rid)
         self.functions[rid] = fn
         return fn
@@ -679,7 +687,7 @@ class Host:
                 if dev.rule.equal_x:
                     return self._request(fn, tag, addr, write, v, dev, supervisor)
             res = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=supervisor)
             )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
@@ -704,7 +712,7 @@ class Host:
                 return self._soft_request(v, dev, own & _VPASID_MASK, tag, addr, write, supervisor)
         if supervisor:
             t = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=True)
             )
             res = t if isinstance(t, Fault) else t.address
         else:
@@ -722,10 +730,8 @@ class Host:
     ) -> DmaResult:
         """A guest second-stage binding: the guest's own walk (its root, context and PASID
         entries, its second-stage table) gives the GPA, the VM's second stage the HPA."""
-        w = self._guest_walkers.get(v.name)
-        if w is None or w.mem is not v.memory:
-            w = self._guest_walkers[v.name] = Walker(v.memory, caches=Caches(enabled=False))
-        t = w.translate(v.rtaddr, Request(dev.guest_rid, addr, x, write, supervisor=supervisor))
+        w = v.tables.reader  # the VM's one uncached reader of its own tables
+        t = w.translate(v.rtaddr, WalkRequest(dev.guest_rid, addr, x, write, supervisor=supervisor))
         if isinstance(t, Fault):
             f = Fault(t.reason, addr, dev.guest_rid, x, write, t.detail)
             v.queue_fault(f)
