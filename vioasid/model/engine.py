@@ -46,7 +46,7 @@ from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
 from .vm import VM, Device
-from .walker import Request, Walker
+from .walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,6 @@ class Host:
         # the VM's second stage. (did, vPASID) of those bindings:
         self.guest_second_stage = guest_second_stage
         self._soft_ss: set[tuple[int, int]] = set()
-        self._guest_walkers: dict[str, Walker] = {}
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
@@ -679,7 +678,7 @@ class Host:
                 if dev.rule.equal_x:
                     return self._request(fn, tag, addr, write, v, dev, supervisor)
             res = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=supervisor)
             )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
@@ -704,7 +703,7 @@ class Host:
                 return self._soft_request(v, dev, own & _VPASID_MASK, tag, addr, write, supervisor)
         if supervisor:
             t = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=True)
             )
             res = t if isinstance(t, Fault) else t.address
         else:
@@ -722,10 +721,8 @@ class Host:
     ) -> DmaResult:
         """A guest second-stage binding: the guest's own walk (its root, context and PASID
         entries, its second-stage table) gives the GPA, the VM's second stage the HPA."""
-        w = self._guest_walkers.get(v.name)
-        if w is None or w.mem is not v.memory:
-            w = self._guest_walkers[v.name] = Walker(v.memory, caches=Caches(enabled=False))
-        t = w.translate(v.rtaddr, Request(dev.guest_rid, addr, x, write, supervisor=supervisor))
+        w = v.tables.reader  # the VM's one uncached reader of its own tables
+        t = w.translate(v.rtaddr, WalkRequest(dev.guest_rid, addr, x, write, supervisor=supervisor))
         if isinstance(t, Fault):
             f = Fault(t.reason, addr, dev.guest_rid, x, write, t.detail)
             v.queue_fault(f)
