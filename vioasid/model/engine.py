@@ -38,13 +38,15 @@ from vioasid.formats.pasid import (
 )
 from vioasid.formats.prq import PAGE_REQ_DESC
 
+from . import views
 from .allocator import PasidAllocator
 from .cache import Caches, ContextInfo
 from .errors import Exhausted, InvalidRequest, NotFound, PasidConflict, VioasidError
 from .faults import Fault, Translation, bdf_str
-from .host import VM_HPA_BASE, HostFunction, HostIommu
+from .host import OWNER_SHIFT, VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
+from .views import guest_fault_json
 from .vm import VM, Device
 from .walker import Walker, WalkRequest
 
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_PASID_BITS = 20
 DID_BITS = 16
-_OWNER_SHIFT = 20  # function.owner value: (DID << 20) | vPASID
+_OWNER_SHIFT = OWNER_SHIFT  # function.owner value: (DID << 20) | vPASID
 _VPASID_LIMIT = 1 << MAX_PASID_BITS
 _DIR_SHIFT = PASID_DIR_SHIFT
 _TABLE_MASK = PASID_TABLE_MASK
@@ -109,21 +111,6 @@ class DmaResult:
             out["gpa"] = hex(self.gpa)
             out["hpa"] = hex(self.hpa)
         return out
-
-
-def guest_fault_json(f: Fault) -> dict[str, Any]:
-    """A fault as the scenario contract prints it (guest RID, vPASID)."""
-    out: dict[str, Any] = {
-        "reason": int(f.reason),
-        "name": f.name,
-        "device": bdf_str(f.sid),
-        "vpasid": f.pasid,
-        "addr": hex(f.addr),
-        "write": f.write,
-    }
-    if f.detail:
-        out["detail"] = f.detail
-    return out
 
 
 def _who(v: VM, dev: Device, x: int) -> str:
@@ -807,121 +794,16 @@ class Host:
                     )  # fmt: skip
 
     def dump(self, vm: str | None = None) -> dict[str, Any]:
-        """The vPASID/pPASID tables as they stand (JSON-ready)."""
-        vms = [self._vm(vm)] if vm is not None else list(self.vms.values())
-        out_vms: dict[str, Any] = {}
-        for v in vms:
-            out_vms[v.name] = {
-                "host": self.name,
-                "hpa": hex(v.hpa),
-                "rtaddr": hex(v.rtaddr),
-                "devices": {
-                    dev.bdf: {
-                        "function": dev.function.bdf,
-                        "assign": dev.assign,
-                        "row": dev.rule.row,
-                        "space": dev.rule.space,
-                        "tag": dev.rule.tag,
-                        "did": dev.did,
-                        "bindings": {str(x): pp for x, pp in sorted(dev.ppasids.items())},
-                    }
-                    for dev in sorted(v.devices.values(), key=lambda d: d.guest_rid)
-                },
-                "cpu_table": {str(x): pp for x, pp in sorted(v.cpu_table.items())},
-                "faults": len(v.faults),
-                "page_requests": len(v.page_requests),
-            }
-        names = {v.name for v in vms}
-        out_fns: dict[str, Any] = {}
-        for fn in sorted(self.functions.values(), key=lambda f: f.rid):
-            table = {}
-            for pp, own in sorted(fn.owner.items()):
-                ov, od = self.devices_by_did[own >> _OWNER_SHIFT]
-                if vm is None or ov.name in names:
-                    table[str(pp)] = {
-                        "vm": ov.name,
-                        "device": od.bdf,
-                        "vpasid": own & _VPASID_MASK,
-                    }
-            if vm is not None and not table and fn.vfio_vm != vm and vm not in fn.mdev_users:
-                continue
-            out_fns[f"{self.name}/{fn.bdf}"] = {
-                "enqcmd": fn.enqcmd,
-                "translating": fn.translating,
-                "assigned": fn.assigned,
-                "vms": [fn.vfio_vm] if fn.vfio_vm else sorted(fn.mdev_users),
-                "table": table,
-            }
-        return {
-            "host": self.name,
-            "allocation": self.allocation,
-            "vms": out_vms,
-            "functions": out_fns,
-            "global": {str(pp): {"vm": o[0], "vpasid": o[1]} for pp, o in
-                       sorted(self.global_owner.items()) if vm is None or o[0] in names},
-        }  # fmt: skip
+        """The vPASID/pPASID tables as they stand (JSON-ready; :func:`views.dump`)."""
+        return views.dump(self, None if vm is None else self._vm(vm))
 
     def check_invariants(self) -> list[str]:
-        """Every model invariant that can be checked from the outside (tests); [] when sound."""
-        errs: list[str] = []
-        per_rid: dict[int, set[int]] = {rid: set() for rid in self.functions}
-        owners: dict[int, dict[int, int]] = {rid: {} for rid in self.functions}
-        global_used: dict[int, tuple[str, int]] = {}
-        for v in self.vms.values():
-            refs: dict[int, int] = {}
-            cpu: dict[int, int] = {}
-            for dev in v.devices.values():
-                fn = dev.function
-                for x, pp in dev.ppasids.items():
-                    slot = owners[fn.rid]
-                    if pp in slot:
-                        errs.append(f"{fn.bdf}: pPASID {pp} shared by two bindings")
-                    slot[pp] = (dev.did << _OWNER_SHIFT) | x
-                    if dev.rule.equal_x and pp != x:
-                        errs.append(f"{v.name} {dev.bdf}: needs pPASID == {x}, has {pp}")
-                    if self.iommu.entry_words(fn.rid, pp) is None:
-                        errs.append(f"{fn.bdf}: no host entry for pPASID {pp}")
-                    if dev.rule.space == "per-rid":
-                        per_rid[fn.rid].add(pp)
-                    else:
-                        if v.global_ppasid.get(x) != pp:
-                            errs.append(f"{v.name}: vPASID {x} has two global pPASIDs")
-                        refs[x] = refs.get(x, 0) + 1
-                    if dev.rule.cpu_table:
-                        cpu[x] = cpu.get(x, 0) + 1
-            if refs != v.global_refs or set(refs) != set(v.global_ppasid):
-                errs.append(f"{v.name}: global refcounts {v.global_refs} != {refs}")
-            if cpu != v.cpu_refs or {x: v.global_ppasid.get(x) for x in cpu} != v.cpu_table:
-                errs.append(f"{v.name}: CPU table {v.cpu_table} does not match its bindings")
-            for x, g in v.global_ppasid.items():
-                if g in global_used:
-                    errs.append(f"global pPASID {g} held by {global_used[g]} and {v.name}")
-                global_used[g] = (v.name, x)
-        if self.global_alloc.used() != frozenset(global_used):
-            errs.append("global allocator's used set != live global pPASIDs")
-        if self.global_owner != global_used:
-            errs.append("global owner map != live global pPASIDs")
-        for rid, fn in self.functions.items():
-            if fn.allocator.used() != frozenset(per_rid[rid]):
-                errs.append(f"{fn.bdf}: per-RID allocator used set != live per-RID bindings")
-            if fn.owner != owners[rid]:
-                errs.append(f"{fn.bdf}: table owners != live bindings")
-        return errs
+        """Every model invariant that can be checked from the outside; [] when sound."""
+        return views.check_invariants(self)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a refused operation must leave unchanged (tests compare before/after)."""
-        tables = {rid: self.iommu.present_entries(rid) for rid in self.functions}
-        return {
-            "dump": self.dump(),
-            "global": self.global_alloc.snapshot(),
-            "per_rid": {rid: fn.allocator.snapshot() for rid, fn in self.functions.items()},
-            "dids": self.did_alloc.snapshot(),
-            "tables": tables,
-            "cpu": {n: dict(v.cpu_table) for n, v in self.vms.items()},
-            "regions": [(r.gpa, r.size) for r in self.iommu.mem.regions],
-            "leaves": sorted(self.iommu.leaves.items()),
-            "pages_used": self.iommu.pages.used,
-        }
+        return views.snapshot(self)
 
 
 __all__ = [
