@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -432,29 +432,10 @@ class Host:
         who = _Who(v, dev, x)  # formatted only if a refusal needs it
         new_global = False
         if rule.space == "per-rid":
-            alloc = fn.allocator
-            if rule.equal_x:
-                if not alloc.in_range(x):
-                    raise PasidConflict(
-                        f"{who}: needs pPASID {x} but function {fn.bdf}'s space ends at "
-                        f"{alloc.limit - 1}",
-                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                    )  # fmt: skip
-                if x in alloc:
-                    raise PasidConflict(
-                        f"{who}: needs pPASID {x} in function {fn.bdf}'s table but it is held "
-                        f"by {self._slot_owner(fn, x)}",
-                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                    )  # fmt: skip
-                pp: int | None = x
-            else:
-                pp = alloc.peek()
-                if pp is None:
-                    raise Exhausted(
-                        f"{who}: function {fn.bdf}'s per-RID space is exhausted "
-                        f"({alloc.limit - 1} pPASIDs)",
-                        vm=v.name, device=dev.bdf, vpasid=x, rule=3,
-                    )  # fmt: skip
+            pp = self._draw(
+                fn.allocator, v, dev, x, who, f"function {fn.bdf}'s per-RID space",
+                lambda: self._slot_owner(fn, x),
+            )  # fmt: skip
         else:
             g = v.global_ppasid.get(x)
             if g is not None:
@@ -471,31 +452,11 @@ class Host:
                     )  # fmt: skip
                 pp = g
             else:
-                alloc = self.global_alloc
-                if rule.equal_x:
-                    if not alloc.in_range(x):
-                        raise PasidConflict(
-                            f"{who}: needs global pPASID {x} but host {self.name}'s space ends "
-                            f"at {alloc.limit - 1}",
-                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                        )  # fmt: skip
-                    if x in alloc:
-                        ovm, ox = self.global_owner[x]
-                        raise PasidConflict(
-                            f"{who}: needs global pPASID {x}, which is taken by VM {ovm} "
-                            f"vPASID {ox}",
-                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                        )  # fmt: skip
-                    pp = x
-                else:
-                    pp = alloc.peek()
-                    if pp is None:
-                        raise Exhausted(
-                            f"{who}: host {self.name}'s global pPASID space is exhausted",
-                            vm=v.name, device=dev.bdf, vpasid=x, rule=3,
-                        )  # fmt: skip
+                pp = self._draw(
+                    self.global_alloc, v, dev, x, who, f"host {self.name}'s global pPASID space",
+                    lambda: "VM {} vPASID {}".format(*self.global_owner[x]),
+                )  # fmt: skip
                 new_global = True
-        assert pp is not None
         if pp in fn.owner:
             raise PasidConflict(
                 f"{who}: pPASID {pp} in function {fn.bdf}'s table is held by "
@@ -503,6 +464,34 @@ class Host:
                 vm=v.name, device=dev.bdf, vpasid=x, ppasid=pp, rule=4,
             )  # fmt: skip
         return pp, new_global
+
+    @staticmethod
+    def _draw(
+        alloc: PasidAllocator, v: VM, dev: Device, x: int, who: _Who, space: str,
+        holder: Callable[[], str],
+    ) -> int:  # fmt: skip
+        """From ``alloc`` (``space`` names it in refusals): ``x`` itself for a row that needs
+        pPASID == vPASID (conflict rule 1 when it is out of range or held), else the lowest
+        free value (rule 3 when there is none)."""
+        if not dev.rule.equal_x:
+            pp = alloc.peek()
+            if pp is None:
+                raise Exhausted(
+                    f"{who}: {space} is exhausted ({alloc.limit - 1} pPASIDs)",
+                    vm=v.name, device=dev.bdf, vpasid=x, rule=3,
+                )  # fmt: skip
+            return pp
+        if not alloc.in_range(x):
+            raise PasidConflict(
+                f"{who}: needs pPASID {x} but {space} ends at {alloc.limit - 1}",
+                vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+            )  # fmt: skip
+        if x in alloc:
+            raise PasidConflict(
+                f"{who}: needs pPASID {x} from {space}, which is held by {holder()}",
+                vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+            )  # fmt: skip
+        return x
 
     def tag_owner(self, function: int, tag: int) -> tuple[VM, Device, int] | None:
         """Who owns slot ``tag`` of a function's PASID table: (VM, device, vPASID), or None."""
