@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import guest_tests
-from guest_tests.patterns import tests_conf
+from images.guest.patterns import tests_conf
 
 from . import apt, cpio, headers, kernel, kmod, modules
 from .atomic import atomic_dir as _atomic_dir
@@ -124,7 +123,7 @@ def cache_dir() -> Path:
 
 
 def guest_scripts_dir() -> Path:
-    return Path(guest_tests.__file__).resolve().parent
+    return Path(__file__).resolve().parent / "guest"
 
 
 def scripts_digest(scripts_dir: Path | None = None) -> str:

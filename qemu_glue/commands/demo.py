@@ -113,7 +113,7 @@ async def _run_demo_guest(
     rig: PasidDmaRig | None,
     col: PasidCollector | None,
 ) -> BlkRunResult:
-    from guest_tests import patterns
+    from images.guest import patterns
 
     with tempfile.TemporaryDirectory(prefix="vioasid-demo-") as tmp:
         disk = patterns.make_disk(Path(tmp) / "disk.raw")
