@@ -113,6 +113,16 @@ class DmaResult:
         return out
 
 
+def _release(refs: dict[Any, int], key: Any) -> bool:
+    """Drop one reference to ``key``; True when that was the last (the key is gone)."""
+    left = refs[key] - 1
+    if left:
+        refs[key] = left
+        return False
+    del refs[key]
+    return True
+
+
 def _who(v: VM, dev: Device, x: int) -> str:
     return f"VM {v.name} device {dev.bdf} vPASID {x}"
 
@@ -251,11 +261,7 @@ class Host:
         if dev.assign == "vfio-pci":
             fn.vfio_vm = None
         else:
-            left = fn.mdev_users[vm] - 1
-            if left:
-                fn.mdev_users[vm] = left
-            else:
-                del fn.mdev_users[vm]
+            _release(fn.mdev_users, vm)
         del v.devices[guest_rid]
         del self.devices_by_did[dev.did]
         self.did_alloc.free(dev.did)
@@ -562,21 +568,12 @@ class Host:
         if rule.space == "per-rid":
             fn.allocator.free(pp)
         else:
-            left = v.global_refs[x] - 1
-            if left:
-                v.global_refs[x] = left
-            else:
-                del v.global_refs[x]
+            if _release(v.global_refs, x):
                 del v.global_ppasid[x]
                 del self.global_owner[pp]
                 self.global_alloc.free(pp)
-        if rule.cpu_table:
-            left = v.cpu_refs[x] - 1
-            if left:
-                v.cpu_refs[x] = left
-            else:
-                del v.cpu_refs[x]
-                del v.cpu_table[x]
+        if rule.cpu_table and _release(v.cpu_refs, x):
+            del v.cpu_table[x]
         self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
