@@ -549,8 +549,8 @@ class Client:
     async def register_vm(self, name: str, regions: Sequence[MemoryRegion]) -> int:
         """Create VM ``name`` with its guest memory (the fds are sent, not kept by the daemon's
         caller: close yours when you like). Owned by this connection. Returns the VM id. A memfd
-        must allow sealing (``MFD_ALLOW_SEALING``) or carry ``F_SEAL_SHRINK``: the daemon seals
-        it against shrinking."""
+        made with ``MFD_ALLOW_SEALING`` is sealed against shrinking by the daemon (the cheapest
+        kind); other files are size-checked before each request."""
         _check_regions(Request.REGISTER_VM, regions)
         body = {"flags": 0, "nregions": len(regions), "name": name, "regions": _regions(regions)}
         result = await self._call(Request.REGISTER_VM, body, [r.fd for r in regions])
