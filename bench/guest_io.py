@@ -215,6 +215,7 @@ async def main() -> None:
     )
     ap.add_argument("--no-qemu-iotlb", action="store_true", help="skip the QEMU IOTLB-miss runs")
     ap.add_argument("--no-boot", action="store_true", help="skip the boot-to-tests figures")
+    ap.add_argument("--no-throughput", action="store_true", help="only the boot-to-tests figures")
     ap.add_argument("--profile", type=Path, help="cProfile of the own-walk runs to this file")
     args = ap.parse_args()
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -224,7 +225,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vioasid-bench-") as tmp:
         t = Path(tmp)
         initrd = bench_initrd(img, args.mib, t / "bench-initrd.cpio.gz")
-        for iommu_mode in args.modes:
+        for iommu_mode in [] if args.no_throughput else args.modes:
             strict = iommu_mode == "strict"
             sfx = "" if strict else "_lazy"
             labels = ["builtin", "own_walk"]

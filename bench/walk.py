@@ -34,7 +34,7 @@ from vioasid.model.guest_driver import (
     SecondStagePageTable,
 )
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 MIB = 1 << 20
 SID = 0x18
@@ -171,7 +171,7 @@ def main() -> None:
         return run
 
     def full(w: Walker, pasid: int) -> Callable[[int], object]:
-        reqs = [Request(SID, a, pasid) for a in addrs]
+        reqs = [WalkRequest(SID, a, pasid) for a in addrs]
         tr = w.translate
 
         def run(n: int) -> None:

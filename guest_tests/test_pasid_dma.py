@@ -47,7 +47,7 @@ def qemu() -> QemuChoice:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("mode", [IommuMode.SCALABLE_FS])
+@pytest.mark.parametrize("mode", [IommuMode.SCALABLE_FS, IommuMode.SCALABLE_SS])
 async def test_guest_pasid_dma(image: GuestImage, qemu: QemuChoice, mode: IommuMode) -> None:
     run = await run_pasid_guest(image.kernel, image.initrd, mode=mode, qemu=qemu)
     summary = run.to_json()

@@ -160,7 +160,12 @@ def kernel_package_name(version: str) -> str:
         name = f"linux-image-{name}"
     if not name.endswith("-amd64"):
         name += "-amd64"
-    headers.split_image_name(name)  # an ImageError for anything that is not one
+    try:
+        headers.split_image_name(name)
+    except ImageError:
+        raise ImageError(
+            f"kernel version {version!r} is not a Debian kernel ABI name such as 6.12.117+deb12"
+        ) from None
     return name
 
 
@@ -314,10 +319,10 @@ def ensure_image(
     t0 = time.monotonic()
     if force:
         shutil.rmtree(root / "kernels" / inputs.kernel_key(), ignore_errors=True)
+    hdr = headers.ensure_headers(kpkg, root, say)  # first: a kernel without headers fails fast
     kdir = _build_kernel(inputs, kpkg, root, say)
     kmeta = json.loads((kdir / "kernel.json").read_text())
     kos = [(n, (kdir / "modules" / f"{n}.ko").read_bytes()) for n in kmeta["modules"]]
-    hdr = headers.ensure_headers(kpkg, root, say)
     if force:
         shutil.rmtree(root / "driver" / kmod.module_key(hdr), ignore_errors=True)
     kos.append((DRIVER_MODULE, kmod.ensure_module(hdr, root, say)))

@@ -102,6 +102,14 @@ def ensure_headers(
     if (hdr.root / "headers.json").is_file() and (hdr.kdir / "Makefile").is_file():
         return hdr
     pkgs = header_packages(kernel)
+    missing = [p.name for p in pkgs if not (root / "debs" / p.deb_filename()).is_file()]
+    if missing:
+        known = apt.candidates(missing)
+        if absent := [name for name in missing if name not in known]:
+            raise ImageError(
+                f"{', '.join(absent)} not available from apt: vioasid_dma.ko cannot be built "
+                f"for {kernel.name} (pick a kernel whose headers apt has, or run apt-get update)"
+            )
     debs = [apt.download(p, root / "debs", progress) for p in pkgs]
 
     def fill(out: Path) -> None:

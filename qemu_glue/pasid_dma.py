@@ -167,6 +167,8 @@ class PasidDmaRig:
             except HostConfigError as e:
                 raise DmaDeviceError(str(e)) from None
         self.host, self.placed = plan_functions(args, host)
+        # a scalable-ss guest writes second-stage (PGTT=2) entries: translated in software
+        self.host.guest_second_stage = True
         self.memory_mib = memory_mib
         self.tmp = Path(tempfile.mkdtemp(prefix="vioasid-dma-"))
         shm = Path("/dev/shm")

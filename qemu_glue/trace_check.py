@@ -53,7 +53,7 @@ from vioasid.formats.invalidation import (
     desc_type,
 )
 from vioasid.model.faults import Translation, bdf_str
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def walk_record(walker: Walker, rtaddr: int, rec: DmarTranslate) -> Translation 
     """vioasid's translation of a logged IOVA: read first, then write (a mapping may be
     write-only, e.g. second stage for DMA_FROM_DEVICE); None when both fault."""
     for write in (False, True):
-        t = walker.translate(rtaddr, Request(rec.sid, rec.iova, None, write))
+        t = walker.translate(rtaddr, WalkRequest(rec.sid, rec.iova, None, write))
         if isinstance(t, Translation):
             return t
     return None

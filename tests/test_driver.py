@@ -172,7 +172,7 @@ def test_header_package_names() -> None:
         headers.split_image_name("linux-image-amd64")
     for v in ("6.12.117+deb12", "6.12.117+deb12-amd64", "linux-image-6.12.117+deb12-amd64"):
         assert kernel_package_name(v) == "linux-image-6.12.117+deb12-amd64"
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match=r"such as 6\.12\.117"):
         kernel_package_name("latest")
 
 

@@ -3,15 +3,18 @@ cache invalidation on unbind/rebind/unmap, ENQCMD, page requests, guest entry ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from engine_support import Lab
 
 from vioasid.formats.fault import FAULT_RECORD, FaultReason
 from vioasid.formats.pasid import PASID_ENTRY, PGTT_NESTED
 from vioasid.formats.prq import PAGE_REQ_DESC
+from vioasid.model.engine import Host
 from vioasid.model.errors import InvalidRequest, NotFound
 from vioasid.model.faults import Fault
-from vioasid.model.walker import Request
+from vioasid.model.walker import WalkRequest
 
 FUNCS = (("3a:00.0", False, False), ("3b:00.0", True, False), ("3c:00.0", False, False))
 
@@ -38,7 +41,7 @@ def test_host_entry_is_nested_and_points_at_guest_tables() -> None:
     assert e["SSPTPTR"] == vm.second_stage.root
     assert e["DID"] == vm.devices[0x18].did
     # The walker resolves the request from that table (the same call the daemon makes).
-    t = h.walker.translate(h.rtaddr, Request(0x3A00, 0x400123, b.ppasid, True))
+    t = h.walker.translate(h.rtaddr, WalkRequest(0x3A00, 0x400123, b.ppasid, True))
     assert not isinstance(t, Fault) and t.address == vm.hpa + 0x200123 and t.pgtt == "nested"
 
 
@@ -51,7 +54,7 @@ def test_dma_cached_and_uncached_agree_and_large_pages() -> None:
     assert first.to_json() == again.to_json()
     assert first.gpa == 0x323456
     h = lab.hosts["h"]
-    t = h.walker.translate(h.rtaddr, Request(0x3A00, 0x40123456, 5, True))
+    t = h.walker.translate(h.rtaddr, WalkRequest(0x3A00, 0x40123456, 5, True))
     assert not isinstance(t, Fault) and t.cached and t.page_size == 0x200000
 
 
@@ -304,3 +307,49 @@ def test_bind_checks_reserved_bits_as_the_walker_does() -> None:
     h.set_rtaddr("vm1", g.driver.rtaddr)  # drops the VM's context cache
     with pytest.raises(InvalidRequest, match="reserved bits in context entry"):
         h.bind("vm1", 0x18, 6)
+
+
+def _broken_owner(h: Host) -> None:
+    fn = h.functions[0x3B00]
+    fn.owner.pop(next(iter(fn.owner)))
+
+
+def _broken_allocator(h: Host) -> None:
+    h.functions[0x3A00].allocator.take(9)
+
+
+def _broken_equal_x(h: Host) -> None:
+    dev = h.vm("vm1").devices[0x18]
+    dev.ppasids[5] = 6
+
+
+def _broken_host_entry(h: Host) -> None:
+    h.iommu.clear(0x3B00, h.vm("vm1").devices[0x20].ppasids[5])
+
+
+def _broken_global_owner(h: Host) -> None:
+    h.global_owner[77] = ("vm9", 1)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_broken_owner, "table owners != live bindings"),
+        (_broken_allocator, "per-RID allocator used set != live per-RID bindings"),
+        (_broken_equal_x, "needs pPASID == 5, has 6"),
+        (_broken_host_entry, "no host entry for pPASID"),
+        (_broken_global_owner, "global owner map != live global pPASIDs"),
+    ],
+)
+def test_check_invariants_reports_a_broken_invariant(
+    corrupt: Callable[[Host], None], message: str
+) -> None:
+    """check_invariants is what the property tests lean on: it must see each kind of damage."""
+    lab = _lab("global" if corrupt is _broken_global_owner else "per-device")
+    h = lab.hosts["h"]
+    lab.bind("vm1", "00:03.0", 5)
+    lab.bind("vm1", "00:04.0", 5)
+    assert h.check_invariants() == []
+    corrupt(h)
+    errs = h.check_invariants()
+    assert any(message in e for e in errs), errs

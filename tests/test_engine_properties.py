@@ -16,6 +16,7 @@ from engine_support import Lab, bdf
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from vioasid.formats.fault import FaultReason
 from vioasid.model.errors import MigrationFailed, VioasidError
 from vioasid.model.faults import bdf_str
 
@@ -165,8 +166,16 @@ def test_hostile_guest_tables_never_raise_anything_else(
             h.bind("vm", rid, x)
         with contextlib.suppress(VioasidError):
             h.sync_pasid("vm", rid, x)
+        v = h.vm("vm")
+        queued = len(v.faults)
         r = h.dma("vm", rid, x, 0x400000, write=True)
-        assert r.ok or r.fault is not None
-        if r.ok:
-            assert r.hpa is not None and h.vm("vm").hpa <= r.hpa < h.vm("vm").hpa + MEM * 4
+        if r.fault is not None:  # in the guest's terms, queued for the guest, no address
+            assert isinstance(r.fault.reason, FaultReason)
+            assert (r.fault.sid, r.fault.pasid, r.fault.addr) == (rid, x, 0x400000)
+            assert r.gpa is None and r.hpa is None
+            assert v.faults[queued:] == [r.fault]
+        else:  # landed in this VM's RAM, at its own host range
+            assert r.gpa is not None and r.hpa == v.hpa + r.gpa
+            assert v.hpa <= r.hpa < v.hpa + MEM * 4
+            assert len(v.faults) == queued
     assert h.check_invariants() == []

@@ -16,7 +16,7 @@ from vioasid.model.example import TABLE_POOL, build_example
 from vioasid.model.faults import Fault, Translation
 from vioasid.model.iq import InvalidationQueue
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 PAGES = 12
 SIZE = PAGES * 4096
@@ -49,7 +49,7 @@ def hostile_memory(seed: int) -> GuestMemory:
 
 
 requests = st.builds(
-    Request,
+    WalkRequest,
     sid=st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 0x18, 0x80, 0xFF])),
     addr=st.one_of(st.integers(0, (1 << 64) - 1), st.integers(0, 1 << 32)),
     pasid=st.one_of(st.none(), st.integers(0, (1 << 20) - 1), st.integers(0, 200)),
@@ -64,7 +64,7 @@ rtaddrs = st.one_of(
 )
 
 
-def check(res: Translation | Fault, req: Request) -> None:
+def check(res: Translation | Fault, req: WalkRequest) -> None:
     assert isinstance(res, (Translation, Fault))
     if isinstance(res, Translation):
         assert res.page_size in (4096, 1 << 21, 1 << 30)
@@ -82,7 +82,7 @@ def check(res: Translation | Fault, req: Request) -> None:
 
 @SETTINGS
 @given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8), st.booleans())
-def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[Request], cached: bool) -> None:
+def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[WalkRequest], cached: bool) -> None:
     mem = hostile_memory(seed)
     w = Walker(mem, haw=HAW, caches=Caches(enabled=cached))
     for req in reqs:
@@ -93,7 +93,9 @@ def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[Request], cached
 
 @SETTINGS
 @given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8))
-def test_direct_path_agrees_with_general_walk(seed: int, rtaddr: int, reqs: list[Request]) -> None:
+def test_direct_path_agrees_with_general_walk(
+    seed: int, rtaddr: int, reqs: list[WalkRequest]
+) -> None:
     mem = hostile_memory(seed)
     direct = Walker(mem, haw=HAW, caches=Caches(enabled=False))
     general = Walker(mem, haw=HAW, caches=Caches(enabled=False))
@@ -106,14 +108,14 @@ def test_direct_path_agrees_with_general_walk(seed: int, rtaddr: int, reqs: list
 
 def test_empty_memory() -> None:
     w = Walker(GuestMemory(), caches=Caches(enabled=False))
-    r = w.translate(0x400, Request(0x18, 0x1000))
+    r = w.translate(0x400, WalkRequest(0x18, 0x1000))
     assert isinstance(r, Fault)
     assert isinstance(w.translate_fast(0x400, 0x18, 0x1000), Fault)
 
 
 @SETTINGS
 @given(st.integers(0, 2**32), st.integers(0, PAGES - 1), requests)
-def test_nested_memory_never_raises(seed: int, root_page: int, req: Request) -> None:
+def test_nested_memory_never_raises(seed: int, root_page: int, req: WalkRequest) -> None:
     host = hostile_memory(seed)
     guest = hostile_memory(seed + 1)
     w = Walker(host, nested_memory=guest)
@@ -129,9 +131,9 @@ def test_self_pointing_tables_terminate(seed: int, page: int) -> None:
     mem.write(0, (page * 4096 | rng.getrandbits(12) | 1).to_bytes(8, "little") * (SIZE // 8))
     w = Walker(mem)
     for pasid in (None, 0, 5, 1000):
-        req = Request(rng.getrandbits(16), rng.getrandbits(48), pasid)
+        req = WalkRequest(rng.getrandbits(16), rng.getrandbits(48), pasid)
         check(w.translate(page * 4096 | 0x400, req), req)
-        check(w.translate(page * 4096, Request(req.sid, req.addr)), req)
+        check(w.translate(page * 4096, WalkRequest(req.sid, req.addr)), req)
 
 
 @settings(SETTINGS, max_examples=25)
@@ -191,7 +193,7 @@ def test_bit_flipped_example_tables(
     general.direct = False
     cached = Walker(mem)
     for sid, addr, pasid, write in reqs:
-        req = Request(sid, addr, pasid, write)
+        req = WalkRequest(sid, addr, pasid, write)
         want = general.translate(rtaddr, req)
         check(want, req)
         assert direct.translate(rtaddr, req) == want

@@ -23,7 +23,7 @@ from vioasid.model.cache import Caches
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.iq import InvalidationQueue
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 QUEUE = 0x10000  # IQA base; QS=0: one 4 KiB page
 STATUS = 0x20000
@@ -180,4 +180,4 @@ def test_guest_invalidation_takes_effect(mem: GuestMemory) -> None:
     head, _, errors = iq.process(IQA_256, 0, tail)
     assert (head, errors) == (tail, [])
     assert w.translate_fast(drv.rtaddr, 0x18, 0x1000) == 0x6000
-    assert w.translate(drv.rtaddr, Request(0x18, 0x1000)).address == 0x6000  # type: ignore[union-attr]
+    assert w.translate(drv.rtaddr, WalkRequest(0x18, 0x1000)).address == 0x6000  # type: ignore[union-attr]

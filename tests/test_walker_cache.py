@@ -15,7 +15,7 @@ from vioasid.model.guest_driver import (
     SecondStagePageTable,
 )
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 SID = 0x18
 MIB = 1 << 20
@@ -35,7 +35,7 @@ class Setup:
         self.c = self.walker.caches
 
     def addr(self, iova: int, pasid: int | None = 1) -> int | FR:
-        r = self.walker.translate(self.drv.rtaddr, Request(SID, iova, pasid))
+        r = self.walker.translate(self.drv.rtaddr, WalkRequest(SID, iova, pasid))
         return r.reason if isinstance(r, Fault) else r.address
 
     def remap(self) -> None:
@@ -51,8 +51,8 @@ def s() -> Setup:
 
 
 def test_iotlb_hit_is_marked_cached(s: Setup) -> None:
-    r1 = s.walker.translate(s.drv.rtaddr, Request(SID, 0x1000, 1))
-    r2 = s.walker.translate(s.drv.rtaddr, Request(SID, 0x1008, 1))
+    r1 = s.walker.translate(s.drv.rtaddr, WalkRequest(SID, 0x1000, 1))
+    r2 = s.walker.translate(s.drv.rtaddr, WalkRequest(SID, 0x1008, 1))
     assert isinstance(r1, Translation) and not r1.cached
     assert isinstance(r2, Translation) and r2.cached and r2.address == 0x5008
 
@@ -142,14 +142,14 @@ def test_context_cache_invalidations(s: Setup, how: str) -> None:
 
 def test_new_rtaddr_flushes(s: Setup) -> None:
     assert s.addr(0x1000) == 0x5000
-    r = s.walker.translate(s.drv.rtaddr + 0x1000, Request(SID, 0x1000, 1))
+    r = s.walker.translate(s.drv.rtaddr + 0x1000, WalkRequest(SID, 0x1000, 1))
     assert isinstance(r, Fault)  # a different (empty) root table: nothing reused
 
 
 def test_permission_miss_rewalks(s: Setup) -> None:
     s.fs.map(0x10000, 0x30000, 0x1000, write=False)
     assert s.addr(0x10000) == 0x30000
-    r = s.walker.translate(s.drv.rtaddr, Request(SID, 0x10000, 1, write=True))
+    r = s.walker.translate(s.drv.rtaddr, WalkRequest(SID, 0x10000, 1, write=True))
     assert isinstance(r, Fault) and r.reason == FR.SM_WRITE
 
 
@@ -175,7 +175,7 @@ def test_legacy_mode_cached() -> None:
     ss.unmap(0x1000, 0x1000)
     ss.map(0x1000, 0x6000, 0x1000)
     assert w.translate_fast(drv.rtaddr, SID, 0x1010) == 0x5010  # cached
-    r = w.translate(drv.rtaddr, Request(SID, 0x1010))
+    r = w.translate(drv.rtaddr, WalkRequest(SID, 0x1010))
     assert isinstance(r, Translation) and r.cached and r.pasid is None
     w.caches.invalidate_iotlb_page(3, 0x1000, 0)
     assert w.translate_fast(drv.rtaddr, SID, 0x1010) == 0x6010

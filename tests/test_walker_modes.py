@@ -22,7 +22,7 @@ from vioasid.model.guest_driver import (
     SecondStagePageTable,
 )
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 SID = 0x18  # 00:03.0
 MIB = 1 << 20
@@ -36,7 +36,7 @@ class Env:
     walker: Walker
 
     def tr(self, addr: int, pasid: int | None = None, **kw: bool) -> Translation | Fault:
-        return self.walker.translate(self.drv.rtaddr, Request(SID, addr, pasid, **kw))
+        return self.walker.translate(self.drv.rtaddr, WalkRequest(SID, addr, pasid, **kw))
 
     def ok(self, addr: int, pasid: int | None = None, **kw: bool) -> Translation:
         r = self.tr(addr, pasid, **kw)
@@ -251,7 +251,7 @@ def test_nested_with_separate_memory() -> None:
     ss.map(0, 64 * MIB, 4 * MIB)  # GPA -> HPA = GPA + 64 MiB
     hdrv.set_pasid_entry(SID, 1, pgtt=PGTT_NESTED, did=9, flptptr=gfs.root, ssptptr=ss.root)
     w = Walker(host, nested_memory=guest)
-    t = w.translate(hdrv.rtaddr, Request(SID, 0x5008, 1))
+    t = w.translate(hdrv.rtaddr, WalkRequest(SID, 0x5008, 1))
     assert isinstance(t, Translation), t
     assert t.address == 64 * MIB + 0x2008
 
@@ -266,14 +266,14 @@ def test_pass_through(env: Env) -> None:
 def test_lookup_faults(env: Env) -> None:
     rt = env.drv.rtaddr
     w = env.walker
-    r = w.translate(rt, Request(0x0100, 0x1000))  # bus 1: no root entry
+    r = w.translate(rt, WalkRequest(0x0100, 0x1000))  # bus 1: no root entry
     assert isinstance(r, Fault) and r.reason == FR.ROOT_ENTRY_P
-    r = w.translate(rt, Request(0x20, 0x1000))  # 00:04.0: no context entry
+    r = w.translate(rt, WalkRequest(0x20, 0x1000))  # 00:04.0: no context entry
     assert isinstance(r, Fault) and r.reason == FR.CONTEXT_ENTRY_P
     assert env.fault(0x1000) == FR.PASID_DIR_ENTRY_P  # no PASID table allocated yet
-    r = w.translate(0x7000_0000 | 0x400, Request(SID, 0x1000))
+    r = w.translate(0x7000_0000 | 0x400, WalkRequest(SID, 0x1000))
     assert isinstance(r, Fault) and r.reason == FR.ROOT_TABLE_INV
-    r = w.translate(rt & ~0xC00 | 0xC00, Request(SID, 0x1000))
+    r = w.translate(rt & ~0xC00 | 0xC00, WalkRequest(SID, 0x1000))
     assert isinstance(r, Fault) and r.reason == FR.RTADDR_INV_TTM
 
 
@@ -320,7 +320,7 @@ def test_rid_pasid_and_upper_devfn() -> None:
     fs = FirstStagePageTable(e.mem, e.alloc)
     fs.map(0x1000, 0x8000, 0x1000)
     e.drv.set_pasid_entry(sid, 7, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=fs.root)
-    t = e.walker.translate(e.drv.rtaddr, Request(sid, 0x1008))
+    t = e.walker.translate(e.drv.rtaddr, WalkRequest(sid, 0x1008))
     assert isinstance(t, Translation) and t.address == 0x8008 and t.pasid == 7
 
 
@@ -337,7 +337,7 @@ def test_20_bit_pasids() -> None:
     drv = GuestIommuDriver.for_pasid_bits(mem, alloc, 20)
     drv.attach_device(SID)
     drv.set_pasid_entry(SID, 0xFFFFF, pgtt=PGTT_PASS_THROUGH, did=3)
-    r = Walker(mem).translate(drv.rtaddr, Request(SID, 0x5000, 0xFFFFF))
+    r = Walker(mem).translate(drv.rtaddr, WalkRequest(SID, 0x5000, 0xFFFFF))
     assert isinstance(r, Translation) and r.pasid == 0xFFFFF
 
 
@@ -353,10 +353,10 @@ def test_legacy_second_stage_and_pass_through() -> None:
     assert e.fault(0x1010, pasid=1) == FR.RTADDR_INV_TTM
     assert e.fault(1 << 39) == FR.ADDR_BEYOND_MGAW
     e.drv.set_legacy_context(0x20, did=6, tt=2)
-    t2 = e.walker.translate(e.drv.rtaddr, Request(0x20, 0xABC000))
+    t2 = e.walker.translate(e.drv.rtaddr, WalkRequest(0x20, 0xABC000))
     assert isinstance(t2, Translation) and t2.pgtt == "pass-through" and t2.address == 0xABC000
     e.drv.set_legacy_context(0x28, did=6, tt=3)
-    r = e.walker.translate(e.drv.rtaddr, Request(0x28, 0x1000))
+    r = e.walker.translate(e.drv.rtaddr, WalkRequest(0x28, 0x1000))
     assert isinstance(r, Fault) and r.reason == FR.CONTEXT_ENTRY_INV
 
 

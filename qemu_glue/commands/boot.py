@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from qemu_glue.commands.demo import quiet_qmp_logs
+from qemu_glue.commands.options import add_guest_options, qemu_choice
 from qemu_glue.pasid_dma import DmaDeviceError, PasidDmaRig, parse_dma_device
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import GuestOptions, vhost_blk_guest
-from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
+from vioasid.commands.common import UsageError
 from vioasid.model.faults import bdf_str
 
 DEFAULT_DISK_MIB = 64
@@ -195,23 +196,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="JSON lines: every translation, invalidation and fault",
     )
-    p.add_argument("--accel", default="tcg", choices=["auto", "tcg", "kvm"])
-    add_qemu_option(p)
-    p.add_argument("--iommu", default="scalable-fs", choices=[m.value for m in IommuMode])
-    p.add_argument("--translate", default="walk", choices=["walk", "qemu"])
-    p.add_argument(
-        "--cross-check",
-        default=False,
-        action=argparse.BooleanOptionalAction,
-        help="also ask QEMU for every translation and count agreement",
-    )
-    p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
-    p.add_argument(
-        "--follow-iq",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="also decode the guest's invalidation queue (QMP reads; default on)",
-    )
+    add_guest_options(p, cross_check=False)
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB (default 512)")
     p.add_argument(
         "--dma-device",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_glue.commands import demo_migrate
+from qemu_glue.commands.options import add_guest_options, qemu_choice
 from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
 from qemu_glue.pasid_guest import (
     ALL_TYPES,
@@ -37,7 +38,7 @@ from qemu_glue.pasid_guest import (
 )
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import BlkGuest, BlkRunResult, GuestOptions, run_guest_tests
-from vioasid.commands.common import UsageError, add_qemu_option, qemu_choice
+from vioasid.commands.common import UsageError
 from vioasid.model.faults import bdf_str
 
 
@@ -290,39 +291,8 @@ def register(subparsers: Any) -> None:
         description=__doc__,
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_qemu_option(p)
-    p.add_argument(
-        "--accel",
-        default="tcg",
-        choices=["auto", "tcg", "kvm"],
-        help="accelerator (default tcg; auto probes KVM and falls back)",
-    )
-    p.add_argument(
-        "--iommu",
-        default="scalable-fs",
-        choices=[m.value for m in IommuMode],
-        help="intel-iommu mode (default scalable-fs: first stage, x-flts=on)",
-    )
-    p.add_argument(
-        "--cross-check",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="also ask QEMU for every translation and count agreement (default on)",
-    )
-    p.add_argument(
-        "--translate",
-        default="walk",
-        choices=["walk", "qemu"],
-        help="walk: vioasid walks the guest's tables (default); qemu: ask QEMU",
-    )
-    p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
+    add_guest_options(p, cross_check=True)
     p.add_argument("--console", action="store_true", help="show the guest console on stderr")
-    p.add_argument(
-        "--follow-iq",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="also decode the guest's invalidation queue (QMP reads; default on)",
-    )
     p.add_argument(
         "--pasid",
         default=None,

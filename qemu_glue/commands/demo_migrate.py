@@ -14,9 +14,9 @@ import json
 import sys
 from typing import Any
 
+from qemu_glue.commands.options import qemu_choice
 from qemu_glue.migration.demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
 from qemu_glue.qemu.vmspec import Accel, IommuMode
-from vioasid.commands.common import qemu_choice
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Any
 
+from qemu_glue.commands.options import add_qemu_option
 from qemu_glue.qemu.binary import QemuNotFound, choose
 from qemu_glue.qemu.install import InstallError, install
-from vioasid.commands.common import UsageError, add_qemu_option, emit
+from vioasid.commands.common import UsageError, emit
 
 
 def _progress(msg: str) -> None:

@@ -6,14 +6,9 @@ Command modules (``vioasid/commands/*.py``, ``qemu_glue/commands/*.py``) import 
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import TYPE_CHECKING
 
 from vioasid.model.faults import parse_bdf
-
-if TYPE_CHECKING:
-    from qemu_glue.qemu.binary import QemuChoice
 
 
 class UsageError(Exception):
@@ -45,25 +40,3 @@ def parse_rid(text: str) -> int:
         return parse_bdf(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-def qemu_choice(args: argparse.Namespace) -> QemuChoice:
-    """The QEMU a command will start (``--qemu``, then ``choose()``'s order); UsageError else."""
-    from qemu_glue.qemu.binary import QemuNotFound, choose
-
-    try:
-        return choose(getattr(args, "qemu", None))
-    except QemuNotFound as exc:
-        raise UsageError(str(exc)) from None
-
-
-def add_qemu_option(p: argparse.ArgumentParser) -> None:
-    """``--qemu PATH``: every command that starts QEMU takes it (then $VIOASID_QEMU, ...)."""
-    p.add_argument(
-        "--qemu",
-        metavar="PATH",
-        default=None,
-        help="the qemu-system-x86_64 to start (default: $VIOASID_QEMU, then the QEMU 11.1 of "
-        "'vioasid qemu install', then qemu-system-x86_64 >= 10.0 on PATH; "
-        "see 'vioasid qemu path')",
-    )

@@ -15,7 +15,7 @@ from vioasid.commands.common import UsageError, emit, parse_number
 from vioasid.formats.registers import is_scalable
 from vioasid.model.faults import Fault, parse_bdf
 from vioasid.model.memory import GuestMemory
-from vioasid.model.walker import Request, Walker
+from vioasid.model.walker import Walker, WalkRequest
 
 
 def open_memory(path: str) -> GuestMemory:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--haw must be 32..52")
     mem = open_memory(args.memory)  # mapped read-only; released when the process exits
     walker = Walker(mem, haw=args.haw)
-    req = Request(sid, addr, pasid, args.write, args.supervisor, args.exec)
+    req = WalkRequest(sid, addr, pasid, args.write, args.supervisor, args.exec)
     res = walker.translate(rtaddr, req)
     out: dict[str, Any]
     if isinstance(res, Fault):

@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.invalidation import (
@@ -77,9 +77,9 @@ def iotlb_key(pasid: int | None, page: int) -> int:
     return ((0 if pasid is None else pasid + 1) << _PASID_SHIFT) | page
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """One resolved 4 KiB page: guest-physical page base and permissions."""
+class Resolved(NamedTuple):
+    """One resolved 4 KiB page: guest-physical page base and permissions (a tuple: one is made
+    per page on the hot path)."""
 
     gpa: int  # page base (4 KiB aligned)
     read: bool
@@ -213,19 +213,23 @@ class WalkResolver:
         mem = self._memory()
         if mem is None:
             return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, "no memory")
-        if not regs.translating:
+        if not regs.gsts & GSTS_TES:
             page = iova & ~PAGE_MASK
             if not mem.contains(page, PAGE_SIZE):
                 return Fault(
                     FaultReason.ADDR_BEYOND_MGAW, iova, self.sid, pasid, write, "not guest RAM"
                 )
             return Resolved(page, True, True, "identity", pasid)
+        w = self._walker if self._walker_mem is mem else None
+        if w is None:
+            w = self._get_walker(mem)
         try:
             # The walk enforces the access asked: a read-only page faults a write here.
-            out = self._get_walker(mem).translate_fast(regs.rtaddr, self.sid, iova, pasid, write)
+            out = w.translate_fast(regs.rtaddr, self.sid, iova, pasid, write)
         except MemoryAccessError as exc:  # the walker should turn these into faults itself
             return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))
-        if isinstance(out, Fault):
+        if type(out) is not int:
+            assert isinstance(out, Fault)
             return out
         page = out & ~PAGE_MASK
         if not mem.contains(page, PAGE_SIZE):

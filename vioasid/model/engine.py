@@ -34,6 +34,7 @@ from vioasid.formats.pasid import (
     PASID_ENTRY,
     PASID_TABLE_MASK,
     PGTT_FIRST_STAGE,
+    PGTT_SECOND_STAGE,
 )
 from vioasid.formats.prq import PAGE_REQ_DESC
 
@@ -45,7 +46,7 @@ from .host import VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
 from .vm import VM, Device
-from .walker import Request, Walker
+from .walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ _VPASID_MASK = (1 << _OWNER_SHIFT) - 1
 
 _PGTT = PASID_ENTRY.field("PGTT")
 _PGTT_FS = _PGTT.put(PGTT_FIRST_STAGE)
+_PGTT_SS = _PGTT.put(PGTT_SECOND_STAGE)
 
 
 class Binding(NamedTuple):
@@ -155,6 +157,7 @@ class Host:
         pasid_bits: int = MAX_PASID_BITS,
         caches: bool = True,
         hpa_base: int = VM_HPA_BASE,
+        guest_second_stage: bool = False,
     ) -> None:
         if allocation not in POLICIES:
             raise InvalidRequest(f"allocation must be one of {', '.join(POLICIES)}")
@@ -172,6 +175,12 @@ class Host:
         self.iommu = HostIommu(pasid_bits, hpa_base=hpa_base)
         self.walker = Walker(self.iommu.mem, caches=Caches(enabled=caches))
         self.rtaddr = self.iommu.rtaddr
+        # Guest second-stage (PGTT=2) entries: VT-d cannot nest a second stage on a second
+        # stage, so with guest_second_stage=True such a binding is translated in software:
+        # the guest's own tables are walked (uncached: always what the guest wrote now), then
+        # the VM's second stage. (did, vPASID) of those bindings:
+        self.guest_second_stage = guest_second_stage
+        self._soft_ss: set[tuple[int, int]] = set()
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
@@ -331,7 +340,8 @@ class Host:
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         """Bind (or refresh) ``x`` from the guest's checked entry words."""
-        if words[0] & _PGTT.mask != _PGTT_FS:
+        soft = self.guest_second_stage and words[0] & _PGTT.mask == _PGTT_SS
+        if words[0] & _PGTT.mask != _PGTT_FS and not soft:
             raise InvalidRequest(
                 f"VM {v.name} device {dev.bdf} vPASID {x}: the guest entry has PGTT="
                 f"{_PGTT.get(words[0])}; vioasid nests guest first-stage (PGTT=1) entries only"
@@ -349,6 +359,10 @@ class Host:
             )
             # a fresh slot has nothing cached (no negative caching; unbind flushed it)
             self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
+        if soft:  # the host entry is bookkeeping only; _request walks the guest's tables
+            self._soft_ss.add((dev.did, x))
+        else:
+            self._soft_ss.discard((dev.did, x))
         rule = dev.rule
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
@@ -554,6 +568,7 @@ class Host:
         return self._unbind(v, dev, vpasid)
 
     def _unbind(self, v: VM, dev: Device, x: int) -> Binding:
+        self._soft_ss.discard((dev.did, x))
         fn = dev.function
         rule = dev.rule
         pp = dev.ppasids.pop(x)
@@ -663,7 +678,7 @@ class Host:
                 if dev.rule.equal_x:
                     return self._request(fn, tag, addr, write, v, dev, supervisor)
             res = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=supervisor)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=supervisor)
             )
             if isinstance(res, Translation):  # pragma: no cover - no owner means no entry
                 raise AssertionError("host table has an entry nobody owns")
@@ -682,9 +697,13 @@ class Host:
         supervisor: bool = False,
     ) -> DmaResult:
         res: int | Fault
+        if self._soft_ss:
+            own = fn.owner.get(tag)
+            if own is not None and (dev.did, own & _VPASID_MASK) in self._soft_ss:
+                return self._soft_request(v, dev, own & _VPASID_MASK, tag, addr, write, supervisor)
         if supervisor:
             t = self.walker.translate(
-                self.rtaddr, Request(fn.rid, addr, tag, write, supervisor=True)
+                self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=True)
             )
             res = t if isinstance(t, Fault) else t.address
         else:
@@ -696,6 +715,19 @@ class Host:
         f = Fault(res.reason, addr, dev.guest_rid, vpasid, write, res.detail)
         v.queue_fault(f)
         return DmaResult(tag, fault=f)
+
+    def _soft_request(
+        self, v: VM, dev: Device, x: int, tag: int, addr: int, write: bool, supervisor: bool
+    ) -> DmaResult:
+        """A guest second-stage binding: the guest's own walk (its root, context and PASID
+        entries, its second-stage table) gives the GPA, the VM's second stage the HPA."""
+        w = v.tables.reader  # the VM's one uncached reader of its own tables
+        t = w.translate(v.rtaddr, WalkRequest(dev.guest_rid, addr, x, write, supervisor=supervisor))
+        if isinstance(t, Fault):
+            f = Fault(t.reason, addr, dev.guest_rid, x, write, t.detail)
+            v.queue_fault(f)
+            return DmaResult(tag, fault=f)
+        return DmaResult(tag, t.address, v.hpa + t.address)
 
     def dma_fast(self, function: int, tag: int, addr: int, write: bool = False) -> int | Fault:
         """Hot path (daemon batches): the host address, or the walker's raw host-side fault."""

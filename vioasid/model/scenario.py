@@ -79,7 +79,7 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True)
-class VmSpec:
+class ScenarioVm:
     name: str
     host: str
     memory: int
@@ -97,7 +97,7 @@ class Step:
 @dataclass(frozen=True)
 class Scenario:
     hosts: tuple[HostSpec, ...]
-    vms: tuple[VmSpec, ...]
+    vms: tuple[ScenarioVm, ...]
     steps: tuple[Step, ...]
 
 
@@ -225,7 +225,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
     if not hosts:
         raise ScenarioError("host: a scenario needs at least one [[host]]")
 
-    vms: list[VmSpec] = []
+    vms: list[ScenarioVm] = []
     vm_devs: dict[str, dict[int, DeviceSpec]] = {}
     for i, v in enumerate(_tables(top, "vm", "")):
         where = f"vm[{i}]"
@@ -249,7 +249,7 @@ def parse_scenario(doc: Mapping[str, Any]) -> Scenario:
                 raise ScenarioError(f"{dw}.function: host {host!r} has no function {bdf_str(fn)}")
             assign = _choice(d, "assign", dw, ASSIGNS, "vfio-pci")
             devs[rid] = DeviceSpec(rid, fn, assign)
-        vms.append(VmSpec(name, host, memory, tuple(devs.values())))
+        vms.append(ScenarioVm(name, host, memory, tuple(devs.values())))
         vm_devs[name] = devs
 
     steps: list[Step] = []

@@ -168,8 +168,6 @@ class WalkRequest:
     execute: bool = False
 
 
-Request = WalkRequest  # the old name (wire.Request is the daemon's request numbers)
-
 Span = tuple[int, int, memoryview]  # (GPA base, GPA end, buffer)
 _NO_SPAN: Span = (0, 0, memoryview(b""))
 

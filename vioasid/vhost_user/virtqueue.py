@@ -9,6 +9,7 @@ out-of-memory pointer ends in a fault, never in an exception escaping or a stray
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ USED_IDX_OFF = 2  # offsetof(virtq_used, idx)
 USED_RING_OFF = VRING_USED_HDR.size
 MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
 MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails after this
+YIELD_EVERY = 16  # buffers translated between two turns of the event loop
 
 
 class Translator(Protocol):
@@ -74,16 +76,22 @@ class Dma:
     async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
         """Views of every buffer of a request, all translated before the caller touches one.
 
-        If the translation had to wait (a miss QEMU answers, registers being read) and an
-        invalidation covering one of the buffers came in meanwhile, the buffers are translated
-        again: no access uses a translation made before its invalidation.
+        Every ``YIELD_EVERY`` buffers the event loop gets a turn (strict mode: QEMU's
+        invalidations wait on this process with the guest's vCPU). If an invalidation covering
+        one of the buffers came in meanwhile (there, or while a miss waited on QEMU or on the
+        registers), the buffers are translated again: no access uses a translation made before
+        its invalidation.
         """
         tr = self.translator
         for _ in range(MAX_RETRANSLATIONS):
             gen = tr.generation
             views: list[memoryview] = []
-            for b in bufs:
+            for i, b in enumerate(bufs, 1):
                 views.extend(await self.views(b.addr, b.len, write))
+                if not i % YIELD_EVERY and i < len(bufs):
+                    # let the loop answer what QEMU sent meanwhile (a vCPU waits on each
+                    # invalidation); one that covers these buffers makes us translate again
+                    await asyncio.sleep(0)
             if tr.generation == gen or not tr.invalidated_since(
                 gen, [(b.addr, b.len) for b in bufs]
             ):
@@ -160,6 +168,20 @@ class Dma:
         mem = self._mem()
         r = mem.region_of(gpa, 2)
         r.buf[gpa - r.gpa : gpa - r.gpa + 2] = value.to_bytes(2, "little")
+
+
+async def _table_view(dma: Dma, table: int, entries: int) -> memoryview | None:
+    """The descriptor table as one view when it is contiguous in guest memory (then each
+    descriptor is unpacked straight from it: one translation per table, not per descriptor),
+    else None (descriptors are read one by one, as for a table beyond 64 KiB or one not
+    wholly mapped)."""
+    if entries * VRING_DESC.size > 1 << 16:
+        return None
+    try:
+        views = await dma.views(table, entries * VRING_DESC.size, False)
+    except (DmaFault, MemoryAccessError):
+        return None  # part of it unreadable: the descriptors actually used decide
+    return views[0] if len(views) == 1 else None
 
 
 def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
@@ -246,12 +268,16 @@ class SplitQueue:
         table, size, idx = self.desc, self.num, head
         budget = self.num  # §2.7.5.3.1/§2.7.5.2: a chain never exceeds the queue size
         indirect = False
+        tview = await _table_view(dma, table, size)
         while True:
             if budget <= 0:
                 raise ChainError("descriptor chain loops or is longer than the queue")
             budget -= 1
-            raw = await dma.read(table + 16 * idx, VRING_DESC.size)
-            addr, length, flags, nxt = _DESC.unpack(raw)
+            if tview is not None:
+                addr, length, flags, nxt = _DESC.unpack_from(tview, 16 * idx)
+            else:
+                raw = await dma.read(table + 16 * idx, VRING_DESC.size)
+                addr, length, flags, nxt = _DESC.unpack(raw)
             if flags & VRING_DESC_F_INDIRECT:
                 if indirect:
                     raise ChainError("nested indirect descriptor")
@@ -260,6 +286,7 @@ class SplitQueue:
                 table, size, idx = addr, length // 16, 0
                 budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
+                tview = await _table_view(dma, table, size)
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:

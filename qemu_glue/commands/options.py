@@ -1,0 +1,73 @@
+"""The options every command that starts a guest shares (``boot``, ``demo``), and the QEMU choice.
+
+One place for ``--qemu``, ``--accel``, ``--iommu``, ``--translate``, ``--cross-check``,
+``--caching-mode`` and ``--follow-iq``, so the commands cannot drift apart (defaults that differ,
+``--cross-check`` on for the demo and off for ``boot``, are parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vioasid.commands.common import UsageError
+
+from ..qemu.binary import QemuChoice, QemuNotFound, choose
+from ..qemu.vmspec import IommuMode
+
+
+def add_qemu_option(p: argparse.ArgumentParser) -> None:
+    """``--qemu PATH``: every command that starts QEMU takes it (then $VIOASID_QEMU, ...)."""
+    p.add_argument(
+        "--qemu",
+        metavar="PATH",
+        default=None,
+        help="the qemu-system-x86_64 to start (default: $VIOASID_QEMU, then the QEMU 11.1 of "
+        "'vioasid qemu install', then qemu-system-x86_64 >= 10.0 on PATH; "
+        "see 'vioasid qemu path')",
+    )
+
+
+def qemu_choice(args: argparse.Namespace) -> QemuChoice:
+    """The QEMU a command will start (``--qemu``, then ``choose()``'s order); UsageError else."""
+    try:
+        return choose(getattr(args, "qemu", None))
+    except QemuNotFound as exc:
+        raise UsageError(str(exc)) from None
+
+
+def add_guest_options(p: argparse.ArgumentParser, *, cross_check: bool) -> None:
+    """QEMU, accelerator, vIOMMU and translation options of a command that boots a guest."""
+    add_qemu_option(p)
+    p.add_argument(
+        "--accel",
+        default="tcg",
+        choices=["auto", "tcg", "kvm"],
+        help="accelerator (default tcg; auto probes KVM with a short boot and falls back)",
+    )
+    p.add_argument(
+        "--iommu",
+        default="scalable-fs",
+        choices=[m.value for m in IommuMode],
+        help="intel-iommu mode (default scalable-fs: scalable mode with first-stage "
+        "translation, QEMU's fsts / x-flts)",
+    )
+    p.add_argument(
+        "--translate",
+        default="walk",
+        choices=["walk", "qemu"],
+        help="walk: vioasid walks the guest's tables (default); qemu: ask QEMU",
+    )
+    p.add_argument(
+        "--cross-check",
+        default=cross_check,
+        action=argparse.BooleanOptionalAction,
+        help="also ask QEMU for every translation and count agreement "
+        f"(default {'on' if cross_check else 'off'})",
+    )
+    p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
+    p.add_argument(
+        "--follow-iq",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="also decode the guest's invalidation queue (QMP reads; default on)",
+    )
