@@ -31,7 +31,6 @@ from vioasid.client import (
     NotFound,
     NotOwner,
 )
-from vioasid.daemon.codec import BAD_PAYLOAD, Codec, Role, frame
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Server
 from vioasid.daemon.service import EVENT_BACKLOG, Service
@@ -41,6 +40,7 @@ from vioasid.model.errors import Exhausted as ModelExhausted
 from vioasid.model.errors import InvalidRequest
 from vioasid.model.memory import GuestMemory
 from vioasid.model.vm import FAULT_QUEUE_LIMIT
+from vioasid.protocol.daemon_codec import BAD_PAYLOAD, Codec, Role, frame
 
 DEV = "00:03.0"
 SID = 0x18

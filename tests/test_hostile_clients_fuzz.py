@@ -13,12 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
-from vioasid.daemon.codec import Codec, ProtocolViolation, Role, encode_event, encode_request
 from vioasid.daemon.service import Service
 from vioasid.formats import wire
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.wire import Request
 from vioasid.model.faults import Fault
+from vioasid.protocol.daemon_codec import (
+    Codec,
+    ProtocolViolation,
+    Role,
+    encode_event,
+    encode_request,
+)
 from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError
 
 _VALID = [

@@ -33,15 +33,6 @@ from typing import Any, NamedTuple
 
 import construct as cs
 
-from vioasid.daemon.codec import (
-    BAD_PAYLOAD,
-    Codec,
-    DmaResults,
-    Message,
-    ProtocolViolation,
-    Role,
-    encode_request,
-)
 from vioasid.formats import invalidation as inv
 from vioasid.formats import prq, wire
 from vioasid.formats.fault import FaultReason
@@ -56,6 +47,15 @@ from vioasid.formats.wire import (
     Space,
 )
 from vioasid.model.faults import bdf_str, parse_bdf
+from vioasid.protocol.daemon_codec import (
+    BAD_PAYLOAD,
+    Codec,
+    DmaResults,
+    Message,
+    ProtocolViolation,
+    Role,
+    encode_request,
+)
 from vioasid.protocol.transport import Transport
 
 __all__ = [

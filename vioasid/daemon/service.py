@@ -39,8 +39,8 @@ from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import decode_stream, export_vm, import_vm
 from vioasid.model.vm import VM
+from vioasid.protocol.daemon_codec import Message, encode_error, encode_event, encode_ok
 
-from .codec import Message, encode_error, encode_event, encode_ok
 from .session import Session
 
 log = logging.getLogger(__name__)
