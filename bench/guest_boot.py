@@ -14,9 +14,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from guest_tests import patterns
-from guest_tests.runner import watch_guest
 from images.build import ensure_image
+from images.guest import patterns
+from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 

@@ -32,10 +32,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from guest_tests import patterns
-from guest_tests.runner import watch_guest
 from images import cpio
 from images.build import GuestImage, ensure_image
+from images.guest import patterns
+from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import GuestOptions, run_guest_tests, vhost_blk_guest

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_tests import patterns
-from guest_tests.runner import watch_guest
 from images.build import GuestImage, ensure_image
+from images.guest import patterns
+from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader, VtdRegisters

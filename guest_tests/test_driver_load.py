@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from guest_tests.runner import watch_guest
 from images.build import DRIVER_MODULE, GuestImage, ensure_image
+from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
 

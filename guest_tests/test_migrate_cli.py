@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from guest_tests import patterns
-from guest_tests.markers import INIT, STOPPED, TEST
 from images.build import GuestImage, ensure_image
+from images.guest import patterns
+from images.guest.markers import INIT, STOPPED, TEST
 from qemu_glue.migration.demo import FUNCTIONS, guest_devices
 from qemu_glue.migration.rig import (
     CLI_MAIN,

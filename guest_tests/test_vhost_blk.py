@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_tests import patterns
 from images.build import GuestImage, ensure_image
+from images.guest import patterns
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
 from vioasid.formats.fault import FaultReason

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from guest_tests import patterns
-from guest_tests.markers import DONE
-from guest_tests.runner import watch_guest
 from images.build import GuestImage, ensure_image
+from images.guest import patterns
+from images.guest.markers import DONE
+from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, RawArgs, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import guest_tests
-from guest_tests.patterns import tests_conf
+from images.guest.patterns import tests_conf
 
 from . import apt, cpio, headers, kernel, kmod, modules
 from .atomic import atomic_dir as _atomic_dir
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MODULES: tuple[str, ...] = ("virtio_blk",)
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", "pasid_tests.sh", "pasid_bench.sh")
+GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
 DRIVER_MODULE = kmod.MODULE  # built from images/driver/, loaded by /init after MODULES
 
 Progress = Callable[[str], None]
@@ -124,7 +123,7 @@ def cache_dir() -> Path:
 
 
 def guest_scripts_dir() -> Path:
-    return Path(guest_tests.__file__).resolve().parent
+    return Path(__file__).resolve().parent / "guest"
 
 
 def scripts_digest(scripts_dir: Path | None = None) -> str:
@@ -286,7 +285,7 @@ def initramfs_entries(
         cpio.file("guest_tests/disk_tests.sh", (scripts_dir / "disk_tests.sh").read_bytes(), 0o755),
         *(
             cpio.file(f"guest_tests/{name}", (scripts_dir / name).read_bytes(), 0o755)
-            for name in ("pasid_tests.sh", "pasid_bench.sh")
+            for name in ("pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
         ),
         cpio.file("guest_tests/tests.conf", tests_conf().encode()),
         cpio.file("etc/vioasid/modules", "".join(f"{n}\n" for n, _ in kos).encode()),

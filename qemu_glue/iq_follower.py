@@ -5,10 +5,12 @@ a vhost-user back-end is only ``IOTLB_MSG`` invalidations, without DID or PASID.
 guest's own descriptors, :class:`IqFollower` reads IQA/IQT through QMP (``xp``) after each
 forwarded invalidation (coalesced: one catch-up at a time; ``min_interval`` > 0 batches them
 further, but a strict-mode burst then laps the 256-entry queue between two catch-ups and those
-descriptors are not seen, so the default is 0) and decodes the 128/256-bit
-descriptors between the last position it saw and IQT straight from guest memory with the
-``vioasid.formats.invalidation`` layouts. It never writes guest memory (QEMU already did the
-wait-descriptor status writes). Each decoded descriptor goes to ``on_descriptor``.
+descriptors are not seen, so the default is 0) and decodes the 128/256-bit descriptors
+between the last position it saw and IQT straight from guest memory. It never writes guest
+memory (QEMU already did the wait-descriptor status writes). The ring is read and each
+descriptor decoded by the model's one reader and decoder (:mod:`vioasid.model.iq`); each
+:class:`Descriptor` goes to ``on_descriptor`` (the device translator dispatches it with
+``vioasid.model.iq.dispatch``).
 """
 
 from __future__ import annotations
@@ -16,36 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from vioasid.formats.invalidation import DESC_128, DESC_256, LAYOUTS, TYPE_NAMES, desc_type
-from vioasid.formats.registers import IQA
+from vioasid.model.iq import Descriptor, Ring, decode
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 
 log = logging.getLogger(__name__)
 
-_IQ_OFFSET_MASK = 0x7FFF0  # IQH/IQT bits 18:4 (QEMU VTD_IQH_QH / VTD_IQT_QT)
-_QS = IQA.field("QS")
-_DW = IQA.field("DW")
-_BASE = IQA.field("IQA").mask
-
 U64Reader = Callable[[], Awaitable[int]]
-
-
-def decode_descriptor(words: tuple[int, ...]) -> dict[str, Any]:
-    """Named fields of one descriptor (qw0/qw1 per its type's layout); unknown types by code."""
-    t = desc_type(words[0])
-    out: dict[str, Any] = {"type": TYPE_NAMES.get(t, f"unknown-{t}"), "type_code": t}
-    layout = LAYOUTS.get(t)
-    if layout is None:
-        return out
-    for w, val in zip(layout.words, words[:2], strict=True):
-        for name, v in w.decode(val).items():
-            if not name.startswith("TYPE_"):
-                out[name] = v
-    return out
 
 
 class IqFollower:
@@ -56,7 +36,7 @@ class IqFollower:
         read_iqa: U64Reader,
         read_iqt: U64Reader,
         memory: Callable[[], GuestMemory | None],
-        on_descriptor: Callable[[dict[str, Any]], None],
+        on_descriptor: Callable[[Descriptor], None],
         min_interval: float = 0.0,
     ) -> None:
         self._read_iqa = read_iqa
@@ -110,36 +90,25 @@ class IqFollower:
         if self._iqa is None:
             self._iqa = await self._read_iqa()
         iqa = self._iqa
-        tail = (await self._read_iqt()) & _IQ_OFFSET_MASK
+        ring = Ring.of(iqa)
+        tail = ring.offset(await self._read_iqt())
         if self._head is None:
             self._head = tail  # start following from now
             return 0
         mem = self._memory()
-        if mem is None or not iqa & _BASE:
+        if mem is None or not ring.base:
             return 0
-        wide = bool(_DW.get(iqa))
-        dsize = DESC_256 if wide else DESC_128
-        qbytes = 4096 << _QS.get(iqa)
-        base = iqa & _BASE
         head = self._head
-        n = 0
-        if head >= qbytes or tail >= qbytes:
+        if ring.check(head, tail):
             self.reset()
             return 0
-        for _ in range(qbytes // dsize):
-            if head == tail:
-                break
-            try:
-                raw = mem.read(base + head, dsize)
-            except MemoryAccessError:
-                self.errors += 1
-                break
-            words = struct.unpack(f"<{dsize // 8}Q", raw)
-            desc = decode_descriptor(words)
-            desc["index"] = head // dsize
-            self._on_descriptor(desc)
-            n += 1
-            head = (head + dsize) % qbytes
+        n = 0
+        try:
+            for at, words in ring.read(mem, head, tail):
+                self._on_descriptor(decode(words, ring.wide, at // ring.dsize))
+                n += 1
+        except MemoryAccessError:
+            self.errors += 1
         self._head = tail
         self.decoded += n
         return n

@@ -172,7 +172,7 @@ async def run_pasid_guest(
     echo: bool | TextIO = False,
 ) -> PasidGuestRun:
     """Boot, run the guest's PASID checks on one function per type, cross-check the host."""
-    from guest_tests.runner import watch_guest
+    from qemu_glue.guest_runner import watch_guest
 
     col = PasidCollector(str(mode), list(types))
     rig = PasidDmaRig([parse_dma_device(t) for t in types], memory_mib=512)

@@ -4,6 +4,7 @@ invalidation history, re-translation after an invalidation, and the engine-backe
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
 from engine_support import Lab
@@ -18,9 +19,10 @@ from vioasid.device.translator import (
     iotlb_key,
 )
 from vioasid.formats.fault import FaultReason
-from vioasid.formats.invalidation import PIOTLB_PSI_IN_PASID, TYPE_PIOTLB
+from vioasid.formats.invalidation import PIOTLB_DESC, PIOTLB_PSI_IN_PASID, build_desc
 from vioasid.model.faults import Fault
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
+from vioasid.model.iq import decode
 from vioasid.model.memory import GuestMemory
 from vioasid.vhost_user.virtqueue import YIELD_EVERY, Buffer, Dma
 
@@ -75,8 +77,9 @@ def test_same_iova_in_two_pasids_resolves_and_caches_separately() -> None:
     assert len(res.calls) == 2
     # a page-selective PASID-IOTLB invalidation in PASID 1 leaves PASID 2's entry alone
     tr.on_iq_descriptor(
-        {"type_code": TYPE_PIOTLB, "G": PIOTLB_PSI_IN_PASID, "PASID": 1, "ADDR": 0x4000, "AM": 0}
-    )
+        decode(struct.unpack("<4Q", build_desc(PIOTLB_DESC, {"G": PIOTLB_PSI_IN_PASID, "DID": 1,
+                                                             "PASID": 1, "ADDR": 0x4000})))
+    )  # fmt: skip
     tr.spans(0x4000, 16, False, pasid=2)
     assert len(res.calls) == 2
     tr.spans(0x4000, 16, False, pasid=1)

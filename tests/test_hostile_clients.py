@@ -544,7 +544,7 @@ def test_asyncio_wait_for_is_gone_where_it_could_swallow_a_cancellation() -> Non
     root = Path(__file__).resolve().parent.parent
     files = [
         "qemu_glue/migration/live.py", "qemu_glue/migration/rig.py", "vioasid/device/translator.py",
-        "qemu_glue/vhost_user/guest.py", "vioasid/client.py", "guest_tests/runner.py",
+        "qemu_glue/vhost_user/guest.py", "vioasid/client.py", "qemu_glue/guest_runner.py",
     ]  # fmt: skip
     for name in files:
         assert "asyncio.wait_for(" not in (root / name).read_text(), name

@@ -40,6 +40,7 @@ def test_scripts_digest_tracks_script_edits(tmp_path: Path) -> None:
     (tmp_path / "disk_tests.sh").write_text("b")
     (tmp_path / "pasid_tests.sh").write_text("p")
     (tmp_path / "pasid_bench.sh").write_text("b")
+    (tmp_path / "seed_tests.sh").write_text("s")
     d1 = scripts_digest(tmp_path)
     (tmp_path / "disk_tests.sh").write_text("c")
     assert scripts_digest(tmp_path) != d1
@@ -93,6 +94,7 @@ def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     (tmp_path / "disk_tests.sh").write_text("#!/bin/sh\n")
     (tmp_path / "pasid_tests.sh").write_text("#!/bin/sh\n# pasid\n")
     (tmp_path / "pasid_bench.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "seed_tests.sh").write_text("#!/bin/sh\n")
     kos = [("dep", b"D"), ("virtio_blk", b"V"), ("vioasid_dma", b"K")]
     entries = initramfs_entries(b"BB", kos, tmp_path)
     by = {e.path: e for e in entries}

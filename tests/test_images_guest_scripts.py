@@ -1,7 +1,7 @@
 """The guest's pattern generator and marker lines agree with the host's Python (fast).
 
 The awk pattern generator is cut out of guest_tests/disk_tests.sh and run under the host's
-busybox, so a drift between the shell and guest_tests.patterns fails here, not in a guest.
+busybox, so a drift between the shell and images.guest.patterns fails here, not in a guest.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_tests import markers, patterns
+from images.guest import markers, patterns
 
 SCRIPTS = Path(patterns.__file__).resolve().parent
 

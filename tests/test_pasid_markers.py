@@ -7,14 +7,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from guest_tests.markers import (
+from images.guest.markers import (
     PASID_CHECKS,
     Fault,
     GuestReport,
     parse_driver_result,
 )
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "guest_tests"
+SCRIPTS = Path(__file__).resolve().parent.parent / "images" / "guest"
 
 # the long marker lines stay whole, as the guest prints them (E501 off for this file)
 

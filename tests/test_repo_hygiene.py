@@ -13,9 +13,12 @@ _MARKER = re.compile(r"^(<{7}|>{7}) ", re.M)
 
 
 def _tracked(*patterns: str) -> list[Path]:
-    out = subprocess.run(
-        ["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True, check=False
-    )
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
     if out.returncode != 0:
         pytest.skip("not a git checkout")
     return [REPO / p for p in out.stdout.split()]

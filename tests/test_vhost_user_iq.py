@@ -11,6 +11,7 @@ from qemu_glue.iq_follower import IqFollower
 from vioasid.device.translator import DeviceTranslator, Resolved
 from vioasid.formats.invalidation import PIOTLB_DESC, WAIT_DESC, build_desc
 from vioasid.model.faults import Fault
+from vioasid.model.iq import Descriptor
 from vioasid.model.memory import GuestMemory
 
 IQ_BASE = 0x8000
@@ -76,7 +77,7 @@ async def test_follower_decodes_new_descriptors_and_drops_the_iotlb() -> None:
 @pytest.mark.asyncio
 async def test_follower_wraps_and_survives_a_queue_outside_memory() -> None:
     mem = GuestMemory.from_bytes(1 << 16)
-    seen: list[dict[str, object]] = []
+    seen: list[Descriptor] = []
     state = {"iqa": IQA, "tail": 4096 - 32}
 
     async def iqa() -> int:
@@ -92,7 +93,7 @@ async def test_follower_wraps_and_survives_a_queue_outside_memory() -> None:
     mem.write(IQ_BASE, wait)
     state["tail"] = 32  # wrapped: one at the end, one at the start
     assert await fol.catch_up() == 2
-    assert [d["index"] for d in seen] == [127, 0]
+    assert [d.index for d in seen] == [127, 0]
     fol.reset()
     state["iqa"] = (1 << 40) | (1 << 11)  # the guest points IQA outside RAM
     await fol.catch_up()

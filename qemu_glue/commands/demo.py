@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu_glue.commands import demo_migrate
+from qemu_glue.commands import demo_migrate, demo_seed
 from qemu_glue.commands.options import add_guest_options, qemu_choice
 from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
 from qemu_glue.pasid_guest import (
@@ -113,7 +113,7 @@ async def _run_demo_guest(
     rig: PasidDmaRig | None,
     col: PasidCollector | None,
 ) -> BlkRunResult:
-    from guest_tests import patterns
+    from images.guest import patterns
 
     with tempfile.TemporaryDirectory(prefix="vioasid-demo-") as tmp:
         disk = patterns.make_disk(Path(tmp) / "disk.raw")
@@ -267,6 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
         return demo_migrate.run(args)
+    if args.seed:  # the seed's systems on real guests: qemu_glue/commands/demo_seed.py
+        return demo_seed.run(args)
     res, extra, pasid_run = asyncio.run(_demo(args))
     ok = res.ok and (pasid_run is None or pasid_run.ok)
     if args.json:
@@ -302,4 +304,5 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--timeout", type=float, default=420.0, help="seconds (default 420)")
     demo_migrate.add_arguments(p)
+    demo_seed.add_arguments(p)
     p.set_defaults(func=_run)

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from guest_tests import patterns
-from guest_tests.markers import DONE, INIT, STOPPED, TEST, GuestReport
+from images.guest import patterns
+from images.guest.markers import DONE, INIT, STOPPED, TEST, GuestReport
 from qemu_glue.migration.live import MigrationResult, Reserve, VpasidHandover, migrate
 from qemu_glue.migration.rig import BlkVm, Daemon, SerialChain, VmOptions, host_toml, workdir
 from qemu_glue.migration.vpasid_reserve import (

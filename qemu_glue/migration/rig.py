@@ -8,7 +8,7 @@
   starts it as a migration destination (``-incoming defer``).
 * :class:`SerialChain` — the guest's serial console across migrations: the source's serial
   file, then the destination's, as one byte stream (a line the guest was printing when it was
-  stopped ends on the next host), fed to a :class:`~guest_tests.markers.GuestReport`.
+  stopped ends on the next host), fed to a :class:`~images.guest.markers.GuestReport`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guest_tests.markers import GuestReport, Marker
+from images.guest.markers import GuestReport, Marker
 from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, read_line
 from qemu_glue.qemu.qmp import Qmp

@@ -217,11 +217,11 @@ async def run_guest_tests(
 ) -> BlkRunResult:
     """Boot the test guest with the vioasid disk, follow its markers, check the backing file.
 
-    ``opts.disk`` must be a disk made by ``guest_tests.patterns.make_disk`` (the guest tests
+    ``opts.disk`` must be a disk made by ``images.guest.patterns.make_disk`` (the guest tests
     write their patterns to it; the host then compares).
     """
-    from guest_tests import patterns
-    from guest_tests.runner import watch_guest
+    from images.guest import patterns
+    from qemu_glue.guest_runner import watch_guest
 
     async with vhost_blk_guest(opts) as g:
         if on_start is not None:

@@ -33,6 +33,7 @@ from vioasid.formats import wire
 from vioasid.formats.fault import FAULT_RECORD, FaultReason
 from vioasid.formats.pasid import PASID_ENTRY
 from vioasid.formats.wire import DmaFlag, DmaStatus, ErrorCode, EventMask, Request
+from vioasid.model import iq
 from vioasid.model.engine import Host
 from vioasid.model.errors import InvalidRequest, NotFound, VioasidError
 from vioasid.model.faults import Fault, bdf_str
@@ -46,6 +47,7 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 _DID = PASID_ENTRY.field("DID")
+_DESC_S = struct.Struct("<4Q")  # wire.INVALIDATE desc: one 256-bit descriptor
 _SPACE = {"per-rid": wire.Space.PER_RID, "global": wire.Space.GLOBAL}
 _PAGE_REQUEST_REASONS = frozenset({FaultReason.FS_PAGING_ENTRY_P, FaultReason.SS_ENTRY_P})
 _DMA_RESULT = wire.DMA_RESULT_S
@@ -158,6 +160,34 @@ class DmaJob:
 
 Handler = Callable[[Session, Message], Any]
 Raw = bytes | bytearray | memoryview
+
+
+class _Resync:
+    """The daemon's side of an invalidation (a :class:`vioasid.model.iq.Handler`): PASID-cache
+    and context-cache invalidations re-read the guest entries they cover (bind / unbind),
+    IOTLB ones drop the host's cached nested translations, page-group responses go to the
+    page-request subscribers. Each returns how many things changed."""
+
+    def __init__(self, service: Service, entry: VmEntry) -> None:
+        self.service, self.entry = service, entry
+
+    def context(self, did: int | None, sid: int | None, fm: int) -> int:
+        if sid is None:
+            return self.service._resync(self.entry, None, None)
+        if sid not in self.service._model(self.entry).devices:
+            return 0
+        return self.service._resync(self.entry, None, None, only_rid=sid)
+
+    def pasid_cache(self, did: int | None, pasid: int | None) -> int:
+        return self.service._resync(self.entry, did, pasid)
+
+    def iotlb(self, did: int | None, pasid: int | None, addr: int | None, am: int, ih: bool) -> int:
+        return self.service.host.invalidate(self.entry.name, vpasid=pasid)
+
+    def other(self, desc: iq.Descriptor) -> int:
+        if desc.type_code == inv.TYPE_PGRESP:
+            return self.service._page_response(self.entry, desc.raw())
+        return 0  # wait, interrupt-entry cache and device-TLB invalidations change nothing here
 
 
 class Service:
@@ -448,41 +478,12 @@ class Service:
         return {"changes": self._apply_invalidation(entry, msg.body.desc)}
 
     def _apply_invalidation(self, entry: VmEntry, desc: bytes) -> int:
-        """One guest invalidation descriptor (VT-d §6.5.2.x) → binds, unbinds, cache drops."""
-        qw = inv.PC_DESC.words_of(desc)
-        kind = inv.desc_type(qw[0])
-        layout = inv.LAYOUTS.get(kind)
-        if layout is None:
-            raise InvalidRequest(f"invalidation descriptor type {kind} is not defined")
-        bad = layout.reserved_violations(qw)
-        if bad or any(desc[16:32]):
-            raise InvalidRequest(
-                f"{inv.TYPE_NAMES[kind]} descriptor has reserved bits set "
-                f"({', '.join(bad) or 'qw2/qw3'})"
-            )
-        f = layout.flat(desc)
-        host, vm = self.host, self._model(entry)
-        if kind == inv.TYPE_PC:
-            if f["G"] == inv.PC_PASID_SI:
-                return self._resync(entry, f["DID"], f["PASID"])
-            if f["G"] in (inv.PC_DSI, inv.PC_GLOBAL):
-                did = f["DID"] if f["G"] == inv.PC_DSI else None
-                return self._resync(entry, did, None)
-            raise InvalidRequest(f"PASID-cache invalidation granularity {f['G']} is reserved")
-        if kind == inv.TYPE_PIOTLB:
-            return host.invalidate(entry.name, vpasid=f["PASID"])
-        if kind == inv.TYPE_IOTLB:
-            return host.invalidate(entry.name)
-        if kind == inv.TYPE_CC:
-            if f["G"] == inv.CC_DEVICE:
-                if f["SID"] not in vm.devices:
-                    return 0
-                return self._resync(entry, None, None, only_rid=f["SID"])
-            return self._resync(entry, None, None)
-        if kind == inv.TYPE_PGRESP:
-            return self._page_response(entry, desc[:16])
-        # wait, interrupt-entry cache and device-TLB invalidations change nothing here
-        return 0
+        """One guest invalidation descriptor (VT-d §6.5.2.x) → binds, unbinds, cache drops,
+        through the model's one decoder and dispatcher (:mod:`vioasid.model.iq`)."""
+        d = iq.decode(_DESC_S.unpack_from(desc))
+        if d.error:
+            raise InvalidRequest(d.error)
+        return iq.dispatch(d, _Resync(self, entry))
 
     def _page_response(self, entry: VmEntry, desc: bytes) -> int:
         """The guest answered a page request: pass it to the page-request subscribers (the

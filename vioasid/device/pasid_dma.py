@@ -93,7 +93,10 @@ class PasidDmaFunction(PciFunction):
         name: str | None = None,
         ats: bool = False,
         pri: bool = False,
+        width: int | None = None,
     ) -> None:
+        """``width``: the PASID width the guest sees (default the host function's; an mdev
+        slice may show a wider virtual PASID space than its parent's table holds)."""
         self.host = host
         self.vm = vm
         self.guest_rid = guest_rid
@@ -101,7 +104,7 @@ class PasidDmaFunction(PciFunction):
         dev = host.vm(vm).devices[guest_rid]
         self.engine_device = dev
         self.function_rid = dev.function.rid
-        self.width = dev.function.pasid_bits
+        self.width = width if width is not None else dev.function.pasid_bits
         super().__init__(
             Identity(
                 vendor_id=pd.VENDOR_ID,

@@ -43,17 +43,10 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from vioasid.formats.fault import FaultReason
-from vioasid.formats.invalidation import (
-    IOTLB_PAGE,
-    PIOTLB_PSI_IN_PASID,
-    TYPE_CC,
-    TYPE_IOTLB,
-    TYPE_PC,
-    TYPE_PIOTLB,
-)
 from vioasid.formats.registers import GSTS
 from vioasid.model.cache import Caches
 from vioasid.model.faults import Fault, bdf_str
+from vioasid.model.iq import Descriptor, dispatch
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 from vioasid.model.walker import Walker
 
@@ -406,6 +399,31 @@ class TranslatorStats:
         }
 
 
+class _IqHandler:
+    """The device IOTLB as a :class:`vioasid.model.iq.Handler`."""
+
+    def __init__(self, tr: DeviceTranslator) -> None:
+        self.tr = tr
+
+    def context(self, did: int | None, sid: int | None, fm: int) -> int:
+        self.tr.flush()
+        return 0
+
+    def pasid_cache(self, did: int | None, pasid: int | None) -> int:
+        self.tr.flush()
+        return 0
+
+    def iotlb(self, did: int | None, pasid: int | None, addr: int | None, am: int, ih: bool) -> int:
+        if addr is None:
+            self.tr.flush()
+        else:
+            self.tr._iq_range(pasid, addr, am)
+        return 0
+
+    def other(self, desc: Descriptor) -> int:
+        return 0
+
+
 class DeviceTranslator:
     """The device's IOTLB, keyed by (PASID, page), in front of a primary resolver (and an
     optional reference one).
@@ -434,6 +452,7 @@ class DeviceTranslator:
         self._iotlb: dict[int, Resolved] = {}
         self._pasid_keys: set[int] = set()  # key prefixes (PASID + 1, 0 for none) in the IOTLB
         self.stats = TranslatorStats()
+        self._iq_handler = _IqHandler(self)
         # One step per invalidation; the recent ones' page ranges, for invalidated_since().
         self.generation = 0
         self._recent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
@@ -650,34 +669,25 @@ class DeviceTranslator:
                 }
             )
 
-    def on_iq_descriptor(self, desc: dict[str, Any]) -> None:
-        """A descriptor from the guest's invalidation queue (decoded by ``IqFollower``).
+    def on_iq_descriptor(self, desc: Descriptor) -> None:
+        """A descriptor from the guest's invalidation queue (read by ``IqFollower``), applied
+        through the model's one dispatcher (:func:`vioasid.model.iq.dispatch`).
 
         Page-selective IOTLB descriptors drop their range in every PASID, page-selective
         PASID-IOTLB ones in their PASID only (PASID 0 is also the requests without PASID, whose
         RID_PASID it is); domain, global, PASID-wide, context-cache and PASID-cache ones drop
-        the whole device IOTLB. Waits are only counted.
+        the whole device IOTLB; an invalid one (QEMU raised IQE) drops it too, to be safe.
+        Waits are only counted.
         """
         st = self.stats
         st.iq_descriptors += 1
-        t = desc.get("type_code")
         dropped_before = len(self._iotlb)
-        g = desc.get("G")
-        if (t == TYPE_IOTLB and g == IOTLB_PAGE) or (t == TYPE_PIOTLB and g == PIOTLB_PSI_IN_PASID):
-            addr = int(desc.get("ADDR", 0)) & ~PAGE_MASK
-            size = PAGE_SIZE << min(int(desc.get("AM", 0)), 52)
-            first, last = addr >> PAGE_SHIFT, min((addr + size - 1) >> PAGE_SHIFT, _PAGE_BITS)
-            self._note(first, last)
-            if t == TYPE_PIOTLB:
-                p = int(desc.get("PASID", 0))
-                prefixes = [p + 1] + ([0] if p == 0 else [])
-            else:
-                prefixes = list(self._pasid_keys)
-            self._drop(first, last, prefixes)
-        elif t in (TYPE_IOTLB, TYPE_PIOTLB, TYPE_CC, TYPE_PC):
+        if desc.error:
             self.flush()
+        else:
+            dispatch(desc, self._iq_handler)
         if self.trace is not None:
-            rec = {k: (hex(v) if k == "ADDR" else v) for k, v in desc.items()}
+            rec = {k: (hex(v) if k == "ADDR" else v) for k, v in desc.to_json().items()}
             self._write(
                 {
                     "event": "iq-descriptor",
@@ -685,6 +695,17 @@ class DeviceTranslator:
                     **rec,
                 }
             )
+
+    def _iq_range(self, pasid: int | None, addr: int, am: int) -> None:
+        addr &= ~PAGE_MASK
+        size = PAGE_SIZE << min(am, 52)
+        first, last = addr >> PAGE_SHIFT, min((addr + size - 1) >> PAGE_SHIFT, _PAGE_BITS)
+        self._note(first, last)
+        if pasid is not None:
+            prefixes = [pasid + 1] + ([0] if pasid == 0 else [])
+        else:
+            prefixes = list(self._pasid_keys)
+        self._drop(first, last, prefixes)
 
     async def restart(self) -> None:
         """The device (re)started: registers may have changed, drop everything."""

@@ -29,6 +29,17 @@ IQA = Layout(
     doc="§10.4.23 IQA_REG: QS (2^QS 4-KiB pages), DW (256-bit descriptors), base 63:12.",
 )
 
+IQH = Layout(
+    "iqh_reg",
+    [Word("qw0", [F("QH", 18, 4)])],
+    doc="§10.4.21 IQH_REG: QH 18:4, the next descriptor to fetch (QEMU VTD_IQH_QH).",
+)
+IQT = Layout(
+    "iqt_reg",
+    [Word("qw0", [F("QT", 18, 4)])],
+    doc="§10.4.22 IQT_REG: QT 18:4, where software writes the next descriptor (VTD_IQT_QT).",
+)
+
 GSTS = Layout(
     "gsts_reg",
     [

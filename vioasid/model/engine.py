@@ -184,14 +184,23 @@ class Host:
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
-        self, rid: int, *, enqcmd: bool = False, translating: bool = False
+        self,
+        rid: int,
+        *,
+        enqcmd: bool = False,
+        translating: bool = False,
+        pasid_bits: int | None = None,
     ) -> HostFunction:
-        """Declare a physical function (its PASID table is created in host memory)."""
+        """Declare a physical function (its PASID table is created in host memory).
+        ``pasid_bits``: the function's own PASID width (default the host's; at most it)."""
+        bits = self.pasid_bits if pasid_bits is None else pasid_bits
+        if not 1 <= bits <= self.pasid_bits:
+            raise InvalidRequest(f"function pasid_bits must be 1..{self.pasid_bits}, not {bits}")
         if not 0 <= rid <= 0xFFFF:
             raise InvalidRequest(f"function RID 0x{rid:x} is not a 16-bit BDF")
         if rid in self.functions:
             raise InvalidRequest(f"host {self.name} already has function {bdf_str(rid)}")
-        fn = HostFunction(rid, enqcmd, translating, self.pasid_bits)
+        fn = HostFunction(rid, enqcmd, translating, bits)
         self.iommu.add_function(rid)
         self.functions[rid] = fn
         return fn

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from images.guest.markers import DONE, INIT, STOPPED, GuestReport
 from qemu_glue.qemu.process import QemuError, QemuProcess
-
-from .markers import DONE, INIT, STOPPED, GuestReport
 
 
 @dataclass
