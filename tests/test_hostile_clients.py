@@ -338,6 +338,19 @@ def test_undecodable_reply_fails_one_request_not_the_connection() -> None:
     good = codec.next_message()
     assert bad is not None and bad.body is BAD_PAYLOAD
     assert good is not None and good.body.features == 0
+    # a reply bigger than any message may be is skipped as it arrives, never buffered whole
+    small = Codec(Role.CLIENT, tolerant=True, max_payload=1024)
+    small.receive(wire.HEADER_S.pack(Request.DUMP, wire.VERSION | wire.FLAG_REPLY, 5000) + b"x")
+    huge = small.next_message()
+    assert huge is not None and huge.body is BAD_PAYLOAD and small.buffered == 0
+    for _ in range(4):
+        small.receive(b"y" * 1000)
+        assert small.next_message() is None and small.buffered == 0
+    small.receive(
+        b"z" * 999 + frame(Request.GET_FEATURES, wire.VERSION | wire.FLAG_REPLY, bytes(8))
+    )
+    after = small.next_message()
+    assert after is not None and after.request == Request.GET_FEATURES
 
 
 @pytest.mark.asyncio

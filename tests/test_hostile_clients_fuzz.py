@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 
+import pytest
 from daemon_support import MemfdGuest, running_daemon, setup_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +26,12 @@ from vioasid.protocol.daemon_codec import (
     encode_event,
     encode_request,
 )
-from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError
+from vioasid.protocol.framing import (
+    VFIO_USER_HEADER,
+    VHOST_USER_HEADER,
+    FrameBuffer,
+    FramingError,
+)
 
 _VALID = [
     encode_request(Request.GET_FEATURES),
@@ -212,3 +218,20 @@ def test_fault_event_fast_pack_is_the_layout(
         "addr": addr, "record": f.record(),
     }  # fmt: skip
     assert Service._fault_event(vm, f) == encode_event(Request.FAULT_EVENT, body)
+
+
+def test_framing_serves_the_16_byte_vfio_user_header_too() -> None:
+    """One FrameBuffer for both header kinds: vfio-user's size counts its 16-byte header."""
+    hdr = VFIO_USER_HEADER.struct
+    fb = FrameBuffer(VFIO_USER_HEADER, max_payload=64)
+    fb.receive(hdr.pack(1, 2, 16 + 3, 0, 0) + b"abc" + hdr.pack(2, 3, 16, 0, 0)[:5])
+    first = fb.next_frame()
+    assert first is not None and first[0][:3] == (1, 2, 19) and first[1] == b"abc"
+    assert fb.next_frame() is None
+    fb.receive(hdr.pack(2, 3, 16, 0, 0)[5:])
+    second = fb.next_frame()
+    assert second is not None and second[1] == b""
+    bad = FrameBuffer(VFIO_USER_HEADER, max_payload=64)
+    bad.receive(hdr.pack(1, 2, 8, 0, 0))  # a size below the header's own
+    with pytest.raises(FramingError, match="below the header"):
+        bad.next_frame()
