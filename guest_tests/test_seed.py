@@ -96,6 +96,9 @@ def test_trouble_case(seed: dict[str, Any]) -> None:
     assert "Device_or_resource_busy" in c["observed"]
     assert "bind pasid 5 refused: pasid-conflict (pPASID 1 in the way)" in c["observed"]
     assert "no table changed" in c["observed"]
+    vm = c["tables"]["vms"]["guest"]  # the engine's dump right after the refusal
+    assert vm["cpu_table"] == {"5": 1} and vm["devices"]["00:08.0"]["bindings"] == {}
+    assert vm["devices"]["00:05.0"]["bindings"]["5"] == 5
 
 
 def test_trouble_case_legal(seed: dict[str, Any]) -> None:
@@ -125,7 +128,12 @@ def test_shared_parent_two_guests(seed: dict[str, Any]) -> None:
     pps = sorted(b["ppasid"] for b in c["bindings"] if b["vpasid"] == 1)
     assert pps == [1, 2] and {b["vm"] for b in c["bindings"]} == {"tenant-a", "tenant-b"}
     assert seed["tenants"]["concurrent_s"] >= CONCURRENT_S
-    assert seed["tenants"]["killed"] and seed["tenants"]["survivor"]
+    killed, survivor = seed["tenants"]["killed"], seed["tenants"]["survivor"]
+    assert killed and survivor
+    both = c["tables"]["functions"]["host/6a:00.0"]["table"]
+    assert sorted(o["vm"] for o in both.values()) == ["tenant-a", "tenant-b"]
+    after = seed["tenants"]["tables_after_kill"]["functions"]["host/6a:00.0"]["table"]
+    assert [o["vm"] for o in after.values()] == [survivor]
 
 
 def test_trace_names_ppasid_tag_and_table(seed: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """``vioasid demo --seed``: the seed's systems on real guests, case by case.
 
 Three runs of real QEMU 11.1 guests (TCG), each through the PASID DMA function
-(docs/pasid-dma.md) and the guest's ``vioasid_dma.ko`` driven by ``guest_tests/seed_tests.sh``:
+(docs/pasid-dma.md) and the guest's ``vioasid_dma.ko`` driven by ``images/guest/seed_tests.sh``:
 
 1. **one guest, per-device policy** (:data:`ONE_GUEST`: dedicated, translating, mdev, enqcmd
    non-translating, enqcmd + translating, an enqcmd mdev, an mdev of a parent with 2 PASID bits):
@@ -119,6 +119,7 @@ class Case:
     observed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     bindings: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, Any] = field(default_factory=dict)  # engine dump after the last bind
 
     @property
     def passed(self) -> bool:
@@ -139,6 +140,7 @@ class Case:
             "observed": obs,
             "pass": self.passed,
             "bindings": self.bindings,
+            "tables": self.tables,
         }
 
 
@@ -231,6 +233,7 @@ def _bind(
         return None
     assert r is not None
     case.bindings.append(_binding_json(g.svm, r))
+    case.tables = r.tables
     case.check(not r.invariants, f"{dev} bind {x}: invariants {r.invariants}")
     if isinstance(want, tuple):
         pp, table = want
@@ -436,6 +439,7 @@ class TenantRun:
     freed: bool = False
     survivor_after_kill: int = 0
     events: list[str] = field(default_factory=list)
+    tables_after_kill: dict[str, Any] = field(default_factory=dict)
 
 
 def shared_parent_case(
@@ -460,6 +464,8 @@ def shared_parent_case(
             continue
         assert r is not None
         c.bindings.append(_binding_json(g.svm, r))
+        if not c.tables or r.bindings_before > 0:
+            c.tables = r.tables
         c.check(
             r.status == "ok" and r.space == "per-rid" and not r.invariants,
             f"{name}: host {r.status} {r.space} {r.invariants}",
@@ -612,6 +618,7 @@ async def _run_tenants(opts: SeedOptions) -> tuple[dict[str, GuestLog], SeedEngi
                     if own is not None:
                         owners.add(own[0].name)
                 run.freed = gone and first not in owners and other in owners
+                run.tables_after_kill = eng.dump()
                 run.events.append(
                     f"after SIGKILL of {first}: parent table held by {sorted(owners)}"
                 )
@@ -645,6 +652,7 @@ async def run_seed(opts: SeedOptions) -> dict[str, Any]:
             "killed": run.killed,
             "survivor": run.survivor,
             "events": run.events,
+            "tables_after_kill": run.tables_after_kill,
         },
         "served_by": "one in-process engine (vioasid.model.engine.Host) and in-process "
         "vfio-user servers, not a vioasid serve daemon",

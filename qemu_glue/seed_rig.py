@@ -104,10 +104,11 @@ class CommandRecord:
     unchanged: bool | None  # refused: every table as before (None for a successful command)
     invariants: list[str]
     cpu_table: dict[int, int]  # the VM's CPU PASID translation table after the command
+    tables: dict[str, Any]  # the engine's dump after it (what ``vioasid status --json`` shows)
     t: float
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "t"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("t", "tables")}
 
 
 class SeedFunction(PasidDmaFunction):
@@ -158,6 +159,7 @@ class SeedFunction(PasidDmaFunction):
             unchanged=None if st is BindStatus.OK else h.snapshot() == before,
             invariants=h.check_invariants(),
             cpu_table=dict(h.vm(self.vm).cpu_table),
+            tables=h.dump(),
             t=time.monotonic(),
         )
         self.log_to.append(rec)

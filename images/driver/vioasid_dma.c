@@ -203,6 +203,12 @@ static const struct {
 	{ "internal", EIO },
 };
 
+/* A register read of all ones: the device does not answer (gone, or its server closed). */
+static inline bool vdma_gone(u32 v)
+{
+	return v == U32_MAX;
+}
+
 static inline u64 vdma_iova(u32 pasid, u64 off)
 {
 	return VDMA_WINDOW * pasid + off;
@@ -227,6 +233,33 @@ static const char *vdma_type_name(u32 type)
 
 /* --- the module-wide PASID table --------------------------------------------------------- */
 
+/*
+ * A fresh global PASID no function uses.  A PASID given to "bind P" is not reserved in the
+ * global allocator, which may hand it out later: such a value is then made owned by its entry
+ * (freed with its last user) and the allocator is asked again.  Caller holds vdma_pasid_lock.
+ */
+static int vdma_pasid_alloc(struct device *dev, u32 *out)
+{
+	struct vdma_pasid *used;
+	int tries;
+
+	for (tries = 0; tries < 64; tries++) {
+		ioasid_t pasid = iommu_alloc_global_pasid(dev);
+
+		if (pasid == IOMMU_PASID_INVALID)
+			return -ENOSPC;
+		used = xa_load(&vdma_pasids, pasid);
+		if (!used) {
+			*out = pasid;
+			return 0;
+		}
+		if (used->owned)	/* cannot happen: the allocator gave it out twice */
+			return -EIO;
+		used->owned = true;
+	}
+	return -ENOSPC;
+}
+
 /* A PASID for a new binding: @want, or a fresh global one when @want is 0. */
 static int vdma_pasid_get(struct device *dev, u32 want, u32 *out)
 {
@@ -250,10 +283,9 @@ static int vdma_pasid_get(struct device *dev, u32 want, u32 *out)
 	if (want) {
 		p->pasid = want;
 	} else {
-		p->pasid = iommu_alloc_global_pasid(dev);
-		if (p->pasid == IOMMU_PASID_INVALID) {
+		ret = vdma_pasid_alloc(dev, &p->pasid);
+		if (ret) {
 			kfree(p);
-			ret = -ENOSPC;
 			goto unlock;
 		}
 		p->owned = true;
@@ -317,6 +349,12 @@ static int vdma_bind_status_result(struct vdma_func *f, u32 st, u32 pasid, u64 i
 	const char *word = st < ARRAY_SIZE(vdma_bind_status) ? vdma_bind_status[st].word :
 							     "internal";
 	int err = st < ARRAY_SIZE(vdma_bind_status) ? vdma_bind_status[st].err : EIO;
+
+	if (vdma_gone(st)) {
+		dev_err(&f->pdev->dev, "%s pasid %u: the device does not answer\n", what, pasid);
+		return vdma_result(f, -ENODEV, "error gone %s pasid %u: the device does not answer",
+				   what, pasid);
+	}
 
 	if (st == 3) {
 		dev_err(&f->pdev->dev, "%s pasid %u refused: %s (pPASID %llu in the way)\n",
@@ -534,6 +572,8 @@ static int vdma_submit(struct vdma_func *f, const struct vdma_desc *d, struct vd
 	for (i = 0; i < 8; i++)
 		writeq(q[i], f->regs + VDMA_REG_PORTAL + 8 * i);
 	ps = readl(f->regs + VDMA_REG_PORTAL_STATUS);
+	if (vdma_gone(ps))
+		return vdma_result(f, -ENODEV, "error gone the device does not answer");
 	switch (ps) {
 	case 0:
 		break;
@@ -557,6 +597,8 @@ static int vdma_submit(struct vdma_func *f, const struct vdma_desc *d, struct vd
 			return 0;
 		}
 		err = readl(f->regs + VDMA_REG_ERR_STATUS);
+		if (vdma_gone(err))
+			return vdma_result(f, -ENODEV, "error gone the device does not answer");
 		if (err & VDMA_ERR_RECORD) {
 			u32 reason = readl(f->regs + VDMA_REG_ERR_REASON);
 			u32 pasid = readl(f->regs + VDMA_REG_ERR_PASID);

@@ -124,8 +124,13 @@ check_bind_unbind() {
     result bind-unbind fail "$D0" "$p1" "second unbind: $R"; return ;;
   esac
   bind "$D0" "$p1" || { result bind-unbind fail "$D0" "$p1" "rebind of $p1: $R"; return; }
+  # a new PASID while p1 (given by value, so not reserved in the allocator) is bound
+  bind "$D0" || { result bind-unbind fail "$D0" "$p1" "bind beside $p1: $R"; cleanup "$D0" "$p1"; return; }
+  p2=$P
+  cleanup "$D0" "$p2"
+  [ "$p2" != "$p1" ] || { result bind-unbind fail "$D0" "$p1" "new PASID $p2 = bound $p1"; cleanup "$D0" "$p1"; return; }
   cmd "$D0" unbind "$p1" || { result bind-unbind fail "$D0" "$p1" "unbind: $R"; return; }
-  result bind-unbind pass "$D0" "$p1" "bind, unbind, unbind refused (not-bound), rebind"
+  result bind-unbind pass "$D0" "$p1" "bind, unbind, unbind refused (not-bound), rebind by value, a new one beside it"
 }
 
 check_copy() { # random data, unaligned offsets, multi-page lengths, 6 rounds

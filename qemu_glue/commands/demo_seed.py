@@ -60,7 +60,21 @@ def _print_human(out: dict[str, Any]) -> None:
             print(f"{'':<{width}}  {label}: {wrapped[0]}")
             for line in wrapped[1:]:
                 print(f"{'':<{width}}            {line}")
-    print(f"served by {out['served_by']}; {out['wall_seconds']} s")
+    from vioasid.commands.status import render
+
+    shown = {c["name"]: c.get("tables") for c in out["cases"]}
+    for name, title in (
+        ("trouble-case", "the engine's tables at the trouble case's refusal (as vioasid status)"),
+        ("shared-parent", "the two tenants' binds in the shared parent's table"),
+    ):
+        if shown.get(name):
+            print(f"\n{title}:")
+            print(textwrap.indent(render(shown[name]), "  "), end="")
+    after = out.get("tenants", {}).get("tables_after_kill")
+    if after:
+        print(f"\nafter SIGKILL of {out['tenants']['killed']}:")
+        print(textwrap.indent(render(after), "  "), end="")
+    print(f"\nserved by {out['served_by']}; {out['wall_seconds']} s")
     print("PASS" if out["ok"] else "FAIL")
 
 
@@ -68,16 +82,11 @@ def run(args: argparse.Namespace) -> int:
     from images.build import ensure_image
     from qemu_glue.seed_demo import TENANT_LOOP_S, SeedOptions, run_seed
 
-    qemu = qemu_choice(args)
-    if not qemu.features.vfio_user:
-        raise UsageError(f"--seed needs vfio-user-pci (QEMU 11.1); {qemu.path} is {qemu.version}")
     if args.accel == "kvm":
         raise UsageError("--seed runs its guests under TCG")
     loop_s = TENANT_LOOP_S if args.seed_loop is None else args.seed_loop
     if loop_s < 25:
         raise UsageError("--seed-loop must be at least 25 s (20 s of concurrent jobs + margin)")
-    progress(f"QEMU {qemu.version} ({qemu.path})")
-    img = ensure_image(progress)
     with contextlib.ExitStack() as stack:
         trace = None
         if args.seed_trace is not None:
@@ -85,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
                 trace = stack.enter_context(open(args.seed_trace, "w", buffering=1 << 16))
             except OSError as e:
                 raise UsageError(f"--trace {args.seed_trace}: {e.strerror}") from None
+        qemu = qemu_choice(args)
+        if not qemu.features.vfio_user:
+            raise UsageError(
+                f"--seed needs vfio-user-pci (QEMU 11.1); {qemu.path} is {qemu.version}"
+            )
+        progress(f"QEMU {qemu.version} ({qemu.path})")
+        img = ensure_image(progress)
         opts = SeedOptions(
             kernel=img.kernel,
             initrd=img.initrd,

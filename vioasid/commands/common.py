@@ -1,4 +1,4 @@
-"""What every ``vioasid`` subcommand shares: the user-mistake error, output, number parsing.
+"""What every ``vioasid`` subcommand shares: the user-mistake error, output, parsing, memory files.
 
 Command modules (``vioasid/commands/*.py``, ``qemu_glue/commands/*.py``) import from here;
 ``vioasid.cli`` (the dispatcher) imports the command modules. Nothing here imports a command.
@@ -6,9 +6,12 @@ Command modules (``vioasid/commands/*.py``, ``qemu_glue/commands/*.py``) import 
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 from vioasid.model.faults import parse_bdf
+from vioasid.model.memory import GuestMemory
 
 
 class UsageError(Exception):
@@ -40,3 +43,21 @@ def parse_rid(text: str) -> int:
         return parse_bdf(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def open_memory(path: str) -> GuestMemory:
+    """The guest-memory file (offset == GPA); UsageError when it cannot be opened."""
+    if not os.path.isfile(path):
+        raise UsageError(f"memory file {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"memory file {path!r} is empty")
+    try:
+        return GuestMemory.from_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot open memory file {path!r}: {exc.strerror}") from None
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    """``--memory FILE`` and ``--rtaddr VALUE``: a guest-memory file and the root table in it."""
+    p.add_argument("--memory", required=True, metavar="FILE", help="guest memory (offset = GPA)")
+    p.add_argument("--rtaddr", required=True, metavar="VALUE", help="raw RTADDR register value")

@@ -13,8 +13,7 @@ from typing import Any
 from vioasid.commands.common import UsageError, emit
 from vioasid.model.dump import dump_tables
 
-from .common import parse_number
-from .walk import open_memory
+from .common import add_memory_options, open_memory, parse_number
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -70,8 +69,7 @@ def register(subparsers: Any) -> None:
         description="Print every present context and PASID entry under RTADDR (BDF, PASID, "
         "PGTT, DID, table pointers) as a table, or JSON.",
     )
-    p.add_argument("--memory", required=True, metavar="FILE", help="guest memory (offset = GPA)")
-    p.add_argument("--rtaddr", required=True, metavar="VALUE", help="raw RTADDR register value")
+    add_memory_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument(
         "--max-entries", type=int, default=200_000, help="entry budget for hostile tables"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from typing import Any
 
 from vioasid.commands.common import UsageError
 from vioasid.model.scenario import ScenarioError, ScenarioRunner, parse_scenario
+from vioasid.model.toml_file import TomlFileError, read_toml
 
 _TROUBLE = (MemoryError, OverflowError, OSError, ValueError, TypeError, RecursionError)
 """What a well-formed but impossible scenario can raise (memory the machine cannot map, a page
@@ -42,14 +42,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with open(args.file, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise UsageError(f"{args.file}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{args.file}: not valid TOML: {exc}") from None
-    except RecursionError:
-        raise UsageError(f"{args.file}: not valid TOML: nested too deeply") from None
+        doc = read_toml(args.file, what="scenario file")
+    except TomlFileError as exc:
+        raise UsageError(str(exc)) from None
     try:
         runner = ScenarioRunner(parse_scenario(doc))
     except ScenarioError as exc:

@@ -8,34 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
-from vioasid.commands.common import UsageError, emit, parse_number
+from vioasid.commands.common import (
+    UsageError,
+    add_memory_options,
+    emit,
+    open_memory,
+    parse_number,
+    parse_rid,
+)
 from vioasid.formats.registers import is_scalable
-from vioasid.model.faults import Fault, parse_bdf
-from vioasid.model.memory import GuestMemory
+from vioasid.model.faults import Fault
 from vioasid.model.walker import Walker, WalkRequest
-
-
-def open_memory(path: str) -> GuestMemory:
-    """The guest-memory file (offset == GPA); UsageError when it cannot be opened."""
-    if not os.path.isfile(path):
-        raise UsageError(f"memory file {path!r} does not exist")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"memory file {path!r} is empty")
-    try:
-        return GuestMemory.from_file(path)
-    except OSError as exc:
-        raise UsageError(f"cannot open memory file {path!r}: {exc.strerror}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     rtaddr = parse_number(args.rtaddr, "--rtaddr")
-    try:
-        sid = parse_bdf(args.bdf)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    sid = parse_rid(args.bdf)
     addr = parse_number(args.addr, "--addr")
     pasid = None if args.pasid is None else parse_number(args.pasid, "--pasid", 1 << 20)
     if not 32 <= args.haw <= 52:
@@ -62,8 +52,7 @@ def register(subparsers: Any) -> None:
         description="Walk root → context → PASID → page tables in FILE (offset == GPA) and "
         "print one JSON object: the translation or the VT-d fault.",
     )
-    p.add_argument("--memory", required=True, metavar="FILE", help="guest memory (offset = GPA)")
-    p.add_argument("--rtaddr", required=True, metavar="VALUE", help="raw RTADDR register value")
+    add_memory_options(p)
     p.add_argument("--bdf", required=True, metavar="BB:DD.F", help="requester (bus:dev.fn)")
     p.add_argument("--addr", required=True, metavar="IOVA", help="input address")
     p.add_argument("--pasid", metavar="N", help="request with PASID N (default: without PASID)")

@@ -8,12 +8,12 @@ ignored, so a whole scenario file works too.
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
 
 from vioasid.model.engine import Host
 from vioasid.model.errors import VioasidError
 from vioasid.model.scenario import HostSpec, ScenarioError, parse_scenario
+from vioasid.model.toml_file import TomlFileError, read_toml
 
 
 class HostConfigError(Exception):
@@ -76,14 +76,9 @@ def host_from_doc(doc: dict[str, Any], where: str = "host", name: str | None = N
 def load_host(path: str, name: str | None = None) -> Host:
     """The host described by the TOML file at ``path``."""
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise HostConfigError(f"cannot read host file {path!r}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise HostConfigError(f"{path}: not valid TOML: {exc}") from None
-    except RecursionError:
-        raise HostConfigError(f"{path}: not valid TOML: nested too deeply") from None
+        doc = read_toml(path, what="host file")
+    except TomlFileError as exc:
+        raise HostConfigError(str(exc)) from None
     return host_from_doc(doc, path, name)
 
 
