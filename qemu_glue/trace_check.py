@@ -41,18 +41,12 @@ from typing import Any
 from qemu_glue.qemu.qmp import Qmp, QmpError
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.formats.invalidation import (
-    IOTLB_DESC,
-    IOTLB_PAGE,
-    PIOTLB_DESC,
-    PIOTLB_PSI_IN_PASID,
     TYPE_IEC,
-    TYPE_IOTLB,
     TYPE_PGRESP,
-    TYPE_PIOTLB,
     TYPE_WAIT,
-    desc_type,
 )
 from vioasid.model.faults import Translation, bdf_str
+from vioasid.model.iq import Descriptor, decode, dispatch
 from vioasid.model.walker import Walker, WalkRequest
 
 log = logging.getLogger(__name__)
@@ -75,12 +69,6 @@ _INV_DESC_RE = re.compile(
 )
 _ENABLE_RE = re.compile(_PREFIX + r"vtd_dmar_enable enable (\d+)\s*$")
 
-_IOTLB_G = IOTLB_DESC.field("G")
-_IOTLB_AM = IOTLB_DESC.field("AM")
-_IOTLB_ADDR = IOTLB_DESC.field("ADDR")
-_PIOTLB_G = PIOTLB_DESC.field("G")
-_PIOTLB_AM = PIOTLB_DESC.field("AM")
-_PIOTLB_ADDR = PIOTLB_DESC.field("ADDR")
 _NOT_MAPPING = frozenset({TYPE_WAIT, TYPE_IEC, TYPE_PGRESP})  # never drop a DMA mapping
 
 
@@ -123,18 +111,47 @@ class Invalidation:
 TraceRecord = DmarTranslate | Invalidation
 
 
+class _Dropped:
+    """What a descriptor may drop from the mappings, as a :class:`vioasid.model.iq.Handler`:
+    ``span`` for a page-selective IOTLB / PASID-IOTLB one, ``everything`` for the rest."""
+
+    def __init__(self) -> None:
+        self.everything = False
+        self.span: tuple[int, int] | None = None
+
+    def context(self, did: int | None, sid: int | None, fm: int) -> int:
+        self.everything = True
+        return 0
+
+    def pasid_cache(self, did: int | None, pasid: int | None) -> int:
+        self.everything = True
+        return 0
+
+    def iotlb(self, did: int | None, pasid: int | None, addr: int | None, am: int, ih: bool) -> int:
+        if addr is None:
+            self.everything = True
+        else:
+            self.span = (addr, addr + (1 << (PAGE_SHIFT + am)))
+        return 0
+
+    def other(self, desc: Descriptor) -> int:
+        self.everything = desc.type_code not in _NOT_MAPPING  # device-TLB types: be safe
+        return 0
+
+
 def decode_invalidation(kind: str, qw1: int, qw0: int) -> Invalidation | None:
-    """The mappings a descriptor (``qw0``/``qw1`` as QEMU traces them) may drop; None if none."""
-    t = desc_type(qw0)
-    if t in _NOT_MAPPING:
+    """The mappings a descriptor (``qw0``/``qw1`` as QEMU traces them) may drop; None if none.
+    Decoded and dispatched by the model's one IQ decoder (:mod:`vioasid.model.iq`)."""
+    d = decode((qw0, qw1), wide=False)
+    if d.type_code in _NOT_MAPPING:
         return None
-    if t == TYPE_IOTLB and _IOTLB_G.get(qw0) == IOTLB_PAGE:
-        addr, am = _IOTLB_ADDR.get(qw1), _IOTLB_AM.get(qw1)
-        return Invalidation(kind, False, addr, addr + (1 << (PAGE_SHIFT + am)))
-    if t == TYPE_PIOTLB and _PIOTLB_G.get(qw0) == PIOTLB_PSI_IN_PASID:
-        addr, am = _PIOTLB_ADDR.get(qw1), _PIOTLB_AM.get(qw1)
-        return Invalidation(kind, False, addr, addr + (1 << (PAGE_SHIFT + am)))
-    return Invalidation(kind, True)
+    if d.error:
+        return Invalidation(kind, True)
+    got = _Dropped()
+    dispatch(d, got)
+    if got.span is not None:
+        return Invalidation(kind, False, *got.span)
+    return Invalidation(kind, got.everything) if got.everything else None
 
 
 def parse_line(line: str) -> TraceRecord | None:

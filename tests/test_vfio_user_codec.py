@@ -87,8 +87,8 @@ def test_fds_belong_to_the_message_whose_header_they_came_with() -> None:
 @pytest.mark.parametrize(
     "raw, why",
     [
-        (vu.HEADER.build(id=1, cmd=9, size=8), "size"),
-        (vu.HEADER.build(id=1, cmd=9, size=1 << 30), "size"),
+        (vu.HEADER.build(id=1, cmd=9, size=8), "below the header"),
+        (vu.HEADER.build(id=1, cmd=9, size=1 << 30), "above the maximum"),
         (vu.HEADER.build(id=1, cmd=9, size=16, flags=1), "not a command"),
         (vu.HEADER.build(id=1, cmd=9, size=16, flags=0x40), "unknown flags"),
     ],
@@ -97,6 +97,8 @@ def test_framing_violations(raw: bytes, why: str) -> None:
     c = Codec()
     with pytest.raises(ProtocolViolation, match=why):
         c.receive(raw)
+        c.next_message()
+    assert c.closed
     with pytest.raises(ProtocolViolation):
         c.receive(REGION_READ_BYTES)  # a closed codec takes nothing more
 
@@ -105,8 +107,10 @@ def test_fds_in_the_middle_of_a_message_are_a_violation() -> None:
     r, w = os.pipe()
     c = Codec()
     c.receive(REGION_READ_BYTES[:20])
-    with pytest.raises(ProtocolViolation, match="no message header"):
+    with pytest.raises(ProtocolViolation, match="belong to no message"):
         c.receive(REGION_READ_BYTES[20:], [r])
+        while c.next_message() is not None:
+            pass
     os.close(w)
     with pytest.raises(OSError):
         os.fstat(r)  # the codec closed it

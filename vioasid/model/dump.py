@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vioasid.formats.bitfields import Layout
 from vioasid.formats.context import (
     LEGACY_CONTEXT_ENTRY,
     LEGACY_CONTEXT_ENTRY_SIZE,
@@ -59,23 +58,13 @@ class _Budget(Exception):
     pass
 
 
-def _decoder(layout: Layout) -> Any:
-    """A fast ``words -> {field: value}`` for ``layout`` (masks derived from its fields)."""
-    plan = [
-        (i, f.name, f.lo, f.vmask, f.mask if f.addr else 0)
-        for i, w in enumerate(layout.words)
-        for f in w.fields
-    ]
-
-    def decode(words: tuple[int, ...]) -> dict[str, int]:
-        return {n: (words[i] & m if m else (words[i] >> lo) & vm) for i, n, lo, vm, m in plan}
-
-    return decode
-
-
-_DEC_LEGACY_CTX = _decoder(LEGACY_CONTEXT_ENTRY)
-_DEC_SM_CTX = _decoder(SM_CONTEXT_ENTRY)
-_DEC_PASID = _decoder(PASID_ENTRY)
+# words -> {field: value}, generated from the layouts (literal masks)
+_DEC_LEGACY_CTX = LEGACY_CONTEXT_ENTRY.decoder()
+_DEC_SM_CTX = SM_CONTEXT_ENTRY.decoder()
+_DEC_PASID = PASID_ENTRY.decoder()
+_P = {lay.name: lay.mask(name) for lay, name in  # each entry's present bit
+      ((LEGACY_ROOT_ENTRY, "P"), (SM_ROOT_ENTRY, "LP"), (LEGACY_CONTEXT_ENTRY, "P"),
+       (SM_CONTEXT_ENTRY, "P"), (PASID_DIR_ENTRY, "P"), (PASID_ENTRY, "P"))}  # fmt: skip
 
 
 def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) -> TableDump:
@@ -105,7 +94,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
             if re is None:
                 break  # the root table itself is unreadable
             if mode == "legacy":
-                if not re[0] & 1:
+                if not re[0] & _P[LEGACY_ROOT_ENTRY.name]:
                     continue
                 ctp = LEGACY_ROOT_ENTRY.field("CTP").get(re[0])
                 for devfn in range(256):
@@ -113,7 +102,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                     ce = words(ctp + devfn * LEGACY_CONTEXT_ENTRY_SIZE, 2, "context entry")
                     if ce is None:
                         break
-                    if not ce[0] & 1:
+                    if not ce[0] & _P[LEGACY_CONTEXT_ENTRY.name]:
                         continue
                     f = _DEC_LEGACY_CTX(ce)
                     out.contexts.append(
@@ -130,7 +119,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 continue
             for upper in (0, 1):
                 half = re[upper]
-                if not half & 1:
+                if not half & _P[SM_ROOT_ENTRY.name]:
                     continue
                 ctp = SM_ROOT_ENTRY.field("LCTP").get(half)
                 for low in range(128):
@@ -139,7 +128,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                     ce = words(ctp + low * SM_CONTEXT_ENTRY_SIZE, 4, "context entry")
                     if ce is None:
                         break
-                    if not ce[0] & 1:
+                    if not ce[0] & _P[SM_CONTEXT_ENTRY.name]:
                         continue
                     f = _DEC_SM_CTX(ce)
                     dev: dict[str, Any] = {
@@ -160,7 +149,7 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                         de = words(gpa, 1, f"{bdf_str(sid)} PASID dir entry {didx}")
                         if de is None:
                             break
-                        if not de[0] & 1:
+                        if not de[0] & _P[PASID_DIR_ENTRY.name]:
                             continue
                         ptp = PASID_DIR_ENTRY.field("PTP").get(de[0])
                         if ptp not in pasid_tables:
@@ -186,7 +175,7 @@ def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
         pe = words(ptp + idx * PASID_ENTRY_SIZE, 8, "PASID entry")
         if pe is None:
             break
-        if not pe[0] & 1:
+        if not pe[0] & _P[PASID_ENTRY.name]:
             continue
         f = _DEC_PASID(pe)
         found.append(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,13 +38,15 @@ from vioasid.formats.pasid import (
 )
 from vioasid.formats.prq import PAGE_REQ_DESC
 
+from . import views
 from .allocator import PasidAllocator
 from .cache import Caches, ContextInfo
 from .errors import Exhausted, InvalidRequest, NotFound, PasidConflict, VioasidError
 from .faults import Fault, Translation, bdf_str
-from .host import VM_HPA_BASE, HostFunction, HostIommu
+from .host import OWNER_SHIFT, VM_HPA_BASE, HostFunction, HostIommu
 from .memory import GuestMemory
 from .policy import ASSIGNS, POLICIES, Assign, Policy, rule_for
+from .views import guest_fault_json
 from .vm import VM, Device
 from .walker import Walker, WalkRequest
 
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_PASID_BITS = 20
 DID_BITS = 16
-_OWNER_SHIFT = 20  # function.owner value: (DID << 20) | vPASID
+_OWNER_SHIFT = OWNER_SHIFT  # function.owner value: (DID << 20) | vPASID
 _VPASID_LIMIT = 1 << MAX_PASID_BITS
 _DIR_SHIFT = PASID_DIR_SHIFT
 _TABLE_MASK = PASID_TABLE_MASK
@@ -111,19 +113,14 @@ class DmaResult:
         return out
 
 
-def guest_fault_json(f: Fault) -> dict[str, Any]:
-    """A fault as the scenario contract prints it (guest RID, vPASID)."""
-    out: dict[str, Any] = {
-        "reason": int(f.reason),
-        "name": f.name,
-        "device": bdf_str(f.sid),
-        "vpasid": f.pasid,
-        "addr": hex(f.addr),
-        "write": f.write,
-    }
-    if f.detail:
-        out["detail"] = f.detail
-    return out
+def _release(refs: dict[Any, int], key: Any) -> bool:
+    """Drop one reference to ``key``; True when that was the last (the key is gone)."""
+    left = refs[key] - 1
+    if left:
+        refs[key] = left
+        return False
+    del refs[key]
+    return True
 
 
 def _who(v: VM, dev: Device, x: int) -> str:
@@ -264,11 +261,7 @@ class Host:
         if dev.assign == "vfio-pci":
             fn.vfio_vm = None
         else:
-            left = fn.mdev_users[vm] - 1
-            if left:
-                fn.mdev_users[vm] = left
-            else:
-                del fn.mdev_users[vm]
+            _release(fn.mdev_users, vm)
         del v.devices[guest_rid]
         del self.devices_by_did[dev.did]
         self.did_alloc.free(dev.did)
@@ -445,29 +438,10 @@ class Host:
         who = _Who(v, dev, x)  # formatted only if a refusal needs it
         new_global = False
         if rule.space == "per-rid":
-            alloc = fn.allocator
-            if rule.equal_x:
-                if not alloc.in_range(x):
-                    raise PasidConflict(
-                        f"{who}: needs pPASID {x} but function {fn.bdf}'s space ends at "
-                        f"{alloc.limit - 1}",
-                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                    )  # fmt: skip
-                if x in alloc:
-                    raise PasidConflict(
-                        f"{who}: needs pPASID {x} in function {fn.bdf}'s table but it is held "
-                        f"by {self._slot_owner(fn, x)}",
-                        vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                    )  # fmt: skip
-                pp: int | None = x
-            else:
-                pp = alloc.peek()
-                if pp is None:
-                    raise Exhausted(
-                        f"{who}: function {fn.bdf}'s per-RID space is exhausted "
-                        f"({alloc.limit - 1} pPASIDs)",
-                        vm=v.name, device=dev.bdf, vpasid=x, rule=3,
-                    )  # fmt: skip
+            pp = self._draw(
+                fn.allocator, v, dev, x, who, f"function {fn.bdf}'s per-RID space",
+                lambda: self._slot_owner(fn, x),
+            )  # fmt: skip
         else:
             g = v.global_ppasid.get(x)
             if g is not None:
@@ -484,31 +458,11 @@ class Host:
                     )  # fmt: skip
                 pp = g
             else:
-                alloc = self.global_alloc
-                if rule.equal_x:
-                    if not alloc.in_range(x):
-                        raise PasidConflict(
-                            f"{who}: needs global pPASID {x} but host {self.name}'s space ends "
-                            f"at {alloc.limit - 1}",
-                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                        )  # fmt: skip
-                    if x in alloc:
-                        ovm, ox = self.global_owner[x]
-                        raise PasidConflict(
-                            f"{who}: needs global pPASID {x}, which is taken by VM {ovm} "
-                            f"vPASID {ox}",
-                            vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
-                        )  # fmt: skip
-                    pp = x
-                else:
-                    pp = alloc.peek()
-                    if pp is None:
-                        raise Exhausted(
-                            f"{who}: host {self.name}'s global pPASID space is exhausted",
-                            vm=v.name, device=dev.bdf, vpasid=x, rule=3,
-                        )  # fmt: skip
+                pp = self._draw(
+                    self.global_alloc, v, dev, x, who, f"host {self.name}'s global pPASID space",
+                    lambda: "VM {} vPASID {}".format(*self.global_owner[x]),
+                )  # fmt: skip
                 new_global = True
-        assert pp is not None
         if pp in fn.owner:
             raise PasidConflict(
                 f"{who}: pPASID {pp} in function {fn.bdf}'s table is held by "
@@ -516,6 +470,34 @@ class Host:
                 vm=v.name, device=dev.bdf, vpasid=x, ppasid=pp, rule=4,
             )  # fmt: skip
         return pp, new_global
+
+    @staticmethod
+    def _draw(
+        alloc: PasidAllocator, v: VM, dev: Device, x: int, who: _Who, space: str,
+        holder: Callable[[], str],
+    ) -> int:  # fmt: skip
+        """From ``alloc`` (``space`` names it in refusals): ``x`` itself for a row that needs
+        pPASID == vPASID (conflict rule 1 when it is out of range or held), else the lowest
+        free value (rule 3 when there is none)."""
+        if not dev.rule.equal_x:
+            pp = alloc.peek()
+            if pp is None:
+                raise Exhausted(
+                    f"{who}: {space} is exhausted ({alloc.limit - 1} pPASIDs)",
+                    vm=v.name, device=dev.bdf, vpasid=x, rule=3,
+                )  # fmt: skip
+            return pp
+        if not alloc.in_range(x):
+            raise PasidConflict(
+                f"{who}: needs pPASID {x} but {space} ends at {alloc.limit - 1}",
+                vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+            )  # fmt: skip
+        if x in alloc:
+            raise PasidConflict(
+                f"{who}: needs pPASID {x} from {space}, which is held by {holder()}",
+                vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
+            )  # fmt: skip
+        return x
 
     def tag_owner(self, function: int, tag: int) -> tuple[VM, Device, int] | None:
         """Who owns slot ``tag`` of a function's PASID table: (VM, device, vPASID), or None."""
@@ -586,21 +568,12 @@ class Host:
         if rule.space == "per-rid":
             fn.allocator.free(pp)
         else:
-            left = v.global_refs[x] - 1
-            if left:
-                v.global_refs[x] = left
-            else:
-                del v.global_refs[x]
+            if _release(v.global_refs, x):
                 del v.global_ppasid[x]
                 del self.global_owner[pp]
                 self.global_alloc.free(pp)
-        if rule.cpu_table:
-            left = v.cpu_refs[x] - 1
-            if left:
-                v.cpu_refs[x] = left
-            else:
-                del v.cpu_refs[x]
-                del v.cpu_table[x]
+        if rule.cpu_table and _release(v.cpu_refs, x):
+            del v.cpu_table[x]
         self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
 
@@ -807,121 +780,16 @@ class Host:
                     )  # fmt: skip
 
     def dump(self, vm: str | None = None) -> dict[str, Any]:
-        """The vPASID/pPASID tables as they stand (JSON-ready)."""
-        vms = [self._vm(vm)] if vm is not None else list(self.vms.values())
-        out_vms: dict[str, Any] = {}
-        for v in vms:
-            out_vms[v.name] = {
-                "host": self.name,
-                "hpa": hex(v.hpa),
-                "rtaddr": hex(v.rtaddr),
-                "devices": {
-                    dev.bdf: {
-                        "function": dev.function.bdf,
-                        "assign": dev.assign,
-                        "row": dev.rule.row,
-                        "space": dev.rule.space,
-                        "tag": dev.rule.tag,
-                        "did": dev.did,
-                        "bindings": {str(x): pp for x, pp in sorted(dev.ppasids.items())},
-                    }
-                    for dev in sorted(v.devices.values(), key=lambda d: d.guest_rid)
-                },
-                "cpu_table": {str(x): pp for x, pp in sorted(v.cpu_table.items())},
-                "faults": len(v.faults),
-                "page_requests": len(v.page_requests),
-            }
-        names = {v.name for v in vms}
-        out_fns: dict[str, Any] = {}
-        for fn in sorted(self.functions.values(), key=lambda f: f.rid):
-            table = {}
-            for pp, own in sorted(fn.owner.items()):
-                ov, od = self.devices_by_did[own >> _OWNER_SHIFT]
-                if vm is None or ov.name in names:
-                    table[str(pp)] = {
-                        "vm": ov.name,
-                        "device": od.bdf,
-                        "vpasid": own & _VPASID_MASK,
-                    }
-            if vm is not None and not table and fn.vfio_vm != vm and vm not in fn.mdev_users:
-                continue
-            out_fns[f"{self.name}/{fn.bdf}"] = {
-                "enqcmd": fn.enqcmd,
-                "translating": fn.translating,
-                "assigned": fn.assigned,
-                "vms": [fn.vfio_vm] if fn.vfio_vm else sorted(fn.mdev_users),
-                "table": table,
-            }
-        return {
-            "host": self.name,
-            "allocation": self.allocation,
-            "vms": out_vms,
-            "functions": out_fns,
-            "global": {str(pp): {"vm": o[0], "vpasid": o[1]} for pp, o in
-                       sorted(self.global_owner.items()) if vm is None or o[0] in names},
-        }  # fmt: skip
+        """The vPASID/pPASID tables as they stand (JSON-ready; :func:`views.dump`)."""
+        return views.dump(self, None if vm is None else self._vm(vm))
 
     def check_invariants(self) -> list[str]:
-        """Every model invariant that can be checked from the outside (tests); [] when sound."""
-        errs: list[str] = []
-        per_rid: dict[int, set[int]] = {rid: set() for rid in self.functions}
-        owners: dict[int, dict[int, int]] = {rid: {} for rid in self.functions}
-        global_used: dict[int, tuple[str, int]] = {}
-        for v in self.vms.values():
-            refs: dict[int, int] = {}
-            cpu: dict[int, int] = {}
-            for dev in v.devices.values():
-                fn = dev.function
-                for x, pp in dev.ppasids.items():
-                    slot = owners[fn.rid]
-                    if pp in slot:
-                        errs.append(f"{fn.bdf}: pPASID {pp} shared by two bindings")
-                    slot[pp] = (dev.did << _OWNER_SHIFT) | x
-                    if dev.rule.equal_x and pp != x:
-                        errs.append(f"{v.name} {dev.bdf}: needs pPASID == {x}, has {pp}")
-                    if self.iommu.entry_words(fn.rid, pp) is None:
-                        errs.append(f"{fn.bdf}: no host entry for pPASID {pp}")
-                    if dev.rule.space == "per-rid":
-                        per_rid[fn.rid].add(pp)
-                    else:
-                        if v.global_ppasid.get(x) != pp:
-                            errs.append(f"{v.name}: vPASID {x} has two global pPASIDs")
-                        refs[x] = refs.get(x, 0) + 1
-                    if dev.rule.cpu_table:
-                        cpu[x] = cpu.get(x, 0) + 1
-            if refs != v.global_refs or set(refs) != set(v.global_ppasid):
-                errs.append(f"{v.name}: global refcounts {v.global_refs} != {refs}")
-            if cpu != v.cpu_refs or {x: v.global_ppasid.get(x) for x in cpu} != v.cpu_table:
-                errs.append(f"{v.name}: CPU table {v.cpu_table} does not match its bindings")
-            for x, g in v.global_ppasid.items():
-                if g in global_used:
-                    errs.append(f"global pPASID {g} held by {global_used[g]} and {v.name}")
-                global_used[g] = (v.name, x)
-        if self.global_alloc.used() != frozenset(global_used):
-            errs.append("global allocator's used set != live global pPASIDs")
-        if self.global_owner != global_used:
-            errs.append("global owner map != live global pPASIDs")
-        for rid, fn in self.functions.items():
-            if fn.allocator.used() != frozenset(per_rid[rid]):
-                errs.append(f"{fn.bdf}: per-RID allocator used set != live per-RID bindings")
-            if fn.owner != owners[rid]:
-                errs.append(f"{fn.bdf}: table owners != live bindings")
-        return errs
+        """Every model invariant that can be checked from the outside; [] when sound."""
+        return views.check_invariants(self)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a refused operation must leave unchanged (tests compare before/after)."""
-        tables = {rid: self.iommu.present_entries(rid) for rid in self.functions}
-        return {
-            "dump": self.dump(),
-            "global": self.global_alloc.snapshot(),
-            "per_rid": {rid: fn.allocator.snapshot() for rid, fn in self.functions.items()},
-            "dids": self.did_alloc.snapshot(),
-            "tables": tables,
-            "cpu": {n: dict(v.cpu_table) for n, v in self.vms.items()},
-            "regions": [(r.gpa, r.size) for r in self.iommu.mem.regions],
-            "leaves": sorted(self.iommu.leaves.items()),
-            "pages_used": self.iommu.pages.used,
-        }
+        return views.snapshot(self)
 
 
 __all__ = [

@@ -36,6 +36,10 @@ from .faults import bdf_str
 from .guest_driver import GuestIommuDriver, PageAllocator, SecondStagePageTable
 from .memory import GuestMemory, Region
 
+# A PASID-table slot's owner (HostFunction.owner): (the device's DID << OWNER_SHIFT) | vPASID.
+OWNER_SHIFT = 20
+VPASID_MASK = (1 << OWNER_SHIFT) - 1
+
 # Host-physical layout: IOMMU tables, then each VM's RAM at a distinct 1 GiB-aligned range.
 HOST_TABLES_BASE = 0x1000_0000
 HOST_TABLES_SIZE = 0x4000_0000  # 1 GiB of lazily-backed host memory for root/context/PASID/SS

@@ -2,8 +2,10 @@
 
 Like h11, the codec never touches a socket. The server feeds it what ``recvmsg`` returned
 (:meth:`Codec.receive`, with the fds of that read) and pulls complete commands
-(:meth:`Codec.next_message`). Framing errors (a header that is not a command, a size below the
-header or above :data:`MAX_MESSAGE`, fds with no message) raise :class:`ProtocolViolation`:
+(:meth:`Codec.next_message`); the framing is the shared
+:class:`vioasid.protocol.framing.FrameBuffer` with the vfio-user header. Framing errors (a
+header that is not a command, a size below the header or above :data:`MAX_MESSAGE`, fds with
+no message) raise :class:`ProtocolViolation`:
 the stream cannot be trusted any more and only that connection is closed. A well-framed
 command with a bad payload (too short, unknown command) is returned as a :class:`Message`;
 :func:`parse_payload` then raises :class:`BadCommand` with an errno, which the server answers
@@ -21,22 +23,25 @@ import contextlib
 import errno
 import json
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from vioasid.formats import vfio_user as vu
 from vioasid.formats.vfio_user import Command
+from vioasid.protocol.framing import FrameBuffer, FramingError, HeaderFormat
 
 MAX_MESSAGE = vu.HEADER_SIZE + vu.REGION_RW.size + vu.DEF_MAX_XFER  # largest accepted command
-MAX_FDS_PER_MESSAGE = vu.MAX_MAX_FDS
 MAX_VERSION_JSON = 4096
 
 _HDR = vu.HEADER.packer
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(FramingError):
     """The byte stream cannot be framed any more: close this connection. ``str()`` says why."""
+
+
+VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
+"""vfio-user.rst 'Header': u16 id, u16 command, u32 size (header included), u32 flags, u32 error."""
 
 
 class BadCommand(Exception):
@@ -70,83 +75,57 @@ class Message:
 
 
 class Codec:
-    """One connection's decoder. Not thread-safe; one per connection."""
+    """One connection's decoder on the shared :class:`~vioasid.protocol.framing.FrameBuffer`
+    (one framing and fd-attribution rule for every socket protocol). One per connection."""
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
-        self._buf = bytearray()
-        self._fds: deque[tuple[int, int, list[int]]] = deque()  # (chunk start, end, fds)
-        self._consumed = 0  # absolute offset of _buf[0]
-        self._ready: deque[Message] = deque()
         self.max_message = max_message
-        self.closed = False
-
-    def receive(self, data: bytes, fds: list[int] | None = None) -> None:
-        """Feed what one ``recvmsg`` returned. Raises :class:`ProtocolViolation`."""
-        if self.closed:
-            raise ProtocolViolation("data after the connection was closed")
-        if fds:
-            at = self._consumed + len(self._buf)
-            self._fds.append((at, at + len(data), list(fds)))
-        self._buf += data
-        self._frame()
-
-    def _frame(self) -> None:
-        while len(self._buf) >= vu.HEADER_SIZE:
-            mid, cmd, size, flags, _err = _HDR.unpack_from(self._buf, 0)
-            if size < vu.HEADER_SIZE or size > self.max_message:
-                self._violate(f"message size {size} outside {vu.HEADER_SIZE}..{self.max_message}")
-            if flags & vu.FLAGS_TYPE_MASK != vu.TYPE_COMMAND:
-                self._violate(f"message {mid} (command {cmd}) is not a command (flags {flags:#x})")
-            if flags & ~vu.FLAGS_KNOWN:
-                self._violate(f"message {mid}: unknown flags {flags:#x}")
-            if len(self._buf) < size:
-                return
-            start = self._consumed
-            end = start + size
-            fds: list[int] = []
-            while self._fds and self._fds[0][0] <= start:
-                _cs, ce, chunk = self._fds[0]
-                if ce <= start:  # a chunk in which no message header started
-                    self._fds.popleft()
-                    self._close(chunk)
-                    self._violate("file descriptors arrived with no message header")
-                if end < ce:
-                    break  # another header starts later in this chunk: the fds are its
-                self._fds.popleft()
-                fds.extend(chunk)
-            if self._fds and self._fds[0][0] < end and self._fds[0][1] <= end:
-                self._close(fds)
-                self._violate("file descriptors arrived with no message header")
-            payload = bytes(self._buf[vu.HEADER_SIZE : size])
-            del self._buf[:size]
-            self._consumed += size
-            if len(fds) > MAX_FDS_PER_MESSAGE:
-                self._close(fds)
-                self._violate(f"message {mid} carries {len(fds)} fds")
-            self._ready.append(Message(mid, cmd, flags, payload, fds))
-
-    def _violate(self, why: str) -> None:
-        self.close()  # every fd still held is closed: the connection is over
-        raise ProtocolViolation(why)
+        self._frames = FrameBuffer(
+            VFIO_USER_HEADER,
+            max_payload=max_message - vu.HEADER_SIZE,
+            check=self._check,
+            error=ProtocolViolation,
+            describe=lambda h: f"message {h[0]} (command {h[1]})",
+        )
 
     @staticmethod
-    def _close(fds: list[int]) -> None:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def _check(header: tuple[int, ...]) -> None:
+        mid, cmd, _size, flags, _err = header
+        if flags & vu.FLAGS_TYPE_MASK != vu.TYPE_COMMAND:
+            raise ProtocolViolation(
+                f"message {mid} (command {cmd}) is not a command (flags {flags:#x})"
+            )
+        if flags & ~vu.FLAGS_KNOWN:
+            raise ProtocolViolation(f"message {mid}: unknown flags {flags:#x}")
+
+    @property
+    def closed(self) -> bool:
+        return self._frames.closed
+
+    def receive(self, data: bytes, fds: list[int] | None = None) -> None:
+        """Feed what one ``recvmsg`` returned. Raises :class:`ProtocolViolation` (and then
+        holds nothing: every fd it had is closed)."""
+        try:
+            self._frames.receive(data, fds)
+        except FramingError as e:
+            self.close()
+            raise ProtocolViolation(str(e)) from None
 
     def next_message(self) -> Message | None:
-        """The next complete command, or None."""
-        return self._ready.popleft() if self._ready else None
+        """The next complete command, or None. Raises :class:`ProtocolViolation`."""
+        try:
+            got = self._frames.next_frame()
+        except FramingError as e:
+            self.close()
+            raise ProtocolViolation(str(e)) from None
+        if got is None:
+            return None
+        (mid, cmd, _size, flags, _err), payload, fds = got
+        return Message(mid, cmd, flags, payload, fds)
 
     def close(self) -> None:
         """Drop everything buffered, closing fds no message claimed."""
-        self.closed = True
-        while self._fds:
-            self._close(self._fds.popleft()[2])
-        while self._ready:
-            self._ready.popleft().close_fds()
-        self._buf.clear()
+        self._frames.close()
 
 
 # -- payloads ----------------------------------------------------------------------------------
