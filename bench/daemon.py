@@ -56,11 +56,13 @@ BATCH = 64
 GUEST_SIZE = 16 << 20
 VIOASID = (sys.executable, "-c", "import sys; from vioasid.cli import main; sys.exit(main())")
 LOOP = "asyncio"  # the event loop the daemon and this client run on (--loop)
+MEMORY = "memfd"  # how the guest's RAM is handed over (--memory)
 
 
 def emit(name: str, value: float, unit: str, **extra: Any) -> None:
     extra["load1"] = round(os.getloadavg()[0], 2)
     extra["loop"] = LOOP
+    extra["memory"] = MEMORY
     print(json.dumps({"name": name, "value": round(value, 1), "unit": unit, **extra}), flush=True)
 
 
@@ -72,10 +74,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Guest:
-    """Guest RAM in a memfd with vPASID 5 mapping ``PAGES`` pages at VA."""
+    """Guest RAM with vPASID 5 mapping ``PAGES`` pages at VA: a memfd (the daemon seals it
+    against shrinking) or, ``plain``, a file in a temporary directory (the daemon checks its
+    size before each request instead)."""
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    def __init__(self, plain: bool = False) -> None:
+        if plain:
+            with tempfile.NamedTemporaryFile(prefix="vioasid-bench-", dir="/dev/shm") as f:
+                self.fd = os.open(f.name, os.O_RDWR | os.O_CLOEXEC)
+        else:
+            self.fd = os.memfd_create("vioasid-bench", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, GUEST_SIZE)
         self.mem = GuestMemory()
         self.mem.add_fd(self.fd, 0, GUEST_SIZE, 0)
@@ -178,7 +186,7 @@ async def noisy(client: Client, vm: int, sock: str, n: int, batch: int) -> tuple
 
 
 async def main(args: argparse.Namespace) -> None:
-    guest = Guest()
+    guest = Guest(plain=args.memory == "file")
     with tempfile.TemporaryDirectory(prefix="vioasid-bench-") as tmp:
         sock = os.path.join(tmp, "d.sock")
         env = {**os.environ, eventloop.ENV: LOOP}  # the daemon runs on the same loop
@@ -244,8 +252,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--flood-batch", type=int, default=64, metavar="N", help="faults per noisy request"
     )
+    parser.add_argument(
+        "--memory",
+        choices=["memfd", "file"],
+        default="memfd",
+        help="guest RAM as a memfd (sealed by the daemon) or a plain file (size-checked by "
+        "the daemon before each request)",
+    )
     parser.add_argument("--flood", metavar="SOCK", help=argparse.SUPPRESS)  # the neighbour
     args = parser.parse_args()
+    MEMORY = args.memory
     LOOP, _ = eventloop.choose(args.loop)
     if args.flood:
         eventloop.run(flood(args.flood, args.flood_batch), LOOP)

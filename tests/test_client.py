@@ -26,9 +26,9 @@ from vioasid.client import (
     RequestError,
     error_for,
 )
-from vioasid.daemon.codec import frame
 from vioasid.formats import wire
 from vioasid.formats.wire import DmaStatus, ErrorCode, Request
+from vioasid.protocol.daemon_codec import frame
 
 
 def test_error_classes_carry_their_kind() -> None:

@@ -37,11 +37,11 @@ from vioasid.client import (
     PageResponseEvent,
     PasidConflict,
 )
-from vioasid.daemon.codec import encode_request, frame
 from vioasid.daemon.hostconfig import host_from_doc
 from vioasid.formats import wire
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.wire import DmaStatus, ErrorCode, EventMask, Feature, Request
+from vioasid.protocol.daemon_codec import encode_request, frame
 
 DEV = "00:03.0"
 SID = 0x18

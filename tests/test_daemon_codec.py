@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vioasid.daemon.codec import (
+from vioasid.formats import wire
+from vioasid.formats.wire import ErrorCode, Request
+from vioasid.protocol.daemon_codec import (
     Codec,
     DmaBatch,
     ProtocolViolation,
@@ -21,8 +23,6 @@ from vioasid.daemon.codec import (
     encode_request,
     frame,
 )
-from vioasid.formats import wire
-from vioasid.formats.wire import ErrorCode, Request
 
 REGION = {"guest_phys_addr": 0, "memory_size": 4096, "userspace_addr": 0, "mmap_offset": 0}
 

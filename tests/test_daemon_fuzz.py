@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
-from vioasid.daemon.codec import encode_request
 from vioasid.formats import wire
 from vioasid.formats.wire import Request
+from vioasid.protocol.daemon_codec import encode_request
 
 
 class _Errors(logging.Handler):

@@ -17,7 +17,6 @@ from vioasid.cli import UsageError
 from vioasid.client import Client, MemoryRegion, MigrationFailed
 from vioasid.commands import serve as serve_cmd
 from vioasid.commands import status as status_cmd
-from vioasid.daemon.codec import encode_request
 from vioasid.daemon.hostconfig import (
     DEFAULT_FUNCTIONS,
     HostConfigError,
@@ -26,6 +25,7 @@ from vioasid.daemon.hostconfig import (
 )
 from vioasid.formats import wire
 from vioasid.formats.wire import Request
+from vioasid.protocol.daemon_codec import encode_request
 
 
 @pytest.mark.asyncio

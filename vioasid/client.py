@@ -33,15 +33,6 @@ from typing import Any, NamedTuple
 
 import construct as cs
 
-from vioasid.daemon.codec import (
-    BAD_PAYLOAD,
-    Codec,
-    DmaResults,
-    Message,
-    ProtocolViolation,
-    Role,
-    encode_request,
-)
 from vioasid.formats import invalidation as inv
 from vioasid.formats import prq, wire
 from vioasid.formats.fault import FaultReason
@@ -56,6 +47,15 @@ from vioasid.formats.wire import (
     Space,
 )
 from vioasid.model.faults import bdf_str, parse_bdf
+from vioasid.protocol.daemon_codec import (
+    BAD_PAYLOAD,
+    Codec,
+    DmaResults,
+    Message,
+    ProtocolViolation,
+    Role,
+    encode_request,
+)
 from vioasid.protocol.transport import Transport
 
 __all__ = [
@@ -549,8 +549,8 @@ class Client:
     async def register_vm(self, name: str, regions: Sequence[MemoryRegion]) -> int:
         """Create VM ``name`` with its guest memory (the fds are sent, not kept by the daemon's
         caller: close yours when you like). Owned by this connection. Returns the VM id. A memfd
-        must allow sealing (``MFD_ALLOW_SEALING``) or carry ``F_SEAL_SHRINK``: the daemon seals
-        it against shrinking."""
+        made with ``MFD_ALLOW_SEALING`` is sealed against shrinking by the daemon (the cheapest
+        kind); other files are size-checked before each request."""
         _check_regions(Request.REGISTER_VM, regions)
         body = {"flags": 0, "nregions": len(regions), "name": name, "regions": _regions(regions)}
         result = await self._call(Request.REGISTER_VM, body, [r.fd for r in regions])

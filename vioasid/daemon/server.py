@@ -37,9 +37,9 @@ import time
 import weakref
 
 from vioasid.formats import wire
+from vioasid.protocol.daemon_codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
 from vioasid.protocol.transport import Transport
 
-from .codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
 from .service import DmaJob, Service
 from .session import Session
 

@@ -40,8 +40,8 @@ from vioasid.model.faults import Fault, bdf_str
 from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import decode_stream, export_vm, import_vm
 from vioasid.model.vm import VM
+from vioasid.protocol.daemon_codec import Message, encode_error, encode_event, encode_ok
 
-from .codec import Message, encode_error, encode_event, encode_ok
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,10 @@ def _check_files(entry: VmEntry) -> None:
 
 
 def memory_seal(fd: int) -> str:
-    """Make a memfd unshrinkable: ``"sealed"`` (F_SEAL_SHRINK is set now, the daemon adding it
-    when the memfd allows sealing), ``"file"`` (not a memfd: no seals), or raises
-    ``InvalidRequest`` for a memfd that is sealed against adding the seal it lacks."""
+    """Make a memory fd unshrinkable if it can be: ``"sealed"`` (``F_SEAL_SHRINK`` is set
+    now, the daemon adding it when the memfd allows sealing) or ``"file"`` (no seals: a plain
+    file, a tmpfs file, a memfd made without ``MFD_ALLOW_SEALING``), which the daemon then
+    size-checks before each request that may touch it."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
@@ -140,17 +141,14 @@ def memory_seal(fd: int) -> str:
         return "sealed"
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except OSError as exc:
-        raise InvalidRequest(
-            "memfd is not sealed against shrinking (F_SEAL_SHRINK) and cannot be "
-            f"sealed now ({exc.strerror}): create it with MFD_ALLOW_SEALING"
-        ) from None
+    except OSError:
+        return "file"
     return "sealed"
 
 
 @dataclass(eq=False)
 class DmaJob:
-    """A ``DMA`` batch being translated a slice at a time (:meth:`Service.step_dma`)."""
+    """A ``DMA`` batch being translated over one or more turns (:meth:`Service.step_dma`)."""
 
     session: Session
     entry: VmEntry
@@ -374,8 +372,8 @@ class Service:
     def _map_memory(regions: Any, fds: list[int]) -> tuple[GuestMemory, list[tuple[int, int]]]:
         """Guest memory from vhost-user style regions and their fds, and the plain files to
         watch. Nothing the client does to its memory afterwards may SIGBUS the daemon: a memfd
-        is sealed against shrinking first (:func:`memory_seal`); a plain file is kept (a dup)
-        and its size checked before every request that may touch it (:func:`_check_files`);
+        is sealed against shrinking first (:func:`memory_seal`); what cannot be sealed is kept
+        (a dup) and its size checked before every request that may touch it (:func:`_check_files`);
         a region must lie inside its file when it is registered."""
         if len(regions) > wire.MAX_REGIONS:
             raise InvalidRequest(f"{len(regions)} memory regions (max {wire.MAX_REGIONS})")
@@ -386,10 +384,7 @@ class Service:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise InvalidRequest(f"memory region {i}: fd is not a file or memfd")
-                try:
-                    kind = memory_seal(fd)
-                except InvalidRequest as exc:
-                    raise InvalidRequest(f"memory region {i}: {exc.message}") from None
+                kind = memory_seal(fd)
                 st = os.fstat(fd)
                 if r.memory_size == 0 or r.mmap_offset + r.memory_size > st.st_size:
                     raise InvalidRequest(

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vioasid.formats import vfio_user as vu
+
 FLAG_VERSION_MASK = 0x3  # VHOST_USER_VERSION_MASK
 FLAG_REPLY = 1 << 2  # VHOST_USER_REPLY_MASK
 FLAG_NEED_REPLY = 1 << 3  # VHOST_USER_NEED_REPLY_MASK
@@ -65,6 +67,9 @@ class HeaderFormat:
 _U64 = struct.Struct("<Q")
 VHOST_USER_HEADER = HeaderFormat("vhost-user", struct.Struct("<III"), 2)
 """``VhostUserHeader``: request, flags, size (of the payload). The daemon protocol's too."""
+VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
+"""vfio-user's header (id, command, size counting the header, flags, error): a vfio-user codec
+frames with ``FrameBuffer(VFIO_USER_HEADER, ...)`` and the same fd rule."""
 
 
 @dataclass(slots=True)
@@ -140,6 +145,7 @@ class FrameBuffer:
         check: Check | None = None,
         error: type[FramingError] = FramingError,
         describe: Callable[[tuple[int, ...]], str] | None = None,
+        skip_oversized: bool = False,
     ) -> None:
         self.header = header
         self.max_payload = max_payload
@@ -154,12 +160,15 @@ class FrameBuffer:
         self._fd_batches: deque[tuple[int, int, list[int], bool]] = deque()  # start, end, fds, lost
         self._pending: tuple[tuple[int, ...], int] | None = None  # header, payload size
         self.lost = False  # the last frame's fds were dropped by the kernel
+        self.skipped = False  # the last frame was over max_payload: its payload was discarded
+        self._skip_oversized = skip_oversized
+        self._skip_left = 0  # payload bytes of a skipped frame still to discard
         self.closed = False
 
     @property
     def idle(self) -> bool:
         """Nothing buffered and no fds waiting: the next chunk starts a frame."""
-        return not self._buf and not self._fd_batches and not self.closed
+        return not self._buf and not self._fd_batches and not self.closed and not self._skip_left
 
     @property
     def buffered(self) -> int:
@@ -188,6 +197,12 @@ class FrameBuffer:
         if self.closed:
             close_fds(fds or [])
             raise self._error("data after the connection was closed")
+        if self._skip_left:  # the rest of an oversized frame: dropped as it arrives
+            n = min(len(data), self._skip_left)
+            self._skip_left -= n
+            self._received += n
+            self._base += n
+            data = data[n:]
         start = self._received
         self._buf += data
         self._received += len(data)
@@ -230,6 +245,15 @@ class FrameBuffer:
             if self._check is not None:
                 self._check(header)
             size = self.header.payload_size(header)
+            if size > self.max_payload and self._skip_oversized:
+                # drop it without buffering it: the frame comes out marked ``skipped``
+                drop = min(len(buf) - hsize, size)
+                del buf[: hsize + drop]
+                self._base += hsize + drop
+                self._skip_left = size - drop
+                self.skipped = True
+                self.lost = False
+                return header, b"", []
             if size > self.max_payload:
                 raise self._error(
                     f"{self.header.name}: payload of {size} bytes above the maximum "
@@ -251,6 +275,7 @@ class FrameBuffer:
         self._base = start + total
         self._pending = None
         self.lost = False
+        self.skipped = False
         fds = self._claim_fds(start, start + total) if self._fd_batches else []
         return header, payload, fds
 

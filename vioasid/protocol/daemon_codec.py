@@ -72,6 +72,7 @@ class Codec:
             check=self._check_header,
             error=ProtocolViolation,
             describe=lambda h: _name(h[0]),
+            skip_oversized=tolerant,
         )
 
     @property
@@ -107,6 +108,8 @@ class Codec:
         if frame is None:
             return None
         (request, flags, _), payload, fds = frame
+        if self._frames.skipped:
+            return Message(request, flags, b"", [], BAD_PAYLOAD)
         if self._frames.lost:
             return Message(request, flags, payload, fds, FDS_LOST)
         try:
@@ -186,7 +189,7 @@ class Codec:
             raise ProtocolViolation(f"wrong version {version} (flags 0x{flags:x}), expected 1")
         if flags & wire.FLAG_RESERVED:
             raise ProtocolViolation(f"reserved flag bits set (flags 0x{flags:x})")
-        if size > self.max_payload:
+        if size > self.max_payload and not self._tolerant:
             raise ProtocolViolation(
                 f"size {size} of {_name(request)} above the maximum {self.max_payload}"
             )
