@@ -132,6 +132,10 @@ def test_shared_parent_two_guests(seed: dict[str, Any]) -> None:
     assert killed and survivor
     both = c["tables"]["functions"]["host/6a:00.0"]["table"]
     assert sorted(o["vm"] for o in both.values()) == ["tenant-a", "tenant-b"]
+    status = seed["tenants"]["status_before_kill"]  # the daemon's dump (vioasid status --json)
+    held = status["functions"]["host/6a:00.0"]["table"]
+    assert sorted(o["vm"] for o in held.values()) == ["tenant-a", "tenant-b"]
+    assert status["allocators"]["functions"]["6a:00.0"]["per_rid"] == [1, 2]
     after = seed["tenants"]["tables_after_kill"]["functions"]["host/6a:00.0"]["table"]
     assert [o["vm"] for o in after.values()] == [survivor]
 

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any, TextIO
 
 from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.seed_rig import CommandRecord, FnSpec, SeedEngine, SeedRig, SeedVm
+from vioasid.client import Client
 from vioasid.formats.pasid_dma import FunctionType
 from vioasid.model.faults import bdf_str
 from vioasid.model.policy import Policy
@@ -440,6 +442,8 @@ class TenantRun:
     survivor_after_kill: int = 0
     events: list[str] = field(default_factory=list)
     tables_after_kill: dict[str, Any] = field(default_factory=dict)
+    status_socket: str = ""
+    status_before_kill: dict[str, Any] = field(default_factory=dict)  # vioasid status's dump
 
 
 def shared_parent_case(
@@ -508,6 +512,24 @@ def shared_parent_case(
         if end
         else f"{run.concurrent_s:.1f} s of concurrent jobs; survivor loop did not end"
     )
+    parent_key = f"host/{bdf_str(parent)}"
+    before = run.status_before_kill.get("functions", {}).get(parent_key, {}).get("table", {})
+    after = run.tables_after_kill.get("functions", {}).get(parent_key, {}).get("table", {})
+    c.check(
+        sorted(o["vm"] for o in before.values()) == sorted(logs),
+        f"vioasid status before the kill: {parent_key} table {before}",
+    )
+    c.check(
+        [o["vm"] for o in after.values()] == [run.survivor],
+        f"vioasid status after the kill: {parent_key} table {after}",
+    )
+    c.observed.append(
+        f"vioasid status ({run.status_socket}): {parent_key} table "
+        + " ".join(f"{pp}:{o['vm']}/{o['vpasid']}" for pp, o in before.items())
+        + " before the kill, "
+        + (" ".join(f"{pp}:{o['vm']}/{o['vpasid']}" for pp, o in after.items()) or "-")
+        + " after"
+    )
     inv = eng.check_invariants()
     c.check(not inv, f"invariants at the end: {inv}")
     return c
@@ -526,6 +548,7 @@ class SeedOptions:
     timeout: float = 600.0
     progress: Any = None  # callable(str) or None
     tenant_loop_s: int = TENANT_LOOP_S
+    status_socket: Path | None = None  # the tenants' engine on the daemon's server there
 
 
 def _say(opts: SeedOptions, msg: str) -> None:
@@ -563,7 +586,26 @@ async def _run_tenants(opts: SeedOptions) -> tuple[dict[str, GuestLog], SeedEngi
     eng = engine("per-device")
     run = TenantRun()
     names = ("tenant-a", "tenant-b")
-    async with SeedRig(eng, trace=opts.trace) as rig:
+    with tempfile.TemporaryDirectory(prefix="vioasid-seed-status-") as tmp:
+        sock = opts.status_socket or Path(tmp) / "vioasid.sock"
+        run.status_socket = str(sock)
+        return await _tenants_on(opts, eng, run, names, sock)
+
+
+async def _status(path: Path) -> dict[str, Any]:
+    """What ``vioasid status --socket PATH --json`` prints: the daemon's dump."""
+    async with asyncio.timeout(10):
+        c = await Client.connect(path, timeout=0)
+        try:
+            return await c.dump(None)
+        finally:
+            await c.close()
+
+
+async def _tenants_on(
+    opts: SeedOptions, eng: SeedEngine, run: TenantRun, names: tuple[str, str], sock: Path
+) -> tuple[dict[str, GuestLog], SeedEngine, TenantRun]:
+    async with SeedRig(eng, trace=opts.trace, status_socket=sock) as rig:
         svms = {n: await rig.add_vm(n, TENANT) for n in names}
         starts: dict[str, float] = {}
         jobs_seen: dict[str, int] = {}
@@ -608,6 +650,7 @@ async def _run_tenants(opts: SeedOptions) -> tuple[dict[str, GuestLog], SeedEngi
                     await asyncio.sleep(0.2)
                 run.concurrent_s = time.monotonic() - both
                 run.killed, run.survivor = first, other
+                run.status_before_kill = await _status(sock)
                 at_kill = jobs_seen.get(other, 0)
                 await vms[first].kill()
                 gone = await rig.disconnected(svms[first])
@@ -618,7 +661,7 @@ async def _run_tenants(opts: SeedOptions) -> tuple[dict[str, GuestLog], SeedEngi
                     if own is not None:
                         owners.add(own[0].name)
                 run.freed = gone and first not in owners and other in owners
-                run.tables_after_kill = eng.dump()
+                run.tables_after_kill = await _status(sock)
                 run.events.append(
                     f"after SIGKILL of {first}: parent table held by {sorted(owners)}"
                 )
@@ -652,6 +695,8 @@ async def run_seed(opts: SeedOptions) -> dict[str, Any]:
             "killed": run.killed,
             "survivor": run.survivor,
             "events": run.events,
+            "status_socket": run.status_socket,
+            "status_before_kill": run.status_before_kill,
             "tables_after_kill": run.tables_after_kill,
         },
         "served_by": "one in-process engine (vioasid.model.engine.Host) and in-process "

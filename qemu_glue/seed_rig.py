@@ -32,6 +32,8 @@ from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VfioUserPci, VmSpec, kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
+from vioasid.daemon.server import Server
+from vioasid.daemon.service import Service
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats.pasid_dma import BindStatus, FunctionType
 from vioasid.model.engine import DmaResult, Host
@@ -244,12 +246,27 @@ class SeedVm:
 class SeedRig:
     """One engine, its host functions, and the guests (``async with``; everything stopped after)."""
 
-    def __init__(self, engine: SeedEngine, *, trace: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        engine: SeedEngine,
+        *,
+        trace: TextIO | None = None,
+        status_socket: Path | None = None,
+    ) -> None:
+        """``status_socket``: also serve the engine with the daemon's own server (the code of
+        ``vioasid serve``) there, so ``vioasid status --socket PATH`` shows its live tables."""
         self.engine = engine
         self.trace = trace
         self.tmp = Path(tempfile.mkdtemp(prefix="vioasid-seed-"))
         self.vms: dict[str, SeedVm] = {}
         self.commands: list[CommandRecord] = []
+        self.status_socket = status_socket
+        self.server: Server | None = None
+
+    async def start(self) -> None:
+        if self.status_socket is not None:
+            self.server = Server(Service(self.engine), self.status_socket)
+            await self.server.start()
 
     async def add_vm(self, name: str, specs: tuple[FnSpec, ...]) -> SeedVm:
         shm = Path("/dev/shm")
@@ -347,6 +364,9 @@ class SeedRig:
             log.info("%s: stopped following RTADDR: %r", vm, e)
 
     async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
         for svm in self.vms.values():
             for s in svm.servers:
                 await s.close()
@@ -355,6 +375,11 @@ class SeedRig:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     async def __aenter__(self) -> SeedRig:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,6 +1,6 @@
 # ruff: noqa: E501
-"""The PASID DMA marker lines (guest_tests/pasid_tests.sh, pasid_bench.sh) and the driver's
-result lines, as guest_tests/markers.py parses them; lines taken from a real guest run."""
+"""The PASID DMA marker lines (images/guest/pasid_tests.sh, pasid_bench.sh) and the driver's
+result lines, as images/guest/markers.py parses them; lines taken from a real guest run."""
 
 from __future__ import annotations
 

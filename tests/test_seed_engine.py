@@ -5,6 +5,7 @@ rig's per-command checks (a refused bind changes no table)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from engine_support import Lab
@@ -222,8 +223,6 @@ def test_parse_line() -> None:
 
 
 def test_every_example_points_at_a_real_guest_case() -> None:
-    from pathlib import Path
-
     examples = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
     assert examples
     for p in examples:
@@ -232,3 +231,22 @@ def test_every_example_points_at_a_real_guest_case() -> None:
         if "--seed" in text:
             assert any(f" {c} " in text.replace(",", " ").replace("\n#", " ") for c in
                        seed_demo.CASES), p.name  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_rig_serves_its_engine_to_vioasid_status(tmp_path: Path) -> None:
+    """The tenants' engine on the daemon's server: the daemon client reads its tables."""
+    from qemu_glue.seed_rig import SeedRig
+
+    lab, f = _rig_function(FunctionType.MDEV, 0x6A00, "mdev")
+    lab.map("vm", 1, 0x400000, 0x100000)
+    lab.guest_entry("vm", "00:05.0", 1)
+    assert f.bind_command(BindCmd.BIND, 1) is BindStatus.OK
+    sock = tmp_path / "vioasid.sock"
+    async with SeedRig(f.engine, status_socket=sock):
+        doc = await seed_demo._status(sock)
+    assert doc["functions"]["h/6a:00.0"]["table"] == {
+        "1": {"vm": "vm", "device": "00:05.0", "vpasid": 1}
+    }
+    assert doc["allocators"]["functions"]["6a:00.0"]["per_rid"] == [1]
+    assert not sock.exists()

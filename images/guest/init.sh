@@ -2,8 +2,9 @@
 # vioasid test guest /init (busybox): mount the basics, load the modules listed in
 # /etc/vioasid/modules (the last is the PASID DMA driver, /lib/modules/vioasid_dma.ko), then run
 # the tests named by vioasid.tests= and power off: the disk tests on /dev/vda, and the PASID DMA
-# checks (guest_tests/pasid_tests.sh) when the list holds "pasid", the guest-measured PASID DMA
-# figures (guest_tests/pasid_bench.sh, vioasid.bench_s=N seconds each) when it holds "pasid-bench".
+# checks (images/guest/pasid_tests.sh; /guest_tests/ in the guest) when the list holds "pasid",
+# the guest-measured PASID DMA figures (images/guest/pasid_bench.sh, vioasid.bench_s=N seconds
+# each) when it holds "pasid-bench".
 # Kernel command line: vioasid.tests=a,b|all|none|pasid[,...]  vioasid.loop=1 (repeat until the
 #   stop sector)  vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX
 #   vioasid.pasid=check,check (the PASID checks to run; default all)  vioasid.shell=1 (shell)

@@ -9,7 +9,7 @@ Lines (one per event, ``key=value`` words; ``detail`` is the rest of the line)::
     VIOASID-LOOP-STOPPED gen=<g>                  loop mode saw the stop sector
     VIOASID-ERROR detail=<text>                   /init could not run the tests
 
-PASID DMA checks (guest_tests/pasid_tests.sh, ``vioasid.tests=pasid``; docs/pasid-dma.md)::
+PASID DMA checks (images/guest/pasid_tests.sh, ``vioasid.tests=pasid``; docs/pasid-dma.md)::
 
     VIOASID-PASID-DEVICES count=<N> types=<dma0:dedicated,dma1:mdev|none>
     VIOASID-PASID-BIND dev=<dmaN> pasid=<P>       a check bound vPASID P on function dmaN
@@ -17,7 +17,7 @@ PASID DMA checks (guest_tests/pasid_tests.sh, ``vioasid.tests=pasid``; docs/pasi
         [fault_reason=0xNN fault_addr=0x... fault_pasid=<P> fault_write=0|1] detail=<text>
     VIOASID-PASID-DONE passed=<N> failed=<M> skipped=<K>
     VIOASID-PASID-BENCH name=<figure> value=<v> unit=<MiB/s|jobs/s> ops=<n> seconds=<s>
-    VIOASID-PASID-BENCH-DONE ok=1|0 [detail=<why not>]      (guest_tests/pasid_bench.sh)
+    VIOASID-PASID-BENCH-DONE ok=1|0 [detail=<why not>]      (images/guest/pasid_bench.sh)
 
 The ``fault_*`` fields are the fault the driver reported for a check that expects one (the
 device's completion record or error registers: VT-d reason, IOVA, the guest's vPASID, write).

@@ -2,7 +2,7 @@
 # vioasid guest PASID DMA checks (busybox): usage pasid_tests.sh [CHECKS]
 # CHECKS is "all" (default) or a comma list of the names below. Drives the vioasid_dma driver
 # (docs/pasid-dma.md, "Guest driver contract") on every /sys/class/vioasid-dma/dmaN and prints,
-# one line each (format in guest_tests/markers.py):
+# one line each (format in images/guest/markers.py):
 #   VIOASID-PASID-DEVICES count=N types=dma0:dedicated,dma1:mdev
 #   VIOASID-PASID-BIND dev=dmaN pasid=P                     each PASID a check bound
 #   VIOASID-PASID-TEST name=<check> result=pass|fail|skip dev=dmaN pasid=P [fault_*=...] detail=...

@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from qemu_glue.commands.options import qemu_choice
@@ -36,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help="seconds each of the two tenant guests runs random-data jobs (default 34)",
+    )
+    g.add_argument(
+        "--status-socket",
+        default=None,
+        metavar="PATH",
+        help="with --seed: serve the two tenants' engine on PATH with the daemon's server while "
+        "they run, so 'vioasid status --socket PATH' shows the shared parent's table live "
+        "(default: a private temporary socket the demo queries itself)",
     )
     g.add_argument(
         "--trace",
@@ -110,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             progress=progress,
             tenant_loop_s=loop_s,
+            status_socket=Path(args.status_socket) if args.status_socket else None,
         )
         out = asyncio.run(run_seed(opts))
     out["qemu"] = qemu.to_json()

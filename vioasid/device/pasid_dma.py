@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,8 @@ class PasidDmaFunction(PciFunction):
         self.jobs_failed = 0
         self.faults: list[Fault] = []
         self.doorbells = 0
+        self.busy_s = 0.0  # wall time spent running submitted descriptors
+        self.bytes_moved = 0  # bytes copied / filled / compared by successful jobs
         self.bind_log: list[dict[str, Any]] = []
         self._reset_regs()
 
@@ -328,6 +331,8 @@ class PasidDmaFunction(PciFunction):
             "device": bdf_str(self.guest_rid),
             "type": self.ftype.word,
             "doorbells": self.doorbells,
+            "busy_s": round(self.busy_s, 4),
+            "bytes_moved": self.bytes_moved,
             "jobs": {"ok": self.jobs_ok, "failed": self.jobs_failed},
             "faults": len(self.faults),
             "bindings": self.bindings(),
@@ -336,11 +341,13 @@ class PasidDmaFunction(PciFunction):
     # -- the portal ---------------------------------------------------------------------------
     def submit(self, raw: bytes) -> PortalStatus:
         """One descriptor written to the portal: run it to completion. Sets PORTAL_STATUS."""
+        t0 = time.perf_counter()
         try:
             st = self._submit(raw)
         except Exception:
             log.exception("%s: descriptor failed", self.name)
             st = PortalStatus.INVALID
+        self.busy_s += time.perf_counter() - t0
         self.portal_status = int(st)
         return st
 
@@ -469,6 +476,8 @@ class PasidDmaFunction(PciFunction):
     def _account(self, job: Job) -> None:
         if job.status == CompletionStatus.SUCCESS:
             self.jobs_ok += 1
+            if job.opcode != Opcode.BATCH:
+                self.bytes_moved += job.bytes_done
         else:
             self.jobs_failed += 1
         if job.fault is not None:
