@@ -699,7 +699,8 @@ async def run_seed(opts: SeedOptions) -> dict[str, Any]:
             "status_before_kill": run.status_before_kill,
             "tables_after_kill": run.tables_after_kill,
         },
-        "served_by": "one in-process engine (vioasid.model.engine.Host) and in-process "
-        "vfio-user servers, not a vioasid serve daemon",
+        "served_by": "one in-process engine per run (vioasid.model.engine.Host) with in-process "
+        "vfio-user servers; the tenants' engine also on the daemon's server (vioasid status "
+        "socket), not a separate vioasid serve process",
         "wall_seconds": round(time.monotonic() - t0, 1),
     }

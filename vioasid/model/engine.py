@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -62,7 +62,7 @@ _PE_WORDS = len(PASID_ENTRY.words)
 _VPASID_MASK = (1 << _OWNER_SHIFT) - 1
 
 _PGTT = PASID_ENTRY.field("PGTT")
-_PGTT_FS = _PGTT.put(PGTT_FIRST_STAGE)
+_PGTT_FS, _PGTT_MASK = _PGTT.put(PGTT_FIRST_STAGE), _PGTT.mask
 _PGTT_SS = _PGTT.put(PGTT_SECOND_STAGE)
 
 
@@ -342,8 +342,8 @@ class Host:
 
     def _bind(self, v: VM, dev: Device, x: int, words: tuple[int, ...]) -> Binding:
         """Bind (or refresh) ``x`` from the guest's checked entry words."""
-        soft = self.guest_second_stage and words[0] & _PGTT.mask == _PGTT_SS
-        if words[0] & _PGTT.mask != _PGTT_FS and not soft:
+        soft = self.guest_second_stage and words[0] & _PGTT_MASK == _PGTT_SS
+        if words[0] & _PGTT_MASK != _PGTT_FS and not soft:
             raise InvalidRequest(
                 f"VM {v.name} device {dev.bdf} vPASID {x}: the guest entry has PGTT="
                 f"{_PGTT.get(words[0])}; vioasid nests guest first-stage (PGTT=1) entries only"
@@ -363,7 +363,7 @@ class Host:
             self.walker.caches.invalidate_pasid_entry(fn.rid, pp, dev.did)
         if soft:  # the host entry is bookkeeping only; _request walks the guest's tables
             self._soft_ss.add((dev.did, x))
-        else:
+        elif self._soft_ss:
             self._soft_ss.discard((dev.did, x))
         rule = dev.rule
         return Binding(v.name, dev.guest_rid, x, pp, rule.space, fn.rid, rule.row)
@@ -438,10 +438,7 @@ class Host:
         who = _Who(v, dev, x)  # formatted only if a refusal needs it
         new_global = False
         if rule.space == "per-rid":
-            pp = self._draw(
-                fn.allocator, v, dev, x, who, f"function {fn.bdf}'s per-RID space",
-                lambda: self._slot_owner(fn, x),
-            )  # fmt: skip
+            pp = self._draw(fn.allocator, v, dev, x, who)
         else:
             g = v.global_ppasid.get(x)
             if g is not None:
@@ -458,10 +455,7 @@ class Host:
                     )  # fmt: skip
                 pp = g
             else:
-                pp = self._draw(
-                    self.global_alloc, v, dev, x, who, f"host {self.name}'s global pPASID space",
-                    lambda: "VM {} vPASID {}".format(*self.global_owner[x]),
-                )  # fmt: skip
+                pp = self._draw(self.global_alloc, v, dev, x, who)
                 new_global = True
         if pp in fn.owner:
             raise PasidConflict(
@@ -471,33 +465,41 @@ class Host:
             )  # fmt: skip
         return pp, new_global
 
-    @staticmethod
-    def _draw(
-        alloc: PasidAllocator, v: VM, dev: Device, x: int, who: _Who, space: str,
-        holder: Callable[[], str],
-    ) -> int:  # fmt: skip
-        """From ``alloc`` (``space`` names it in refusals): ``x`` itself for a row that needs
-        pPASID == vPASID (conflict rule 1 when it is out of range or held), else the lowest
-        free value (rule 3 when there is none)."""
+    def _draw(self, alloc: PasidAllocator, v: VM, dev: Device, x: int, who: _Who) -> int:
+        """From ``alloc`` (the function's per-RID space or the host's global one): ``x`` itself
+        for a row that needs pPASID == vPASID (conflict rule 1 when it is out of range or
+        held), else the lowest free value (rule 3 when there is none)."""
         if not dev.rule.equal_x:
             pp = alloc.peek()
             if pp is None:
                 raise Exhausted(
-                    f"{who}: {space} is exhausted ({alloc.limit - 1} pPASIDs)",
+                    f"{who}: {self._space(alloc, dev)} is exhausted ({alloc.limit - 1} pPASIDs)",
                     vm=v.name, device=dev.bdf, vpasid=x, rule=3,
                 )  # fmt: skip
             return pp
         if not alloc.in_range(x):
             raise PasidConflict(
-                f"{who}: needs pPASID {x} but {space} ends at {alloc.limit - 1}",
+                f"{who}: needs pPASID {x} but {self._space(alloc, dev)} ends at "
+                f"{alloc.limit - 1}",
                 vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
             )  # fmt: skip
         if x in alloc:
+            holder = (
+                "VM {} vPASID {}".format(*self.global_owner[x])
+                if alloc is self.global_alloc
+                else self._slot_owner(dev.function, x)
+            )
             raise PasidConflict(
-                f"{who}: needs pPASID {x} from {space}, which is held by {holder()}",
+                f"{who}: needs pPASID {x} from {self._space(alloc, dev)}, which is held by "
+                f"{holder}",
                 vm=v.name, device=dev.bdf, vpasid=x, ppasid=x, rule=1,
             )  # fmt: skip
         return x
+
+    def _space(self, alloc: PasidAllocator, dev: Device) -> str:
+        if alloc is self.global_alloc:
+            return f"host {self.name}'s global pPASID space"
+        return f"function {dev.function.bdf}'s per-RID space"
 
     def tag_owner(self, function: int, tag: int) -> tuple[VM, Device, int] | None:
         """Who owns slot ``tag`` of a function's PASID table: (VM, device, vPASID), or None."""

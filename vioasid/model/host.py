@@ -53,6 +53,7 @@ GPA_LIMIT = 1 << 48
 """Guest-physical addresses a 4-level second stage maps."""
 
 _P = PASID_ENTRY.field("P")
+_P_MASK = _P.mask
 _AW = PASID_ENTRY.field("AW")
 _PGTT = PASID_ENTRY.field("PGTT")
 _DID = PASID_ENTRY.field("DID")
@@ -201,7 +202,7 @@ class HostIommu:
         gpa = self.entry_gpa(rid, ppasid, create=False)
         if gpa is None:
             return
-        self.mem.write_u64(gpa, self.mem.read_u64(gpa) & ~_P.mask)
+        self.mem.write_u64(gpa, self.mem.read_u64(gpa) & ~_P_MASK)
         self.mem.write(gpa, bytes(PASID_ENTRY_SIZE))
 
     def entry_words(self, rid: int, ppasid: int) -> tuple[int, ...] | None:
@@ -209,7 +210,7 @@ class HostIommu:
         if gpa is None:
             return None
         words = PASID_ENTRY.words_of(self.mem.view(gpa, PASID_ENTRY_SIZE))
-        return words if words[0] & _P.mask else None
+        return words if words[0] & _P_MASK else None
 
     def present_entries(self, rid: int) -> dict[int, tuple[int, ...]]:
         """Every present entry of the function's PASID table, by pPASID (tests, dumps)."""
