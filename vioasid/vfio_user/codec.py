@@ -30,6 +30,9 @@ from vioasid.formats import vfio_user as vu
 from vioasid.formats.vfio_user import Command
 from vioasid.protocol.framing import FrameBuffer, FramingError, HeaderFormat
 
+VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
+"""The 16-byte vfio-user header for the shared framing (its size counts the header)."""
+
 MAX_MESSAGE = vu.HEADER_SIZE + vu.REGION_RW.size + vu.DEF_MAX_XFER  # largest accepted command
 MAX_VERSION_JSON = 4096
 
@@ -38,10 +41,6 @@ _HDR = vu.HEADER.packer
 
 class ProtocolViolation(FramingError):
     """The byte stream cannot be framed any more: close this connection. ``str()`` says why."""
-
-
-VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
-"""vfio-user.rst 'Header': u16 id, u16 command, u32 size (header included), u32 flags, u32 error."""
 
 
 class BadCommand(Exception):
