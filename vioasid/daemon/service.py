@@ -757,19 +757,17 @@ class Service:
         if vm.faults:
             takers = [s for s, m in entry.subscribers.items() if m & EventMask.FAULTS]
             if takers:
-                for f in vm.faults:
+                for f in self.host.drain_faults(entry.name):
                     data = self._fault_event(entry.id, f)
                     for s in takers:
                         self._event(s, data)
-                vm.faults.clear()
         if vm.page_requests:
             takers = [s for s, m in entry.subscribers.items() if m & EventMask.PAGE_REQUESTS]
             if takers:
-                for desc in vm.page_requests:
+                for desc in self.host.drain_page_requests(entry.name):
                     data = encode_event(Request.PAGE_REQUEST_EVENT, {"vm": entry.id, "desc": desc})
                     for s in takers:
                         self._event(s, data)
-                vm.page_requests.clear()
 
     @staticmethod
     def _fault_event(vm_id: int, f: Fault) -> bytes:
