@@ -69,6 +69,8 @@ class PasidGuestRun:
     qemu_exit: int | None = None
     timed_out: bool = False
     console_tail: list[str] = field(default_factory=list)
+    bench: list[dict[str, str]] = field(default_factory=list)  # VIOASID-PASID-BENCH lines
+    bench_done: dict[str, str] | None = None
 
     @property
     def passed(self) -> int:
@@ -137,6 +139,10 @@ class PasidCollector:
             run.done = fields
         elif kind == "DEVICES":
             run.devices = fields.get("types", "")
+        elif kind == "BENCH":
+            run.bench.append(fields)
+        elif kind == "BENCH-DONE":
+            run.bench_done = fields
 
     async def finish(self, rig: PasidDmaRig) -> PasidGuestRun:
         """After QEMU exited: wait for the servers to see it, then compare with the host."""
@@ -170,8 +176,11 @@ async def run_pasid_guest(
     qemu: QemuChoice | None = None,
     timeout: float = 420.0,
     echo: bool | TextIO = False,
+    tests: tuple[str, ...] = ("pasid",),
 ) -> PasidGuestRun:
-    """Boot, run the guest's PASID checks on one function per type, cross-check the host."""
+    """Boot, run the guest's PASID checks on one function per type, cross-check the host.
+    ``tests=("pasid-bench",)`` runs the guest-measured figures (images/guest/pasid_bench.sh)
+    on the first function instead."""
     from qemu_glue.guest_runner import watch_guest
 
     col = PasidCollector(str(mode), list(types))
@@ -179,7 +188,7 @@ async def run_pasid_guest(
     # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can fail
     # ("timer doesn't work through Interrupt-remapped IO-APIC") and panic at boot
     extra = "no_timer_check" + (f" vioasid.pasid={checks}" if checks != "all" else "")
-    append = kernel_cmdline(mode, strict=True, tests=["pasid"], extra=extra)
+    append = kernel_cmdline(mode, strict=True, tests=list(tests), extra=extra)
     with tempfile.TemporaryDirectory(prefix="vioasid-pasid-") as tmp:
         disk = Path(tmp) / "disk.raw"
         with open(disk, "wb") as f:

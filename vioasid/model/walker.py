@@ -344,6 +344,15 @@ def _indent(text: str, n: int) -> str:
     return "\n".join(" " * n + line if line.strip() else "" for line in text.splitlines())
 
 
+def _first_stage_check(
+    chk0: int, want0: int, rsvd1: int, chk2: int
+) -> Callable[[tuple[int, ...]], bool]:
+    def first_stage_entry_ok(w: tuple[int, ...]) -> bool:
+        return w[0] & chk0 == want0 and not w[1] & rsvd1 and not w[2] & chk2
+
+    return first_stage_entry_ok
+
+
 class Walker:
     """Walks VT-d tables in ``mem``.
 
@@ -366,6 +375,9 @@ class Walker:
     """
 
     translate_fast: TranslateFast
+    # Whether PASID-entry words are a present, well-formed first-stage entry (False: the
+    # decode_pasid_entry names the fault, or it is another PGTT): one folded test per word.
+    first_stage_entry_ok: Callable[[tuple[int, ...]], bool]
 
     def __init__(
         self,
@@ -399,10 +411,12 @@ class Walker:
         )
         pe = PASID_ENTRY
         # a present, well-formed first-stage entry: one folded test per word (bind fast path)
-        self._fs_chk0 = _PE_P | pe.mask("PGTT") | pe.reserved[0] | above
-        self._fs_want0 = _PE_P | pe.field("PGTT").put(PGTT_FIRST_STAGE)
-        self._fs_rsvd1 = pe.reserved[1]
-        self._fs_chk2 = pe.reserved[2] | above | 1 << pe.field("FLPM").hi  # FLPM 0 or 1
+        self.first_stage_entry_ok = _first_stage_check(
+            _PE_P | pe.mask("PGTT") | pe.reserved[0] | above,
+            _PE_P | pe.field("PGTT").put(PGTT_FIRST_STAGE),
+            pe.reserved[1],
+            pe.reserved[2] | above | 1 << pe.field("FLPM").hi,  # FLPM 0 or 1
+        )
         self._pde_rsvd = PASID_DIR_ENTRY.reserved[0] | above
         self._chk_pde = _PDE_P | self._pde_rsvd
         self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
@@ -555,7 +569,7 @@ class Walker:
         return self._load_pasid(ctx, pasid, self._spans_of(self.mem))
 
     def first_stage_words(self, ctx: ContextInfo, pasid: int) -> tuple[int, ...] | None:
-        """The fast path of :meth:`pasid_table` + reading the entry + :meth:`first_stage_entry_ok`
+        """The fast path of :meth:`pasid_table` + reading the entry + ``first_stage_entry_ok``
         (one folded test per entry, as the direct walk does): the words of a present,
         well-formed first-stage entry, or None for anything else (:meth:`pasid_info` then
         names the fault, or it is another PGTT)."""
@@ -572,15 +586,6 @@ class Walker:
             return None
         w: tuple[int, ...] = _QPE_ALL.unpack_from(r.buf, gpa - r.gpa)
         return w if self.first_stage_entry_ok(w) else None
-
-    def first_stage_entry_ok(self, w: tuple[int, ...]) -> bool:
-        """Whether PASID-entry words are a present, well-formed first-stage entry (False:
-        :meth:`decode_pasid_entry` names the fault, or it is another PGTT)."""
-        return (
-            w[0] & self._fs_chk0 == self._fs_want0
-            and not w[1] & self._fs_rsvd1
-            and not w[2] & self._fs_chk2
-        )
 
     def decode_pasid_entry(self, words: tuple[int, ...], pasid: int) -> PasidInfo:
         """Check and decode the words of a PASID-table entry read by the caller (a whole leaf

@@ -4,7 +4,9 @@ Always on (a ``perf_counter`` pair per phase costs well under a microsecond): th
 guest runs' summaries read :meth:`PhaseTimes.to_json`. Phases, per request: ``pop`` (avail index
 and descriptor walk, ring pages translated), ``translate`` (the data buffers' pages), ``io``
 (``preadv``/``pwritev``), ``push`` (status byte, used element and index), ``call`` (the call
-eventfd); per front-end message: ``message`` (``recvmsg`` → handled → reply sent), and
+eventfd); per front-end message: ``message`` (``recvmsg`` → handled → reply sent) and
+``between_messages`` (one message answered → the next one read, when under 5 ms: in strict mode
+the rest of an invalidation round trip — QEMU, the guest and both processes' wake-ups); and
 ``kick_to_run`` (a kick seen → its queue task running).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PHASES = ("kick_to_run", "pop", "translate", "io", "push", "call", "message")
+PHASES = ("kick_to_run", "pop", "translate", "io", "push", "call", "message", "between_messages")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class PhaseTimes:
             if self.first_request is not None and self.last_request is not None
             else 0.0
         )
-        busy = sum(self.seconds[p] for p in PHASES if p != "kick_to_run")
+        busy = sum(self.seconds[p] for p in PHASES if p not in ("kick_to_run", "between_messages"))
         return {
             "span_s": round(span, 4),
             "busy_s": round(busy, 4),
