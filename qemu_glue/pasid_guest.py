@@ -185,9 +185,7 @@ async def run_pasid_guest(
 
     col = PasidCollector(str(mode), list(types))
     rig = PasidDmaRig([parse_dma_device(t) for t in types], memory_mib=512)
-    # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can fail
-    # ("timer doesn't work through Interrupt-remapped IO-APIC") and panic at boot
-    extra = "no_timer_check" + (f" vioasid.pasid={checks}" if checks != "all" else "")
+    extra = f"vioasid.pasid={checks}" if checks != "all" else ""
     append = kernel_cmdline(mode, strict=True, tests=list(tests), extra=extra)
     with tempfile.TemporaryDirectory(prefix="vioasid-pasid-") as tmp:
         disk = Path(tmp) / "disk.raw"

@@ -319,11 +319,7 @@ class SeedRig:
             devices=svm.devices(),
             kernel=kernel,
             initrd=initrd,
-            # no_timer_check: a loaded host's TCG vCPU can miss the IO-APIC timer check
-            # ("timer doesn't work through Interrupt-remapped IO-APIC" panic, seen here)
-            append=kernel_cmdline(
-                mode, strict=True, tests=["seed"], extra=f"no_timer_check {append_extra}"
-            ),
+            append=kernel_cmdline(mode, strict=True, tests=["seed"], extra=append_extra),
             qemu_binary=qemu.path if qemu else None,
             qemu_features=qemu.features if qemu else None,
             ram_path=svm.ram_path,

@@ -122,6 +122,7 @@ def test_kernel_cmdline() -> None:
     assert "vioasid.tests=page,large" in c and "vioasid.loop=1" in c
     assert "intel_iommu=on,sm_off" in kernel_cmdline(IommuMode.LEGACY, strict=False)
     assert "intel_iommu" not in kernel_cmdline(None)
+    assert "no_timer_check" in kernel_cmdline(None).split()  # loaded TCG hosts panic without
 
 
 def test_parse_xp_and_query_pci() -> None:

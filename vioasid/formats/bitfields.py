@@ -15,6 +15,7 @@ field.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,16 +41,17 @@ class Field:
     addr: bool = False
     doc: str = ""
 
-    @property
+    # computed once per field (the instance dict answers later reads)
+    @functools.cached_property
     def width(self) -> int:
         return self.hi - self.lo + 1
 
-    @property
+    @functools.cached_property
     def vmask(self) -> int:
         """Mask of the value once shifted down to bit 0."""
         return (1 << self.width) - 1
 
-    @property
+    @functools.cached_property
     def mask(self) -> int:
         """Mask of the field in place in its word."""
         return self.vmask << self.lo
