@@ -26,8 +26,12 @@ from vioasid.protocol.daemon_codec import (
     encode_event,
     encode_request,
 )
-from vioasid.protocol.framing import VHOST_USER_HEADER, FrameBuffer, FramingError
-from vioasid.vfio_user.codec import VFIO_USER_HEADER
+from vioasid.protocol.framing import (
+    VFIO_USER_HEADER,
+    VHOST_USER_HEADER,
+    FrameBuffer,
+    FramingError,
+)
 
 _VALID = [
     encode_request(Request.GET_FEATURES),

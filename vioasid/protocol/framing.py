@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vioasid.formats import vfio_user as vu
+
 FLAG_VERSION_MASK = 0x3  # VHOST_USER_VERSION_MASK
 FLAG_REPLY = 1 << 2  # VHOST_USER_REPLY_MASK
 FLAG_NEED_REPLY = 1 << 3  # VHOST_USER_NEED_REPLY_MASK
@@ -65,6 +67,9 @@ class HeaderFormat:
 _U64 = struct.Struct("<Q")
 VHOST_USER_HEADER = HeaderFormat("vhost-user", struct.Struct("<III"), 2)
 """``VhostUserHeader``: request, flags, size (of the payload). The daemon protocol's too."""
+VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
+"""vfio-user's header (id, command, size counting the header, flags, error): the vfio-user
+codec frames with ``FrameBuffer(VFIO_USER_HEADER, ...)`` and the same fd rule."""
 
 
 @dataclass(slots=True)
