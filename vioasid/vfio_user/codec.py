@@ -28,10 +28,7 @@ from typing import Any
 
 from vioasid.formats import vfio_user as vu
 from vioasid.formats.vfio_user import Command
-from vioasid.protocol.framing import FrameBuffer, FramingError, HeaderFormat
-
-VFIO_USER_HEADER = HeaderFormat("vfio-user", vu.HEADER.packer, 2, size_includes_header=True)
-"""The 16-byte vfio-user header for the shared framing (its size counts the header)."""
+from vioasid.protocol.framing import VFIO_USER_HEADER, FrameBuffer, FramingError
 
 MAX_MESSAGE = vu.HEADER_SIZE + vu.REGION_RW.size + vu.DEF_MAX_XFER  # largest accepted command
 MAX_VERSION_JSON = 4096
