@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from images.guest.markers import parse_prefixed
+
 from .pasid_dma import PasidDmaRig, parse_dma_device
 from .qemu.binary import QemuChoice
 from .qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
@@ -35,21 +37,7 @@ ALL_TYPES = ("dedicated", "mdev", "translating", "enqcmd")
 
 def parse_pasid_line(text: str) -> tuple[str, dict[str, str]] | None:
     """``VIOASID-PASID-KIND k=v ... detail=free text`` -> (KIND, fields), else None."""
-    i = text.find(PREFIX)
-    if i < 0:
-        return None
-    rest = text[i + len(PREFIX) :].rstrip()
-    kind, _, tail = rest.partition(" ")
-    fields: dict[str, str] = {}
-    detail_at = tail.find("detail=")
-    if detail_at >= 0:
-        fields["detail"] = tail[detail_at + len("detail=") :]
-        tail = tail[:detail_at]
-    for word in tail.split():
-        k, eq, v = word.partition("=")
-        if eq:
-            fields[k] = v
-    return kind, fields
+    return parse_prefixed(text, PREFIX)
 
 
 @dataclass

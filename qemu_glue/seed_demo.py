@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from images.guest.markers import parse_prefixed
 from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.seed_rig import CommandRecord, FnSpec, SeedEngine, SeedRig, SeedVm
 from vioasid.client import Client
@@ -92,21 +93,7 @@ def engine(policy: Policy) -> SeedEngine:
 
 def parse_line(text: str) -> tuple[str, dict[str, str]] | None:
     """``VIOASID-SEED-KIND k=v ... detail=free text`` -> (KIND, fields), else None."""
-    i = text.find(PREFIX)
-    if i < 0:
-        return None
-    rest = text[i + len(PREFIX) :].rstrip()
-    kind, _, tail = rest.partition(" ")
-    fields: dict[str, str] = {}
-    at = tail.find("detail=")
-    if at >= 0:
-        fields["detail"] = tail[at + len("detail=") :]
-        tail = tail[:at]
-    for word in tail.split():
-        k, eq, v = word.partition("=")
-        if eq:
-            fields[k] = v
-    return kind, fields
+    return parse_prefixed(text, PREFIX)
 
 
 def errno_word(code: int) -> str:

@@ -78,6 +78,29 @@ class Marker:
             return default
 
 
+def parse_prefixed(text: str, prefix: str) -> tuple[str, dict[str, str]] | None:
+    """``<prefix>KIND k=v ... detail=free text`` -> (KIND, fields), else None.
+
+    The PASID (``VIOASID-PASID-``) and seed (``VIOASID-SEED-``) lines: everything after
+    ``detail=`` is one free-text field; console junk before the prefix is allowed.
+    """
+    i = text.find(prefix)
+    if i < 0:
+        return None
+    rest = text[i + len(prefix) :].rstrip()
+    kind, _, tail = rest.partition(" ")
+    fields: dict[str, str] = {}
+    at = tail.find("detail=")
+    if at >= 0:
+        fields["detail"] = tail[at + len("detail=") :]
+        tail = tail[:at]
+    for word in tail.split():
+        k, eq, v = word.partition("=")
+        if eq:
+            fields[k] = v
+    return kind, fields
+
+
 def parse_marker(line: str) -> Marker | None:
     """The marker on ``line`` (kernel timestamps and junk before it allowed), else None."""
     i = line.find("VIOASID-")
