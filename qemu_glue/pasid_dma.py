@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemu_glue.lifecycle import StartClose
 from qemu_glue.qemu.vmspec import VfioUserPci
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
@@ -148,7 +149,7 @@ def _pick(h: Host, t: FunctionType, used: set[int]) -> int:
     raise DmaDeviceError(f"--dma-device {t.word}: the host file has no free function for it")
 
 
-class PasidDmaRig:
+class PasidDmaRig(StartClose):
     """The engine + one vfio-user server per PASID DMA function, for one QEMU guest."""
 
     def __init__(
@@ -231,17 +232,6 @@ class PasidDmaRig:
         with contextlib.suppress(FileNotFoundError):
             self.ram_path.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    async def __aenter__(self) -> PasidDmaRig:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def summary(self) -> dict[str, Any]:
         """``bindings`` [{device, type, vpasid, ppasid, tag}], jobs, faults (guest terms)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from qemu_glue.lifecycle import StartClose
 from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VfioUserPci, VmSpec, kernel_cmdline
@@ -243,7 +244,7 @@ class SeedVm:
         )
 
 
-class SeedRig:
+class SeedRig(StartClose):
     """One engine, its host functions, and the guests (``async with``; everything stopped after)."""
 
     def __init__(
@@ -369,14 +370,3 @@ class SeedRig:
             with contextlib.suppress(FileNotFoundError):
                 svm.ram_path.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    async def __aenter__(self) -> SeedRig:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
