@@ -158,10 +158,13 @@ class PasidDmaRig(StartClose):
         *,
         host_file: str | None = None,
         memory_mib: int = 512,
+        engine: Host | None = None,
     ) -> None:
+        """``engine``: place the VM on this host (one side of a live migration, whose
+        functions and other VMs are already there) instead of a host of the rig's own."""
         if memory_mib > MAX_RAM_MIB:
             raise DmaDeviceError(f"--dma-device needs --memory <= {MAX_RAM_MIB} MiB")
-        host = None
+        host = engine
         if host_file is not None:
             try:
                 host = load_host(host_file)
@@ -196,6 +199,12 @@ class PasidDmaRig(StartClose):
             self.functions.append(fn)
             self.servers.append(srv)
 
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest's RAM as the engine maps it (after :meth:`start`)."""
+        assert self._memory is not None
+        return self._memory
+
     def devices(self) -> tuple[VfioUserPci, ...]:
         return tuple(
             VfioUserPci(socket=s.path, id=f"dma{i}", addr=f"{p.slot:02x}.0")
@@ -229,6 +238,8 @@ class PasidDmaRig(StartClose):
             self._watch = None
         for s in self.servers:
             await s.close()
+        if VM_NAME in self.host.vms:  # a shared (migration) engine outlives this rig
+            self.host.remove_vm(VM_NAME)
         with contextlib.suppress(FileNotFoundError):
             self.ram_path.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)

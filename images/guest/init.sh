@@ -8,6 +8,7 @@
 # Kernel command line: vioasid.tests=a,b|all|none|pasid[,...]  vioasid.loop=1 (repeat until the
 #   stop sector)  vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX
 #   vioasid.pasid=check,check (the PASID checks to run; default all)  vioasid.shell=1 (shell)
+#   vioasid.tests=pasid-loop: guest_tests/pasid_loop.sh (PASID DMA jobs until the stop sector)
 #   vioasid.tests=seed with vioasid.seed=part,part vioasid.seed_s=N: guest_tests/seed_tests.sh
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -57,9 +58,12 @@ case ",$tests," in
   *,pasid-bench,*) sh /guest_tests/pasid_bench.sh "$bench_s" ;;
 esac
 case ",$tests," in
+  *,pasid-loop,*) sh /guest_tests/pasid_loop.sh "$disk" "$loops" ;;
+esac
+case ",$tests," in
   *,seed,*) sh /guest_tests/seed_tests.sh "$seed" "$seed_s" ;;
 esac
-tests=$(echo ",$tests," | sed 's/,pasid-bench,/,/g; s/,pasid,/,/g; s/,seed,/,/g; s/^,//; s/,$//')
+tests=$(echo ",$tests," | sed 's/,pasid-bench,/,/g; s/,pasid-loop,/,/g; s/,pasid,/,/g; s/,seed,/,/g; s/^,//; s/,$//')
 [ -n "$tests" ] || tests=none
 
 if [ "$tests" != none ]; then
