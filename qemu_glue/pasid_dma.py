@@ -13,7 +13,8 @@
 3. :meth:`PasidDmaRig.devices` gives the ``vfio-user-pci`` devices for the VmSpec; once QMP is
    up, :meth:`PasidDmaRig.set_registers` follows the guest's RTADDR/GSTS (QMP ``xp`` polls,
    :mod:`qemu_glue.qemu.vtd_regs`) into the engine VM, in the background: a vfio-user message must
-   never wait on QMP (the vCPU waits for its reply holding QEMU's lock).
+   never wait on QMP (the vCPU waits for its reply holding QEMU's lock). It also starts the
+   plain-``migrate`` guard (:mod:`qemu_glue.migration.guard`) on that monitor.
 4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_glue.lifecycle import StartClose
+from qemu_glue.migration.guard import MigrationGuard
 from qemu_glue.qemu.vmspec import VfioUserPci
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
@@ -180,6 +182,7 @@ class PasidDmaRig(StartClose):
         self.functions: list[PasidDmaFunction] = []
         self.servers: list[FunctionServer] = []
         self._watch: asyncio.Task[None] | None = None
+        self.guard: MigrationGuard | None = None
         self._memory: GuestMemory | None = None
 
     async def start(self) -> None:
@@ -216,6 +219,9 @@ class PasidDmaRig(StartClose):
         vfio-user message, where QEMU's vCPU waits for our reply holding its lock)."""
         if reader is not None and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._follow(reader))
+        if reader is not None and self.guard is None:  # no plain `migrate` of this VM
+            self.guard = MigrationGuard(reader.qmp, VM_NAME)
+            self.guard.start()
 
     async def _follow(self, reader: VtdRegisterReader) -> None:
         try:
@@ -231,6 +237,9 @@ class PasidDmaRig(StartClose):
             log.info("stopped following the guest's RTADDR: %r", e)
 
     async def close(self) -> None:
+        if self.guard is not None:
+            await self.guard.close()
+            self.guard = None
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

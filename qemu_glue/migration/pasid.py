@@ -374,6 +374,9 @@ async def migrate_pasid(
     defer``, served by ``dst_rig``) over ``uri``; see the module docstring. ``vfio_user``:
     whether the QEMU has vfio-user-pci (False: refused, QEMU 10.0). ``hook(phase)`` (tests)
     runs at "precopy", "switchover" and "loaded" (after the engine import)."""
+    guard = src_rig.guard
+    if guard is not None:
+        guard.ours = True  # this migration is vioasid's own
     try:
         return await _migrate_pasid(
             src, dst, src_rig, dst_rig, uri, vfio_user=vfio_user, timeout=timeout,
@@ -382,6 +385,8 @@ async def migrate_pasid(
     finally:
         for f in src_rig.functions:
             f.dirty = None
+        if guard is not None:
+            guard.ours = False
 
 
 async def _migrate_pasid(
