@@ -40,6 +40,7 @@ def test_scripts_digest_tracks_script_edits(tmp_path: Path) -> None:
     (tmp_path / "disk_tests.sh").write_text("b")
     (tmp_path / "pasid_tests.sh").write_text("p")
     (tmp_path / "pasid_bench.sh").write_text("b")
+    (tmp_path / "pasid_loop.sh").write_text("l")
     (tmp_path / "seed_tests.sh").write_text("s")
     d1 = scripts_digest(tmp_path)
     (tmp_path / "disk_tests.sh").write_text("c")
