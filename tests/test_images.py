@@ -95,6 +95,7 @@ def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     (tmp_path / "disk_tests.sh").write_text("#!/bin/sh\n")
     (tmp_path / "pasid_tests.sh").write_text("#!/bin/sh\n# pasid\n")
     (tmp_path / "pasid_bench.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "pasid_loop.sh").write_text("#!/bin/sh\n# loop\n")
     (tmp_path / "seed_tests.sh").write_text("#!/bin/sh\n")
     kos = [("dep", b"D"), ("virtio_blk", b"V"), ("vioasid_dma", b"K")]
     entries = initramfs_entries(b"BB", kos, tmp_path)
@@ -104,6 +105,7 @@ def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     assert by["lib/modules/virtio_blk.ko"].data == b"V"
     assert by["lib/modules/vioasid_dma.ko"].data == b"K"
     assert by["guest_tests/pasid_tests.sh"].data.endswith(b"# pasid\n")
+    assert by["guest_tests/pasid_loop.sh"].data.endswith(b"# loop\n")
     assert by["dev/console"].rdev == (5, 1)
     assert b"large " in by["guest_tests/tests.conf"].data
 

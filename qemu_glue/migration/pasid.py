@@ -16,19 +16,21 @@ destination's (another engine, with its own occupancy and policy):
    engine's VM stream (bindings, CPU PASID table, queued faults) is imported on the
    destination's engine as a trial: every pPASID re-allocated under its policy, translating
    functions re-programmed. Meanwhile the migration is held from converging.
-3. ``pre-switchover`` (the VM is stopped, this is downtime): the final engine stream and the
-   functions' stream (:mod:`vioasid.formats.pasid_migration`: registers, portal, config space,
-   bound vPASIDs) are taken. No job is in flight: a descriptor runs to completion inside the
-   non-posted BAR write that submitted it, so each job ran on the source exactly once and its
-   completion record is in the RAM still to be sent. An unchanged engine stream keeps the
-   trial import (the delta is empty); otherwise it is imported now. The function records are
-   loaded into the destination's functions.
+3. ``pre-switchover`` (the VM is stopped, this is downtime): the final engine stream is taken.
+   An unchanged stream keeps the trial import (the delta is empty); otherwise it is imported
+   now. No job is in flight: a descriptor runs to completion inside the non-posted BAR write
+   that submitted it, so each job ran on the source exactly once and its completion record is
+   in the RAM still to be sent. Right after ``migrate-continue``, while QEMU sends its last RAM
+   and device state, the functions' stream (:mod:`vioasid.formats.pasid_migration`:
+   registers, portal, config space, bound vPASIDs) is taken from the frozen source functions
+   and loaded into the destination's.
 4. Any refusal (exhausted, conflict, mismatch, a destination that died, an import that threw)
    → ``migrate_cancel``: the source resumes unchanged with its functions working, the
    destination's engine drops the VM (every pPASID freed) and its QEMU is told to quit.
-5. Accepted → ``migrate-continue``; when the destination has loaded, a function whose config
-   changed since the pre-copy is re-written, the destination's RTADDR follower starts and
-   ``cont`` runs the guest there.
+5. When the destination has loaded, the guest pages the functions wrote by DMA during the
+   migration (QEMU's dirty log never saw them) are written there from the stopped source, a
+   function whose config changed since the pre-copy is re-written, the destination's RTADDR
+   follower and plain-``migrate`` guard start, and ``cont`` runs the guest there.
 
 :class:`PasidMigrationResult` has QEMU's downtime, the observed one (source STOP → ``cont``
 returned), vioasid's share of it, and every binding's pPASID before and after.
@@ -165,7 +167,9 @@ class PasidMigrationResult:
     downtime_ms: float | None = None  # QEMU's (query-migrate "downtime")
     observed_downtime_ms: float | None = None  # source STOP -> the destination's cont returned
     vioasid_switchover_ms: float | None = None  # stopped: export, compare, (import), load
-    vioasid_resume_ms: float | None = None  # destination loaded -> cont sent (config, follower)
+    vioasid_resume_ms: float | None = None  # destination loaded -> cont sent (pages, config)
+    cont_ms: float | None = None  # the destination's ``cont`` (QMP round trip + vm_start)
+    function_state_ms: float | None = None  # function records, while QEMU completes (overlap)
     precopy_ms: float | None = None  # trial import while the VM ran
     precopied: bool = False  # the trial import was kept (nothing changed)
     config_rewritten: int = 0  # functions whose config changed after the pre-copy
@@ -202,6 +206,8 @@ class PasidMigrationResult:
             "vioasid_downtime_ms": r(self.vioasid_downtime_ms),
             "vioasid_switchover_ms": r(self.vioasid_switchover_ms),
             "vioasid_resume_ms": r(self.vioasid_resume_ms),
+            "cont_ms": r(self.cont_ms),
+            "function_state_ms": r(self.function_state_ms),
             "precopy_ms": r(self.precopy_ms),
             "precopied": self.precopied,
             "config_rewritten": self.config_rewritten,
@@ -306,31 +312,38 @@ class _PasidMigration:
         self.held = None
 
     async def switchover(self, res: PasidMigrationResult) -> None:
-        """VM stopped: final state, import (or keep the trial), load the functions."""
+        """VM stopped, before switch-over: the final engine stream; keep the trial import if
+        nothing changed, import now otherwise. Raises _Refused (nothing kept)."""
         await self.settle()
         if self.pre_error is not None:
             raise _Refused(self.pre_error)
         t0 = time.perf_counter()
         await self._hook("switchover")
         stream = export_vm(self.src_rig.host, VM_NAME)
-        fstream = encode_functions(self.src_rig.functions)
-        res.engine_stream_bytes, res.function_stream_bytes = len(stream), len(fstream)
+        res.engine_stream_bytes = len(stream)
         try:
             if self.pre_stream is not None and self.pre_stream == stream:
                 res.precopied = True
             else:
                 self.import_now(stream)
             await self._hook("loaded")
-            records = decode_functions(fstream)
-            for f in self.dst_rig.functions:
-                rec = records.get(f.guest_rid)
-                if rec is None:
-                    raise MigrationFailed(f"source has no function {bdf_str(f.guest_rid)}")
-                f.load_migration_state(rec)
-        except (MigrationFailed, ValueError) as exc:
+        except MigrationFailed as exc:
             self.drop_destination()
             raise _Refused(str(exc)) from exc
         res.vioasid_switchover_ms = (time.perf_counter() - t0) * 1e3
+
+    def load_functions(self, res: PasidMigrationResult) -> None:
+        """After switch-over, while QEMU sends its last RAM and device state (the source VM
+        stays stopped, so its functions are frozen; the destination's run only after
+        ``cont``): every function's registers, portal and config space. Type, width and
+        bindings were checked before the switch-over (start and engine import)."""
+        t0 = time.perf_counter()
+        fstream = encode_functions(self.src_rig.functions)
+        res.function_stream_bytes = len(fstream)
+        records = decode_functions(fstream)
+        for f in self.dst_rig.functions:
+            f.load_migration_state(records[f.guest_rid])
+        res.function_state_ms = (time.perf_counter() - t0) * 1e3
 
     def changed_config(self) -> dict[int, dict[int, int]]:
         """Functions whose (source) config differs from what the pre-copy wrote."""
@@ -475,6 +488,7 @@ async def _migrate_pasid(
                 return await _finish(res, src, None)
             res.precopy_ms = getattr(m, "pre_ms", None)
             await src.execute("migrate-continue", {"state": "pre-switchover"})
+            m.load_functions(res)  # overlaps QEMU's completion
             status = await _wait(sev, {"completed"}, timeout, on_src)
             if status != "completed":
                 m.drop_destination()
@@ -494,11 +508,13 @@ async def _migrate_pasid(
                 await write_config(dst, rid, vals)
             res.config_rewritten = len(changed)
             dst_rig.set_registers(VtdRegisterReader(dst))
-            await dst.execute("cont")
             t1 = time.perf_counter()
+            await dst.execute("cont")
+            t2 = time.perf_counter()
             res.vioasid_resume_ms = (t1 - t0) * 1e3
+            res.cont_ms = (t2 - t1) * 1e3
             if stop_t is not None:
-                res.observed_downtime_ms = (t1 - stop_t) * 1e3
+                res.observed_downtime_ms = (t2 - stop_t) * 1e3
         except BaseException:
             with contextlib.suppress(Exception):
                 await src.execute("migrate_cancel", timeout=5.0)

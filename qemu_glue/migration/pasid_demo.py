@@ -118,6 +118,9 @@ class PasidDemoOptions:
     accel: Accel = Accel.TCG
     memory_mib: int = 512
     failures: tuple[str, ...] = ()
+    types: tuple[FunctionType, ...] = tuple(t for t, _ in GUEST_FUNCTIONS)  # the functions
+    extra_bindings: int = 0  # more PASIDs the guest binds (no jobs), for bigger migrations
+    precopy: bool = True
     boot_timeout: float = 300.0
     timeout: float = 600.0
     kernel: Any = None
@@ -273,8 +276,8 @@ class _Console:
             await asyncio.sleep(0.1)
 
 
-def guest_args() -> list[DmaDeviceArg]:
-    return [DmaDeviceArg(t, rid) for t, rid in GUEST_FUNCTIONS]
+def guest_args(types: tuple[FunctionType, ...]) -> list[DmaDeviceArg]:
+    return [DmaDeviceArg(t, rid) for t, rid in GUEST_FUNCTIONS if t in types]
 
 
 async def run_pasid_migration(
@@ -302,7 +305,12 @@ async def run_pasid_migration(
         vmopts = VmOptions(
             kernel=opts.kernel,
             initrd=opts.initrd,
-            append=kernel_cmdline(opts.iommu, strict=True, tests=["pasid-loop"]),
+            append=kernel_cmdline(
+                opts.iommu,
+                strict=True,
+                tests=["pasid-loop"],
+                extra=f"vioasid.pasid_extra={opts.extra_bindings}" if opts.extra_bindings else "",
+            ),
             disk=disk,
             iommu=pasid_iommu(opts.iommu),
             accel=opts.accel,
@@ -322,7 +330,7 @@ async def run_pasid_migration(
         async def side(i: int, *, incoming: bool) -> tuple[PasidDmaRig, BlkVm]:
             nonlocal serial
             serial += 1
-            rig = PasidDmaRig(guest_args(), memory_mib=opts.memory_mib, engine=sides[i])
+            rig = PasidDmaRig(guest_args(opts.types), memory_mib=opts.memory_mib, engine=sides[i])
             await rig.start()
             vm = BlkVm(vmopts, f"q{serial}", wd, devices=rig.devices(), ram_path=rig.ram_path)
             live.append((rig, vm))
@@ -351,6 +359,7 @@ async def run_pasid_migration(
                 res = await migrate_pasid(
                     cur.qmp, dst.qmp, cur_rig, dst_rig, f"unix:{wd}/mig-{serial}.sock",
                     vfio_user=_has_vfio_user(opts.qemu), timeout=opts.timeout, hook=hook,
+                    precopy=opts.precopy,
                 )  # fmt: skip
                 att = PasidAttempt(names[s], names[d], res, forced, rounds_before=rounds)
                 out.attempts.append(att)
