@@ -102,7 +102,7 @@ async def test_pasid_migration_refusals_keep_the_source(image: GuestImage) -> No
         assert r.source_status == "running"
     by = {a.forced: a.result for a in refused}
     assert "xhaust" in (by["exhausted"].error or "")
-    assert "onflict" in (by["conflict"].error or "")
+    assert "held by VM tenant" in (by["conflict"].error or "")  # a pPASID conflict
     assert "aborted" in (by["import-aborted"].error or "")
     assert by["dst-dies"].status in ("failed", "refused")
     # the destination held no pPASID of the guest right after each refusal
