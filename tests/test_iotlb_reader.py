@@ -1,4 +1,5 @@
-"""The front-end socket's reader thread (C and Python) and the DMA gate it shares with the data path.
+"""The front-end socket's reader thread (C and Python) and the DMA gate it shares with the data
+path.
 
 What must hold (vioasid/vhost_user/iotlb_reader.py): an invalidation the reader acknowledged is
 applied before any later access, an access that used a translation it covers is translated again,
