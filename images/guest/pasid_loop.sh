@@ -14,24 +14,9 @@
 #   VIOASID-PASID-ROUND n=R ok=K failed=F                                  (after every round)
 #   VIOASID-PASID-LOOP-DONE rounds=N ok=K failed=F
 disk=$1 max=${2:-0} extra=${3:-0}
-cls=/sys/class/vioasid-dma
+. "${0%/*}/dma_lib.sh"
 work=/tmp/vioasid-loop
 mkdir -p "$work"
-
-cmd() {
-  _d=$1
-  shift
-  echo "$*" 2>/dev/null > "$cls/$_d/cmd"
-  _rc=$?
-  R=$(cat "$cls/$_d/cmd")
-  return $_rc
-}
-rand() { echo $(($(od -An -N4 -tu4 /dev/urandom) % $1)); }
-put() { dd if="$3" of="/dev/vioasid-$1" bs=4096 oflag=seek_bytes seek="$2" conv=notrunc 2>/dev/null; }
-get() {
-  dd if="/dev/vioasid-$1" of="$4" bs=4096 iflag=skip_bytes,count_bytes skip="$2" count="$3" \
-    2>/dev/null
-}
 
 devs="" pasids="" ready=""
 for d in $(ls "$cls" 2>/dev/null); do
@@ -76,11 +61,11 @@ while :; do
     p=$1
     shift
     len=$(($(rand 16384) + 1)) src=$(rand 16384) dst=$((32768 + $(rand 16384)))
-    head -c "$len" /dev/urandom > "$work/in"
+    randfile "$len" "$work/in"
     put "$d" "$src" "$work/in"
     if cmd "$d" copy "$p" "$src" "$dst" "$len"; then
       get "$d" "$dst" "$len" "$work/out"
-      if cmp -s "$work/in" "$work/out"; then
+      if same "$work/in" "$work/out"; then
         ok=$((ok + 1))
       else
         failed=$((failed + 1))
