@@ -81,3 +81,26 @@ async def test_own_migration_is_left_alone() -> None:
             assert await _status(sq, {"cancelled", "completed", "failed"}) == "completed"
             assert guard.cancelled == 0
             await guard.close()
+
+
+@pytest.mark.asyncio
+async def test_vioasid_migrate_refuses_a_vm_with_pasid_functions() -> None:
+    from qemu_glue.commands.migrate import _refuse_pasid_functions
+    from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
+    from qemu_glue.pasid_guest import pasid_iommu
+    from qemu_glue.qemu.vmspec import IommuMode
+    from vioasid.commands.common import UsageError
+
+    try:
+        q = choose()
+    except QemuNotFound:
+        pytest.skip("no QEMU")
+    if not q.features.vfio_user:
+        pytest.skip("needs QEMU 11.1 (vfio-user-pci)")
+    async with PasidDmaRig([parse_dma_device("mdev")], memory_mib=64) as rig:
+        spec = VmSpec(name="guard-pasid", memory_mib=64, iommu=pasid_iommu(IommuMode.SCALABLE_FS),
+                      devices=rig.devices(), ram_path=rig.ram_path, extra_args=("-S",),
+                      qemu_binary=q.path, qemu_features=q.features)  # fmt: skip
+        async with await QemuProcess.start(spec) as vm:
+            with pytest.raises(UsageError, match=r"PASID DMA functions \(00:05\.0\)"):
+                await _refuse_pasid_functions(vm.require_qmp())
