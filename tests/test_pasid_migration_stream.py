@@ -123,3 +123,18 @@ def test_dirty_tracking_is_off_unless_asked() -> None:
     f.dirty = set()
     src.job(f, 2, opcode=Opcode.FILL, dst=iova(2, 0x5000), size=64, pattern=0x55)
     assert (DATA + 0x5000) >> 12 in f.dirty
+
+
+def test_page_stream_fast_path_is_the_construct_layout() -> None:
+    from vioasid.formats.pasid_migration import PAGES
+
+    src = Rig("mdev")
+    src.mem.write(0x3000, b"a" * 4096)
+    src.mem.write(0x7000, b"b" * 10)
+    raw = encode_pages(src.mem, {7, 3})
+    parsed = PAGES.parse(raw)
+    assert [p.gpa for p in parsed] == [0x3000, 0x7000]
+    assert parsed[0].data == b"a" * 4096 and parsed[1].data[:10] == b"b" * 10
+    assert PAGES.build(parsed) == raw
+    with pytest.raises(MigrationFailed):
+        apply_pages(src.mem, raw[:-1])
