@@ -21,6 +21,7 @@ from qemu_glue.qemu.qmp import MIGRATION, Qmp, QmpError
 log = logging.getLogger(__name__)
 
 WATCH_STATES = frozenset({"setup", "active"})
+DONE_STATES = frozenset({"cancelled", "completed", "failed", "none"})
 REASON = (
     "cancelled a live migration vioasid did not start: QEMU does not migrate the VM's "
     "vfio-user PASID DMA functions (they would be dead on the destination); "
@@ -52,9 +53,13 @@ class MigrationGuard:
                         {"capabilities": [{"capability": "events", "state": True}]},
                     )
                 self.ready.set()
+                cancelling = False  # one cancel (and one log line) per foreign migration
                 async for e in ev:
                     status = str(e.get("data", {}).get("status", ""))
-                    if status in WATCH_STATES and not self.ours:
+                    if status in DONE_STATES:
+                        cancelling = False
+                    elif status in WATCH_STATES and not self.ours and not cancelling:
+                        cancelling = True
                         await self._cancel(status)
         except asyncio.CancelledError:
             raise
