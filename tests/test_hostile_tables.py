@@ -161,6 +161,22 @@ def test_tables_below_the_largest_region() -> None:
             assert isinstance(r, Translation) and r.address == 0x5008
 
 
+def test_pasid_tables_outside_the_largest_region() -> None:
+    """The bind path's entry reader finds PASID tables in any region."""
+    mem = GuestMemory()
+    mem.add(0, bytearray(MIB), name="low")
+    mem.add(MIB, bytearray(8 * MIB), name="ram")
+    drv = GuestIommuDriver(mem, PageAllocator(mem, 0x40000, 0x40000))
+    drv.attach_device(0x18)
+    fs = FirstStagePageTable(mem, PageAllocator(mem, 2 * MIB, MIB))
+    drv.set_pasid_entry(0x18, 70, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=fs.root)
+    w = Walker(mem, caches=Caches(enabled=False))
+    ctx = w.context_info(drv.rtaddr, 0x18)
+    words = w.first_stage_words(ctx, 70)
+    assert words is not None and words == mem.words(drv.pasid_entry_gpa(0x18, 70), 8)
+    assert w.first_stage_words(ctx, 71) is None  # not present
+
+
 def test_empty_memory() -> None:
     w = Walker(GuestMemory(), caches=Caches(enabled=False))
     r = w.translate(0x400, WalkRequest(0x18, 0x1000))

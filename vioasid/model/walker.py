@@ -605,9 +605,26 @@ class Walker:
         """The fast path of :meth:`pasid_table` + reading the entry + ``first_stage_entry_ok``
         (one folded test per entry, as the direct walk does): the words of a present,
         well-formed first-stage entry, or None for anything else (:meth:`pasid_info` then
-        names the fault, or it is another PGTT)."""
-        if not 0 <= pasid < _PASID_LIMIT or pasid >> PASID_DIR_SHIFT >= 1 << (ctx.pdts + 7):
+        names the fault, or it is another PGTT). Reads the largest region directly, as the
+        direct walk does; tables elsewhere take :meth:`_first_stage_words_any`."""
+        if not 0 <= pasid < _PASID_LIMIT or pasid >> (ctx.pdts + PASID_DIR_SHIFT + 7):
             return None
+        b, buf = self.mem.largest
+        g = ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE
+        try:
+            if g >= b:
+                pde: int = _UNPACK_Q(buf, g - b)[0]
+                if pde & self._chk_pde != _PDE_P:
+                    return None
+                g = (pde & _PDE_PTP) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+                if g >= b:
+                    w: tuple[int, ...] = _QPE_ALL.unpack_from(buf, g - b)
+                    return w if self.first_stage_entry_ok(w) else None
+        except struct.error:  # past the region's end
+            pass
+        return self._first_stage_words_any(ctx, pasid)
+
+    def _first_stage_words_any(self, ctx: ContextInfo, pasid: int) -> tuple[int, ...] | None:
         mem = self.mem
         try:
             pde = mem.read_u64(ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE)
