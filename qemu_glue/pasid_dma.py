@@ -158,7 +158,11 @@ class PasidDmaRig(StartClose):
         *,
         host_file: str | None = None,
         memory_mib: int = 512,
+        posted_writes: bool = True,
     ) -> None:
+        """``posted_writes``: QEMU posts BAR writes (its default): a job's nine register writes
+        cost no round trip each; the driver's PORTAL_STATUS read waits for the job, since one
+        function's messages are handled strictly in order (docs/pasid-dma.md)."""
         if memory_mib > MAX_RAM_MIB:
             raise DmaDeviceError(f"--dma-device needs --memory <= {MAX_RAM_MIB} MiB")
         host = None
@@ -171,6 +175,7 @@ class PasidDmaRig(StartClose):
         # a scalable-ss guest writes second-stage (PGTT=2) entries: translated in software
         self.host.guest_second_stage = True
         self.memory_mib = memory_mib
+        self.posted_writes = posted_writes
         self.tmp = Path(tempfile.mkdtemp(prefix="vioasid-dma-"))
         shm = Path("/dev/shm")
         self.ram_path = (shm if shm.is_dir() else self.tmp) / f"{self.tmp.name}-ram"
@@ -198,7 +203,12 @@ class PasidDmaRig(StartClose):
 
     def devices(self) -> tuple[VfioUserPci, ...]:
         return tuple(
-            VfioUserPci(socket=s.path, id=f"dma{i}", addr=f"{p.slot:02x}.0")
+            VfioUserPci(
+                socket=s.path,
+                id=f"dma{i}",
+                addr=f"{p.slot:02x}.0",
+                no_posted_writes=not self.posted_writes,
+            )
             for i, (s, p) in enumerate(zip(self.servers, self.placed, strict=True))
         )
 
@@ -245,6 +255,7 @@ class PasidDmaRig(StartClose):
                     "pasid_enabled": f.pasid_enabled,
                     "connected": s.connected.is_set(),
                     "messages": s.messages,
+                    "posted": s.posted,
                 }
                 for f, s in zip(self.functions, self.servers, strict=True)
             ],

@@ -20,10 +20,11 @@ Coherence: QEMU forwards no invalidation to a vfio-user server, and a strict-mod
 IOVAs within a millisecond. So at every doorbell, before the job runs, the function drops the
 engine's cached state for this device (the context cache, the nested IOTLB via
 ``Host.invalidate(vm, guest_rid=...)``) and re-reads the guest's PASID entry of the PASID it is
-about to use (``Host.sync_pasid``). QEMU's vfio-user writes to BAR0 are handled strictly in
-order and (with ``x-no-posted-writes=on``) the vCPU waits for the write's reply, so between
-that refresh and the end of the job the guest cannot change a table this job depends on: every
-job sees the guest's tables as they were when it rang the doorbell.
+about to use (``Host.sync_pasid``). QEMU's vfio-user messages of one function are handled
+strictly in order: a job sees the guest's tables as they were at its doorbell or later, and is
+done before any later access of the driver to the function is answered (the driver reads
+``PORTAL_STATUS`` right after submitting, and does not change a job's mappings before its
+completion, as with any DMA engine).
 """
 
 from __future__ import annotations
