@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MODULES: tuple[str, ...] = ("virtio_blk",)
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+DMA_SCRIPTS = ("dma_lib.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", *DMA_SCRIPTS)
 DRIVER_MODULE = kmod.MODULE  # built from images/driver/, loaded by /init after MODULES
 
 Progress = Callable[[str], None]
@@ -285,7 +286,7 @@ def initramfs_entries(
         cpio.file("guest_tests/disk_tests.sh", (scripts_dir / "disk_tests.sh").read_bytes(), 0o755),
         *(
             cpio.file(f"guest_tests/{name}", (scripts_dir / name).read_bytes(), 0o755)
-            for name in ("pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+            for name in DMA_SCRIPTS
         ),
         cpio.file("guest_tests/tests.conf", tests_conf().encode()),
         cpio.file("etc/vioasid/modules", "".join(f"{n}\n" for n, _ in kos).encode()),

@@ -11,22 +11,11 @@
 # Every result is checked here in the guest (buffer contents through /dev/vioasid-dmaN, result
 # lines, fault addresses and vPASIDs); the host checks its own view against these lines.
 checks=${1:-all}
-cls=/sys/class/vioasid-dma
+. "${0%/*}/dma_lib.sh"
 work=/tmp/vioasid-pasid
 WIN=268435456 # 0x10000000: PASID P's window starts at IOVA P * WIN
-BUF=1048576
 mkdir -p "$work"
 passed=0 failed=0 skipped=0
-
-# cmd DEV WORDS...: one command; R = the result line; status = the write()'s
-cmd() {
-  _d=$1
-  shift
-  echo "$*" 2>/dev/null > "$cls/$_d/cmd"
-  _rc=$?
-  R=$(cat "$cls/$_d/cmd")
-  return $_rc
-}
 
 # bind DEV [P]: sets P (or fails); prints the BIND marker
 bind() {
@@ -38,18 +27,7 @@ bind() {
   echo "VIOASID-PASID-BIND dev=$1 pasid=$P"
 }
 
-hex() { printf '0x%x' "$1"; }
 iova() { hex $(($1 * WIN + $2)); }
-rand() { echo $(($(od -An -N4 -tu4 /dev/urandom) % $1)); }
-
-# put DEV OFF FILE / get DEV OFF LEN FILE: the function's buffer through /dev/vioasid-dmaN
-put() { dd if="$3" of="/dev/vioasid-$1" bs=4096 oflag=seek_bytes seek="$2" conv=notrunc 2>/dev/null; }
-get() {
-  dd if="/dev/vioasid-$1" of="$4" bs=4096 iflag=skip_bytes,count_bytes skip="$2" count="$3" \
-    2>/dev/null
-}
-randfile() { head -c "$1" /dev/urandom > "$2"; }
-same() { cmp -s "$1" "$2"; }
 
 # result NAME pass|fail|skip DEV PASID DETAIL (fault fields from $FAULT when set)
 result() {

@@ -130,7 +130,7 @@ async def _boot_with(
     return summary
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     for p, what in ((args.kernel, "--kernel"), (args.initrd, "--initrd")):
         if p is not None and not p.is_file():
@@ -173,12 +173,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.get("qemu_exit") == 0 else 1
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "boot",
-        help="boot your kernel/initramfs with the vioasid-served disk, console on the terminal",
-        description=__doc__,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid boot`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--kernel", type=Path, required=True, help="kernel (vmlinux or bzImage)")
     p.add_argument("--initrd", type=Path, default=None, help="initramfs")
     p.add_argument(
@@ -234,4 +230,3 @@ def register(subparsers: Any) -> None:
         default=None,
         help="give up after this many seconds (default: wait for power-off)",
     )
-    p.set_defaults(func=_run)

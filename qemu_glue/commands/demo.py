@@ -266,7 +266,7 @@ def quiet_qmp_logs() -> None:
         qlog.setLevel(logging.CRITICAL)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
         return demo_migrate.run(args)
@@ -289,12 +289,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="boot a guest whose disk vioasid serves, walking the guest's VT-d tables itself",
-        description=__doc__,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid demo`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_guest_options(p, cross_check=True)
     p.add_argument("--console", action="store_true", help="show the guest console on stderr")
@@ -308,4 +304,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=420.0, help="seconds (default 420)")
     demo_migrate.add_arguments(p)
     demo_seed.add_arguments(p)
-    p.set_defaults(func=_run)

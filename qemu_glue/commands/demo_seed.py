@@ -22,7 +22,7 @@ from vioasid.commands.common import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's seed options (called by ``demo.register``)."""
+    """The demo's seed options (called by ``demo.configure``)."""
     g = p.add_argument_group("the seed's systems on real guests (--seed)")
     g.add_argument(
         "--seed",

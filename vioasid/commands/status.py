@@ -28,12 +28,8 @@ def _encodable(name: str) -> bool:
         return False
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "status",
-        help="show a running daemon's VMs, devices and vPASID/pPASID tables",
-        description="Query a vioasid daemon (vioasid serve) and print its state.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid status`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's unix socket")
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
     p.add_argument("--vm", metavar="NAME", help="only this VM (exit 2 when there is none)")
@@ -44,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="give up when the daemon has not answered within this time (default 5)",
     )
-    p.set_defaults(func=run)
 
 
 async def fetch(path: str, vm: str | None, timeout: float = 5.0) -> dict[str, Any]:
