@@ -18,9 +18,11 @@ destination's (another engine, with its own occupancy and policy):
    functions re-programmed. Meanwhile the migration is held from converging.
 3. ``pre-switchover`` (the VM is stopped, this is downtime): the final engine stream is taken.
    An unchanged stream keeps the trial import (the delta is empty); otherwise it is imported
-   now. No job is in flight: a descriptor runs to completion inside the non-posted BAR write
-   that submitted it, so each job ran on the source exactly once and its completion record is
-   in the RAM still to be sent. Right after ``migrate-continue``, while QEMU sends its last RAM
+   now. First the source's servers drain (every message QEMU sent handled, posted BAR writes
+   included): then no job is in flight — a descriptor runs to completion when its doorbell
+   write is handled — so each job ran on the source exactly once, and its completion record
+   and data reach the destination (in QEMU's RAM or vioasid's DMA-written pages, step 5).
+   Right after ``migrate-continue``, while QEMU sends its last RAM
    and device state, the functions' stream (:mod:`vioasid.formats.pasid_migration`:
    registers, portal, config space, bound vPASIDs) is taken from the frozen source functions
    and loaded into the destination's.
@@ -85,6 +87,7 @@ CONFIG_FIELDS: tuple[tuple[int, int], ...] = (
 )
 PRECOPY_WAIT_S = 30.0
 PRECOPY_RETRY_S = 0.2
+DRAIN_TIMEOUT_S = 2.0
 _PORT_VALUE = re.compile(r"=\s*0x([0-9a-fA-F]+)")
 Hook = Callable[[str], Awaitable[None]]
 
@@ -319,6 +322,7 @@ class _PasidMigration:
             raise _Refused(self.pre_error)
         t0 = time.perf_counter()
         await self._hook("switchover")
+        await self.drain()
         stream = export_vm(self.src_rig.host, VM_NAME)
         res.engine_stream_bytes = len(stream)
         try:
@@ -331,6 +335,17 @@ class _PasidMigration:
             self.drop_destination()
             raise _Refused(str(exc)) from exc
         res.vioasid_switchover_ms = (time.perf_counter() - t0) * 1e3
+
+    async def drain(self) -> None:
+        """The VM is stopped: wait until the source's servers handled every message QEMU
+        sent (posted BAR writes may still be queued: a doorbell's job then runs now, on the
+        source, before its state is taken)."""
+        servers = self.src_rig.servers
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while not all(s.drained() for s in servers):
+            if time.monotonic() > deadline:
+                raise _Refused("the source's functions did not go idle with the VM stopped")
+            await asyncio.sleep(0)
 
     def load_functions(self, res: PasidMigrationResult) -> None:
         """After switch-over, while QEMU sends its last RAM and device state (the source VM
