@@ -386,7 +386,9 @@ class PasidDmaFunction(PciFunction):
         dev = self.host.vm(self.vm).devices[self.guest_rid]
         self.engine_device = dev
         self.function_rid = dev.function.rid
-        self.bound = dict(dev.ppasids)
+        self.bound.clear()  # in place: the resolvers' tag lookup holds this dict
+        self.bound.update(dev.ppasids)
+        self.tlb.clear()  # nothing cached for the VM this function served before
 
     def load_migration_state(self, st: Any, *, config: bool = True) -> None:
         """Registers (and the config space) of a source function's record; the bindings come
