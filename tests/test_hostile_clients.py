@@ -32,7 +32,7 @@ from vioasid.client import (
     NotOwner,
 )
 from vioasid.daemon.hostconfig import default_host
-from vioasid.daemon.server import Server
+from vioasid.daemon.server import Connection, Server
 from vioasid.daemon.service import EVENT_BACKLOG, Service
 from vioasid.formats import wire
 from vioasid.formats.wire import EventMask, Request
@@ -225,6 +225,53 @@ async def test_subscriber_that_never_reads_has_its_events_dropped_and_counted() 
         assert ok.ok
         await device.close()
         await owner.close()
+    g.close()
+
+
+@pytest.mark.asyncio
+async def test_busy_connections_delay_a_one_request_client_by_a_turn_or_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight connections keep the daemon busy with faulting 1,024-entry batches (jobs of many
+    turns each); a client sending one request at a time waits for a turn or two, not for a
+    turn of every busy connection (nor for a pile of turns: the loop reads every socket
+    between two turns)."""
+    turns = 0
+    next_turn = Connection.next_turn
+
+    def counting(conn: Connection) -> None:
+        nonlocal turns
+        turns += 1
+        next_turn(conn)
+
+    monkeypatch.setattr(Connection, "next_turn", counting)
+    g = bound_guest()
+    async with running_daemon() as (server, path):
+        owner = await Client.connect(path)
+        vm = await setup_vm(owner, g)
+        g.write_entry(SID, 5)
+        await owner.pasid_entry(vm, DEV, 5)
+        n = 1024
+        bad = b"".join(DmaRequest(DEV, 5, 0x7000_0000 + i * 4096).pack() for i in range(n))
+        noisy = [await Client.connect(path) for _ in range(8)]
+        vms = [await c.open_vm("vm1") for c in noisy]
+        futs = [c.dma_packed_nowait(v, n, bad) for c, v in zip(noisy, vms, strict=True)]
+        while sum(c.job is not None for c in server.connections.values()) < len(noisy):
+            await asyncio.sleep(0)
+        start, worst = turns, 0
+        for _ in range(30):
+            before = turns
+            [r] = await owner.dma(vm, [DmaRequest(DEV, 5, VA + 8)])
+            assert r.ok and r.gpa == GPA + 8
+            worst = max(worst, turns - before)
+        assert turns - start >= 30  # the busy connections did work meanwhile
+        assert sum(c.job is not None for c in server.connections.values()) >= 4  # and still do
+        assert worst <= 4, f"one request waited for {worst} turns of other connections"
+        for f in futs:
+            [*results] = Client.dma_results(await f)
+            assert len(results) == n and results[0].fault is not None
+        for c in [owner, *noisy]:
+            await c.close()
     g.close()
 
 

@@ -18,7 +18,9 @@ back-off (logged once) and refuses only the request whose fds could not be recei
 for partial messages is bounded across all connections (:data:`INPUT_BUDGET`: a connection that
 would exceed it stops being read until others finish theirs); a client that leaves more than
 :data:`MAX_QUEUED` bytes of replies unread is disconnected, its events are dropped sooner
-(``service.EVENT_BACKLOG``). The socket is created 0600 (0660 with a group), next to a lock
+(``service.EVENT_BACKLOG``); a connection with more work than :data:`TURN_S` of CPU waits
+for its next turn (:meth:`Server.later`: round robin, one turn per pass of the loop, every
+ready socket served in between). The socket is created 0600 (0660 with a group), next to a lock
 file that keeps two daemons off one path; only a socket this daemon created is removed.
 """
 
@@ -35,6 +37,7 @@ import stat
 import struct
 import time
 import weakref
+from collections import deque
 
 from vioasid.formats import wire
 from vioasid.protocol.daemon_codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
@@ -180,14 +183,15 @@ class Connection:
         self.server.flush()
 
     def _later(self) -> None:
-        """Work is left: stop reading, carry on at the next turn of the loop."""
-        if not self.transport.closed and not self.session.closed:
-            if not self.busy:
-                self.busy = True
-                self.transport.pause_reading()
-            self.server.loop.call_soon(self._next_turn)
+        """Work is left: stop reading, carry on at this connection's next turn
+        (:meth:`Server.later`)."""
+        if not self.transport.closed and not self.session.closed and not self.busy:
+            self.busy = True
+            self.transport.pause_reading()
+            self.server.later(self)
 
-    def _next_turn(self) -> None:
+    def next_turn(self) -> None:
+        """The server's turn for this connection: one more slice of its work."""
         if self.transport.closed:
             return
         self.busy = False
@@ -246,6 +250,8 @@ class Server:
         self._reserve: int | None = None  # a spare fd, to refuse honestly at the fd limit
         self._backoff = 0.0
         self._resume: asyncio.TimerHandle | None = None
+        self._turns: deque[Connection] = deque()  # connections with work left, round robin
+        self._turn: asyncio.TimerHandle | None = None  # the next turn, when one is due
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -375,6 +381,28 @@ class Server:
         if self._sock is not None:
             self.loop.add_reader(self._sock.fileno(), self._accept)
 
+    def later(self, conn: Connection) -> None:
+        """``conn`` has work left (a long DMA batch, many buffered requests): it gets a turn
+        of at most :data:`TURN_S` after the others that wait, one turn per pass of the loop.
+        A turn is a zero-delay timer, which asyncio runs after the I/O callbacks of the same
+        pass: every ready socket is read and answered between two turns, so a client
+        sending one request at a time waits for at most one turn, however many
+        connections have work queued."""
+        self._turns.append(conn)
+        if self._turn is None:
+            self._turn = self.loop.call_later(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        turns = self._turns
+        while turns:
+            conn = turns.popleft()
+            if not conn.transport.closed:
+                conn.next_turn()
+                break
+        if turns and self._turn is None:  # (conn's later() may have scheduled it already)
+            self._turn = self.loop.call_later(0, self._next_turn)
+
     def account(self, conn: Connection, *, closing: bool = False) -> None:
         """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection
         over it is paused until the others' messages complete or close."""
@@ -420,6 +448,10 @@ class Server:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        self._turns.clear()
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._sock.fileno())
