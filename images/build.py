@@ -32,6 +32,7 @@ from images.guest.patterns import tests_conf
 
 from . import apt, cpio, headers, kernel, kmod, modules
 from .atomic import atomic_dir as _atomic_dir
+from .digest import files_digest
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MODULES: tuple[str, ...] = ("virtio_blk",)
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+DMA_SCRIPTS = ("dma_lib.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", *DMA_SCRIPTS)
 DRIVER_MODULE = kmod.MODULE  # built from images/driver/, loaded by /init after MODULES
 
 Progress = Callable[[str], None]
@@ -129,14 +131,7 @@ def guest_scripts_dir() -> Path:
 def scripts_digest(scripts_dir: Path | None = None) -> str:
     """Hash of the guest scripts and the test table, so editing them rebuilds the initramfs."""
     d = scripts_dir or guest_scripts_dir()
-    h = hashlib.sha256()
-    for name in GUEST_SCRIPTS:
-        p = d / name
-        if not p.is_file():
-            raise ImageError(f"guest script {p} is missing")
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(tests_conf().encode())
-    return h.hexdigest()[:16]
+    return files_digest(d, GUEST_SCRIPTS, "guest script", tests_conf().encode())
 
 
 def apt_lists_fingerprint(lists_dir: Path = Path("/var/lib/apt/lists")) -> str:
@@ -285,7 +280,7 @@ def initramfs_entries(
         cpio.file("guest_tests/disk_tests.sh", (scripts_dir / "disk_tests.sh").read_bytes(), 0o755),
         *(
             cpio.file(f"guest_tests/{name}", (scripts_dir / name).read_bytes(), 0o755)
-            for name in ("pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+            for name in DMA_SCRIPTS
         ),
         cpio.file("guest_tests/tests.conf", tests_conf().encode()),
         cpio.file("etc/vioasid/modules", "".join(f"{n}\n" for n, _ in kos).encode()),

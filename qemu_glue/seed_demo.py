@@ -266,30 +266,33 @@ def _jobs(case: Case, g: GuestLog, dev: str | None = None, least: int = 1) -> No
 def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
     """The cases of the one-guest per-device run."""
     out: list[Case] = []
-    c = Case(
-        "dedicated",
-        "vfio-pci function, dedicated table: vPASID 5 -> pPASID 5 (per-rid), "
-        "tag 5; random-data jobs ok",
-    )
-    _bind(c, g, c.name, "dma0", 5, (5, "per-rid"))
-    _jobs(c, g, least=4)
-    out.append(c)
-    c = Case(
-        "translating",
-        "translating vfio-pci function: vPASID 5 -> pPASID 5 in its "
-        "dedicated table (nothing to translate), tag 5; jobs ok",
-    )
-    _bind(c, g, c.name, "dma1", 5, (5, "per-rid"))
-    _jobs(c, g, least=4)
-    out.append(c)
-    c = Case(
-        "mdev",
-        "mdev slice: vPASID 5 -> lowest free pPASID of the parent's own table "
-        "(1, per-rid), tag 1 (the mediation converts); jobs ok",
-    )
-    _bind(c, g, c.name, "dma2", 5, (1, "per-rid"))
-    _jobs(c, g, least=4)
-    out.append(c)
+    for name, dev, ppasid, summary in (
+        (
+            "dedicated",
+            "dma0",
+            5,
+            "vfio-pci function, dedicated table: vPASID 5 -> pPASID 5 (per-rid), "
+            "tag 5; random-data jobs ok",
+        ),
+        (
+            "translating",
+            "dma1",
+            5,
+            "translating vfio-pci function: vPASID 5 -> pPASID 5 in its "
+            "dedicated table (nothing to translate), tag 5; jobs ok",
+        ),
+        (
+            "mdev",
+            "dma2",
+            1,
+            "mdev slice: vPASID 5 -> lowest free pPASID of the parent's own table "
+            "(1, per-rid), tag 1 (the mediation converts); jobs ok",
+        ),
+    ):
+        c = Case(name, summary)
+        _bind(c, g, c.name, dev, 5, (ppasid, "per-rid"))
+        _jobs(c, g, least=4)
+        out.append(c)
 
     c = Case(
         "enqcmd-portal",

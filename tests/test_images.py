@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from images import cpio, kernel, modules
-from images.build import GuestImage, ImageInputs, initramfs_entries, scripts_digest
+from images.build import GUEST_SCRIPTS, GuestImage, ImageInputs, initramfs_entries, scripts_digest
 from images.errors import ImageError
 
 BASE = ImageInputs("linux-image-6.12.1+deb12-amd64", "6.12.1-1", "1:1.35.0-4")
@@ -35,12 +35,14 @@ def test_cache_keys_follow_inputs() -> None:
     assert rebuilt.kernel_key() != BASE.kernel_key()
 
 
+def _scripts(d: Path, **text: str) -> None:
+    """Every guest script in ``d``: "#!/bin/sh\n" plus ``text[stem]`` where given."""
+    for name in GUEST_SCRIPTS:
+        (d / name).write_text("#!/bin/sh\n" + text.get(name.removesuffix(".sh"), ""))
+
+
 def test_scripts_digest_tracks_script_edits(tmp_path: Path) -> None:
-    (tmp_path / "init.sh").write_text("a")
-    (tmp_path / "disk_tests.sh").write_text("b")
-    (tmp_path / "pasid_tests.sh").write_text("p")
-    (tmp_path / "pasid_bench.sh").write_text("b")
-    (tmp_path / "seed_tests.sh").write_text("s")
+    _scripts(tmp_path)
     d1 = scripts_digest(tmp_path)
     (tmp_path / "disk_tests.sh").write_text("c")
     assert scripts_digest(tmp_path) != d1
@@ -90,11 +92,7 @@ def test_cpio_matches_gnu_cpio(tmp_path: Path) -> None:
 
 
 def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
-    (tmp_path / "init.sh").write_text("#!/bin/sh\n")
-    (tmp_path / "disk_tests.sh").write_text("#!/bin/sh\n")
-    (tmp_path / "pasid_tests.sh").write_text("#!/bin/sh\n# pasid\n")
-    (tmp_path / "pasid_bench.sh").write_text("#!/bin/sh\n")
-    (tmp_path / "seed_tests.sh").write_text("#!/bin/sh\n")
+    _scripts(tmp_path, pasid_tests="# pasid\n", dma_lib="# lib\n")
     kos = [("dep", b"D"), ("virtio_blk", b"V"), ("vioasid_dma", b"K")]
     entries = initramfs_entries(b"BB", kos, tmp_path)
     by = {e.path: e for e in entries}
@@ -103,6 +101,7 @@ def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     assert by["lib/modules/virtio_blk.ko"].data == b"V"
     assert by["lib/modules/vioasid_dma.ko"].data == b"K"
     assert by["guest_tests/pasid_tests.sh"].data.endswith(b"# pasid\n")
+    assert by["guest_tests/dma_lib.sh"].data.endswith(b"# lib\n")
     assert by["dev/console"].rdev == (5, 1)
     assert b"large " in by["guest_tests/tests.conf"].data
 

@@ -1,7 +1,7 @@
 """The ``vioasid`` command line: argument parsing and output only.
 
 Each subcommand lives in its own module (``vioasid/commands/*.py`` or ``qemu_glue/commands/*.py``)
-exposing ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
+exposing ``configure(parser)`` and ``run(args) -> int``; the list below names them all.
 User mistakes print one line on stderr and exit 2; nothing prints a traceback at the user.
 """
 
@@ -19,20 +19,57 @@ from vioasid.commands.common import UsageError, emit
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "emit", "main"]
 
-# Every subcommand, in --help order: (name, module exposing register(subparsers), one-line help
-# used only when the module cannot be imported).
+# Every subcommand, in --help order: (name, module, one-line help). The module exposes
+# ``configure(parser)`` (its options) and ``run(args) -> int`` (or sets ``func`` per action
+# itself, for a command with actions); its docstring is the command's --help description.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("walk", "vioasid.commands.walk", "translate one request by walking tables in a memory file"),
-    ("dump", "vioasid.commands.dump", "print every present root/context/PASID entry"),
-    ("example-image", "vioasid.commands.example_image", "write an example guest-memory image"),
-    ("scenario", "vioasid.commands.scenario", "run a scenario file through the engine"),
-    ("serve", "vioasid.commands.serve", "run the vioasid daemon"),
-    ("status", "vioasid.commands.status", "show a daemon's VMs, devices and bindings"),
-    ("qemu", "qemu_glue.commands.qemu", "which QEMU vioasid uses; install QEMU 11.1"),
-    ("image", "qemu_glue.commands.image", "build or locate the test guest image"),
-    ("boot", "qemu_glue.commands.boot", "boot your kernel behind intel-iommu with vioasid devices"),
-    ("demo", "qemu_glue.commands.demo", "boot the test guest and run its tests (the main job)"),
-    ("migrate", "qemu_glue.commands.migrate", "live-migrate a VM with its vPASID state"),
+    (
+        "walk",
+        "vioasid.commands.walk",
+        "translate one DMA request through the VT-d tables in a guest-memory file",
+    ),
+    (
+        "dump",
+        "vioasid.commands.dump",
+        "list the present root/context/PASID entries in a guest-memory file",
+    ),
+    (
+        "example-image",
+        "vioasid.commands.example_image",
+        "write an example guest-memory file with VT-d tables",
+    ),
+    (
+        "scenario",
+        "vioasid.commands.scenario",
+        "run a scenario file (hosts, VMs, steps) through the vPASID engine",
+    ),
+    ("serve", "vioasid.commands.serve", "run the vioasid daemon on a unix socket (foreground)"),
+    (
+        "status",
+        "vioasid.commands.status",
+        "show a running daemon's VMs, devices and vPASID/pPASID tables",
+    ),
+    ("qemu", "qemu_glue.commands.qemu", "which QEMU vioasid uses; install QEMU 11.1 privately"),
+    (
+        "image",
+        "qemu_glue.commands.image",
+        "build or locate the test guest (Debian 6.12 kernel + busybox initramfs)",
+    ),
+    (
+        "boot",
+        "qemu_glue.commands.boot",
+        "boot your kernel/initramfs with the vioasid-served disk, console on the terminal",
+    ),
+    (
+        "demo",
+        "qemu_glue.commands.demo",
+        "boot a guest whose disk vioasid serves, walking the guest's VT-d tables itself",
+    ),
+    (
+        "migrate",
+        "qemu_glue.commands.migrate",
+        "live-migrate a QEMU VM and its vPASID state to another host (QMP)",
+    ),
 )
 
 
@@ -70,15 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError as exc:
             p = sub.add_parser(name, help=f"{summary} (unavailable: {exc})")
             p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(func=_unavailable(name, exc))
+            p.set_defaults(func=_unavailable(name, exc), unavailable=True)
             continue
-        module.register(sub)
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=(module.__doc__ or "").replace("``", ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.configure(p)
+        if hasattr(module, "run"):
+            p.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: an unavailable command takes any options (REMAINDER does not catch a
+    # leading "--option"), so that it can say why it cannot run instead of "unrecognized".
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",

@@ -11,13 +11,12 @@
 # guest, before every 4 KiB copy). Every result is checked (the write() fails on any error, and
 # the data is compared once per figure).
 secs=${1:-3}
-cls=/sys/class/vioasid-dma
+. "${0%/*}/dma_lib.sh"
 dev=dma0
 c=$cls/$dev/cmd
 work=/tmp/vioasid-bench
 mkdir -p "$work"
 
-now() { cut -d' ' -f1 /proc/uptime | tr -d .; } # centiseconds
 fail() {
   echo "VIOASID-PASID-BENCH-DONE ok=0 detail=$1: $(cat "$c" 2>/dev/null)"
   rm -rf "$work"
@@ -33,10 +32,25 @@ figure() { # NAME OPS BYTES_PER_OP UNIT T0 T1
   fi
   echo "VIOASID-PASID-BENCH name=$1 value=$value unit=$4 ops=$2 seconds=$(awk -v cs="$cs" 'BEGIN { printf "%.2f", cs / 100 }')"
 }
+# timed K WORDS...: repeat one driver command (K jobs each) for SECONDS; sets n, t0 and t1
+timed() {
+  _k=$1
+  shift
+  n=0
+  clock_cs
+  t0=$T
+  while :; do
+    echo "$*" > "$c" 2>/dev/null || fail "$1"
+    n=$((n + _k))
+    clock_cs
+    t1=$T
+    [ $((t1 - t0)) -ge "$lim" ] && break
+  done
+}
 check() { # SRC DST LEN: the bytes arrived
-  dd if="/dev/vioasid-$dev" of="$work/a" bs=4096 iflag=skip_bytes,count_bytes skip="$1" count="$3" 2>/dev/null
-  dd if="/dev/vioasid-$dev" of="$work/b" bs=4096 iflag=skip_bytes,count_bytes skip="$2" count="$3" 2>/dev/null
-  cmp -s "$work/a" "$work/b"
+  get "$dev" "$1" "$3" "$work/a"
+  get "$dev" "$2" "$3" "$work/b"
+  same "$work/a" "$work/b"
 }
 
 [ -e "$c" ] || fail "no $cls/$dev"
@@ -49,46 +63,31 @@ lim=$((secs * 100))
 # 1 MiB copies onto themselves (the buffer is 1 MiB): the device still reads and writes every
 # byte through the PASID's translation.
 echo "copy $P 0 0 0x100000" > "$c" 2>/dev/null || fail "copy 1m"
-n=0 t0=$(now)
-while :; do
-  echo "copy $P 0 0 0x100000" > "$c" 2>/dev/null || fail "copy 1m"
-  n=$((n + 1))
-  t1=$(now)
-  [ $((t1 - t0)) -ge "$lim" ] && break
-done
+timed 1 copy "$P" 0 0 0x100000
 figure pasid_copy_1m_mib_s "$n" 1048576 MiB/s "$t0" "$t1"
 echo "copy $P 0 0x80000 0x80000" > "$c" 2>/dev/null || fail "copy half"
 check 0 524288 524288 || fail "1 MiB copy data"
 
-n=0 t0=$(now)
-while :; do
-  echo "batch 256 copy $P 0 0 4096" > "$c" 2>/dev/null || fail batch
-  n=$((n + 256))
-  t1=$(now)
-  [ $((t1 - t0)) -ge "$lim" ] && break
-done
+timed 256 batch 256 copy "$P" 0 0 4096
 figure pasid_jobs_4k_per_s "$n" 4096 jobs/s "$t0" "$t1"
 head -c 524288 /dev/urandom | dd of="/dev/vioasid-$dev" bs=4096 conv=notrunc 2>/dev/null
 echo "batch 128 copy $P 0 0x80000 4096" > "$c" 2>/dev/null || fail "batch 128"
 check 0 524288 524288 || fail "batch data"
 
-n=0 t0=$(now)
-while :; do
-  echo "copy $P 0x1000 0x81000 4096" > "$c" 2>/dev/null || fail copy
-  n=$((n + 1))
-  t1=$(now)
-  [ $((t1 - t0)) -ge "$lim" ] && break
-done
+timed 1 copy "$P" 0x1000 0x81000 4096
 figure pasid_jobs_4k_single_per_s "$n" 4096 jobs/s "$t0" "$t1"
 
 echo "unmap $P 0 4096" > "$c" 2>/dev/null || fail unmap
-n=0 t0=$(now)
+n=0
+clock_cs
+t0=$T
 while :; do
   echo "map $P 0 4096 rw" > "$c" 2>/dev/null || fail remap
   echo "copy $P 0 0x80000 4096" > "$c" 2>/dev/null || fail "copy after inval"
   echo "unmap $P 0 4096" > "$c" 2>/dev/null || fail unmap
   n=$((n + 1))
-  t1=$(now)
+  clock_cs
+  t1=$T
   [ $((t1 - t0)) -ge "$lim" ] && break
 done
 figure pasid_jobs_4k_after_inval_per_s "$n" 4096 jobs/s "$t0" "$t1"

@@ -17,19 +17,10 @@
 # pPASIDs, tags, tables and the engine's invariants against the design table.
 parts=${1:-types}
 seconds=${2:-20}
-cls=/sys/class/vioasid-dma
+. "${0%/*}/dma_lib.sh"
 work=/tmp/vioasid-seed
-BUF=1048576
 mkdir -p "$work"
 bound="" # "dev:pasid ..." this script bound (cleanup unbinds them)
-
-rand() { echo $(($(od -An -N4 -tu4 /dev/urandom) % $1)); }
-put() { dd if="$3" of="/dev/vioasid-$1" bs=4096 oflag=seek_bytes seek="$2" conv=notrunc 2>/dev/null; }
-get() {
-  dd if="/dev/vioasid-$1" of="$4" bs=4096 iflag=skip_bytes,count_bytes skip="$2" count="$3" \
-    2>/dev/null
-}
-uptime_s() { cut -d. -f1 /proc/uptime; }
 
 # step CASE DEV WORDS...: one driver command; prints its STEP marker; returns the write()'s status
 step() {
@@ -47,20 +38,10 @@ step() {
   return $_rc
 }
 
-# quiet DEV WORDS...: a driver command without a marker
-quiet() {
-  _d=$1
-  shift
-  echo "$*" 2>/dev/null > "$cls/$_d/cmd"
-  _rc=$?
-  R=$(cat "$cls/$_d/cmd")
-  return $_rc
-}
-
 # bindmap CASE DEV P: bind P and map the whole buffer read-write into its window
 bindmap() {
   step "$1" "$2" bind $3 || return 1
-  quiet "$2" map "$P" 0 "$BUF" rw || {
+  cmd "$2" map "$P" 0 "$BUF" rw || {
     echo "VIOASID-SEED-JOBS case=$1 dev=$2 pasid=$P ok=0 bad=1 detail=map: $R"
     return 1
   }
@@ -71,11 +52,11 @@ onejob() {
   _len=$((1 + $(rand 16384)))
   _src=$(rand 400000)
   _dst=$((524288 + $(rand 400000)))
-  head -c "$_len" /dev/urandom > "$work/a"
+  randfile "$_len" "$work/a"
   put "$1" "$_src" "$work/a"
-  quiet "$1" copy "$2" "$_src" "$_dst" "$_len" || { WHY="copy $_src $_dst $_len: $R"; return 1; }
+  cmd "$1" copy "$2" "$_src" "$_dst" "$_len" || { WHY="copy $_src $_dst $_len: $R"; return 1; }
   get "$1" "$_dst" "$_len" "$work/b"
-  cmp -s "$work/a" "$work/b" || { WHY="copied bytes differ ($_src -> $_dst, $_len)"; return 1; }
+  same "$work/a" "$work/b" || { WHY="copied bytes differ ($_src -> $_dst, $_len)"; return 1; }
 }
 
 # jobs CASE DEV P N: N checked random copies; one JOBS marker
@@ -130,7 +111,7 @@ part_exhausted() { # dma6's parent has 2 PASID bits: pPASIDs 1..3, the fourth bi
 }
 
 part_cleanup() {
-  for b in $bound; do quiet "${b%%:*}" unbind "${b#*:}"; done
+  for b in $bound; do cmd "${b%%:*}" unbind "${b#*:}"; done
   bound=""
   echo "VIOASID-SEED-STEP case=cleanup dev=all op=cleanup pasid=0 rc=0 err=none detail=ok"
 }
@@ -159,7 +140,7 @@ part_tenant() { # one mdev slice of a shared parent
     [ $(((n + bad) % 4)) = 0 ] && echo "VIOASID-SEED-LOOP phase=progress jobs=$n bad=$bad uptime=$(uptime_s)"
   done
   echo "VIOASID-SEED-LOOP phase=end jobs=$n bad=$bad uptime=$(uptime_s) detail=${WHY:-none}"
-  quiet dma0 unbind "$mine"
+  cmd dma0 unbind "$mine"
 }
 
 for part in $(echo "$parts" | tr ',' ' '); do

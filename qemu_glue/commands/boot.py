@@ -38,10 +38,13 @@ def dma_rig(args: argparse.Namespace) -> PasidDmaRig | None:
     if not args.dma_device:
         if args.host is not None:
             raise UsageError("--host describes the host functions of --dma-device; give one")
+        if args.status_socket is not None:
+            raise UsageError("--status-socket serves the functions of --dma-device; give one")
         return None
     try:
         specs = [parse_dma_device(t) for t in args.dma_device]
-        return PasidDmaRig(specs, host_file=args.host, memory_mib=args.memory)
+        sock = Path(args.status_socket) if args.status_socket else None
+        return PasidDmaRig(specs, host_file=args.host, memory_mib=args.memory, status_socket=sock)
     except DmaDeviceError as e:
         raise UsageError(str(e)) from None
 
@@ -127,7 +130,7 @@ async def _boot_with(
     return summary
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     for p, what in ((args.kernel, "--kernel"), (args.initrd, "--initrd")):
         if p is not None and not p.is_file():
@@ -170,12 +173,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.get("qemu_exit") == 0 else 1
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "boot",
-        help="boot your kernel/initramfs with the vioasid-served disk, console on the terminal",
-        description=__doc__,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid boot`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--kernel", type=Path, required=True, help="kernel (vmlinux or bzImage)")
     p.add_argument("--initrd", type=Path, default=None, help="initramfs")
     p.add_argument(
@@ -214,6 +213,13 @@ def register(subparsers: Any) -> None:
         help="the host functions of --dma-device: a [[host]] table as in scenario files",
     )
     p.add_argument(
+        "--status-socket",
+        default=None,
+        metavar="PATH",
+        help="serve the --dma-device functions' engine on PATH with the daemon's server while "
+        "the guest runs: 'vioasid status --socket PATH' shows their bindings live",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON summary line at the end (bindings, jobs, faults, invalidations)",
@@ -224,4 +230,3 @@ def register(subparsers: Any) -> None:
         default=None,
         help="give up after this many seconds (default: wait for power-off)",
     )
-    p.set_defaults(func=_run)

@@ -89,7 +89,10 @@ async def _demo(
     async with contextlib.AsyncExitStack() as stack:
         rig = col = None
         if pasid:
-            rig = PasidDmaRig([parse_dma_device(t) for t in ALL_TYPES], memory_mib=512)
+            sock = Path(args.status_socket) if args.status_socket else None
+            rig = PasidDmaRig(
+                [parse_dma_device(t) for t in ALL_TYPES], memory_mib=512, status_socket=sock
+            )
             await stack.enter_async_context(rig)
             col = PasidCollector(str(mode), list(ALL_TYPES))
         result = await _run_demo_guest(args, img, choice, qemu, mode, rig, col)
@@ -263,7 +266,7 @@ def quiet_qmp_logs() -> None:
         qlog.setLevel(logging.CRITICAL)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
         return demo_migrate.run(args)
@@ -286,12 +289,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="boot a guest whose disk vioasid serves, walking the guest's VT-d tables itself",
-        description=__doc__,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid demo`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_guest_options(p, cross_check=True)
     p.add_argument("--console", action="store_true", help="show the guest console on stderr")
@@ -305,4 +304,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=420.0, help="seconds (default 420)")
     demo_migrate.add_arguments(p)
     demo_seed.add_arguments(p)
-    p.set_defaults(func=_run)

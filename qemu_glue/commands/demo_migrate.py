@@ -20,7 +20,7 @@ from qemu_glue.qemu.vmspec import Accel, IommuMode
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's migration options (called by ``demo.register``)."""
+    """The demo's migration options (called by ``demo.configure``)."""
     g = p.add_argument_group("live migration (--migrate)")
     g.add_argument(
         "--migrate",

@@ -22,7 +22,7 @@ from vioasid.commands.common import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's seed options (called by ``demo.register``)."""
+    """The demo's seed options (called by ``demo.configure``)."""
     g = p.add_argument_group("the seed's systems on real guests (--seed)")
     g.add_argument(
         "--seed",
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="with --seed: serve the two tenants' engine on PATH with the daemon's server while "
         "they run, so 'vioasid status --socket PATH' shows the shared parent's table live "
-        "(default: a private temporary socket the demo queries itself)",
+        "(default: a private temporary socket the demo queries itself); without --seed: the "
+        "PASID DMA functions' engine (their bindings, jobs and faults)",
     )
     g.add_argument(
         "--trace",

@@ -58,10 +58,8 @@ def _path(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "image", help="build or locate the test guest (Debian 6.12 kernel + busybox initramfs)"
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid image`` (the parser ``vioasid.cli`` made)."""
     sub = parser.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="build the guest image (cached; instant when up to date)")
     b.add_argument("--json", action="store_true", help="print one JSON object")

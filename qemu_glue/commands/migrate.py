@@ -179,7 +179,7 @@ def _print(res: MigrationResult, as_json: bool) -> None:
     sys.stdout.flush()
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from qemu_glue.commands.demo import quiet_qmp_logs
 
     quiet_qmp_logs()
@@ -188,13 +188,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "migrate",
-        help="live-migrate a QEMU VM and its vPASID state to another host (QMP)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid migrate`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--src-qmp", required=True, metavar="PATH", help="source QEMU's QMP socket")
     p.add_argument(
         "--dst-qmp", required=True, metavar="PATH", help="destination QEMU's QMP (-incoming defer)"
@@ -227,4 +222,3 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_run)

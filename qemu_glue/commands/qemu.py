@@ -62,13 +62,8 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "qemu",
-        help="which QEMU vioasid uses; install QEMU 11.1 privately",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid qemu`` (the parser ``vioasid.cli`` made)."""
     sub = p.add_subparsers(dest="qemu_command", metavar="ACTION", required=True)
     pp = sub.add_parser("path", help="the QEMU vioasid will start, why, and what it offers")
     add_qemu_option(pp)

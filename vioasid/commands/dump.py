@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from vioasid.commands.common import UsageError, emit
 from vioasid.model.dump import dump_tables
@@ -62,16 +61,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "dump",
-        help="list the present root/context/PASID entries in a guest-memory file",
-        description="Print every present context and PASID entry under RTADDR (BDF, PASID, "
-        "PGTT, DID, table pointers) as a table, or JSON.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid dump`` (the parser ``vioasid.cli`` made)."""
     add_memory_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument(
         "--max-entries", type=int, default=200_000, help="entry budget for hostile tables"
     )
-    p.set_defaults(func=run)

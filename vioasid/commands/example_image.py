@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from vioasid.commands.common import UsageError, emit
 from vioasid.model.example import EXAMPLES, build_example
@@ -58,13 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "example-image",
-        help="write an example guest-memory file with VT-d tables",
-        description="Write OUT: 8 MiB of guest memory holding scalable-mode tables for a few "
-        "devices and PASIDs (first-stage, second-stage, nested, pass-through).",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid example-image`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("out", metavar="OUT", help="file to write")
     p.add_argument("--json", action="store_true", help="print the RTADDR and requests as JSON")
-    p.set_defaults(func=run)

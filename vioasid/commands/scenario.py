@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from vioasid.commands.common import UsageError
 from vioasid.model.scenario import ScenarioError, ScenarioRunner, parse_scenario
@@ -26,18 +25,9 @@ def _line(exc: BaseException) -> str:
     return text[0] if text and text[0] else type(exc).__name__
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "scenario",
-        help="run a scenario file (hosts, VMs, steps) through the vPASID engine",
-        description=(
-            "Run the hosts, VMs and steps of a scenario TOML file through the same model the "
-            "daemon uses. One JSON line per step, then a summary line; exit 0 when every "
-            "expectation is met, 1 when one is not, 2 when the file is invalid."
-        ),
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid scenario`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("file", metavar="FILE.toml", help="the scenario file")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

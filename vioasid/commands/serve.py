@@ -22,13 +22,8 @@ from vioasid.model.engine import Host
 log = logging.getLogger("vioasid.serve")
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "serve",
-        help="run the vioasid daemon on a unix socket (foreground)",
-        description="Serve the vioasid protocol (docs/protocol.md) on a unix socket until "
-        "SIGTERM/SIGINT.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid serve`` (the parser ``vioasid.cli`` made)."""
     p.add_argument(
         "--socket",
         required=True,
@@ -64,7 +59,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["debug", "info", "warning", "error"],
         help="logging verbosity on stderr (overrides the global --log-level)",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,9 @@
 """``vioasid status``: the running daemon's VMs, devices and vPASID/pPASID tables.
 
+Also the PASID DMA functions the serving process presents over vfio-user (the dump's
+``pasid_functions``: ``vioasid boot --dma-device ... --status-socket PATH`` and ``vioasid demo
+--status-socket PATH`` serve their in-process engine with the daemon's server there).
+
 Human tables by default, the daemon's dump as one JSON object with ``--json``. Exits 1 when the
 daemon cannot be reached (one line on stderr).
 """
@@ -24,12 +28,8 @@ def _encodable(name: str) -> bool:
         return False
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "status",
-        help="show a running daemon's VMs, devices and vPASID/pPASID tables",
-        description="Query a vioasid daemon (vioasid serve) and print its state.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid status`` (the parser ``vioasid.cli`` made)."""
     p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's unix socket")
     p.add_argument("--json", action="store_true", help="print the state as one JSON object")
     p.add_argument("--vm", metavar="NAME", help="only this VM (exit 2 when there is none)")
@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="give up when the daemon has not answered within this time (default 5)",
     )
-    p.set_defaults(func=run)
 
 
 async def fetch(path: str, vm: str | None, timeout: float = 5.0) -> dict[str, Any]:
@@ -132,4 +131,40 @@ def render(doc: dict[str, Any]) -> str:
         rows.append([bdf, caps, f["assigned"] or "-", table or "-"])
     out.append("\n")
     out.append(_table(["FUNCTION", "CAPS", "ASSIGNED", "pPASID:VM/DEVICE/vPASID"], rows))
+    pasid_fns = doc.get("pasid_functions")
+    if pasid_fns:  # served over vfio-user by the process that owns the engine
+        rows = [
+            [
+                str(f.get("vm")),
+                str(f.get("device")),
+                str(f.get("type")),
+                str(f.get("function")),
+                "yes" if f.get("connected") else "no",
+                f"{f.get('jobs', {}).get('ok', 0)}/{f.get('jobs', {}).get('failed', 0)}",
+                str(f.get("faults", 0)),
+                " ".join(
+                    f"{b['vpasid']}→{b['ppasid']}"
+                    + (f" tag {b['tag']}" if b["tag"] != b["ppasid"] else "")
+                    for b in f.get("bindings", [])
+                )
+                or "-",
+            ]
+            for f in pasid_fns
+        ]
+        out.append("\n")
+        out.append(
+            _table(
+                [
+                    "VM",
+                    "PASID DMA",
+                    "TYPE",
+                    "FUNCTION",
+                    "CONNECTED",
+                    "JOBS OK/FAILED",
+                    "FAULTS",
+                    "vPASID→pPASID",
+                ],
+                rows,
+            )
+        )
     return "".join(out)

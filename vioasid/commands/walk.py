@@ -45,13 +45,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "walk",
-        help="translate one DMA request through the VT-d tables in a guest-memory file",
-        description="Walk root → context → PASID → page tables in FILE (offset == GPA) and "
-        "print one JSON object: the translation or the VT-d fault.",
-    )
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``vioasid walk`` (the parser ``vioasid.cli`` made)."""
     add_memory_options(p)
     p.add_argument("--bdf", required=True, metavar="BB:DD.F", help="requester (bus:dev.fn)")
     p.add_argument("--addr", required=True, metavar="IOVA", help="input address")
@@ -60,4 +55,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--supervisor", action="store_true", help="supervisor-privilege request")
     p.add_argument("--exec", action="store_true", help="execute request")
     p.add_argument("--haw", type=int, default=48, help="host address width (default 48)")
-    p.set_defaults(func=run)

@@ -2,9 +2,13 @@
 
 One listening unix socket; one front-end session at a time. The path of a request, top to bottom:
 
-1. ``_on_readable`` → ``recvmsg`` (data + SCM_RIGHTS fds) → ``Decoder.feed`` → ``_dispatch``:
-   every front-end message is handled synchronously, in order, and answered at once (QEMU blocks
-   on the replies; nothing here may wait on QEMU).
+1. The socket's reader thread (C: ``native.NativeReader``; Python:
+   ``iotlb_reader.FrontendReader``) → ``recvmsg`` (data + SCM_RIGHTS fds): a lone IOTLB
+   invalidation is posted to the DMA gate and acknowledged right
+   there (strict mode: a vCPU waits on each); everything else goes to the loop, ``_on_data`` →
+   ``Decoder.feed`` → ``_dispatch``: every front-end message is handled synchronously, in order,
+   and answered at once (QEMU blocks on the replies; nothing here may wait on QEMU). With
+   ``reader_thread=False`` the loop reads the socket itself (``_on_readable``).
 2. A kick eventfd becomes readable → ``_run_queue`` (one task per virtqueue): pop chains, let
    :class:`BlkDevice` serve them through :class:`Dma` (every address an IOVA translated by the
    :class:`DeviceTranslator`), push used entries, signal the call eventfd.
@@ -24,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +63,7 @@ from vioasid.formats.virtio import (
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 from vioasid.protocol.framing import close_fds
 from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
+from vioasid.vhost_user import native
 from vioasid.vhost_user.blk import BlkDevice
 from vioasid.vhost_user.codec import (
     HDR_SIZE,
@@ -71,6 +77,14 @@ from vioasid.vhost_user.codec import (
     unpack_header,
 )
 from vioasid.vhost_user.inflight import settle
+from vioasid.vhost_user.iotlb_reader import (
+    IOTLB_ACK,
+    IOTLB_MSG_BYTES,
+    FrontendReader,
+    InvalidationGate,
+)
+from vioasid.vhost_user.native import NativeReader
+from vioasid.vhost_user.timing import PhaseTimes, merged
 from vioasid.vhost_user.virtqueue import (
     MAX_QUEUE_SIZE,
     Buffer,
@@ -101,8 +115,8 @@ VIRTIO_FEATURES = (
 TRANSLATE_MODES = ("walk", "qemu", "identity")
 
 _IOTLB = VHOST_USER_IOTLB.packer
-_IOTLB_MSG_BYTES = HDR_SIZE + VHOST_USER_IOTLB.size
-_IOTLB_ACK = encode_reply(R.IOTLB_MSG, encode_u64(0))
+_IOTLB_MSG_BYTES = IOTLB_MSG_BYTES
+_IOTLB_ACK = IOTLB_ACK
 
 
 @dataclass
@@ -116,6 +130,7 @@ class BackendStats:
     device_starts: int = 0
     iotlb_updates: int = 0
     iotlb_invalidates: int = 0
+    iotlb_acked_by_reader: int = 0
 
 
 class VhostUserBlkBackend:
@@ -127,6 +142,8 @@ class VhostUserBlkBackend:
     ``inject_bad_iova`` (tests): the first read request served while the guest has DMA
     translation on gets its data buffer moved to this IOVA, as a buggy device would do; the
     real walk of the guest's tables must fault and the guest must see an I/O error.
+    ``reader_thread``: read the front-end socket on a thread of its own, which acknowledges
+    IOTLB invalidations without waiting for the loop (``iotlb_reader``); False: the loop reads it.
     """
 
     def __init__(
@@ -141,6 +158,7 @@ class VhostUserBlkBackend:
         trace: IO[str] | None = None,
         serial: str = "",
         inject_bad_iova: int | None = None,
+        reader_thread: bool = True,
     ) -> None:
         if translate not in TRANSLATE_MODES:
             raise ValueError(f"translate must be one of {TRANSLATE_MODES}")
@@ -164,6 +182,9 @@ class VhostUserBlkBackend:
         self._closed = asyncio.Event()
         self._session_done: asyncio.Event | None = None
         self._restart_pending = True
+        self.reader_thread = reader_thread
+        self._reader: FrontendReader | NativeReader | None = None
+        self.reader_times = PhaseTimes()  # the reader thread's own phase sums
         self.inject_bad_iova = inject_bad_iova
         self.on_invalidate: Callable[[], None] | None = None  # e.g. IqFollower.poke
         self.injected: list[int] = []  # heads of the chains that got the bad IOVA
@@ -188,7 +209,9 @@ class VhostUserBlkBackend:
         self.translator = DeviceTranslator(primary, sid=sid, reference=reference, trace=trace)
         self._identity = DeviceTranslator(IdentityResolver(mem, sid), sid=sid)
         self.dirty = DirtyLogging()  # migration: marks every page the device writes
-        self.dma = Dma(mem, self.dirty.wrap(self.translator))
+        # invalidations acknowledged by the reader thread, applied before each DMA access
+        self.gate = InvalidationGate(self._apply_invalidation)
+        self.dma = Dma(mem, self.dirty.wrap(self.translator), self.gate)
 
     # -- public ---------------------------------------------------------------------------
     def set_sid(self, sid: int) -> None:
@@ -237,6 +260,7 @@ class VhostUserBlkBackend:
         self.blk.close()
 
     def summary(self) -> dict[str, Any]:
+        self._drain()  # the invalidations already acknowledged count
         out = self.translator.stats.to_json()
         b = self.blk.stats
         out["blk"] = {
@@ -248,10 +272,14 @@ class VhostUserBlkBackend:
             "ioerr": b.ioerr,
         }
         out["requests"] = self.stats.requests
-        out["times"] = self.blk.times.to_json()
+        out["times"] = merged(self.blk.times, self.reader_times).to_json()
         out["device_starts"] = self.stats.device_starts
         out["ring_faults"] = self.stats.ring_faults
         out["iotlb_invalidates_from_qemu"] = self.stats.iotlb_invalidates
+        reader = self._reader
+        out["iotlb_acked_by_reader"] = self.stats.iotlb_acked_by_reader + (
+            reader.invalidations if reader is not None else 0
+        )
         if self.qemu is not None:
             out["qemu_misses"] = self.qemu.misses
             out["qemu_unanswered"] = self.qemu.unanswered
@@ -273,7 +301,10 @@ class VhostUserBlkBackend:
         self.stats.sessions += 1
         done = asyncio.Event()
         self._session_done = done
-        loop.add_reader(conn.fileno(), self._on_readable)
+        if self.reader_thread:
+            self._start_reader(conn, loop)
+        else:
+            loop.add_reader(conn.fileno(), self._on_readable)
         log.info("vhost-user front-end connected")
         try:
             await done.wait()
@@ -281,13 +312,55 @@ class VhostUserBlkBackend:
             self._end_session()
             log.info("vhost-user front-end disconnected")
 
+    def _start_reader(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """The socket's reader thread: the C one when it builds and loads, else Python's."""
+        conn.setblocking(True)
+        lib = native.load()
+        if lib is not None:
+            nat = NativeReader(
+                lib,
+                conn,
+                loop,
+                self._apply_invalidation,
+                self.translator.flush,
+                self._on_native_data,
+                self._end_session,
+                acks=self._acks(),
+                times=self.reader_times,
+                applied=self._invalidated,
+            )
+            if nat.start():
+                self._reader = nat
+                self.dma.gate = nat
+                return
+            log.warning("native IOTLB reader did not start: the Python one answers")
+        reader = FrontendReader(
+            conn,
+            loop,
+            self.gate,
+            partial(self._on_forwarded, conn),
+            acks=self._acks,
+            on_invalidated=self._invalidated,
+            times=self.reader_times,
+        )
+        self._reader = reader
+        self.dma.gate = self.gate
+        reader.start()
+
     def _end_session(self) -> None:
         loop = asyncio.get_event_loop()
         if self._conn is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._conn.fileno())
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.stop()
+                self.stats.iotlb_acked_by_reader += reader.invalidations
+                self.dma.gate = self.gate
+            else:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self._conn.fileno())
             self._conn.close()
             self._conn = None
+        self.gate.drain()
         for q in self.queues:
             self._stop_queue(q)
             for name in ("call_fd", "err_fd"):
@@ -310,6 +383,48 @@ class VhostUserBlkBackend:
         if self._session_done is not None:
             self._session_done.set()
 
+    def _drain(self) -> None:
+        """Apply the invalidations the reader thread acknowledged and posted."""
+        gate = self.dma.gate
+        if isinstance(gate, (InvalidationGate, NativeReader)):
+            gate.drain()
+
+    def _acks(self) -> bool:
+        return bool(self.protocol_features & (1 << PF.REPLY_ACK))
+
+    def _apply_invalidation(self, iova: int, size: int) -> None:
+        """An invalidation the reader thread acknowledged (applied inside the DMA gate)."""
+        self.stats.iotlb_invalidates += 1
+        self.translator.invalidate(iova, size)
+
+    def _invalidated(self) -> bool:
+        """Poke whoever follows invalidations (the IQ follower); False: nobody does."""
+        if self.on_invalidate is None:
+            return False
+        self.on_invalidate()
+        return True
+
+    def _on_native_data(self, data: bytes | memoryview, fds: list[int]) -> bool:
+        """What the C reader passed on; True while the decoder holds part of a message."""
+        self._on_data(data, fds)
+        return bool(self._decoder.pending)
+
+    def _on_forwarded(self, conn: socket.socket, data: bytes | None, fds: list[int]) -> None:
+        """What the Python reader thread got from the socket (None: closed or failed)."""
+        reader = self._reader
+        if conn is not self._conn or not isinstance(reader, FrontendReader):
+            close_fds(fds)  # a session that already ended
+            return
+        try:
+            if data is None:
+                close_fds(fds)
+                self._end_session()
+                return
+            self._on_data(data, fds)
+        finally:
+            reader.partial = bool(self._decoder.pending)
+            reader.handed()
+
     def _on_readable(self) -> None:
         conn = self._conn
         if conn is None:
@@ -322,6 +437,9 @@ class VhostUserBlkBackend:
             log.warning("vhost-user socket error: %s", exc)
             self._end_session()
             return
+        self._on_data(data, fds)
+
+    def _on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         if not fds and len(data) == _IOTLB_MSG_BYTES and not self._decoder.pending:
             # The hot message (strict mode: one per guest unmap, the vCPU waiting for the ack)
             # skips the decoder and the dispatcher.
@@ -407,6 +525,8 @@ class VhostUserBlkBackend:
 
     def _on_SET_PROTOCOL_FEATURES(self, msg: Message) -> None:
         self.protocol_features = msg.u64() & PROTOCOL_FEATURES
+        if isinstance(self._reader, NativeReader):
+            self._reader.set_acks(self._acks())
 
     def _on_GET_QUEUE_NUM(self, msg: Message) -> bytes:
         return encode_u64(MAX_QUEUES)
@@ -624,7 +744,7 @@ class VhostUserBlkBackend:
             dma = (
                 self.dma
                 if self.features & (1 << VirtioFeature.ACCESS_PLATFORM)
-                else Dma(self.get_memory, self.dirty.wrap(self._identity))
+                else Dma(self.get_memory, self.dirty.wrap(self._identity), self.dma.gate)
             )
             served = 0
             while q.started and q.ready and self.memory is not None:

@@ -56,3 +56,12 @@ class PhaseTimes:
                 for p in PHASES
             },
         }
+
+
+def merged(a: PhaseTimes, b: PhaseTimes) -> PhaseTimes:
+    """``a`` plus the phase sums of ``b`` (a thread's own counters); ``a``'s request span."""
+    out = PhaseTimes(dict(a.seconds), dict(a.counts), a.first_request, a.last_request)
+    for p in PHASES:
+        out.seconds[p] += b.seconds[p]
+        out.counts[p] += b.counts[p]
+    return out

@@ -1,8 +1,11 @@
 """Split virtqueues (virtio 1.2 §2.7) read and written through the device's DMA translator.
 
 Every address the ring holds — the rings themselves and each buffer — is an IOVA: :class:`Dma`
-translates it page by page (``DeviceTranslator.translate``) and only then touches guest memory.
-A translation failure raises ``DmaFault`` before any byte of the request is accessed. Guest data
+translates it page by page (``DeviceTranslator.translate``) and only then touches guest memory,
+inside the invalidation gate (``iotlb_reader.InvalidationGate``): invalidations acknowledged by
+the socket's reader thread are applied first, and an access whose translation one of them
+covered is translated again. A translation failure raises ``DmaFault`` before any byte of the
+request is accessed. Guest data
 is hostile: chains are bounded by the queue size, indirect tables by their length, and any
 out-of-memory pointer ends in a fault, never in an exception escaping or a stray access.
 """
@@ -13,9 +16,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, TypeVar
 
 from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
+from vioasid.device.translator import DmaTranslator as Translator
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     VRING_AVAIL_HDR,
@@ -43,17 +48,36 @@ MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails a
 YIELD_EVERY = 16  # buffers translated between two turns of the event loop
 
 
-class Translator(Protocol):
-    @property
-    def generation(self) -> int: ...
+class Gate(Protocol):
+    """Entered around every access to guest memory (``iotlb_reader.InvalidationGate``)."""
 
-    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
+    def __enter__(self) -> None: ...
 
-    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
-    def spans(
-        self, iova: int, length: int, write: bool, pasid: int | None = None
-    ) -> list[tuple[int, int]] | None: ...
+
+class _NoGate:
+    """The gate of a device whose invalidations all arrive on the loop's thread: the checks
+    alone keep the accesses right."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+T = TypeVar("T")
 
 
 class ChainError(Exception):
@@ -61,11 +85,23 @@ class ChainError(Exception):
 
 
 class Dma:
-    """Guest memory accessed by IOVA through a translator."""
+    """Guest memory accessed by IOVA through a translator.
 
-    def __init__(self, memory: Callable[[], GuestMemory | None], translator: Translator) -> None:
+    Every access happens inside ``gate`` after a check that no invalidation applied since the
+    translation began covers it (then it is translated again, at most ``MAX_RETRANSLATIONS``
+    times): with the socket read by another thread, an invalidation may be acknowledged at any
+    moment, and the gate makes the access either finish before the ack or see it.
+    """
+
+    def __init__(
+        self,
+        memory: Callable[[], GuestMemory | None],
+        translator: Translator,
+        gate: Gate | None = None,
+    ) -> None:
         self._memory = memory
         self.translator = translator
+        self.gate: Gate = gate if gate is not None else _NoGate()
 
     def _mem(self) -> GuestMemory:
         mem = self._memory()
@@ -73,34 +109,17 @@ class Dma:
             raise MemoryAccessError(0, 0)
         return mem
 
-    async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
-        """Views of every buffer of a request, all translated before the caller touches one.
-
-        Every ``YIELD_EVERY`` buffers the event loop gets a turn (strict mode: QEMU's
-        invalidations wait on this process with the guest's vCPU). If an invalidation covering
-        one of the buffers came in meanwhile (there, or while a miss waited on QEMU or on the
-        registers), the buffers are translated again: no access uses a translation made before
-        its invalidation.
-        """
+    def _fresh(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
+        """No invalidation applied since ``generation`` covers ``ranges`` (inside the gate)."""
         tr = self.translator
-        for _ in range(MAX_RETRANSLATIONS):
-            gen = tr.generation
-            views: list[memoryview] = []
-            for i, b in enumerate(bufs, 1):
-                views.extend(await self.views(b.addr, b.len, write))
-                if not i % YIELD_EVERY and i < len(bufs):
-                    # let the loop answer what QEMU sent meanwhile (a vCPU waits on each
-                    # invalidation); one that covers these buffers makes us translate again
-                    await asyncio.sleep(0)
-            if tr.generation == gen or not tr.invalidated_since(
-                gen, [(b.addr, b.len) for b in bufs]
-            ):
-                return views
-        sid = int(getattr(tr, "sid", 0))
-        raise DmaFault(
+        return tr.generation == generation or not tr.invalidated_since(generation, ranges)
+
+    def _stale(self, iova: int, write: bool) -> DmaFault:
+        sid = int(getattr(self.translator, "sid", 0))
+        return DmaFault(
             Fault(
                 FaultReason.PAGING_ENTRY_INV,
-                bufs[0].addr if bufs else 0,
+                iova,
                 sid,
                 None,
                 write,
@@ -108,12 +127,46 @@ class Dma:
             )
         )
 
+    async def transfer(
+        self, bufs: list[Buffer], write: bool, access: Callable[[list[memoryview]], T]
+    ) -> T:
+        """``access(views)`` over every buffer of a request, all translated first (a fault
+        touches nothing), called inside the gate once no invalidation covers them.
+
+        Every ``YIELD_EVERY`` buffers the event loop gets a turn (QEMU's messages; without the
+        reader thread, strict mode's invalidations wait on it with the guest's vCPU). If an
+        invalidation covering one of the buffers came in meanwhile (there, while a miss waited
+        on QEMU or on the registers, or from the reader thread), the buffers are translated
+        again: no access uses a translation made before its invalidation.
+        """
+        tr = self.translator
+        ranges = [(b.addr, b.len) for b in bufs]
+        for _ in range(MAX_RETRANSLATIONS):
+            gen = tr.generation
+            views: list[memoryview] = []
+            for i, b in enumerate(bufs, 1):
+                views.extend(await self.views(b.addr, b.len, write))
+                if not i % YIELD_EVERY and i < len(bufs):
+                    await asyncio.sleep(0)
+            with self.gate:
+                if self._fresh(gen, ranges):
+                    return access(views)
+        raise self._stale(bufs[0].addr if bufs else 0, write)
+
+    async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
+        """Views of every buffer of a request, translated and checked as :meth:`transfer` does;
+        for a caller on the loop's thread with no other thread acknowledging invalidations
+        (the views are used after the gate is left)."""
+        return await self.transfer(bufs, write, _same)
+
     async def views(self, iova: int, length: int, write: bool) -> list[memoryview]:
         """Zero-copy views covering ``[iova, iova + length)``, translated page by page.
 
         Contiguous guest-physical pages in one region merge into one view. Every page is
         translated before any view is returned (a fault leaves memory untouched). A buffer
-        whose misses the resolver answers at once never awaits (``Translator.spans``).
+        whose misses the resolver answers at once never awaits (``Translator.spans``). The
+        views are not checked against invalidations: access them inside the gate after a
+        check (:meth:`transfer`, :meth:`read`, :meth:`write`).
         """
         spans = self.translator.spans(iova, length, write)
         if spans is None:
@@ -145,43 +198,70 @@ class Dma:
         return spans
 
     async def read(self, iova: int, length: int) -> bytes:
-        return b"".join(bytes(v) for v in await self.views(iova, length, False))
+        """A copy of ``[iova, iova + length)`` (a copy: guest data may change under a view)."""
+        for _ in range(MAX_RETRANSLATIONS):
+            gen = self.translator.generation
+            views = await self.views(iova, length, False)
+            with self.gate:
+                if self._fresh(gen, [(iova, length)]):
+                    return b"".join(bytes(v) for v in views)
+        raise self._stale(iova, False)
 
     async def write(self, iova: int, data: bytes) -> None:
-        pos = 0
-        for v in await self.views(iova, len(data), True):
-            v[:] = data[pos : pos + len(v)]
-            pos += len(v)
+        for _ in range(MAX_RETRANSLATIONS):
+            gen = self.translator.generation
+            views = await self.views(iova, len(data), True)
+            with self.gate:
+                if self._fresh(gen, [(iova, len(data))]):
+                    pos = 0
+                    for v in views:
+                        v[:] = data[pos : pos + len(v)]
+                        pos += len(v)
+                    return
+        raise self._stale(iova, True)
+
+    async def _u16_at(self, iova: int, write: bool) -> tuple[int, memoryview, int]:
+        """(generation before the translation, region buffer, offset) of a u16 at ``iova``."""
+        if iova & 1:
+            raise ChainError("misaligned u16")
+        gen = self.translator.generation
+        gpa = await self.translator.translate(iova, write)
+        r = self._mem().region_of(gpa, 2)
+        return gen, r.buf, gpa - r.gpa
 
     async def read_u16(self, iova: int) -> int:
-        if iova & 1:
-            raise ChainError("misaligned u16")
-        gpa = await self.translator.translate(iova, False)
-        mem = self._mem()
-        r = mem.region_of(gpa, 2)
-        return int.from_bytes(r.buf[gpa - r.gpa : gpa - r.gpa + 2], "little")
+        for _ in range(MAX_RETRANSLATIONS):
+            gen, buf, off = await self._u16_at(iova, False)
+            with self.gate:
+                if self._fresh(gen, [(iova, 2)]):
+                    return int.from_bytes(buf[off : off + 2], "little")
+        raise self._stale(iova, False)
 
     async def write_u16(self, iova: int, value: int) -> None:
-        if iova & 1:
-            raise ChainError("misaligned u16")
-        gpa = await self.translator.translate(iova, True)
-        mem = self._mem()
-        r = mem.region_of(gpa, 2)
-        r.buf[gpa - r.gpa : gpa - r.gpa + 2] = value.to_bytes(2, "little")
+        for _ in range(MAX_RETRANSLATIONS):
+            gen, buf, off = await self._u16_at(iova, True)
+            with self.gate:
+                if self._fresh(gen, [(iova, 2)]):
+                    buf[off : off + 2] = value.to_bytes(2, "little")
+                    return
+        raise self._stale(iova, True)
 
 
-async def _table_view(dma: Dma, table: int, entries: int) -> memoryview | None:
-    """The descriptor table as one view when it is contiguous in guest memory (then each
-    descriptor is unpacked straight from it: one translation per table, not per descriptor),
-    else None (descriptors are read one by one, as for a table beyond 64 KiB or one not
-    wholly mapped)."""
+def _same(views: list[memoryview]) -> list[memoryview]:
+    return views
+
+
+async def _table_copy(dma: Dma, table: int, entries: int) -> bytes | None:
+    """The descriptor table copied in one access (then each descriptor is unpacked from the
+    copy: one translation per table, not per descriptor, and the guest cannot change a
+    descriptor under the walk), or None (descriptors are read one by one, as for a table
+    beyond 64 KiB or one not wholly mapped)."""
     if entries * VRING_DESC.size > 1 << 16:
         return None
     try:
-        views = await dma.views(table, entries * VRING_DESC.size, False)
+        return await dma.read(table, entries * VRING_DESC.size)
     except (DmaFault, MemoryAccessError):
         return None  # part of it unreadable: the descriptors actually used decide
-    return views[0] if len(views) == 1 else None
 
 
 def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
@@ -268,7 +348,7 @@ class SplitQueue:
         table, size, idx = self.desc, self.num, head
         budget = self.num  # §2.7.5.3.1/§2.7.5.2: a chain never exceeds the queue size
         indirect = False
-        tview = await _table_view(dma, table, size)
+        tview = await _table_copy(dma, table, size)
         while True:
             if budget <= 0:
                 raise ChainError("descriptor chain loops or is longer than the queue")
@@ -286,7 +366,7 @@ class SplitQueue:
                 table, size, idx = addr, length // 16, 0
                 budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
-                tview = await _table_view(dma, table, size)
+                tview = await _table_copy(dma, table, size)
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
