@@ -31,6 +31,7 @@ from vioasid.client import (
     NotFound,
     NotOwner,
 )
+from vioasid.daemon import server as server_mod
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Connection, Server
 from vioasid.daemon.service import EVENT_BACKLOG, Service
@@ -360,6 +361,53 @@ async def test_partial_messages_are_bounded_across_connections(tmp_path: Path) -
             assert await fresh.get_features() == wire.ALL_FEATURES
         for s in socks:
             s.close()
+
+
+@pytest.mark.asyncio
+async def test_large_import_completes_while_a_flood_holds_the_input_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that send part of a huge message and stop hold the whole input budget; a
+    large ``IMPORT_VM`` sent then is paused for the budget, and completes once the daemon
+    closes the hostage-takers (a partial message held for ``PARTIAL_S`` while it waits).
+    The sizes are scaled down (budget 512 KiB, 32 KiB always allowed) so the import's 60 KiB
+    is large."""
+    monkeypatch.setattr(server_mod, "INPUT_BUDGET", 512 << 10)
+    monkeypatch.setattr(server_mod, "SMALL_INPUT", 32 << 10)
+    monkeypatch.setattr(server_mod, "PARTIAL_S", 0.5)
+    path = str(tmp_path / "d.sock")
+    g, g2 = MemfdGuest(size=1 << 20), MemfdGuest(size=1 << 20)
+    name = "dst-" + "y" * 60000  # the import's 60 KiB
+    async with Server(Service(default_host()), path) as server:
+        source, target = await Client.connect(path), await Client.connect(path)
+        stream = await source.export_vm(await source.register_vm("src", [g.region()]))
+        loop = asyncio.get_running_loop()
+        half = wire.HEADER_S.pack(Request.DUMP, wire.VERSION, wire.MAX_PAYLOAD) + bytes(200 << 10)
+        socks = []
+        for _ in range(12):  # each holds 200 KiB of a 16 MiB message, then goes quiet
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, path)
+            socks.append(s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await loop.sock_sendall(s, half)
+        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)
+        assert server.input_held > server_mod.INPUT_BUDGET  # the budget is full
+        async with asyncio.timeout(30):
+            res = await target.import_vm(name, stream, [g2.region()])
+        assert set((await target.dump())["vms"]) == {"src", name}
+        assert res.vm and not res.bindings
+        # what held the budget hostage was closed; what is held now fits in it
+        assert len(server.connections) < 2 + len(socks)
+        assert server.input_held <= server_mod.INPUT_BUDGET
+        for s in socks:
+            s.close()
+        await source.close()
+        await target.close()
+    g.close()
+    g2.close()
 
 
 # -- 5. replies of any size; a bad reply costs one request, not the VMs ------------------------

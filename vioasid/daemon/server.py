@@ -16,7 +16,8 @@ Limits (docs/protocol.md, "Limits and ownership"): at most ``max_connections`` c
 more is told ``exhausted`` and closed); running out of file descriptors pauses accepting with a
 back-off (logged once) and refuses only the request whose fds could not be received; input held
 for partial messages is bounded across all connections (:data:`INPUT_BUDGET`: a connection that
-would exceed it stops being read until others finish theirs); a client that leaves more than
+would exceed it stops being read until others finish theirs; meanwhile those that have kept a
+partial message for :data:`PARTIAL_S` are closed, oldest first, until there is room); a client that leaves more than
 :data:`MAX_QUEUED` bytes of replies unread is disconnected, its events are dropped sooner
 (``service.EVENT_BACKLOG``); a connection with more work than :data:`TURN_S` of CPU waits
 for its next turn (:meth:`Server.later`: round robin, one turn per pass of the loop, every
@@ -56,6 +57,10 @@ INPUT_BUDGET = 64 << 20
 """Bytes of partial messages held across all connections."""
 SMALL_INPUT = 1 << 20
 """A connection may always hold this much of a partial message, budget or not."""
+PARTIAL_S = 2.0
+"""While a connection waits for the input budget, those that have held a partial message above
+:data:`SMALL_INPUT` this long are closed, oldest first, until there is room: a message arrives
+in milliseconds over a unix socket, one that does not is holding the budget hostage."""
 ACCEPT_BACKOFF = (0.05, 1.0)
 """First and longest pause of accepting while the process is out of file descriptors."""
 _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -109,6 +114,7 @@ class Connection:
         sink = weakref.ref(self.transport)  # a session (kept by log records) must not pin it
         self.session.unsent = lambda: t.pending if (t := sink()) is not None else 0
         self.held = 0  # bytes of a partial message counted in the server's input budget
+        self.held_since = 0.0  # loop time it started holding (or was last resumed)
         self.paused = False  # held back by the input budget
         self.busy = False  # work left for the next turn (not read meanwhile)
         self.job: DmaJob | None = None  # a big DMA batch being translated slice by slice
@@ -242,6 +248,7 @@ class Server:
         self.input_held = 0  # bytes of partial messages above SMALL_INPUT, all connections
         self.refused = 0  # connections refused (limit or no fds)
         self._waiting: dict[int, Connection] = {}  # paused for the input budget
+        self._evict: asyncio.TimerHandle | None = None  # the next look for hostage-takers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._done: asyncio.Event | None = None
@@ -405,8 +412,13 @@ class Server:
 
     def account(self, conn: Connection, *, closing: bool = False) -> None:
         """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection
-        over it is paused until the others' messages complete or close."""
+        over it is paused until the others' messages complete or close; while one waits, the
+        connections that have kept a partial message for :data:`PARTIAL_S` are closed, oldest
+        first, until there is room (:meth:`_evict_stalled`), so a flood of never-finished messages cannot hold a large
+        legitimate one (an ``IMPORT_VM``) back for longer than that."""
         held = 0 if closing else max(0, conn.codec.buffered - SMALL_INPUT)
+        if held and not conn.held:
+            conn.held_since = self.loop.time()
         self.input_held += held - conn.held
         conn.held = held
         if closing:
@@ -419,12 +431,35 @@ class Server:
             conn.paused = True
             conn.transport.pause_reading()
             self._waiting[conn.session.id] = conn
+            if self._evict is None:
+                self._evict = self.loop.call_later(PARTIAL_S / 4, self._evict_stalled)
             return
         if self._waiting and self.input_held <= INPUT_BUDGET:
             waiting, self._waiting = self._waiting, {}
+            now = self.loop.time()
             for c in waiting.values():
                 c.paused = False
+                c.held_since = now  # time spent waiting does not count against it
                 c.resume()
+
+    def _evict_stalled(self) -> None:
+        """Someone waits for the input budget: close the connections that have held a partial
+        message for :data:`PARTIAL_S` (paused or not; a resumed one starts afresh), oldest
+        first, until the budget has room again and the waiting are resumed."""
+        self._evict = None
+        if not self._waiting:
+            return
+        limit = self.loop.time() - PARTIAL_S
+        stale = [c for c in self.connections.values() if c.held and c.held_since <= limit]
+        for conn in sorted(stale, key=lambda c: c.held_since):
+            if self.input_held <= INPUT_BUDGET:
+                break
+            conn.close(
+                f"a partial message has held {conn.held + SMALL_INPUT} bytes of the input "
+                f"budget for over {PARTIAL_S:g} s while others wait"
+            )
+        if self._waiting and self._evict is None:
+            self._evict = self.loop.call_later(PARTIAL_S / 4, self._evict_stalled)
 
     def flush(self) -> None:
         """Write every session's pending output to its socket."""
@@ -451,6 +486,9 @@ class Server:
         if self._turn is not None:
             self._turn.cancel()
             self._turn = None
+        if self._evict is not None:
+            self._evict.cancel()
+            self._evict = None
         self._turns.clear()
         if self._sock is not None:
             with contextlib.suppress(Exception):
