@@ -17,12 +17,13 @@ more is told ``exhausted`` and closed); running out of file descriptors pauses a
 back-off (logged once) and refuses only the request whose fds could not be received; input held
 for partial messages is bounded across all connections (:data:`INPUT_BUDGET`: a connection that
 would exceed it stops being read until others finish theirs; meanwhile those that have kept a
-partial message for :data:`PARTIAL_S` are closed, oldest first, until there is room); a client that leaves more than
-:data:`MAX_QUEUED` bytes of replies unread is disconnected, its events are dropped sooner
-(``service.EVENT_BACKLOG``); a connection with more work than :data:`TURN_S` of CPU waits
-for its next turn (:meth:`Server.later`: round robin, one turn per pass of the loop, every
-ready socket served in between). The socket is created 0600 (0660 with a group), next to a lock
-file that keeps two daemons off one path; only a socket this daemon created is removed.
+partial message for :data:`PARTIAL_S` are closed, oldest first, until there is room); a client
+that leaves more than :data:`MAX_QUEUED` bytes of replies unread is disconnected, its events
+are dropped sooner (``service.EVENT_BACKLOG``); a connection with more work than :data:`TURN_S`
+of CPU waits for its next turn (:meth:`Server.later`: round robin, one turn per pass of the
+loop, every ready socket served in between). The socket is created 0600 (0660 with a group),
+next to a lock file that keeps two daemons off one path; only a socket this daemon created is
+removed.
 """
 
 from __future__ import annotations
@@ -414,8 +415,9 @@ class Server:
         """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection
         over it is paused until the others' messages complete or close; while one waits, the
         connections that have kept a partial message for :data:`PARTIAL_S` are closed, oldest
-        first, until there is room (:meth:`_evict_stalled`), so a flood of never-finished messages cannot hold a large
-        legitimate one (an ``IMPORT_VM``) back for longer than that."""
+        first, until there is room (:meth:`_evict_stalled`), so a flood of never-finished
+        messages cannot hold a large legitimate one (an ``IMPORT_VM``) back for longer than
+        that."""
         held = 0 if closing else max(0, conn.codec.buffered - SMALL_INPUT)
         if held and not conn.held:
             conn.held_since = self.loop.time()
