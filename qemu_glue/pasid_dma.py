@@ -15,6 +15,9 @@
    :mod:`qemu_glue.qemu.vtd_regs`) into the engine VM, in the background: a vfio-user message must
    never wait on QMP (the vCPU waits for its reply holding QEMU's lock).
 4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
+5. With ``status_socket`` the rig also serves its engine with the daemon's own server (the code
+   of ``vioasid serve``) there, reporting its functions (:meth:`PasidDmaRig.function_report`)
+   in the dump's ``pasid_functions``: ``vioasid status --socket PATH`` shows them live.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from qemu_glue.lifecycle import StartClose
 from qemu_glue.qemu.vmspec import VfioUserPci
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
+from vioasid.daemon.server import Server
+from vioasid.daemon.service import Service
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats.pasid_dma import FunctionType
 from vioasid.model.engine import Host, guest_fault_json
@@ -158,7 +163,12 @@ class PasidDmaRig(StartClose):
         *,
         host_file: str | None = None,
         memory_mib: int = 512,
+        posted_writes: bool = True,
+        status_socket: Path | None = None,
     ) -> None:
+        """``posted_writes``: QEMU posts BAR writes (its default): a job's nine register writes
+        cost no round trip each; the driver's PORTAL_STATUS read waits for the job, since one
+        function's messages are handled strictly in order (docs/pasid-dma.md)."""
         if memory_mib > MAX_RAM_MIB:
             raise DmaDeviceError(f"--dma-device needs --memory <= {MAX_RAM_MIB} MiB")
         host = None
@@ -171,6 +181,9 @@ class PasidDmaRig(StartClose):
         # a scalable-ss guest writes second-stage (PGTT=2) entries: translated in software
         self.host.guest_second_stage = True
         self.memory_mib = memory_mib
+        self.posted_writes = posted_writes
+        self.status_socket = status_socket
+        self.status_server: Server | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="vioasid-dma-"))
         shm = Path("/dev/shm")
         self.ram_path = (shm if shm.is_dir() else self.tmp) / f"{self.tmp.name}-ram"
@@ -195,10 +208,20 @@ class PasidDmaRig(StartClose):
             await srv.start()
             self.functions.append(fn)
             self.servers.append(srv)
+        if self.status_socket is not None:
+            service = Service(self.host)
+            service.reports["pasid_functions"] = self.function_report
+            self.status_server = Server(service, self.status_socket)
+            await self.status_server.start()
 
     def devices(self) -> tuple[VfioUserPci, ...]:
         return tuple(
-            VfioUserPci(socket=s.path, id=f"dma{i}", addr=f"{p.slot:02x}.0")
+            VfioUserPci(
+                socket=s.path,
+                id=f"dma{i}",
+                addr=f"{p.slot:02x}.0",
+                no_posted_writes=not self.posted_writes,
+            )
             for i, (s, p) in enumerate(zip(self.servers, self.placed, strict=True))
         )
 
@@ -227,11 +250,35 @@ class PasidDmaRig(StartClose):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
             self._watch = None
+        if self.status_server is not None:
+            await self.status_server.close()
+            self.status_server = None
         for s in self.servers:
             await s.close()
         with contextlib.suppress(FileNotFoundError):
             self.ram_path.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def function_report(self) -> list[dict[str, Any]]:
+        """Each function as ``vioasid status`` lists it: VM, guest device, type, host function,
+        its vfio-user socket and connection, jobs, faults, the device TLB and the bindings."""
+        return [
+            {
+                "vm": VM_NAME,
+                "device": bdf_str(f.guest_rid),
+                "type": f.ftype.word,
+                "function": bdf_str(f.function_rid),
+                "socket": str(s.path),
+                "connected": s.connected.is_set(),
+                "pasid_enabled": f.pasid_enabled,
+                "doorbells": f.doorbells,
+                "jobs": {"ok": f.jobs_ok, "failed": f.jobs_failed},
+                "faults": len(f.faults),
+                "tlb": {"pages": f.tlb.pages, "hits": f.tlb.stats.hits},
+                "bindings": [{k: b[k] for k in ("vpasid", "ppasid", "tag")} for b in f.bindings()],
+            }
+            for f, s in zip(self.functions, self.servers, strict=True)
+        ]
 
     def summary(self) -> dict[str, Any]:
         """``bindings`` [{device, type, vpasid, ppasid, tag}], jobs, faults (guest terms)."""
@@ -245,6 +292,7 @@ class PasidDmaRig(StartClose):
                     "pasid_enabled": f.pasid_enabled,
                     "connected": s.connected.is_set(),
                     "messages": s.messages,
+                    "posted": s.posted,
                 }
                 for f, s in zip(self.functions, self.servers, strict=True)
             ],

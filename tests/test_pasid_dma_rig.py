@@ -115,6 +115,7 @@ def test_boot_usage_errors_are_one_line(tmp_path: Path) -> None:
     for extra, want in (
         (["--dma-device", "dsa"], "TYPE must be one of"),
         (["--host", str(tmp_path / "none.toml")], "--host describes"),
+        (["--status-socket", str(tmp_path / "s.sock")], "--status-socket serves"),
         (["--dma-device", "mdev", "--iommu", "legacy"], "scalable-mode"),
     ):
         r = subprocess.run(
@@ -123,3 +124,45 @@ def test_boot_usage_errors_are_one_line(tmp_path: Path) -> None:
         )  # fmt: skip
         assert r.returncode == 2, r.stderr
         assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.asyncio
+async def test_status_socket_lists_the_pasid_functions_and_their_bindings(tmp_path: Path) -> None:
+    """The rig serves its in-process engine with the daemon's server: ``vioasid status`` (the
+    command's own fetch and render) lists each function, its type and its live bindings."""
+    from vioasid.commands.status import fetch, render
+    from vioasid.formats.pasid import PGTT_FIRST_STAGE
+    from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
+
+    sock = tmp_path / "status.sock"
+    rig = PasidDmaRig(
+        [parse_dma_device("mdev"), parse_dma_device("dedicated")],
+        memory_mib=64,
+        status_socket=sock,
+    )
+    async with rig:
+        mem = rig.host.vm("guest").memory
+        pages = PageAllocator(mem, 32 << 20, 16 << 20)
+        drv = GuestIommuDriver.for_pasid_bits(mem, pages, 20)
+        rig.host.set_rtaddr("guest", drv.rtaddr)
+        mdev, ded = rig.functions
+        for f, x in ((mdev, 7), (ded, 3)):
+            drv.attach_device(f.guest_rid)
+            table = FirstStagePageTable(mem, pages)
+            drv.set_pasid_entry(f.guest_rid, x, pgtt=PGTT_FIRST_STAGE, did=x, flptptr=table.root)
+            assert f.bind_command(1, x) == 0
+        doc = await fetch(str(sock), None)
+        fns = {f["device"]: f for f in doc["pasid_functions"]}
+        assert set(fns) == {"00:05.0", "00:06.0"}
+        assert fns["00:05.0"]["type"] == "mdev" and fns["00:06.0"]["type"] == "dedicated"
+        assert fns["00:05.0"]["bindings"] == [{"vpasid": 7, "ppasid": 1, "tag": 1}]
+        assert fns["00:06.0"]["bindings"] == [{"vpasid": 3, "ppasid": 3, "tag": 3}]
+        assert fns["00:05.0"]["socket"] == str(rig.servers[0].path)
+        text = render(doc)
+        assert "PASID DMA" in text and "7→1" in text and "3→3" in text
+        assert "mdev" in text and "dedicated" in text
+        # unbound: gone from the next status
+        assert ded.bind_command(2, 3) == 0
+        doc = await fetch(str(sock), None)
+        assert [f["bindings"] for f in doc["pasid_functions"]][1] == []
+    assert not sock.exists()

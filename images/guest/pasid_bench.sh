@@ -36,11 +36,14 @@ figure() { # NAME OPS BYTES_PER_OP UNIT T0 T1
 timed() {
   _k=$1
   shift
-  n=0 t0=$(now_cs)
+  n=0
+  clock_cs
+  t0=$T
   while :; do
     echo "$*" > "$c" 2>/dev/null || fail "$1"
     n=$((n + _k))
-    t1=$(now_cs)
+    clock_cs
+    t1=$T
     [ $((t1 - t0)) -ge "$lim" ] && break
   done
 }
@@ -75,13 +78,16 @@ timed 1 copy "$P" 0x1000 0x81000 4096
 figure pasid_jobs_4k_single_per_s "$n" 4096 jobs/s "$t0" "$t1"
 
 echo "unmap $P 0 4096" > "$c" 2>/dev/null || fail unmap
-n=0 t0=$(now_cs)
+n=0
+clock_cs
+t0=$T
 while :; do
   echo "map $P 0 4096 rw" > "$c" 2>/dev/null || fail remap
   echo "copy $P 0 0x80000 4096" > "$c" 2>/dev/null || fail "copy after inval"
   echo "unmap $P 0 4096" > "$c" 2>/dev/null || fail unmap
   n=$((n + 1))
-  t1=$(now_cs)
+  clock_cs
+  t1=$T
   [ $((t1 - t0)) -ge "$lim" ] && break
 done
 figure pasid_jobs_4k_after_inval_per_s "$n" 4096 jobs/s "$t0" "$t1"

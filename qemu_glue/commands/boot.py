@@ -38,10 +38,13 @@ def dma_rig(args: argparse.Namespace) -> PasidDmaRig | None:
     if not args.dma_device:
         if args.host is not None:
             raise UsageError("--host describes the host functions of --dma-device; give one")
+        if args.status_socket is not None:
+            raise UsageError("--status-socket serves the functions of --dma-device; give one")
         return None
     try:
         specs = [parse_dma_device(t) for t in args.dma_device]
-        return PasidDmaRig(specs, host_file=args.host, memory_mib=args.memory)
+        sock = Path(args.status_socket) if args.status_socket else None
+        return PasidDmaRig(specs, host_file=args.host, memory_mib=args.memory, status_socket=sock)
     except DmaDeviceError as e:
         raise UsageError(str(e)) from None
 
@@ -208,6 +211,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE.toml",
         help="the host functions of --dma-device: a [[host]] table as in scenario files",
+    )
+    p.add_argument(
+        "--status-socket",
+        default=None,
+        metavar="PATH",
+        help="serve the --dma-device functions' engine on PATH with the daemon's server while "
+        "the guest runs: 'vioasid status --socket PATH' shows their bindings live",
     )
     p.add_argument(
         "--json",

@@ -89,7 +89,10 @@ async def _demo(
     async with contextlib.AsyncExitStack() as stack:
         rig = col = None
         if pasid:
-            rig = PasidDmaRig([parse_dma_device(t) for t in ALL_TYPES], memory_mib=512)
+            sock = Path(args.status_socket) if args.status_socket else None
+            rig = PasidDmaRig(
+                [parse_dma_device(t) for t in ALL_TYPES], memory_mib=512, status_socket=sock
+            )
             await stack.enter_async_context(rig)
             col = PasidCollector(str(mode), list(ALL_TYPES))
         result = await _run_demo_guest(args, img, choice, qemu, mode, rig, col)

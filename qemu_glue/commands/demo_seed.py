@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="with --seed: serve the two tenants' engine on PATH with the daemon's server while "
         "they run, so 'vioasid status --socket PATH' shows the shared parent's table live "
-        "(default: a private temporary socket the demo queries itself)",
+        "(default: a private temporary socket the demo queries itself); without --seed: the "
+        "PASID DMA functions' engine (their bindings, jobs and faults)",
     )
     g.add_argument(
         "--trace",

@@ -1,5 +1,9 @@
 """``vioasid status``: the running daemon's VMs, devices and vPASID/pPASID tables.
 
+Also the PASID DMA functions the serving process presents over vfio-user (the dump's
+``pasid_functions``: ``vioasid boot --dma-device ... --status-socket PATH`` and ``vioasid demo
+--status-socket PATH`` serve their in-process engine with the daemon's server there).
+
 Human tables by default, the daemon's dump as one JSON object with ``--json``. Exits 1 when the
 daemon cannot be reached (one line on stderr).
 """
@@ -127,4 +131,40 @@ def render(doc: dict[str, Any]) -> str:
         rows.append([bdf, caps, f["assigned"] or "-", table or "-"])
     out.append("\n")
     out.append(_table(["FUNCTION", "CAPS", "ASSIGNED", "pPASID:VM/DEVICE/vPASID"], rows))
+    pasid_fns = doc.get("pasid_functions")
+    if pasid_fns:  # served over vfio-user by the process that owns the engine
+        rows = [
+            [
+                str(f.get("vm")),
+                str(f.get("device")),
+                str(f.get("type")),
+                str(f.get("function")),
+                "yes" if f.get("connected") else "no",
+                f"{f.get('jobs', {}).get('ok', 0)}/{f.get('jobs', {}).get('failed', 0)}",
+                str(f.get("faults", 0)),
+                " ".join(
+                    f"{b['vpasid']}→{b['ppasid']}"
+                    + (f" tag {b['tag']}" if b["tag"] != b["ppasid"] else "")
+                    for b in f.get("bindings", [])
+                )
+                or "-",
+            ]
+            for f in pasid_fns
+        ]
+        out.append("\n")
+        out.append(
+            _table(
+                [
+                    "VM",
+                    "PASID DMA",
+                    "TYPE",
+                    "FUNCTION",
+                    "CONNECTED",
+                    "JOBS OK/FAILED",
+                    "FAULTS",
+                    "vPASID→pPASID",
+                ],
+                rows,
+            )
+        )
     return "".join(out)

@@ -202,6 +202,10 @@ class Service:
         self._next_vm = 1
         self.dirty: dict[Session, None] = {}  # sessions with output (read-only outside)
         self.events_dropped = 0  # every session's, since the daemon started
+        # What the serving process reports beside the engine, by dump key: each callable
+        # returns JSON-ready entries carrying their "vm" (the PASID DMA functions a process
+        # serves over vfio-user: qemu_glue.pasid_dma). Listed in DUMP, per viewer like VMs.
+        self.reports: dict[str, Callable[[], list[dict[str, Any]]]] = {}
         self._handlers: dict[int, Handler] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -826,6 +830,8 @@ class Service:
                 v["memory"] = [
                     {"gpa": hex(r.gpa), "size": hex(r.size)} for r in entry.memory.regions
                 ]
+        for key, report in self.reports.items():
+            doc[key] = [e for e in report() if e.get("vm") in doc["vms"]]
         doc["sessions"] = sorted(self.sessions)
         doc["allocators"] = {
             "global": sorted(host.global_alloc.used()),

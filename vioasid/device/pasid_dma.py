@@ -16,14 +16,25 @@ guest did not map for that PASID with that permission is ever reached.
 Binding is mediated: ``BIND_CMD = 1`` reads the guest's PASID entry through ``Host.bind()``;
 the engine's refusals become ``BIND_STATUS`` codes (``BIND_INFO`` = the pPASID in the way).
 
+How the function tags a request is its personality (the issue's seed types), and the engine
+sees it so (:class:`~vioasid.device.translator.EngineResolver`): a *dedicated* function puts the
+guest's vPASID on the wire (vPASID == pPASID) and a *translating* one the pPASID of its own
+vPASID -> pPASID table, which the host programs at bind (``self.bound``), both arriving as
+``Host.dma_tag(function, tag)``; an *mdev* slice's requests are converted by its parent's host
+driver (``Host.dma``); an *enqcmd* portal's tag is the CPU PASID table's (``Host.enqcmd``).
+
 Coherence: QEMU forwards no invalidation to a vfio-user server, and a strict-mode guest reuses
 IOVAs within a millisecond. So at every doorbell, before the job runs, the function drops the
 engine's cached state for this device (the context cache, the nested IOTLB via
 ``Host.invalidate(vm, guest_rid=...)``) and re-reads the guest's PASID entry of the PASID it is
-about to use (``Host.sync_pasid``). QEMU's vfio-user writes to BAR0 are handled strictly in
-order and (with ``x-no-posted-writes=on``) the vCPU waits for the write's reply, so between
-that refresh and the end of the job the guest cannot change a table this job depends on: every
-job sees the guest's tables as they were when it rang the doorbell.
+about to use (``Host.sync_pasid``). Its own device TLB (:mod:`vioasid.device.pasid_tlb`) keeps
+the engine's translations across doorbells, each checked against the guest's paging entries it
+came from before a job uses it (a changed entry drops it), so repeated jobs over the same
+buffers do not walk again. QEMU's vfio-user messages of one function are handled
+strictly in order: a job sees the guest's tables as they were at its doorbell or later, and is
+done before any later access of the driver to the function is answered (the driver reads
+``PORTAL_STATUS`` right after submitting, and does not change a job's mappings before its
+completion, as with any DMA engine).
 """
 
 from __future__ import annotations
@@ -35,8 +46,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vioasid.device.pasid_tlb import PasidTlb
+from vioasid.device.translator import EngineResolver, Resolved
 from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason
+from vioasid.formats.pasid import PGTT_SECOND_STAGE
 from vioasid.formats.pasid_dma import (
     BindStatus,
     CompletionStatus,
@@ -131,6 +145,18 @@ class PasidDmaFunction(PciFunction):
         self.busy_s = 0.0  # wall time spent running submitted descriptors
         self.bytes_moved = 0  # bytes copied / filled / compared by successful jobs
         self.bind_log: list[dict[str, Any]] = []
+        self._enq_tag: int | None = None  # the current ENQCMD job's tag (CPU PASID table)
+        tag_of = {
+            FunctionType.DEDICATED: lambda x: x,
+            FunctionType.TRANSLATING: self.bound.get,
+            FunctionType.MDEV: None,
+            FunctionType.ENQCMD: lambda x: self._enq_tag,
+        }[self.ftype]
+        self.resolvers = {
+            priv: EngineResolver(host, vm, guest_rid, tag_of=tag_of, supervisor=priv)
+            for priv in (False, True)
+        }
+        self.tlb = PasidTlb(host.vm(vm).memory)
         self._reset_regs()
 
     # -- registers ----------------------------------------------------------------------------
@@ -258,6 +284,7 @@ class PasidDmaFunction(PciFunction):
             if p not in self.bound:
                 return BindStatus.NOT_BOUND
             del self.bound[p]
+            self.tlb.drop_pasid(p)
             # NotFound: the engine already dropped it (the guest cleared its entry)
             with contextlib.suppress(NotFound):
                 self.host.unbind(self.vm, self.guest_rid, p)
@@ -288,6 +315,7 @@ class PasidDmaFunction(PciFunction):
             with contextlib.suppress(VioasidError):
                 self.host.unbind(self.vm, self.guest_rid, p)
         self.bound.clear()
+        self.tlb.clear()
 
     def bindings(self) -> list[dict[str, Any]]:
         return [
@@ -335,6 +363,7 @@ class PasidDmaFunction(PciFunction):
             "bytes_moved": self.bytes_moved,
             "jobs": {"ok": self.jobs_ok, "failed": self.jobs_failed},
             "faults": len(self.faults),
+            "tlb": self.tlb.stats.to_json(),
             "bindings": self.bindings(),
         }
 
@@ -369,10 +398,37 @@ class PasidDmaFunction(PciFunction):
                 return PortalStatus.REFUSED
         elif not 1 <= x < 1 << self.width:
             return PortalStatus.INVALID
+        self._enq_tag = tag
         self._refresh(x)
-        ctx = _Ctx(self, x, priv, tag)
+        self._begin_tlb(x, priv, tag)
+        ctx = _Ctx(self, x, priv)
         self._run(ctx, d, top=True)
         return PortalStatus.ACCEPTED
+
+    def _begin_tlb(self, x: int, priv: bool, tag: int | None) -> None:
+        """This job's space in the device TLB: what its translations are a function of, read
+        now (after the refresh): the guest's context and PASID entry, the tag, the VM's second
+        stage. A PASID not bound here (or an ENQCMD tag that is not this binding's) is not
+        cached."""
+        pp = self.bound.get(x)
+        v = self.host.vm(self.vm)
+        if pp is None or (tag is not None and tag != pp):
+            self.tlb.begin(None, memory=v.memory)
+            return
+        try:
+            ctx = v.context_cache.get(self.guest_rid) or v.tables.context(v.rtaddr, self.guest_rid)
+            words = v.tables.pasid_entry(ctx, self.guest_rid, x)
+            pe = v.tables.reader.decode_pasid_entry(words, x)
+        except Exception as e:  # unusable now: the engine decides each access
+            log.debug("%s: PASID %d not cached: %r", self.name, x, e)
+            self.tlb.begin(None, memory=v.memory)
+            return
+        if pe.pgtt == PGTT_SECOND_STAGE:
+            root, levels = pe.ssptptr, pe.aw + 2
+        else:
+            root, levels = pe.flptptr, 4 + pe.flpm
+        sig = (ctx, words, pp, v.second_stage.root, v.hpa)
+        self.tlb.begin((x, pp, priv), sig, pe.pgtt, root, levels, memory=v.memory)
 
     def _refresh(self, x: int) -> None:
         """Coherence at the doorbell: no cached translation of this device survives, and the
@@ -488,31 +544,33 @@ class PasidDmaFunction(PciFunction):
 
 
 class _Ctx:
-    """One descriptor's address space: (function, vPASID, privilege), page by page through the
-    engine; every access checks the permission it needs."""
+    """One descriptor's address space: (function, vPASID, privilege), page by page: the device
+    TLB, else the engine through the function's resolver; every access checks the permission
+    it needs."""
 
-    __slots__ = ("fn", "mem", "priv", "tag", "x")
+    __slots__ = ("fn", "mem", "priv", "resolve", "tlb", "x")
 
-    def __init__(self, fn: PasidDmaFunction, x: int, priv: bool, tag: int | None) -> None:
+    def __init__(self, fn: PasidDmaFunction, x: int, priv: bool) -> None:
         self.fn = fn
         self.x = x
         self.priv = priv
-        self.tag = tag
+        self.tlb = fn.tlb
         self.mem = fn.host.vm(fn.vm).memory
+        resolver = fn.resolvers[priv]
+
+        def resolve(iova: int, write: bool) -> Resolved | Fault:
+            return resolver.resolve_now(iova, write, x)
+
+        self.resolve = resolve
 
     def _gpa(self, addr: int, write: bool, done: int) -> int:
-        fn = self.fn
-        if self.tag is None:
-            r = fn.host.dma(fn.vm, fn.guest_rid, self.x, addr, write=write, supervisor=self.priv)
-        else:
-            r = fn.host.dma_tag(fn.function_rid, self.tag, addr, write=write, supervisor=self.priv)
-        if r.fault is not None:
-            f = r.fault
-            if f.pasid is None or self.tag is not None:
-                f = Fault(f.reason, addr, fn.guest_rid, self.x, write, f.detail)
-            raise _JobFault(f, done)
-        assert r.gpa is not None
-        return r.gpa
+        page = self.tlb.lookup(addr >> 12, write)
+        if page is None:
+            r = self.tlb.fill(addr, write, self.priv, self.resolve)
+            if isinstance(r, Fault):
+                raise _JobFault(r, done)
+            page = r.gpa
+        return page | (addr & (PAGE - 1))
 
     def _view(self, addr: int, n: int, write: bool, done: int) -> memoryview:
         gpa = self._gpa(addr, write, done)

@@ -247,25 +247,57 @@ class WalkResolver:
 
 
 class EngineResolver:
-    """The engine's translation for one guest device (``Host.dma``): the guest's vPASID, through
-    the host's PASID table and the nested walk (guest first stage, then the VM's second stage),
-    to guest-physical. A fault is queued on the VM by the engine (the guest sees it with its
-    vPASID) and returned here; a request without PASID uses ``rid_pasid``."""
+    """The engine's translation for one guest device: the guest's vPASID, through the host's
+    PASID table and the nested walk (guest first stage, then the VM's second stage), to
+    guest-physical. A fault is queued on the VM by the engine (the guest sees it with its
+    vPASID) and returned here; a request without PASID uses ``rid_pasid``.
+
+    ``tag_of`` is how the device itself tags a request (its personality, as the issue's seed
+    types put it): None, the host converts the vPASID (``Host.dma``: a mediated device, an mdev
+    slice whose parent driver converts per RID); a callable vPASID -> tag, the device puts that
+    tag on the wire and the request arrives as ``Host.dma_tag(function, tag)`` (a dedicated
+    function puts the vPASID itself, a translating one the pPASID of its own table, an ENQCMD
+    portal the CPU PASID table's); the callable returning None means the device has no tag for
+    that vPASID (a PASID-entry-not-present fault, nothing reaches the IOMMU). ``supervisor``:
+    privileged requests (PASID prefix PMR=1)."""
 
     name = "engine"
 
-    def __init__(self, host: Host, vm: str, guest_rid: int, rid_pasid: int = 0) -> None:
+    def __init__(
+        self,
+        host: Host,
+        vm: str,
+        guest_rid: int,
+        rid_pasid: int = 0,
+        *,
+        tag_of: Callable[[int], int | None] | None = None,
+        supervisor: bool = False,
+    ) -> None:
         self.host = host
         self.vm = vm
         self.sid = guest_rid
         self.rid_pasid = rid_pasid
+        self.tag_of = tag_of
+        self.supervisor = supervisor
+        self.function = host.vm(vm).devices[guest_rid].function.rid
 
     def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
         vpasid = self.rid_pasid if pasid is None else pasid
-        page = iova & ~PAGE_MASK
-        r = self.host.dma(self.vm, self.sid, vpasid, page, write=write)
+        if self.tag_of is None:
+            r = self.host.dma(self.vm, self.sid, vpasid, iova, write=write,
+                              supervisor=self.supervisor)  # fmt: skip
+        else:
+            tag = self.tag_of(vpasid)
+            if tag is None:
+                return Fault(FaultReason.PASID_ENTRY_P, iova, self.sid, vpasid, write,
+                             f"the device has no tag for vPASID {vpasid}")  # fmt: skip
+            r = self.host.dma_tag(self.function, tag, iova, write=write,
+                                  supervisor=self.supervisor)  # fmt: skip
         if r.fault is not None:
-            return r.fault
+            f = r.fault
+            if f.sid != self.sid or f.pasid != vpasid:  # a raw host-side fault: the guest's terms
+                f = Fault(f.reason, iova, self.sid, vpasid, write, f.detail)
+            return f
         assert r.gpa is not None
         return Resolved(r.gpa & ~PAGE_MASK, not write, write, "engine", vpasid)
 

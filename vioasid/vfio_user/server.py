@@ -63,6 +63,7 @@ class FunctionServer:
         self.connected = asyncio.Event()
         self.connections = 0
         self.messages = 0
+        self.posted = 0  # messages that asked for no reply (QEMU's posted BAR writes)
         self.violations: list[str] = []
 
     async def start(self) -> None:
@@ -125,6 +126,8 @@ class FunctionServer:
                     codec.receive(data, fds)
                     continue
                 self.messages += 1
+                if msg.no_reply:
+                    self.posted += 1
                 aw = fn.pending(msg)
                 if aw is not None:
                     try:
