@@ -10,10 +10,12 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from vioasid.model.cache import Caches
 from vioasid.model.dump import dump_tables
 from vioasid.model.example import TABLE_POOL, build_example
 from vioasid.model.faults import Fault, Translation
+from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.iq import InvalidationQueue
 from vioasid.model.memory import GuestMemory
 from vioasid.model.walker import Walker, WalkRequest
@@ -21,30 +23,38 @@ from vioasid.model.walker import Walker, WalkRequest
 PAGES = 12
 SIZE = PAGES * 4096
 HAW = 48
+MIB = 1 << 20
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def hostile_word(rng: random.Random) -> int:
+def hostile_word(rng: random.Random, base: int = 0) -> int:
     """Mostly pointer-shaped words: a page of memory (often the word's own table) plus random
     low flag bits; sometimes beyond memory, sometimes fully random."""
     kind = rng.random()
     low = rng.getrandbits(12)
     if kind < 0.55:
-        return rng.randrange(PAGES) * 4096 | low | 1
+        return (base + rng.randrange(PAGES) * 4096) | low | 1
     if kind < 0.65:
-        return rng.randrange(PAGES) * 4096 | (low & 0xF07) | 1  # few reserved bits
+        return (base + rng.randrange(PAGES) * 4096) | (low & 0xF07) | 1  # few reserved bits
+    if base and kind < 0.7:
+        return low | 1  # into the page at GPA 0, below the region
     if kind < 0.75:
-        return (SIZE + rng.getrandbits(20) * 4096) | low
+        return (base + SIZE + rng.getrandbits(20) * 4096) | low
     if kind < 0.85:
         return 0
     return rng.getrandbits(64)
 
 
-def hostile_memory(seed: int) -> GuestMemory:
+def hostile_memory(seed: int, base: int = 0) -> GuestMemory:
+    """Hostile words in one region at ``base``; with a base, one more page of them at GPA 0
+    (a smaller region, so the direct path reads the based one and the walk may cross)."""
     rng = random.Random(seed)
-    raw = struct.pack(f"<{SIZE // 8}Q", *(hostile_word(rng) for _ in range(SIZE // 8)))
+    raw = struct.pack(f"<{SIZE // 8}Q", *(hostile_word(rng, base) for _ in range(SIZE // 8)))
     mem = GuestMemory()
-    mem.add(0, bytearray(raw), name="ram")
+    mem.add(base, bytearray(raw), name="ram")
+    if base:
+        low = struct.pack("<512Q", *(hostile_word(rng, base) for _ in range(512)))
+        mem.add(0, bytearray(low), name="low")
     return mem
 
 
@@ -104,6 +114,67 @@ def test_direct_path_agrees_with_general_walk(
         assert direct.translate(rtaddr, req) == general.translate(rtaddr, req)
         a = direct.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
         assert a == general.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+
+
+@SETTINGS
+@given(
+    st.integers(0, 2**32),
+    st.sampled_from([0x2000, 0x100000, 0x1_0000_0000]),
+    st.integers(0, PAGES - 1),
+    st.lists(requests, min_size=1, max_size=8),
+)
+def test_direct_path_agrees_with_general_walk_in_a_based_region(
+    seed: int, base: int, page: int, reqs: list[WalkRequest]
+) -> None:
+    """The rendering for a region that does not start at GPA 0 (reads below it checked)."""
+    mem = hostile_memory(seed, base)
+    assert mem.largest[0] == base
+    rtaddr = (base + page * 4096) | 0x400
+    direct = Walker(mem, haw=HAW, caches=Caches(enabled=False))
+    general = Walker(mem, haw=HAW, caches=Caches(enabled=False))
+    general.direct = False
+    for req in reqs:
+        assert direct.translate(rtaddr, req) == general.translate(rtaddr, req)
+        a = direct.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+        assert a == general.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+
+
+def test_tables_below_the_largest_region() -> None:
+    """First-stage tables in a small region below the largest one are read there (not at a
+    negative offset of the largest region, where a decoy copy maps elsewhere)."""
+    mem = GuestMemory()
+    mem.add(0, bytearray(MIB), name="low")
+    mem.add(MIB, bytearray(8 * MIB), name="ram")
+    drv = GuestIommuDriver(mem, PageAllocator(mem, 2 * MIB, MIB))
+    drv.attach_device(0x18)
+    low = FirstStagePageTable(mem, PageAllocator(mem, 0x80000, 0x10000))
+    decoy = FirstStagePageTable(mem, PageAllocator(mem, 0x80000 + 8 * MIB, 0x10000))
+    low.map(0x10000, 0x5000, 0x1000)
+    decoy.map(0x10000, 0x7000, 0x1000)
+    assert decoy.root == low.root + 8 * MIB
+    drv.set_pasid_entry(0x18, 1, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=low.root)
+    for caches in (Caches(enabled=False), Caches()):
+        w = Walker(mem, caches=caches)
+        for _ in range(2):
+            assert w.translate_fast(drv.rtaddr, 0x18, 0x10008, 1) == 0x5008
+            r = w.translate(drv.rtaddr, WalkRequest(0x18, 0x10008, 1))
+            assert isinstance(r, Translation) and r.address == 0x5008
+
+
+def test_pasid_tables_outside_the_largest_region() -> None:
+    """The bind path's entry reader finds PASID tables in any region."""
+    mem = GuestMemory()
+    mem.add(0, bytearray(MIB), name="low")
+    mem.add(MIB, bytearray(8 * MIB), name="ram")
+    drv = GuestIommuDriver(mem, PageAllocator(mem, 0x40000, 0x40000))
+    drv.attach_device(0x18)
+    fs = FirstStagePageTable(mem, PageAllocator(mem, 2 * MIB, MIB))
+    drv.set_pasid_entry(0x18, 70, pgtt=PGTT_FIRST_STAGE, did=1, flptptr=fs.root)
+    w = Walker(mem, caches=Caches(enabled=False))
+    ctx = w.context_info(drv.rtaddr, 0x18)
+    words = w.first_stage_words(ctx, 70)
+    assert words is not None and words == mem.words(drv.pasid_entry_gpa(0x18, 70), 8)
+    assert w.first_stage_words(ctx, 71) is None  # not present
 
 
 def test_empty_memory() -> None:

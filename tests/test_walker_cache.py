@@ -35,8 +35,12 @@ class Setup:
         self.c = self.walker.caches
 
     def addr(self, iova: int, pasid: int | None = 1) -> int | FR:
+        """The translation, checked to be the hot path's (``translate_fast``) too."""
+        fast = self.walker.translate_fast(self.drv.rtaddr, SID, iova, pasid)
         r = self.walker.translate(self.drv.rtaddr, WalkRequest(SID, iova, pasid))
-        return r.reason if isinstance(r, Fault) else r.address
+        want = r.reason if isinstance(r, Fault) else r.address
+        assert (fast.reason if isinstance(fast, Fault) else fast) == want
+        return want
 
     def remap(self) -> None:
         self.fs.unmap(0x1000, 0x4000)
@@ -151,6 +155,40 @@ def test_permission_miss_rewalks(s: Setup) -> None:
     assert s.addr(0x10000) == 0x30000
     r = s.walker.translate(s.drv.rtaddr, WalkRequest(SID, 0x10000, 1, write=True))
     assert isinstance(r, Fault) and r.reason == FR.SM_WRITE
+
+
+def test_hot_path_keeps_permissions(s: Setup) -> None:
+    """A page cached by a read is not a write hit; a writable page is, read or write."""
+    s.fs.map(0x10000, 0x30000, 0x1000, write=False)
+    rt = s.drv.rtaddr
+    fast = s.walker.translate_fast
+    for _ in range(2):
+        assert fast(rt, SID, 0x10008, 1) == 0x30008
+        r = fast(rt, SID, 0x10008, 1, True)
+        assert isinstance(r, Fault) and r.reason == FR.SM_WRITE
+        assert fast(rt, SID, 0x1008, 1, True) == 0x5008
+        assert fast(rt, SID, 0x1010, 1) == 0x5010
+    assert s.c.user[(7, 1)][0].keys() == {0x1, 0x10}  # read pages
+    assert s.c.user[(7, 1)][1].keys() == {0x1}  # write pages
+    r = fast(rt, SID, 0x10008, None)  # no PASID: RID_PASID 0 is not set up
+    assert isinstance(r, Fault)
+    r = fast(rt + 0x1000, SID, 0x1008, 1)  # another root table
+    assert isinstance(r, Fault)
+
+
+def test_hot_path_after_a_full_iotlb() -> None:
+    """The IOTLB wipes when full; the hot path then misses and refills, never stale."""
+    s = Setup()
+    s.walker = Walker(s.mem, caches=Caches(iotlb_limit=2))
+    s.c = s.walker.caches
+    for _ in range(3):
+        for page in range(4):
+            assert s.addr(0x1000 + page * 0x1000 + 4) == 0x5004 + page * 0x1000
+    s.remap()
+    s.c.invalidate_piotlb_pasid(7, 1)
+    assert [s.addr(0x1000 + page * 0x1000) for page in range(4)] == [0x9000, 0xA000, 0xB000,
+                                                                      0xC000]  # fmt: skip
+    assert s.c.stats["iotlb_wipe"] >= 4
 
 
 def test_device_tlb_counted_and_limit() -> None:

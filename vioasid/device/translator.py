@@ -398,6 +398,22 @@ class QemuResolver:
         self._pending.clear()
 
 
+class DmaTranslator(Protocol):
+    """What a device's data path needs of its translator (:class:`DeviceTranslator`, or a
+    wrapper such as :class:`vioasid.device.dirty_log.LoggingTranslator`)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
+
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None: ...
+
+
 @dataclass
 class TranslatorStats:
     translations: int = 0

@@ -227,8 +227,8 @@ _TOKEN = re.compile(r"\$([A-Z][A-Z0-9_]*)(?:\.([A-Za-z][A-Za-z0-9_]*))?(?:\((\w+
 def render(template: str, layouts: Mapping[str, Layout], consts: Mapping[str, int]) -> str:
     """Python source from ``template`` with every field named symbolically made literal:
     ``$L.F(var)`` reads field F of layout ``layouts["L"]`` from ``var`` (as :meth:`Field.expr`),
-    ``$L.F`` is F's mask in place, ``$L.rsvdN`` word N's reserved mask, ``$NAME``
-    ``consts["NAME"]``."""
+    ``$L.F`` is F's mask in place, ``$L.rsvdN`` word N's reserved mask, ``$L.rsvdN(var)`` the
+    reserved bits set in ``var`` (``False`` for a word with none), ``$NAME`` ``consts["NAME"]``."""
 
     def sub(m: re.Match[str]) -> str:
         name, attr, var = m.group(1), m.group(2), m.group(3)
@@ -236,7 +236,11 @@ def render(template: str, layouts: Mapping[str, Layout], consts: Mapping[str, in
             return f"{consts[name]:#x}"
         layout = layouts[name]
         if attr.startswith("rsvd"):
-            return f"{layout.words[int(attr[4:])].reserved:#x}"
+            rsvd = layout.words[int(attr[4:])].reserved
+            if var is None:
+                return f"{rsvd:#x}"
+            # the reserved bits set in ``var``, as cheap as the mask allows
+            return "False" if not rsvd else var if rsvd == U64 else f"({var} & {rsvd:#x})"
         f = layout.fields[attr][1]
         return f.expr(var) if var is not None else f"{f.mask:#x}"
 

@@ -9,14 +9,21 @@
 Each ``invalidate_*`` method matches one invalidation-descriptor granularity (context-cache
 global/domain/device, IOTLB global/domain/page with AM, PASID-cache domain/PASID/global,
 P_IOTLB all-in-PASID / page-selective); device-TLB invalidations are only counted (vioasid keeps
-no device TLB). ``fast`` maps (sid, requested PASID) -> (IOTLB tag, that tag's page dict) for
-the walker's hot path and is dropped whenever a context or PASID cache entry is. A page dict
-leaving the IOTLB is emptied in place, so a ``fast`` entry still pointing at it only misses.
+no device TLB).
+
+The walker's hot path reads a view of the IOTLB kept beside it: per tag, the 4 KiB pages a
+user-privilege read (and, a second dict, write) may use, each page number -> the 4 KiB output
+page (``user``), and ``fast[sid][requested PASID]`` -> that pair for the tag the PASID entry
+names (``tags`` the same link by key, for :meth:`Walker.translate`). So a hit is three dict
+subscripts and a tuple index, nothing to compare. Every change to the IOTLB changes the view
+with it; links are dropped whenever a context or PASID cache entry is. A page dict leaving the
+IOTLB is emptied in place, so a link still pointing at it only misses.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # IOTLB permission bits (what a cached translation allows).
@@ -67,6 +74,9 @@ class PasidInfo:
 # (output page base, page size, permission bits, PGTT name, DID)
 IotlbEntry = tuple[int, int, int, str, int]
 IotlbTag = tuple[int, int | None]  # (DID, PASID); PASID None for legacy-mode entries
+# (user-read pages, user-write pages): 4 KiB page number -> 4 KiB output page; index by ``write``
+UserPages = tuple[dict[int, int], dict[int, int]]
+USER_READ = PERM_R | PERM_U  # what a user read needs (a user write: also PERM_W)
 
 
 class Caches:
@@ -79,7 +89,11 @@ class Caches:
         self.context: dict[int, ContextInfo] = {}
         self.pasid: dict[tuple[int, int], PasidInfo] = {}
         self.iotlb: dict[IotlbTag, dict[int, IotlbEntry]] = {}
-        self.fast: dict[tuple[int, int | None], tuple[IotlbTag, dict[int, IotlbEntry]]] = {}
+        self.user: dict[IotlbTag, UserPages] = {}
+        # sid -> requested PASID -> the user pages of its tag (the walker's hot path; cleared in
+        # place, never replaced: the walker holds this dict)
+        self.fast: dict[int, dict[int | None, UserPages]] = {}
+        self.tags: dict[tuple[int, int | None], IotlbTag] = {}
         self.iotlb_count = 0
         self.stats: Counter[str] = Counter()
 
@@ -97,36 +111,77 @@ class Caches:
             sub = self.iotlb[tag] = {}
         return sub
 
+    def user_pages(self, tag: IotlbTag) -> UserPages:
+        """The hot path's view of ``tag`` (made empty when there is none)."""
+        got = self.user.get(tag)
+        if got is None:
+            got = self.user[tag] = ({}, {})
+        return got
+
+    def link(self, sid: int, rpasid: int | None, tag: IotlbTag) -> None:
+        """Requests of ``sid`` with ``rpasid`` (None: without PASID) use ``tag``'s entries."""
+        self.tags[(sid, rpasid)] = tag
+        per_sid = self.fast.get(sid)
+        if per_sid is None:
+            per_sid = self.fast[sid] = {}
+        per_sid[rpasid] = self.user_pages(tag)
+
+    def linked(self, sid: int, rpasid: int | None) -> IotlbTag | None:
+        return self.tags.get((sid, rpasid))
+
     def iotlb_insert(self, tag: IotlbTag, vpn: int, entry: IotlbEntry) -> None:
         if self.iotlb_count >= self.iotlb_limit:
             self._clear_iotlb()  # like QEMU: wipe when full (bounded memory)
             self.stats["iotlb_wipe"] += 1
         self.pages_of(tag)[vpn] = entry
+        read, write = self.user_pages(tag)
+        perm = entry[2]
+        if perm & USER_READ == USER_READ:
+            read[vpn] = out = entry[0] | ((vpn << 12) & (entry[1] - 1))
+            if perm & PERM_W:
+                write[vpn] = out
+            else:
+                write.pop(vpn, None)
+        else:
+            read.pop(vpn, None)
+            write.pop(vpn, None)
         self.iotlb_count += 1
 
     def flush_all(self) -> None:
         self.context.clear()
         self.pasid.clear()
         self._clear_iotlb()
+        self._unlink_all()
+
+    def _unlink_all(self) -> None:
         self.fast.clear()
+        self.tags.clear()
 
     def _clear_iotlb(self) -> None:
         for sub in self.iotlb.values():
             sub.clear()
+        for read, write in self.user.values():
+            read.clear()
+            write.clear()
         self.iotlb.clear()
+        self.user.clear()
         self.iotlb_count = 0
 
     def _drop_tag(self, tag: IotlbTag) -> None:
         sub = self.iotlb.pop(tag, None)
         if sub is not None:
             sub.clear()
+        user = self.user.pop(tag, None)
+        if user is not None:
+            user[0].clear()
+            user[1].clear()
 
     # -- context cache (descriptor type 1) --------------------------------------------------
     def invalidate_context_global(self) -> None:
         self.stats["cc_global"] += 1
         self.context.clear()
         self.pasid.clear()
-        self.fast.clear()
+        self._unlink_all()
 
     def invalidate_context_domain(self, did: int) -> None:
         """Domain-selective. In scalable mode the DID is ignored (Linux comment in
@@ -148,14 +203,16 @@ class Caches:
             self.context.pop(s, None)
         for pkey in [k for k in self.pasid if k[0] in dropped]:
             del self.pasid[pkey]
-        for fkey in [k for k in self.fast if k[0] in dropped]:
-            del self.fast[fkey]
+        for s in dropped:
+            self.fast.pop(s, None)
+        for tkey in [k for k in self.tags if k[0] in dropped]:
+            del self.tags[tkey]
 
     # -- PASID cache (type 7) -------------------------------------------------------------
     def invalidate_pasid_global(self) -> None:
         self.stats["pc_global"] += 1
         self.pasid.clear()
-        self.fast.clear()
+        self._unlink_all()
 
     def invalidate_pasid_domain(self, did: int) -> None:
         self.stats["pc_dsi"] += 1
@@ -171,7 +228,7 @@ class Caches:
         for k in gone:
             del self.pasid[k]
         if gone:
-            self.fast.clear()
+            self._unlink_all()
 
     # -- IOTLB (type 2) and P_IOTLB (type 6) ------------------------------------------------
     def invalidate_iotlb_global(self) -> None:
@@ -210,12 +267,15 @@ class Caches:
         npages = 1 << am
         large = any(e[1] > 4096 for e in sub.values()) if npages <= len(sub) else True
         if not large and npages <= len(sub):
-            for vpn in range(first, first + npages):
-                sub.pop(vpn, None)
-            return
-        lo, hi = first << 12, (first + npages) << 12
-        for vpn in [v for v, e in sub.items() if self._overlaps(v, e, lo, hi)]:
-            del sub[vpn]
+            gone: Iterable[int] = range(first, first + npages)
+        else:
+            lo, hi = first << 12, (first + npages) << 12
+            gone = [v for v, e in sub.items() if self._overlaps(v, e, lo, hi)]
+        read, write = self.user_pages(tag)
+        for vpn in gone:
+            sub.pop(vpn, None)
+            read.pop(vpn, None)
+            write.pop(vpn, None)
 
     @staticmethod
     def _overlaps(vpn: int, e: IotlbEntry, lo: int, hi: int) -> bool:
@@ -230,7 +290,8 @@ class Caches:
         plus P_IOTLB invalidation does, scoped to the one source id that owns the table)."""
         self.stats["pasid_entry"] += 1
         self.pasid.pop((sid, pasid), None)
-        self.fast.pop((sid, pasid), None)
+        self.tags.pop((sid, pasid), None)
+        self.fast.get(sid, {}).pop(pasid, None)
         self._drop_tag((did, pasid))
 
     # -- device TLB (types 3, 8): no device TLB here; counted only -------------------------

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _U64 = struct.Struct("<Q")
+_NO_REGION: tuple[int, memoryview] = (0, memoryview(b""))
 
 
 class MemoryAccessError(Exception):
@@ -51,6 +52,14 @@ class GuestMemory:
     def __init__(self) -> None:
         self.regions: list[Region] = []
         self._last: Region | None = None
+        # (GPA base, buffer) of the largest region: the one the walker's direct path reads
+        # (kept by add/remove/close, the only writers of ``regions``)
+        self.largest: tuple[int, memoryview] = _NO_REGION
+
+    def _regions_changed(self) -> None:
+        self._last = None
+        big = max(self.regions, key=lambda r: r.size, default=None)
+        self.largest = _NO_REGION if big is None else (big.gpa, big.buf)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -88,12 +97,13 @@ class GuestMemory:
                 raise ValueError(f"region 0x{gpa:x}+0x{len(view):x} overlaps {r.name or r.gpa}")
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
+        self._regions_changed()
         return region
 
     def remove(self, region: Region) -> None:
         """Forget one region (its buffer is not released; the caller owns it)."""
         self.regions = [r for r in self.regions if r is not region]
-        self._last = None
+        self._regions_changed()
 
     def add_fd(
         self,
@@ -118,7 +128,8 @@ class GuestMemory:
 
     def close(self) -> None:
         """Release every region (mmaps are unmapped when no view remains)."""
-        regions, self.regions, self._last = self.regions, [], None
+        regions, self.regions = self.regions, []
+        self._regions_changed()
         for r in regions:
             r.buf.release()
             keep = r._keep

@@ -150,8 +150,6 @@ def need_mask(write: bool, supervisor: bool = False, execute: bool = False) -> i
     return need
 
 
-_NEED_READ = need_mask(False)
-_NEED_WRITE = need_mask(True)
 _NEED = {(w, s, x): need_mask(w, s, x) for w in (False, True) for s in (False, True)
          for x in (False, True)}  # fmt: skip
 
@@ -182,26 +180,27 @@ class TranslateFast(Protocol):
 # The common uncached case in one straight run: scalable mode, first stage only (4-level), every
 # table in the largest region, user request, no fault. Each entry is checked with one folded
 # "present, no reserved bit" mask; anything unusual is a MISS and the general walk (which names
-# the exact fault) takes over. Rendered twice: as ``translate_fast`` itself (HIT: the output
-# address) and as ``direct`` for the general walk (HIT: the IOTLB entry, permissions and DID;
-# the lines marked ``# entry`` only there). ``$X`` names are literal masks from the layouts
-# (vioasid.formats.bitfields.render); the others are the PCI RID and x86 paging geometry.
+# the exact fault) takes over. A read past the region's end is struct.error (a MISS too); a read
+# below its base is checked (``# based`` lines, left out where the region starts at GPA 0: no
+# table pointer or index is negative, and the root's ``g < b`` catches a negative source id).
+# Rendered as ``translate_fast`` itself (HIT: the output address) and as ``direct`` for the
+# general walk (HIT: the IOTLB entry, permissions and DID; the lines marked ``# entry`` only
+# there), each for a region at GPA 0 and one elsewhere. ``$X`` names are literal masks from the
+# layouts (vioasid.formats.bitfields.render); the others are the PCI RID and x86 paging geometry.
 _DIRECT_BODY = """
 if rtaddr & $RT.TTM != $TTM_SM:
     MISS
-b, e, buf = SPAN
-e -= 64
 g = (rtaddr & $RT.RTA) + (sid >> 8) * $ROOT_ENTRY_SIZE + ((sid >> 4) & 8)  # devfn >= 128: upper
-if not b <= g <= e:
+if g < b:
     MISS
 half = unpack(buf, g - b)[0]
 if half & $CHK_ROOT != $SRE.LP:
     MISS
 g = (half & $SRE.LCTP) + (sid & 0x7F) * $SM_CONTEXT_ENTRY_SIZE
-if not b <= g <= e:
-    MISS
+if g < b:  # based
+    MISS  # based
 c0, c1, c2, c3 = unpack4(buf, g - b)
-if c0 & $CHK_CTX0 != $SCE.P or c1 & $SCE.rsvd1 or c2 & $SCE.rsvd2 or c3 & $SCE.rsvd3:
+if c0 & $CHK_CTX0 != $SCE.P or $SCE.rsvd1(c1) or $SCE.rsvd2(c2) or $SCE.rsvd3(c3):
     MISS
 if REQ is None:
     epasid = $SCE.RID_PASID(c1)
@@ -209,32 +208,32 @@ elif c0 & $SCE.PASIDE and 0 <= REQ < $PASID_LIMIT:
     epasid = REQ
 else:
     MISS
-if epasid >> $PASID_DIR_SHIFT >= 1 << ($SCE.PDTS(c0) + 7):
+if epasid >> ($SCE.PDTS(c0) + $PDTS_SHIFT):  # beyond the 2^(PDTS+7) directory entries
     MISS
 g = (c0 & $SCE.PASIDDIRPTR) + (epasid >> $PASID_DIR_SHIFT) * $PASID_DIR_ENTRY_SIZE
-if not b <= g <= e:
-    MISS
+if g < b:  # based
+    MISS  # based
 pde = unpack(buf, g - b)[0]
 if pde & $CHK_PDE != $PDE.P:
     MISS
 g = (pde & $PDE.PTP) + (epasid & $PASID_TABLE_MASK) * $PASID_ENTRY_SIZE
-if not b <= g <= e:
-    MISS
+if g < b:  # based
+    MISS  # based
 w0, w1, w2 = unpack3(buf, g - b)
-if w0 & $CHK_PE0 != $WANT_PE0 or w1 & $PE.rsvd1 or w2 & $CHK_PE2:
+if w0 & $CHK_PE0 != $WANT_PE0 or $PE.rsvd1(w1) or w2 & $CHK_PE2:
     MISS
 top = addr >> 47  # 4-level: bits 63:47 all equal (canonical)
 if top and top != 0x1FFFF:
     MISS
 g = (w2 & $PE.FLPTPTR) + ((addr >> 36) & 0xFF8)  # index * 8 == (addr >> 9 * level) & 0xFF8
-if not b <= g <= e:
-    MISS
+if g < b:  # based
+    MISS  # based
 p4 = unpack(buf, g - b)[0]
 if p4 & $CHK_FS4 != $FS.P:
     MISS
 g = (p4 & $FS.ADDR) + ((addr >> 27) & 0xFF8)
-if not b <= g <= e:
-    MISS
+if g < b:  # based
+    MISS  # based
 pte = unpack(buf, g - b)[0]
 if pte & $CHK_FS3 != $FS.P:
     MISS
@@ -242,13 +241,14 @@ if pte & $FS.PS:
     if pte & $LRSVD3:
         MISS
     size = 0x40000000
+    pa = pte & $FS1G.ADDR
     acc = p4 & pte
     xd = p4 | pte  # entry
 else:
     p3 = pte
     g = (p3 & $FS.ADDR) + ((addr >> 18) & 0xFF8)
-    if not b <= g <= e:
-        MISS
+    if g < b:  # based
+        MISS  # based
     pte = unpack(buf, g - b)[0]
     if pte & $CHK_FS2 != $FS.P:
         MISS
@@ -256,22 +256,23 @@ else:
         if pte & $LRSVD2:
             MISS
         size = 0x200000
+        pa = pte & $FS2M.ADDR
         acc = p4 & p3 & pte
         xd = p4 | p3 | pte  # entry
     else:
         p2 = pte
         g = (p2 & $FS.ADDR) + ((addr >> 9) & 0xFF8)
-        if not b <= g <= e:
-            MISS
+        if g < b:  # based
+            MISS  # based
         pte = unpack(buf, g - b)[0]
         if pte & $CHK_FS1 != $FS.P:
             MISS
         size = 0x1000
+        pa = pte & $FS.ADDR
         acc = p4 & p3 & p2 & pte
         xd = p4 | p3 | p2 | pte  # entry
 if not acc & $FS.US or (write and not acc & $FS.RW):
     MISS  # the general walk names the level that denies it
-pa = pte & $FS.ADDR & ~(size - 1)
 if pa <= $INTR_HI and pa + size > $INTR_LO:
     MISS
 perm = $PERM_RU  # entry
@@ -286,53 +287,74 @@ if w2 & $PE.ERE and not xd & $FS.XD:  # entry
 HIT
 """
 
-_FAST_UNCACHED = """
-def make(walker, slow, unpack, unpack3, unpack4):
+# ``make`` binds the walk to one walker: ``translate_fast`` reads the largest region's
+# (base, buffer) from the memory (one attribute; GuestMemory keeps it) and takes the rendering
+# for that base. ``direct`` is the same walk for ``Walker._walk``.
+_DIRECT_MODULE = """
+def make(walker, slow, unpack, unpack3, unpack4, name_fs, error):
     mem = walker.mem
 
     def translate_fast(rtaddr, sid, addr, pasid=None, write=False):
-        if walker.direct:
-            sc = walker._span_cache
-            regions = mem.regions
-            if sc[0] is not regions or sc[1] != len(regions):
-                sc = walker._refresh_span_cache()
-{body}
+        b, buf = mem.largest
+        if b:
+            return translate_based(rtaddr, sid, addr, pasid, write, b, buf)
+        try:
+{fast_zero}
+        except error:
+            pass
         return slow(rtaddr, sid, addr, pasid, write)
 
-    return translate_fast
+    def translate_based(rtaddr, sid, addr, pasid, write, b, buf):
+        try:
+{fast_based}
+        except error:
+            pass
+        return slow(rtaddr, sid, addr, pasid, write)
 
-
-def make_direct(unpack, unpack3, unpack4, name_fs):
-    def direct(rtaddr, sid, addr, rpasid, write, span):
+    def direct(rtaddr, sid, addr, rpasid, write):
+        b, buf = mem.largest
+        try:
 {direct}
+        except error:
+            return None
 
-    return direct
+    return translate_fast, direct
 """
 
 _GENERATED: dict[int, dict[str, Any]] = {}
 
 
+def _render_body(consts: dict[str, int], *, fast: bool, based: bool) -> str:
+    layouts = {"RT": RTADDR, "SRE": SM_ROOT_ENTRY, "SCE": SM_CONTEXT_ENTRY,
+               "PDE": PASID_DIR_ENTRY, "PE": PASID_ENTRY, "FS": FIRST_STAGE_PTE,
+               "FS2M": FIRST_STAGE_PDE_2M, "FS1G": FIRST_STAGE_PDPE_1G}  # fmt: skip
+    if fast:
+        subs = {"MISS": "return slow(rtaddr, sid, addr, pasid, write)",
+                "HIT": "return pa | (addr & (size - 1))", "REQ": "pasid"}  # fmt: skip
+    else:
+        subs = {"MISS": "return None", "REQ": "rpasid",
+                "HIT": "return pa, size, perm, name_fs, $PE.DID(w1), epasid"}  # fmt: skip
+    lines = []
+    for line in _DIRECT_BODY.splitlines():
+        if (fast and line.endswith("# entry")) or (not based and line.endswith("# based")):
+            continue
+        if not based:
+            line = line.replace("g - b", "g")
+        for word, text in subs.items():
+            line = line.replace(word, text)
+        lines.append(line)
+    return render("\n".join(lines), layouts, consts).replace(" or False", "")
+
+
 def _generated(haw: int, consts: dict[str, int]) -> dict[str, Any]:
-    """The direct walk's two renderings for a host address width (compiled once per width)."""
+    """The direct walk's renderings for a host address width (compiled once per width)."""
     got = _GENERATED.get(haw)
     if got is None:
-        layouts = {"RT": RTADDR, "SRE": SM_ROOT_ENTRY, "SCE": SM_CONTEXT_ENTRY,
-                   "PDE": PASID_DIR_ENTRY, "PE": PASID_ENTRY, "FS": FIRST_STAGE_PTE}  # fmt: skip
-        body = render(_DIRECT_BODY, layouts, consts)
-        fast = "\n".join(
-            line.replace("MISS", "return slow(rtaddr, sid, addr, pasid, write)")
-            .replace("HIT", "return pa | (addr & (size - 1))")
-            .replace("SPAN", "sc[2]").replace("REQ", "pasid")
-            for line in body.splitlines() if not line.endswith("# entry")
-        )  # fmt: skip
-        direct = "\n".join(
-            line.replace("MISS", "return None")
-            .replace("HIT", "return pa, size, perm, name_fs, $PE.DID(w1), epasid")
-            .replace("SPAN", "span").replace("REQ", "rpasid")
-            for line in body.splitlines()
-        )  # fmt: skip
-        direct = render(direct, layouts, consts)
-        src = _FAST_UNCACHED.format(body=_indent(fast, 12), direct=_indent(direct, 8))
+        src = _DIRECT_MODULE.format(
+            fast_zero=_indent(_render_body(consts, fast=True, based=False), 12),
+            fast_based=_indent(_render_body(consts, fast=True, based=True), 12),
+            direct=_indent(_render_body(consts, fast=False, based=True), 12),
+        )
         got = {}
         exec(compile(src, f"<walker direct path, haw {haw}>", "exec"), got)  # our own template
         got["source"] = src
@@ -422,18 +444,29 @@ class Walker:
         self._ss_chk_r = tuple(_SS_R | m for m in self._ss_rsvd)
         self._ss_chk_w = tuple(_SS_W | m for m in self._ss_rsvd)
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
-        self.direct = True  # uncached user requests try the one-run first-stage path first
-        self._span_cache: tuple[object, int, Span] = (None, -1, _NO_SPAN)
-        gen = _generated(haw, self._direct_consts(above))
-        self._direct_first_stage: Callable[..., Any] = gen["make_direct"](
-            _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _NAME_FS
-        )
+        self._direct_fast: TranslateFast
+        self._direct_first_stage: Callable[..., Any]
+        self._direct_fast, self._direct_first_stage = _generated(
+            haw, self._direct_consts(above)
+        )["make"](
+            self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _NAME_FS,
+            struct.error,
+        )  # fmt: skip
+        self.direct = True
+
+    @property
+    def direct(self) -> bool:
+        """Whether uncached user requests try the one-run first-stage path first (the general
+        walk answers alone when False: the tests compare the two)."""
+        return self._direct
+
+    @direct.setter
+    def direct(self, on: bool) -> None:
+        self._direct = on
         if self.caches.enabled:
             self.translate_fast = self._cached_fast()
         else:
-            self.translate_fast = gen["make"](
-                self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from
-            )
+            self.translate_fast = self._direct_fast if on else self._slow_fast
 
     def _direct_consts(self, above: int) -> dict[str, int]:
         """The direct walk's folded "present and no reserved bit" masks for this width."""
@@ -444,6 +477,7 @@ class Walker:
             "SM_CONTEXT_ENTRY_SIZE": SM_CONTEXT_ENTRY_SIZE,
             "PASID_LIMIT": _PASID_LIMIT,
             "PASID_DIR_SHIFT": PASID_DIR_SHIFT,
+            "PDTS_SHIFT": PASID_DIR_SHIFT + 7,  # 2^(PDTS+7) directory entries of 2^6 PASIDs
             "PASID_DIR_ENTRY_SIZE": PASID_DIR_ENTRY_SIZE,
             "PASID_TABLE_MASK": PASID_TABLE_MASK,
             "PASID_ENTRY_SIZE": PASID_ENTRY_SIZE,
@@ -471,13 +505,13 @@ class Walker:
         """Translate one request; a :class:`Fault` for every failure, never an exception."""
         c = self.caches
         if c.enabled and c.rtaddr == rtaddr:
-            ent = c.fast.get((req.sid, req.pasid))
-            if ent is not None:
-                hit = ent[1].get(req.addr >> 12)
+            tag = c.linked(req.sid, req.pasid)
+            if tag is not None:
+                hit = self._iotlb_hit(
+                    tag, req.addr, need_mask(req.write, req.supervisor, req.execute)
+                )
                 if hit is not None:
-                    need = need_mask(req.write, req.supervisor, req.execute)
-                    if hit[2] & need == need:
-                        return self._translation(req, hit, ent[0][1], True)
+                    return self._translation(req, hit, tag[1], True)
         try:
             e, pasid, cached = self._walk(
                 rtaddr, req.sid, req.addr, req.pasid, req.write, req.supervisor, req.execute
@@ -506,26 +540,25 @@ class Walker:
         )
 
     def _cached_fast(self) -> TranslateFast:
+        """The IOTLB hit path: the caches' user pages of the request's (sid, PASID), indexed
+        by ``write`` (a bool, or 0/1), give the 4 KiB output page; anything missing is a
+        LookupError, caught, and the general walk answers (and fills the pages)."""
         caches, fast, slow = self.caches, self.caches.fast, self._slow_fast
-        need_r, need_w = _NEED_READ, _NEED_WRITE
 
         def translate_fast(
             rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
         ) -> int | Fault:
             if rtaddr == caches.rtaddr:
-                ent = fast.get((sid, pasid))
-                if ent is not None:
-                    hit = ent[1].get(addr >> 12)
-                    if hit is not None:
-                        need = need_w if write else need_r
-                        if hit[2] & need == need:
-                            return hit[0] | (addr & (hit[1] - 1))
+                try:
+                    return fast[sid][pasid][write][addr >> 12] | (addr & 0xFFF)
+                except LookupError:
+                    pass
             return slow(rtaddr, sid, addr, pasid, write)
 
         return translate_fast
 
     def _slow_fast(
-        self, rtaddr: int, sid: int, addr: int, pasid: int | None, write: bool
+        self, rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
     ) -> int | Fault:
         try:
             e, _, _ = self._walk(rtaddr, sid, addr, pasid, write, False, False)
@@ -572,9 +605,26 @@ class Walker:
         """The fast path of :meth:`pasid_table` + reading the entry + ``first_stage_entry_ok``
         (one folded test per entry, as the direct walk does): the words of a present,
         well-formed first-stage entry, or None for anything else (:meth:`pasid_info` then
-        names the fault, or it is another PGTT)."""
-        if not 0 <= pasid < _PASID_LIMIT or pasid >> PASID_DIR_SHIFT >= 1 << (ctx.pdts + 7):
+        names the fault, or it is another PGTT). Reads the largest region directly, as the
+        direct walk does; tables elsewhere take :meth:`_first_stage_words_any`."""
+        if not 0 <= pasid < _PASID_LIMIT or pasid >> (ctx.pdts + PASID_DIR_SHIFT + 7):
             return None
+        b, buf = self.mem.largest
+        g = ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE
+        try:
+            if g >= b:
+                pde: int = _UNPACK_Q(buf, g - b)[0]
+                if pde & self._chk_pde != _PDE_P:
+                    return None
+                g = (pde & _PDE_PTP) + (pasid & PASID_TABLE_MASK) * PASID_ENTRY_SIZE
+                if g >= b:
+                    w: tuple[int, ...] = _QPE_ALL.unpack_from(buf, g - b)
+                    return w if self.first_stage_entry_ok(w) else None
+        except struct.error:  # past the region's end
+            pass
+        return self._first_stage_words_any(ctx, pasid)
+
+    def _first_stage_words_any(self, ctx: ContextInfo, pasid: int) -> tuple[int, ...] | None:
         mem = self.mem
         try:
             pde = mem.read_u64(ctx.pasid_dir + (pasid >> PASID_DIR_SHIFT) * PASID_DIR_ENTRY_SIZE)
@@ -604,20 +654,6 @@ class Walker:
             return spans
         return got[2]
 
-    def _refresh_span_cache(self) -> tuple[object, int, Span]:
-        regions = self.mem.regions
-        self._span_cache = (regions, len(regions), self._span0())
-        return self._span_cache
-
-    def _span0(self) -> Span:
-        """The largest region (the direct path's only region)."""
-        got = self._spans.get(id(self.mem))
-        regions = self.mem.regions
-        if got is None or got[0] is not regions or got[1] != len(regions):
-            spans = self._spans_of(self.mem)
-            return spans[0] if spans else _NO_SPAN
-        return got[2][0] if got[2] else _NO_SPAN
-
     @staticmethod
     def _read(
         spans: list[Span], gpa: int, st: struct.Struct, reason: FR, what: str
@@ -646,7 +682,7 @@ class Walker:
             raise FaultError(FR.ADDR_BEYOND_MGAW, "address is not a 64-bit value")
         spans = self._spans_of(self.mem)
         if not cached and not supervisor and not execute and self.direct:
-            d = self._direct_first_stage(rtaddr, sid, addr, rpasid, write, self._span0())
+            d = self._direct_first_stage(rtaddr, sid, addr, rpasid, write)
             if d is not None:
                 return (d[0], d[1], d[2], d[3], d[4]), d[5], False
         if cached:
@@ -664,7 +700,7 @@ class Walker:
                 raise FaultError(FR.RTADDR_INV_TTM, "request with PASID on a legacy root table")
             tag: IotlbTag = (ctx.did, None)
             if cached:
-                c.fast[(sid, None)] = (tag, c.pages_of(tag))
+                c.link(sid, None, tag)
                 hit = self._iotlb_hit(tag, addr, need)
                 if hit is not None:
                     return hit, None, True
@@ -701,7 +737,7 @@ class Walker:
             raise FaultError(FR.ERE_CLEAR, "execute request, ERE clear")
         tag = (pe.did, pasid)
         if cached:
-            c.fast[(sid, rpasid)] = (tag, c.pages_of(tag))
+            c.link(sid, rpasid, tag)
             hit = self._iotlb_hit(tag, addr, need)
             if hit is not None:
                 return hit, pasid, True

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
+from vioasid.device.translator import DmaTranslator as Translator
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     VRING_AVAIL_HDR,
@@ -45,19 +46,6 @@ USED_RING_OFF = VRING_USED_HDR.size
 MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
 MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails after this
 YIELD_EVERY = 16  # buffers translated between two turns of the event loop
-
-
-class Translator(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
-
-    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
-
-    def spans(
-        self, iova: int, length: int, write: bool, pasid: int | None = None
-    ) -> list[tuple[int, int]] | None: ...
 
 
 class Gate(Protocol):
