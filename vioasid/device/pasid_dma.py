@@ -640,6 +640,8 @@ class _Ctx:
             page = r.gpa
             if not self.mem.contains(page, PAGE):
                 raise _JobFault(self._outside(addr, page, write), done)
+        if write and self.fn.dirty is not None:  # a live migration: QEMU won't see this write
+            self.fn.dirty.add(page >> 12)
         return page | (addr & (PAGE - 1))
 
     def _outside(self, addr: int, gpa: int, write: bool) -> Fault:
@@ -649,8 +651,6 @@ class _Ctx:
 
     def _view(self, addr: int, n: int, write: bool, done: int) -> memoryview:
         gpa = self._gpa(addr, write, done)
-        if write and self.fn.dirty is not None:
-            self.fn.dirty.add(gpa >> 12)
         try:
             return self.mem.view(gpa, n)
         except MemoryAccessError:
