@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from images.guest import patterns
 from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
@@ -21,11 +21,6 @@ from qemu_glue.qemu.vtd_regs import VtdRegisterReader, VtdRegisters
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 def _spec(image: GuestImage, disk: Path, mode: IommuMode, **kw: object) -> VmSpec:

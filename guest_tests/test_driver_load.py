@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from images.build import DRIVER_MODULE, GuestImage, ensure_image
+from images.build import DRIVER_MODULE, GuestImage
 from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
@@ -16,11 +16,6 @@ from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0
 KERNEL_TROUBLE = re.compile(r"BUG:|Oops|WARNING:|Call Trace:|general protection|refcount_t")
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 @pytest.mark.asyncio

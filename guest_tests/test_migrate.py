@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from qemu_glue.migration.demo import DemoOptions, run_migration_demo
 
 pytestmark = pytest.mark.guest
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 @pytest.mark.asyncio

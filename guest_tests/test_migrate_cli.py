@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from images.guest import patterns
 from images.guest.markers import INIT, STOPPED, TEST
 from qemu_glue.migration.demo import FUNCTIONS, guest_devices
@@ -40,11 +40,6 @@ from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 
 pytestmark = pytest.mark.guest
 TIMEOUT = 300.0
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 @pytest.mark.asyncio

@@ -13,43 +13,25 @@ nothing stays bound after the guest is gone. Needs QEMU 11.1 (vfio-user-pci); no
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from qemu_glue.pasid_guest import run_pasid_guest
-from qemu_glue.qemu.binary import QemuChoice, QemuNotFound, choose
+from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.vmspec import IommuMode
 
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    img = ensure_image()
-    with gzip.open(img.initrd) as f:
-        if b"vioasid_dma.ko" not in f.read():
-            pytest.skip("the test image has no vioasid_dma.ko yet (images/driver)")
-    return img
-
-
-@pytest.fixture(scope="module")
-def qemu() -> QemuChoice:
-    try:
-        q = choose()
-    except QemuNotFound as e:
-        pytest.skip(str(e))
-    if not q.features.vfio_user:
-        pytest.skip(f"{q.path} ({q.version}) has no vfio-user-pci: run 'vioasid qemu install'")
-    return q
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", [IommuMode.SCALABLE_FS, IommuMode.SCALABLE_SS])
-async def test_guest_pasid_dma(image: GuestImage, qemu: QemuChoice, mode: IommuMode) -> None:
-    run = await run_pasid_guest(image.kernel, image.initrd, mode=mode, qemu=qemu)
+async def test_guest_pasid_dma(
+    pasid_image: GuestImage, pasid_qemu: QemuChoice, mode: IommuMode
+) -> None:
+    image = pasid_image
+    run = await run_pasid_guest(image.kernel, image.initrd, mode=mode, qemu=pasid_qemu)
     summary = run.to_json()
     print(json.dumps(summary))
     assert run.done is not None, run.console_tail

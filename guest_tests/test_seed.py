@@ -14,33 +14,24 @@ the requester's RAM) are part of each case's verdict. Needs QEMU 11.1; no timed 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from images.build import ensure_image
-from qemu_glue.qemu.binary import QemuNotFound, choose
+from images.build import GuestImage
+from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.seed_demo import CASES, CONCURRENT_S, SeedOptions, run_seed
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
-def seed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    img = ensure_image()
-    with gzip.open(img.initrd) as f:
-        data = f.read()
-    if b"vioasid_dma.ko" not in data or b"seed_tests.sh" not in data:
-        pytest.skip("the test image has no vioasid_dma.ko / seed_tests.sh")
-    try:
-        q = choose()
-    except QemuNotFound as e:
-        pytest.skip(str(e))
-    if not q.features.vfio_user:
-        pytest.skip(f"{q.path} ({q.version}) has no vfio-user-pci: run 'vioasid qemu install'")
+def seed(
+    tmp_path_factory: pytest.TempPathFactory, pasid_image: GuestImage, pasid_qemu: QemuChoice
+) -> dict[str, Any]:
+    img, q = pasid_image, pasid_qemu
     trace = tmp_path_factory.mktemp("seed") / "trace.jsonl"
     with open(trace, "w") as t:
         opts = SeedOptions(kernel=img.kernel, initrd=img.initrd, qemu=q, trace=t, timeout=900)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from images.guest import patterns
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
@@ -20,11 +20,6 @@ from vioasid.formats.fault import FaultReason
 pytestmark = pytest.mark.guest
 TIMEOUT_S = 300.0
 BAD_IOVA = 0x5EAD_0000_0000  # canonical 48-bit address, never mapped by the guest for this device
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 async def _run(image: GuestImage, tmp_path: Path, mode: IommuMode, **kw: object) -> BlkRunResult:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from images.build import GuestImage, ensure_image
+from images.build import GuestImage
 from images.guest import patterns
 from images.guest.markers import DONE
 from qemu_glue.guest_runner import watch_guest
@@ -49,11 +49,6 @@ GUEST_TESTS = ("multipage", "large", "parallel")
 DISK_ID = "disk0"
 
 EXPECTED_PGTT = {IommuMode.SCALABLE_FS: "first-stage", IommuMode.SCALABLE_SS: "second-stage"}
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    return ensure_image()
 
 
 def throttled_disk(path: Path) -> RawArgs:

@@ -8,10 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build into a temp dir next to ``final`` and rename it into place."""
+def atomic_dir(final: Path, fill: Callable[[Path], None], prefix: str | None = None) -> None:
+    """Build into a temp dir next to ``final`` (named ``prefix``…) and rename it into place.
+
+    An interrupted build leaves only the temp dir (never a half-filled ``final``); ``fill``'s
+    exception removes it and propagates.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}-", dir=final.parent))
     tmp.chmod(0o755)
     try:
         fill(tmp)

@@ -32,6 +32,7 @@ from images.guest.patterns import tests_conf
 
 from . import apt, cpio, headers, kernel, kmod, modules
 from .atomic import atomic_dir as _atomic_dir
+from .digest import files_digest
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,7 @@ def guest_scripts_dir() -> Path:
 def scripts_digest(scripts_dir: Path | None = None) -> str:
     """Hash of the guest scripts and the test table, so editing them rebuilds the initramfs."""
     d = scripts_dir or guest_scripts_dir()
-    h = hashlib.sha256()
-    for name in GUEST_SCRIPTS:
-        p = d / name
-        if not p.is_file():
-            raise ImageError(f"guest script {p} is missing")
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(tests_conf().encode())
-    return h.hexdigest()[:16]
+    return files_digest(d, GUEST_SCRIPTS, "guest script", tests_conf().encode())
 
 
 def apt_lists_fingerprint(lists_dir: Path = Path("/var/lib/apt/lists")) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .apt import require_tool
 from .atomic import atomic_dir
+from .digest import files_digest
 from .errors import ImageError
 from .headers import KernelHeaders
 
@@ -41,14 +42,7 @@ def driver_dir() -> Path:
 
 def sources_digest(src: Path | None = None) -> str:
     """Hash of the driver sources, so editing them rebuilds the module and the image."""
-    d = src or driver_dir()
-    h = hashlib.sha256()
-    for name in SOURCES:
-        p = d / name
-        if not p.is_file():
-            raise ImageError(f"driver source {p} is missing")
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return files_digest(src or driver_dir(), SOURCES, "driver source")
 
 
 def compiler_args(kdir: Path) -> list[str]:

@@ -65,33 +65,12 @@ def test_walk_modes(
 
 def test_walk_fault(image: tuple[Path, int], capsys: pytest.CaptureFixture[str]) -> None:
     path, rt = image
-    rc, out, _ = walk(
-        capsys,
-        "--memory",
-        str(path),
-        "--rtaddr",
-        hex(rt),
-        "--bdf",
-        "00:03.0",
-        "--addr",
-        "0x40001234",
-        "--write",
-    )
+    on = ("--memory", str(path), "--rtaddr", hex(rt), "--bdf", "00:03.0")
+    rc, out, _ = walk(capsys, *on, "--addr", "0x40001234", "--write")
     assert rc == 0 and out["translated"] is False
     fault = out["fault"]
     assert isinstance(fault, dict) and fault["reason"] == 0x85 and fault["name"] == "sm-write"
-    rc, out, _ = walk(
-        capsys,
-        "--memory",
-        str(path),
-        "--rtaddr",
-        hex(rt),
-        "--bdf",
-        "00:03.0",
-        "--addr",
-        "0x1000",
-        "--supervisor",
-    )
+    rc, out, _ = walk(capsys, *on, "--addr", "0x1000", "--supervisor")
     assert rc == 0 and out["fault"]["reason"] == 0x5D  # type: ignore[index]
 
 

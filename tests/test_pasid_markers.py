@@ -93,4 +93,5 @@ def test_the_script_runs_the_checks_markers_name() -> None:
     order = re.findall(r"^\s*want ([a-z-]+) && check_", text, flags=re.M)
     assert tuple(order) == PASID_CHECKS
     for name in PASID_CHECKS:  # every check reports under its own name
-        assert re.search(rf"result {re.escape(name)} (pass|fail|skip)", text), name
+        reports = rf"(result {re.escape(name)} (pass|fail|skip)|verdict {re.escape(name)} )"
+        assert re.search(reports, text), name

@@ -29,6 +29,14 @@ bind() {
 
 iova() { hex $(($1 * WIN + $2)); }
 
+# bind_or_fail NAME: bind a PASID on D0 (P), or report NAME failed and return 1
+bind_or_fail() { bind "$D0" || { result "$1" fail "$D0" 0 "bind: $R"; return 1; }; }
+
+# verdict NAME DEV PASID WHAT: NAME passed (WHAT) unless $detail says why it failed
+verdict() {
+  if [ -z "$detail" ]; then result "$1" pass "$2" "$3" "$4"; else result "$1" fail "$2" "$3" "$detail"; fi
+}
+
 # result NAME pass|fail|skip DEV PASID DETAIL (fault fields from $FAULT when set)
 result() {
   case "$2" in
@@ -90,7 +98,7 @@ check_syntax() { # the parser refuses what is not a command, with EINVAL and "er
 }
 
 check_bind_unbind() {
-  bind "$D0" || { result bind-unbind fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail bind-unbind || return
   p1=$P
   [ "$p1" -gt 0 ] || { result bind-unbind fail "$D0" "$p1" "PASID $p1"; return; }
   cmd "$D0" unbind "$p1" || { result bind-unbind fail "$D0" "$p1" "unbind: $R"; return; }
@@ -112,7 +120,7 @@ check_bind_unbind() {
 }
 
 check_copy() { # random data, unaligned offsets, multi-page lengths, 6 rounds
-  bind "$D0" || { result copy fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail copy || return
   p=$P
   cmd "$D0" map "$p" 0 "$BUF" rw || { result copy fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
   detail=""
@@ -138,12 +146,11 @@ check_copy() { # random data, unaligned offsets, multi-page lengths, 6 rounds
     fi
   done
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result copy pass "$D0" "$p" "6 random copies, unaligned, up to 16 pages"; else
-    result copy fail "$D0" "$p" "$detail"; fi
+  verdict copy "$D0" "$p" "6 random copies, unaligned, up to 16 pages"
 }
 
 check_fill() {
-  bind "$D0" || { result fill fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail fill || return
   p=$P
   cmd "$D0" map "$p" 0 "$BUF" rw || { result fill fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
   detail=""
@@ -162,12 +169,11 @@ check_fill() {
     if ! same "$work/want" "$work/b"; then detail="round $round: fill $dst $len $byte wrong"; break; fi
   done
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result fill pass "$D0" "$p" "4 random fills, edges intact"; else
-    result fill fail "$D0" "$p" "$detail"; fi
+  verdict fill "$D0" "$p" "4 random fills, edges intact"
 }
 
 check_compare() {
-  bind "$D0" || { result compare fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail compare || return
   p=$P
   cmd "$D0" map "$p" 0 "$BUF" rw || { result compare fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
   len=$((8192 + $(rand 20000)))
@@ -186,8 +192,7 @@ check_compare() {
   cmd "$D0" compare "$p" "$a" "$b" "$len"
   [ "$R" = "ok equal=0" ] || detail="$detail; one byte changed: $R"
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result compare pass "$D0" "$p" "equal=1 then equal=0 ($len bytes)"; else
-    result compare fail "$D0" "$p" "$detail"; fi
+  verdict compare "$D0" "$p" "equal=1 then equal=0 ($len bytes)"
 }
 
 check_isolation() { # PASID A's mapping is unreachable through PASID B
@@ -205,12 +210,11 @@ check_isolation() { # PASID A's mapping is unreachable through PASID B
     detail="$detail B at A's IOVA: $R"
   fi
   cleanup "$D0" "$pa" "$pb"
-  if [ -z "$detail" ]; then result isolation pass "$D0" "$pb" "PASID $pb faults at PASID $pa's IOVA"; else
-    result isolation fail "$D0" "$pb" "$detail"; fi
+  verdict isolation "$D0" "$pb" "PASID $pb faults at PASID $pa's IOVA"
 }
 
 check_ro_fault() {
-  bind "$D0" || { result ro-write-fault fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail ro-write-fault || return
   p=$P
   detail=""
   cmd "$D0" map "$p" 0 8192 ro || detail="map ro: $R"
@@ -222,12 +226,11 @@ check_ro_fault() {
     detail="$detail write to ro: $R"
   fi
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result ro-write-fault pass "$D0" "$p" "write fault at $(iova "$p" 4100)"; else
-    result ro-write-fault fail "$D0" "$p" "$detail"; fi
+  verdict ro-write-fault "$D0" "$p" "write fault at $(iova "$p" 4100)"
 }
 
 check_unmapped_fault() {
-  bind "$D0" || { result unmapped-fault fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail unmapped-fault || return
   p=$P
   detail=""
   cmd "$D0" map "$p" 0 4096 rw || detail="map: $R"
@@ -237,12 +240,11 @@ check_unmapped_fault() {
     detail="$detail unmapped read: $R"
   fi
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result unmapped-fault pass "$D0" "$p" "read fault at $(iova "$p" 0x50010)"; else
-    result unmapped-fault fail "$D0" "$p" "$detail"; fi
+  verdict unmapped-fault "$D0" "$p" "read fault at $(iova "$p" 0x50010)"
 }
 
 check_unbind_fault() {
-  bind "$D0" || { result unbind-fault fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail unbind-fault || return
   p=$P
   detail=""
   cmd "$D0" map "$p" 0 8192 rw || detail="map: $R"
@@ -263,12 +265,11 @@ check_unbind_fault() {
   fi
   get "$D0" 4096 64 "$work/after"
   same "$work/before" "$work/after" || detail="$detail the buffer changed after unbind"
-  if [ -z "$detail" ]; then result unbind-fault pass "$D0" "$p" "after unbind: $R"; else
-    result unbind-fault fail "$D0" "$p" "$detail"; fi
+  verdict unbind-fault "$D0" "$p" "after unbind: $R"
 }
 
 check_remap() { # an IOVA remapped to another page is seen at once, 50 times (and unmap faults)
-  bind "$D0" || { result remap fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail remap || return
   p=$P
   detail=""
   randfile 4096 "$work/pa"
@@ -291,13 +292,12 @@ check_remap() { # an IOVA remapped to another page is seen at once, 50 times (an
     i=$((i + 1))
   done
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result remap pass "$D0" "$p" "50 remaps of $(iova "$p" "$w"), each seen at once"; else
-    result remap fail "$D0" "$p" "$detail"; fi
+  verdict remap "$D0" "$p" "50 remaps of $(iova "$p" "$w"), each seen at once"
 }
 
 check_shared() { # the same PASID on two functions
   if [ "$ndev" -lt 2 ]; then result shared-pasid skip "$D0" 0 "needs two functions"; return; fi
-  bind "$D0" || { result shared-pasid fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail shared-pasid || return
   p=$P
   detail=""
   bind "$D1" "$p" || { result shared-pasid fail "$D1" "$p" "bind $p on $D1: $R"; cleanup "$D0" "$p"; return; }
@@ -314,8 +314,7 @@ check_shared() { # the same PASID on two functions
   cmd "$D0" unbind "$p" || detail="$detail unbind on $D0: $R"
   cmd "$D1" copy "$p" 10 9000 5000 || detail="$detail $D1 after $D0's unbind: $R"
   cleanup "$D1" "$p"
-  if [ -z "$detail" ]; then result shared-pasid pass "$D1" "$p" "PASID $p on $D0 and $D1"; else
-    result shared-pasid fail "$D1" "$p" "$detail"; fi
+  verdict shared-pasid "$D1" "$p" "PASID $p on $D0 and $D1"
 }
 
 check_many() { # 100 PASIDs on one function, each with its own page and job
@@ -341,12 +340,11 @@ check_many() { # 100 PASIDs on one function, each with its own page and job
   uniq=$(echo $list | tr ' ' '\n' | sort -u | wc -l)
   [ -n "$detail" ] || [ "$uniq" = $n ] || detail="only $uniq distinct PASIDs"
   cleanup "$D0" $list
-  if [ -z "$detail" ]; then result many-pasids pass "$D0" "${list##* }" "$n PASIDs bound, one job each"; else
-    result many-pasids fail "$D0" "${list##* }" "$detail"; fi
+  verdict many-pasids "$D0" "${list##* }" "$n PASIDs bound, one job each"
 }
 
 check_batch() {
-  bind "$D0" || { result batch fail "$D0" 0 "bind: $R"; return; }
+  bind_or_fail batch || return
   p=$P
   detail=""
   cmd "$D0" map "$p" 0 "$BUF" rw || detail="map: $R"
@@ -363,8 +361,7 @@ check_batch() {
     want_fault "$p" "$(iova "$p" $((524288 + 8 * 4096)))" 1 || detail="$detail faulting batch: $R"
   fi
   cleanup "$D0" "$p"
-  if [ -z "$detail" ]; then result batch pass "$D0" "$p" "16 jobs per doorbell; job 9 faults at its page"; else
-    result batch fail "$D0" "$p" "$detail"; fi
+  verdict batch "$D0" "$p" "16 jobs per doorbell; job 9 faults at its page"
 }
 
 check_every_function() { # each function (each type) binds and copies
@@ -379,8 +376,7 @@ check_every_function() { # each function (each type) binds and copies
     same "$work/a" "$work/b" || detail="$detail $d: wrong bytes"
     cleanup "$d" "$P"
   done
-  if [ -z "$detail" ]; then result every-function pass "$D0" 0 "$ndev function(s): $types"; else
-    result every-function fail "$D0" 0 "$detail"; fi
+  verdict every-function "$D0" 0 "$ndev function(s): $types"
 }
 
 check_reload() { # rmmod with PASIDs still bound and mapped tears down cleanly; insmod again works
@@ -405,8 +401,7 @@ check_reload() { # rmmod with PASIDs still bound and mapped tears down cleanly; 
     cmd "$D0" copy "$P" 0 4096 4096 || detail="$detail copy after reload: $R"
     cleanup "$D0" "$P"
   fi
-  if [ -z "$detail" ]; then result reload pass "$D0" 0 "rmmod with${kept:- no} bindings, insmod, $n function(s) back"; else
-    result reload fail "$D0" 0 "$detail"; fi
+  verdict reload "$D0" 0 "rmmod with${kept:- no} bindings, insmod, $n function(s) back"
 }
 
 FAULT=

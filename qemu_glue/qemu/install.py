@@ -28,11 +28,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from images.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,9 @@ def install(
         raise InstallError("apt downloaded no packages")
     size = sum(d.stat().st_size for d in debs)
     say(f"unpacking {len(debs)} packages ({size / 1e6:.1f} MB) in {time.monotonic() - t0:.1f} s")
-    partial = Path(tempfile.mkdtemp(prefix=f"{version}.partial-", dir=base))
-    try:
+    final_root = final / "root"
+
+    def fill(partial: Path) -> None:
         root = partial / "root"
         root.mkdir()
         for i, deb in enumerate(debs, 1):
@@ -297,25 +299,20 @@ def install(
                 raise InstallError(f"dpkg-deb -x {deb.name} failed: {out.stderr.strip()[-200:]}")
             if i % 30 == 0:
                 say(f"unpacked {i}/{len(debs)}")
-        final_root = final / "root"
         (partial / "bin").mkdir()
         wrapper = partial / "bin" / WRAPPER
         wrapper.write_text(_wrapper_text(final_root))
         wrapper.chmod(0o755)
-        meta = {
-            "version": version,
-            "debian_version": debver,
-            "packages": len(debs),
-            "download_bytes": size,
-            "suites": list(SUITES),
-            "uri": apt.uri,
-        }
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+
+    atomic_dir(final, fill, prefix=f"{version}.partial-")
+    meta = {
+        "version": version,
+        "debian_version": debver,
+        "packages": len(debs),
+        "download_bytes": size,
+        "suites": list(SUITES),
+        "uri": apt.uri,
+    }
     # Check that it runs before declaring it installed (the marker is what makes it usable).
     argv = [str(final / "bin" / WRAPPER), "--version"]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)

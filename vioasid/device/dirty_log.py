@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Protocol
 
+from vioasid.device.translator import DmaTranslator as Translator
 from vioasid.formats.virtio import VHOST_USER_LOG, VirtioFeature
 
 log = logging.getLogger(__name__)
@@ -31,19 +31,6 @@ VHOST_F_LOG_ALL = VirtioFeature.LOG_ALL
 VHOST_LOG_PAGE = 0x1000
 """Bytes of guest-physical address space per log bit (QEMU ``VHOST_LOG_PAGE``)."""
 _PAGE_SHIFT = 12
-
-
-class Translator(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
-
-    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
-
-    def spans(
-        self, iova: int, length: int, write: bool, pasid: int | None = None
-    ) -> list[tuple[int, int]] | None: ...
 
 
 class DirtyLog:

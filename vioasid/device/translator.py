@@ -225,7 +225,10 @@ class WalkResolver:
             assert isinstance(out, Fault)
             return out
         page = out & ~PAGE_MASK
-        if not mem.contains(page, PAGE_SIZE):
+        r = mem._last  # the region the last lookup found (nearly always this page's)
+        if (r is None or not (r.gpa <= page and page + PAGE_SIZE <= r.gpa + r.size)) and (
+            not mem.contains(page, PAGE_SIZE)
+        ):
             # Mapped, but not to guest RAM the back-end holds (MMIO, a hole): refuse the DMA.
             return Fault(
                 FaultReason.ADDR_BEYOND_MGAW,
@@ -396,6 +399,22 @@ class QemuResolver:
                 if not fut.done():
                     fut.cancel()
         self._pending.clear()
+
+
+class DmaTranslator(Protocol):
+    """What a device's data path needs of its translator (:class:`DeviceTranslator`, or a
+    wrapper such as :class:`vioasid.device.dirty_log.LoggingTranslator`)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
+
+    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
+
+    def spans(
+        self, iova: int, length: int, write: bool, pasid: int | None = None
+    ) -> list[tuple[int, int]] | None: ...
 
 
 @dataclass

@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from vioasid.formats.virtio import (
     VHOST_USER_HDR,
@@ -59,25 +60,29 @@ def _offset(fields: tuple[tuple[str, str], ...], name: str) -> int:
     raise KeyError(name)
 
 
+_U32_FIELDS = (
+    "msg_bytes",
+    "request",
+    "version",
+    "need_reply",
+    "payload",
+    "req_off",
+    "flags_off",
+    "size_off",
+    "iova_off",
+    "isize_off",
+    "type_off",
+    "invalidate",
+    "ack_len",
+)
+_LAYOUT_FIELDS: list[tuple[str, Any]] = [(n, ctypes.c_uint32) for n in _U32_FIELDS]
+_LAYOUT_FIELDS += [("ack", ctypes.c_ubyte * 64)]
+
+
 class _Layout(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_uint32)
-        for n in (
-            "msg_bytes",
-            "request",
-            "version",
-            "need_reply",
-            "payload",
-            "req_off",
-            "flags_off",
-            "size_off",
-            "iova_off",
-            "isize_off",
-            "type_off",
-            "invalidate",
-            "ack_len",
-        )
-    ] + [("ack", ctypes.c_ubyte * 64)]
+    """``struct layout`` of iotlb_reader.c: where the C thread finds what it checks."""
+
+    _fields_ = _LAYOUT_FIELDS
 
 
 def _layout() -> _Layout:
@@ -219,8 +224,9 @@ class NativeReader:
             return
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self._rx.fileno())
-        with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
+        for sock in (self.conn, self._rx):  # wakes the thread in recvmsg or in a full sendmsg
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.lib.vr_join(h)  # ctypes releases the GIL; the thread never needs it
         self._take(h)
         self._stats(h)

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
+from vioasid.device.translator import DmaTranslator as Translator
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.virtio import (
     VRING_AVAIL_HDR,
@@ -45,19 +46,6 @@ USED_RING_OFF = VRING_USED_HDR.size
 MAX_QUEUE_SIZE = 32768  # §2.7: queue size is at most 32768
 MAX_RETRANSLATIONS = 8  # a request whose buffers keep being invalidated fails after this
 YIELD_EVERY = 16  # buffers translated between two turns of the event loop
-
-
-class Translator(Protocol):
-    @property
-    def generation(self) -> int: ...
-
-    def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool: ...
-
-    async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int: ...
-
-    def spans(
-        self, iova: int, length: int, write: bool, pasid: int | None = None
-    ) -> list[tuple[int, int]] | None: ...
 
 
 class Gate(Protocol):
@@ -277,6 +265,10 @@ async def _table_copy(dma: Dma, table: int, entries: int) -> bytes | None:
 
 
 def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
+    r = mem._last  # the common case: the span lies in the region of the last lookup
+    if r is not None and r.gpa <= gpa and gpa + n <= r.gpa + r.size and n > 0:
+        off = gpa - r.gpa
+        return [r.buf[off : off + n]]
     out: list[memoryview] = []
     while n > 0:
         r = mem.region_of(gpa, 1)
