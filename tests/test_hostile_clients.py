@@ -596,6 +596,23 @@ def test_scenario_with_a_date_in_expect_ends_with_an_error_line(
         assert err.count("\n") == 1
 
 
+def test_scenario_exhausting_the_guest_page_pool_ends_with_an_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "pool.toml"
+    steps = "".join(  # each 512 GiB apart: three new table pages a step, the 1 MiB pool runs out
+        f'[[step]]\nop = "map"\nvm = "v"\nvpasid = 1\nva = {i << 39}\ngpa = 4096\nsize = 4096\n'
+        for i in range(256)
+    )
+    f.write_text(
+        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
+        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "2M"\n' + steps
+    )
+    rc, err = _cli(capsys, "scenario", str(f))
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "page-table pool is exhausted" in err
+
+
 def test_scenario_with_memory_the_host_cannot_map_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
