@@ -218,8 +218,39 @@ def test_random_remaps_never_see_a_stale_translation(ftype: str, seed: int) -> N
             assert rec["status"] == CompletionStatus.FAULT, (step, rec)
             want = FaultReason.SM_WRITE if w in mapping else FaultReason.FS_PAGING_ENTRY_P
             assert rec["fault_reason"] == want and rec["fault_flags"] == 1
+        _counts_ok(f.tlb)
     st = f.tlb.stats
     assert st.hits > 0 and st.dropped > 0  # the cache was used, and had to drop
+
+
+def _counts_ok(tlb: PasidTlb) -> None:
+    assert tlb.pages == sum(len(r.pages) for sp in tlb.spaces.values() for r in sp.regions.values())
+    assert tlb.regions == sum(len(sp.regions) for sp in tlb.spaces.values())
+    assert tlb.pages <= tlb.limit and tlb.regions <= tlb.region_limit
+    assert len(tlb.spaces) <= tlb.space_limit
+
+
+def test_a_guest_scattering_pages_over_regions_and_pasids_stays_bounded() -> None:
+    """One page per 2 MiB region (each region keeps a 4 KiB leaf-table copy) and many PASIDs:
+    the TLB empties itself at its limits and every job stays right."""
+    r, p = _rig()
+    f = r.fns[0]
+    f.tlb.region_limit = 4
+    f.tlb.space_limit = 3
+    t = r.guest.table(p)
+    for i in range(10):
+        t.map(iova(p, 0x400000 + i * 0x200000), DATA2 + i * PAGE, PAGE)
+        r.mem.write(DATA2 + i * PAGE, _page_data(i))
+    for _ in range(2):
+        for i in range(10):
+            assert _copy(r, p, 0x400000 + i * 0x200000, DST, PAGE)["status"] == 1
+            assert r.mem.read(DATA + DST, PAGE) == _page_data(i)
+            _counts_ok(f.tlb)
+    for q in range(20, 26):
+        r.setup(f, q)
+        assert _copy(r, q, 0, DST, PAGE)["status"] == CompletionStatus.SUCCESS
+        _counts_ok(f.tlb)
+    assert f.tlb.stats.wipes >= 2
 
 
 def test_second_stage_guest_entries_are_cached_and_checked_too() -> None:

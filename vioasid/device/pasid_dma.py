@@ -564,23 +564,28 @@ class _Ctx:
         self.resolve = resolve
 
     def _gpa(self, addr: int, write: bool, done: int) -> int:
+        """The guest-physical address of ``addr`` for the access (its page is guest RAM)."""
         page = self.tlb.lookup(addr >> 12, write)
         if page is None:
             r = self.tlb.fill(addr, write, self.priv, self.resolve)
             if isinstance(r, Fault):
                 raise _JobFault(r, done)
             page = r.gpa
+            if not self.mem.contains(page, PAGE):
+                raise _JobFault(self._outside(addr, page, write), done)
         return page | (addr & (PAGE - 1))
+
+    def _outside(self, addr: int, gpa: int, write: bool) -> Fault:
+        fn = self.fn
+        return Fault(FaultReason.ADDR_BEYOND_MGAW, addr, fn.guest_rid, self.x, write,
+                     f"GPA {gpa:#x} is outside guest RAM")  # fmt: skip
 
     def _view(self, addr: int, n: int, write: bool, done: int) -> memoryview:
         gpa = self._gpa(addr, write, done)
         try:
             return self.mem.view(gpa, n)
         except MemoryAccessError:
-            fn = self.fn
-            f = Fault(FaultReason.ADDR_BEYOND_MGAW, addr, fn.guest_rid, self.x, write,
-                      f"GPA {gpa:#x} is outside guest RAM")  # fmt: skip
-            raise _JobFault(f, done) from None
+            raise _JobFault(self._outside(addr, gpa, write), done) from None
 
     @staticmethod
     def _chunk(addr: int, left: int) -> int:
@@ -601,13 +606,42 @@ class _Ctx:
             done += c
 
     def copy(self, src: int, dst: int, n: int) -> int:
+        """Chunk by chunk (each within one page of both sides), source translated before
+        destination as before; chunks contiguous on both sides in guest RAM are moved as one
+        run, a pending run before a fault is moved before the fault is reported."""
+        gpa, chunk = self._gpa, self._chunk
         done = 0
-        while done < n:
-            c = min(self._chunk(src + done, n - done), self._chunk(dst + done, n - done))
-            s = self._view(src + done, c, False, done)
-            self._view(dst + done, c, True, done)[:] = s
-            done += c
+        rs = rd = run = 0  # the pending run: source and destination GPA, length
+        try:
+            while done < n:
+                c = min(chunk(src + done, n - done), chunk(dst + done, n - done))
+                s = gpa(src + done, False, done)
+                d = gpa(dst + done, True, done)
+                if run and s == rs + run and d == rd + run:
+                    run += c
+                else:
+                    if run:
+                        self._move(rd, rs, run, src + done - run, dst + done - run)
+                    rs, rd, run = s, d, c
+                done += c
+        except _JobFault:
+            if run:
+                self._move(rd, rs, run, src + done - run, dst + done - run)
+            raise
+        if run:
+            self._move(rd, rs, run, src + n - run, dst + n - run)
         return done
+
+    def _move(self, rd: int, rs: int, n: int, src: int, dst: int) -> None:
+        mem = self.mem
+        try:
+            mem.view(rd, n)[:] = mem.view(rs, n)
+        except MemoryAccessError:  # contiguous GPAs over a region boundary: chunk by chunk
+            off = 0
+            while off < n:
+                c = min(self._chunk(src + off, n - off), self._chunk(dst + off, n - off))
+                mem.view(rd + off, c)[:] = mem.view(rs + off, c)
+                off += c
 
     def fill(self, dst: int, n: int, pattern: int) -> int:
         pat = _U64.pack(pattern) * (PAGE // 8 + 1)
