@@ -376,3 +376,31 @@ def test_each_personality_tags_its_requests_its_own_way(ftype: str, tag: str | N
         miss = res.resolve_now(iova(p, 0x10), False, p)
         assert isinstance(miss, Fault) and miss.reason == FaultReason.PASID_ENTRY_P
         assert miss.pasid == p and miss.addr == iova(p, 0x10)
+
+
+def test_a_pasid_entry_rewritten_during_the_refresh_is_caught_by_the_next_job() -> None:
+    """Another vCPU clears SRE in the PASID entry right after the doorbell's refresh gave the
+    engine its host entry: this job still ran with SRE (its walk did), the next supervisor job
+    must fault (the space's signature was read before the refresh, so it no longer matches)."""
+    r = Rig("dedicated")
+    f = r.fns[0]
+    p = 4
+    r.entry(f, p, sre=True)
+    assert r.bind(f, p, entry=False) == 0
+    r.map(p, 0, DATA, MB)
+    r.map(p, 0x100000, CTRL_AREA, 0x10000)
+    real = r.host.sync_pasid
+    once = []
+
+    def racing(vm: str, rid: int, x: int) -> object:
+        b = real(vm, rid, x)
+        if not once:
+            once.append(1)
+            r.entry(f, p, sre=False)
+        return b
+
+    r.host.sync_pasid = racing  # type: ignore[method-assign]
+    rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
+    assert once and rec["status"] == CompletionStatus.SUCCESS
+    rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
+    assert rec["status"] != CompletionStatus.SUCCESS, rec

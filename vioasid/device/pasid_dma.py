@@ -399,30 +399,39 @@ class PasidDmaFunction(PciFunction):
         elif not 1 <= x < 1 << self.width:
             return PortalStatus.INVALID
         self._enq_tag = tag
+        entry = self._guest_entry(x) if x in self.bound else None
         self._refresh(x)
-        self._begin_tlb(x, priv, tag)
+        self._begin_tlb(x, priv, tag, entry)
         ctx = _Ctx(self, x, priv)
         self._run(ctx, d, top=True)
         return PortalStatus.ACCEPTED
 
-    def _begin_tlb(self, x: int, priv: bool, tag: int | None) -> None:
-        """This job's space in the device TLB: what its translations are a function of, read
-        now (after the refresh): the guest's context and PASID entry, the tag, the VM's second
-        stage. A PASID not bound here (or an ENQCMD tag that is not this binding's) is not
-        cached."""
+    def _guest_entry(self, x: int) -> tuple[Any, tuple[int, ...], Any] | None:
+        """The guest's context entry, PASID entry words and their decoding for ``x``, read
+        from guest RAM now (None: unusable, the engine decides each access)."""
+        v = self.host.vm(self.vm)
+        try:
+            ctx = v.tables.context(v.rtaddr, self.guest_rid)
+            words = v.tables.pasid_entry(ctx, self.guest_rid, x)
+            return ctx, words, v.tables.reader.decode_pasid_entry(words, x)
+        except Exception as e:
+            log.debug("%s: PASID %d not cached: %r", self.name, x, e)
+            return None
+
+    def _begin_tlb(
+        self, x: int, priv: bool, tag: int | None, entry: tuple[Any, tuple[int, ...], Any] | None
+    ) -> None:
+        """This job's space in the device TLB: what its translations are a function of: the
+        guest's context and PASID entry (``entry``, read *before* the refresh gave the engine
+        its host entry, so a rewrite in between changes the next job's signature), the tag and
+        the VM's second stage. A PASID not bound here (or an ENQCMD tag that is not this
+        binding's) is not cached."""
         pp = self.bound.get(x)
         v = self.host.vm(self.vm)
-        if pp is None or (tag is not None and tag != pp):
+        if entry is None or pp is None or (tag is not None and tag != pp):
             self.tlb.begin(None, memory=v.memory)
             return
-        try:
-            ctx = v.context_cache.get(self.guest_rid) or v.tables.context(v.rtaddr, self.guest_rid)
-            words = v.tables.pasid_entry(ctx, self.guest_rid, x)
-            pe = v.tables.reader.decode_pasid_entry(words, x)
-        except Exception as e:  # unusable now: the engine decides each access
-            log.debug("%s: PASID %d not cached: %r", self.name, x, e)
-            self.tlb.begin(None, memory=v.memory)
-            return
+        ctx, words, pe = entry
         if pe.pgtt == PGTT_SECOND_STAGE:
             root, levels = pe.ssptptr, pe.aw + 2
         else:

@@ -41,7 +41,9 @@ class Record:
         self.doc = doc
         parts: list[Any] = []
         fmt = "<"
+        self.offsets: dict[str, int] = {}  # field -> byte offset (packed, no alignment)
         for fname, code in fields:
+            self.offsets[fname] = struct.calcsize(fmt)
             if code.endswith("x"):
                 parts.append(fname / cs.Padding(int(code[:-1] or "1")))
             else:

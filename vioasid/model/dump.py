@@ -7,21 +7,20 @@ an error string instead of raising.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vioasid.formats.bitfields import Layout
 from vioasid.formats.context import (
     LEGACY_CONTEXT_ENTRY,
-    LEGACY_CONTEXT_ENTRY_SIZE,
     SM_CONTEXT_ENTRY,
-    SM_CONTEXT_ENTRY_SIZE,
     pasid_dir_entries,
 )
 from vioasid.formats.pasid import (
     PASID_DIR_ENTRY,
     PASID_ENTRIES_PER_TABLE,
     PASID_ENTRY,
-    PASID_ENTRY_SIZE,
     PGTT_NAMES,
 )
 from vioasid.formats.registers import RTADDR, TTM_LEGACY, TTM_SCALABLE
@@ -97,13 +96,8 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 if not re[0] & _P[LEGACY_ROOT_ENTRY.name]:
                     continue
                 ctp = LEGACY_ROOT_ENTRY.field("CTP").get(re[0])
-                for devfn in range(256):
+                for devfn, ce in _present(words, ctp, 256, LEGACY_CONTEXT_ENTRY, "context entry"):
                     sid = (bus << 8) | devfn
-                    ce = words(ctp + devfn * LEGACY_CONTEXT_ENTRY_SIZE, 2, "context entry")
-                    if ce is None:
-                        break
-                    if not ce[0] & _P[LEGACY_CONTEXT_ENTRY.name]:
-                        continue
                     f = _DEC_LEGACY_CTX(ce)
                     out.contexts.append(
                         {
@@ -122,14 +116,8 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 if not half & _P[SM_ROOT_ENTRY.name]:
                     continue
                 ctp = SM_ROOT_ENTRY.field("LCTP").get(half)
-                for low in range(128):
-                    devfn = upper * 128 + low
-                    sid = (bus << 8) | devfn
-                    ce = words(ctp + low * SM_CONTEXT_ENTRY_SIZE, 4, "context entry")
-                    if ce is None:
-                        break
-                    if not ce[0] & _P[SM_CONTEXT_ENTRY.name]:
-                        continue
+                for low, ce in _present(words, ctp, 128, SM_CONTEXT_ENTRY, "context entry"):
+                    sid = (bus << 8) | (upper * 128 + low)
                     f = _DEC_SM_CTX(ce)
                     dev: dict[str, Any] = {
                         "bdf": bdf_str(sid),
@@ -144,13 +132,10 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                         "pasids": [],
                     }
                     out.contexts.append(dev)
-                    for didx in range(pasid_dir_entries(f["PDTS"])):
-                        gpa = f["PASIDDIRPTR"] + didx * 8
-                        de = words(gpa, 1, f"{bdf_str(sid)} PASID dir entry {didx}")
-                        if de is None:
-                            break
-                        if not de[0] & _P[PASID_DIR_ENTRY.name]:
-                            continue
+                    for didx, de in _present(
+                        words, f["PASIDDIRPTR"], pasid_dir_entries(f["PDTS"]), PASID_DIR_ENTRY,
+                        f"{bdf_str(sid)} PASID dir entry",
+                    ):  # fmt: skip
                         ptp = PASID_DIR_ENTRY.field("PTP").get(de[0])
                         if ptp not in pasid_tables:
                             pasid_tables[ptp] = _pasid_table(ptp, words)
@@ -169,14 +154,27 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
     return out
 
 
+def _present(
+    words: Callable[[int, int, str], tuple[int, ...] | None],
+    table: int,
+    count: int,
+    layout: Layout,
+    what: str,
+) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(index, words) of each present entry of a table of ``count`` ``layout`` entries at
+    ``table``; stops at the first unreadable one (``words`` has reported it)."""
+    present, n = _P[layout.name], layout.size // 8
+    for i in range(count):
+        e = words(table + i * layout.size, n, f"{what} {i}")
+        if e is None:
+            return
+        if e[0] & present:
+            yield i, e
+
+
 def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
-    for idx in range(PASID_ENTRIES_PER_TABLE):
-        pe = words(ptp + idx * PASID_ENTRY_SIZE, 8, "PASID entry")
-        if pe is None:
-            break
-        if not pe[0] & _P[PASID_ENTRY.name]:
-            continue
+    for idx, pe in _present(words, ptp, PASID_ENTRIES_PER_TABLE, PASID_ENTRY, "PASID entry"):
         f = _DEC_PASID(pe)
         found.append(
             {

@@ -366,7 +366,7 @@ def check_expect(expected: Mapping[str, Any], result: Mapping[str, Any]) -> dict
 
 # -- running ------------------------------------------------------------------------------
 @dataclass
-class _Guest:
+class GuestSide:
     """The guest kernel's side of one VM: its RAM, its IOMMU driver, a table per vPASID."""
 
     memory: GuestMemory
@@ -388,7 +388,7 @@ class ScenarioRunner:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.hosts: dict[str, Host] = {}
-        self.guests: dict[str, _Guest] = {}
+        self.guests: dict[str, GuestSide] = {}
         self.met = 0
         self.failed = 0
         for i, hs in enumerate(scenario.hosts):
@@ -421,7 +421,7 @@ class ScenarioRunner:
                 except VioasidError as exc:
                     raise ScenarioError(f"vm[{i}].device[{j}]: {exc.message}") from None
                 driver.attach_device(ds.rid)
-            self.guests[vs.name] = _Guest(memory, driver, pages, vs.host)
+            self.guests[vs.name] = GuestSide(memory, driver, pages, vs.host)
 
     def run(self) -> Iterator[dict[str, Any]]:
         """One result per step, in order (``expect`` checked and counted)."""
@@ -450,7 +450,7 @@ class ScenarioRunner:
         return f"scenario: {n} steps, {self.met} expectations met, {self.failed} failed"
 
     # -- ops ----------------------------------------------------------------------------------
-    def _where(self, vm: str) -> tuple[Host, _Guest]:
+    def _where(self, vm: str) -> tuple[Host, GuestSide]:
         g = self.guests[vm]
         return self.hosts[g.host], g
 
