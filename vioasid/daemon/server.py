@@ -71,6 +71,13 @@ _DMA_ENTRIES = wire.DMA_FRAME_S.size  # a DMA request's entries start here
 _DMA = int(wire.Request.DMA)
 TURN_S = 50e-6
 """CPU time one connection's requests get per turn of the event loop (then others' turn)."""
+TURN_GAP = 0.5e-3
+"""While other clients are being answered (one did within :data:`RECENT_S`), queued work
+waits this long between two turns (asyncio's timers are 1 ms coarse: about 1 ms), so that a
+flood keeps the daemon busy only a few percent of the time and it is not waiting for a CPU when
+their requests arrive; with nobody else around, turns follow each other at once."""
+RECENT_S = 0.02
+"""How recently a request must have been answered as it arrived for :data:`TURN_GAP` to apply."""
 _clock = time.perf_counter
 
 
@@ -131,6 +138,8 @@ class Connection:
                 if job is not None and not service.step_dma(job, _clock() + TURN_S):
                     self.job = job
                     self._later()
+                else:
+                    self.server.answered = _clock()
                 self.server.flush()
                 return
             if dma is not None and not self.session.closed:
@@ -146,6 +155,7 @@ class Connection:
                     transport = self.transport
                     if not transport.send(reply) and transport.pending > MAX_QUEUED:
                         self.close(f"client does not read its replies ({transport.pending} bytes)")
+                self.server.answered = _clock()
                 return
         try:
             self.codec.receive(data, fds)
@@ -154,6 +164,8 @@ class Connection:
             self.close(f"malformed input: {exc}")
             return
         self._work()
+        if not self.busy:
+            self.server.answered = _clock()
 
     def _work(self) -> None:
         """Handle what is buffered for at most :data:`TURN_S` of CPU per turn of the loop: a
@@ -260,6 +272,8 @@ class Server:
         self._resume: asyncio.TimerHandle | None = None
         self._turns: deque[Connection] = deque()  # connections with work left, round robin
         self._turn: asyncio.TimerHandle | None = None  # the next turn, when one is due
+        self._turning = False  # in a turn (its connection's later() does not schedule)
+        self.answered = 0.0  # _clock() when a request was last answered as it arrived
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -392,24 +406,32 @@ class Server:
     def later(self, conn: Connection) -> None:
         """``conn`` has work left (a long DMA batch, many buffered requests): it gets a turn
         of at most :data:`TURN_S` after the others that wait, one turn per pass of the loop.
-        A turn is a zero-delay timer, which asyncio runs after the I/O callbacks of the same
-        pass: every ready socket is read and answered between two turns, so a client
-        sending one request at a time waits for at most one turn, however many
-        connections have work queued."""
+        A turn is a timer, which asyncio runs after the I/O callbacks of the same pass: every
+        ready socket is read and answered between two turns, so a client sending one request
+        at a time waits for at most one turn, however many connections have work queued.
+        While such clients are being answered, turns are :data:`TURN_GAP` apart: queued work
+        (a flood of faulting batches) then takes a few percent of the daemon's time, not all
+        of it, and the daemon is not queued behind other processes for a CPU when the next
+        request arrives; otherwise the next turn follows at once."""
         self._turns.append(conn)
-        if self._turn is None:
+        if self._turn is None and not self._turning:
             self._turn = self.loop.call_later(0, self._next_turn)
 
     def _next_turn(self) -> None:
         self._turn = None
         turns = self._turns
-        while turns:
-            conn = turns.popleft()
-            if not conn.transport.closed:
-                conn.next_turn()
-                break
-        if turns and self._turn is None:  # (conn's later() may have scheduled it already)
-            self._turn = self.loop.call_later(0, self._next_turn)
+        self._turning = True
+        try:
+            while turns:
+                conn = turns.popleft()
+                if not conn.transport.closed:
+                    conn.next_turn()
+                    break
+        finally:
+            self._turning = False
+        if turns:
+            gap = TURN_GAP if _clock() - self.answered < RECENT_S else 0
+            self._turn = self.loop.call_later(gap, self._next_turn)
 
     def account(self, conn: Connection, *, closing: bool = False) -> None:
         """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection

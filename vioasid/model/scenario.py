@@ -26,7 +26,7 @@ from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from .engine import Host
 from .errors import InvalidRequest, NotFound, VioasidError
 from .faults import bdf_str, parse_bdf
-from .guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
+from .guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator, PagesExhausted
 from .memory import GuestMemory
 from .migration import export_vm, import_vm
 from .policy import ASSIGNS, POLICIES
@@ -458,6 +458,10 @@ class ScenarioRunner:
         _, g = self._where(a["vm"])
         try:
             g.table(a["vpasid"]).map(a["va"], a["gpa"], a["size"], write=a["perm"] == "rw")
+        except PagesExhausted:  # the scenario's fault, not a result: the run stops (exit 2)
+            raise ScenarioError(
+                f"VM {a['vm']}: the guest's page-table pool is exhausted (give it more memory)"
+            ) from None
         except ValueError as exc:
             raise InvalidRequest(f"guest map of vPASID {a['vpasid']}: {exc}") from None
         return {}
