@@ -511,7 +511,7 @@ class Service:
     def _attach_device(self, session: Session, msg: Message) -> None:
         b = msg.body
         try:
-            assign = wire.Assign(b.assign).label
+            assign = wire.Assign(b.assign).word
         except ValueError:
             raise InvalidRequest(
                 f"assign {b.assign} is neither vfio-pci (0) nor mdev (1)"

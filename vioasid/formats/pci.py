@@ -4,14 +4,14 @@ Base 4.0 §7.5.1 (type-0 header), §7.5.3 (PCI Express Capability), §7.8.8 (PAS
 
 Field names follow Linux ``include/uapi/linux/pci_regs.h`` (``PCI_VENDOR_ID``,
 ``PCI_EXP_DEVCAP2_EE_PREFIX``, ``PCI_PASID_CAP_EXEC`` ...); each structure is one
-:class:`~vioasid.formats.virtio.Record` field table (construct ``.struct`` + ``.packer``).
+:class:`~vioasid.formats.record.Record` field table (construct ``.struct`` + ``.packer``).
 """
 
 from __future__ import annotations
 
 import enum
 
-from .virtio import Record
+from .record import Record
 
 CONFIG_SPACE_SIZE = 256  # PCI_CFG_SPACE_SIZE
 CONFIG_SPACE_EXP_SIZE = 4096  # PCI_CFG_SPACE_EXP_SIZE

@@ -66,6 +66,26 @@ _P = {lay.name: lay.mask(name) for lay, name in  # each entry's present bit
        (SM_CONTEXT_ENTRY, "P"), (PASID_DIR_ENTRY, "P"), (PASID_ENTRY, "P"))}  # fmt: skip
 
 
+# The JSON view of each entry: key, layout field, how the value is shown.
+_Show = Callable[[int], object]
+_LEGACY_CTX_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("did", "DID", int), ("aw", "AW", int), ("ssptptr", "SSPTPTR", hex), ("fpd", "FPD", bool),
+)  # fmt: skip
+_SM_CTX_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("pasid_dir", "PASIDDIRPTR", hex), ("pdts", "PDTS", int), ("rid_pasid", "RID_PASID", int),
+    ("paside", "PASIDE", bool), ("pre", "PRE", bool), ("dte", "DTE", bool), ("fpd", "FPD", bool),
+)  # fmt: skip
+_PASID_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("did", "DID", int), ("aw", "AW", int), ("ssptptr", "SSPTPTR", hex),
+    ("flptptr", "FLPTPTR", hex), ("flpm", "FLPM", int), ("sre", "SRE", bool),
+    ("wpe", "WPE", bool), ("fpd", "FPD", bool),
+)  # fmt: skip
+
+
+def _view(f: dict[str, int], spec: tuple[tuple[str, str, _Show], ...]) -> dict[str, object]:
+    return {key: show(f[name]) for key, name, show in spec}
+
+
 def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) -> TableDump:
     """Every present context entry (and, in scalable mode, PASID entry) under ``rtaddr``."""
     ttm = RTADDR.field("TTM").get(rtaddr)
@@ -99,16 +119,9 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 for devfn, ce in _present(words, ctp, 256, LEGACY_CONTEXT_ENTRY, "context entry"):
                     sid = (bus << 8) | devfn
                     f = _DEC_LEGACY_CTX(ce)
+                    tt = _CTX_TT_NAMES.get(f["TT"], f"reserved-{f['TT']}")
                     out.contexts.append(
-                        {
-                            "bdf": bdf_str(sid),
-                            "sid": sid,
-                            "tt": _CTX_TT_NAMES.get(f["TT"], f"reserved-{f['TT']}"),
-                            "did": f["DID"],
-                            "aw": f["AW"],
-                            "ssptptr": hex(f["SSPTPTR"]),
-                            "fpd": bool(f["FPD"]),
-                        }
+                        {"bdf": bdf_str(sid), "sid": sid, "tt": tt, **_view(f, _LEGACY_CTX_VIEW)}
                     )
                 continue
             for upper in (0, 1):
@@ -119,18 +132,8 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 for low, ce in _present(words, ctp, 128, SM_CONTEXT_ENTRY, "context entry"):
                     sid = (bus << 8) | (upper * 128 + low)
                     f = _DEC_SM_CTX(ce)
-                    dev: dict[str, Any] = {
-                        "bdf": bdf_str(sid),
-                        "sid": sid,
-                        "pasid_dir": hex(f["PASIDDIRPTR"]),
-                        "pdts": f["PDTS"],
-                        "rid_pasid": f["RID_PASID"],
-                        "paside": bool(f["PASIDE"]),
-                        "pre": bool(f["PRE"]),
-                        "dte": bool(f["DTE"]),
-                        "fpd": bool(f["FPD"]),
-                        "pasids": [],
-                    }
+                    dev: dict[str, Any] = {"bdf": bdf_str(sid), "sid": sid}
+                    dev.update(_view(f, _SM_CTX_VIEW), pasids=[])
                     out.contexts.append(dev)
                     for didx, de in _present(
                         words, f["PASIDDIRPTR"], pasid_dir_entries(f["PDTS"]), PASID_DIR_ENTRY,
@@ -176,18 +179,6 @@ def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for idx, pe in _present(words, ptp, PASID_ENTRIES_PER_TABLE, PASID_ENTRY, "PASID entry"):
         f = _DEC_PASID(pe)
-        found.append(
-            {
-                "index": idx,
-                "pgtt": PGTT_NAMES.get(f["PGTT"], f"invalid-{f['PGTT']}"),
-                "did": f["DID"],
-                "aw": f["AW"],
-                "ssptptr": hex(f["SSPTPTR"]),
-                "flptptr": hex(f["FLPTPTR"]),
-                "flpm": f["FLPM"],
-                "sre": bool(f["SRE"]),
-                "wpe": bool(f["WPE"]),
-                "fpd": bool(f["FPD"]),
-            }
-        )
+        pgtt = PGTT_NAMES.get(f["PGTT"], f"invalid-{f['PGTT']}")
+        found.append({"index": idx, "pgtt": pgtt, **_view(f, _PASID_VIEW)})
     return found

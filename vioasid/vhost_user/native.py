@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -48,16 +47,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("iotlb_reader.c")
 _lib: ctypes.CDLL | None = None
 _tried = False
-
-
-def _offset(fields: tuple[tuple[str, str], ...], name: str) -> int:
-    """Byte offset of field ``name`` in a little-endian field table (``formats.virtio.Record``)."""
-    fmt = "<"
-    for fname, code in fields:
-        if fname == name:
-            return struct.calcsize(fmt)
-        fmt += code
-    raise KeyError(name)
 
 
 _U32_FIELDS = (
@@ -86,7 +75,7 @@ class _Layout(ctypes.Structure):
 
 
 def _layout() -> _Layout:
-    h, p = VHOST_USER_HDR.fields, VHOST_USER_IOTLB.fields
+    h, p = VHOST_USER_HDR.offsets, VHOST_USER_IOTLB.offsets
     base = VHOST_USER_HDR.size
     lay = _Layout(
         msg_bytes=IOTLB_MSG_BYTES,
@@ -94,12 +83,12 @@ def _layout() -> _Layout:
         version=VHOST_USER_VERSION,
         need_reply=VHOST_USER_NEED_REPLY,
         payload=VHOST_USER_IOTLB.size,
-        req_off=_offset(h, "request"),
-        flags_off=_offset(h, "flags"),
-        size_off=_offset(h, "size"),
-        iova_off=base + _offset(p, "iova"),
-        isize_off=base + _offset(p, "size"),
-        type_off=base + _offset(p, "type"),
+        req_off=h["request"],
+        flags_off=h["flags"],
+        size_off=h["size"],
+        iova_off=base + p["iova"],
+        isize_off=base + p["size"],
+        type_off=base + p["type"],
         invalidate=int(IotlbType.INVALIDATE),
         ack_len=len(IOTLB_ACK),
     )
