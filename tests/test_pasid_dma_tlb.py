@@ -13,12 +13,15 @@ import random
 
 import pytest
 
+from tests.engine_support import Lab
 from tests.test_pasid_dma_device import CTRL_AREA, DATA, DATA2, MB, Rig, iova
+from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.device.pasid_tlb import PasidTlb
 from vioasid.device.translator import EngineResolver, Resolved
+from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import PGTT_FIRST_STAGE, PGTT_SECOND_STAGE
-from vioasid.formats.pasid_dma import CompletionStatus, FunctionType, Opcode
+from vioasid.formats.pasid_dma import CompletionStatus, FunctionType, Opcode, Reg
 from vioasid.model.faults import Fault
 from vioasid.model.guest_driver import FirstStagePageTable, SecondStagePageTable
 
@@ -404,3 +407,36 @@ def test_a_pasid_entry_rewritten_during_the_refresh_is_caught_by_the_next_job() 
     assert once and rec["status"] == CompletionStatus.SUCCESS
     rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
     assert rec["status"] != CompletionStatus.SUCCESS, rec
+
+
+def test_an_enqcmd_tag_bound_by_another_slice_is_refreshed_too() -> None:
+    """Two ENQCMD slices of one parent; only B binds vPASID 5, A's portal takes the CPU table's
+    pPASID for it (a binding of B's). B's guest entry then loses a page: A's next job faults
+    (nothing of B's binding stays cached because A rang the doorbell)."""
+    lab = Lab()
+    h = lab.host("h", "per-device", (("01:00.0", True, True),))
+    g = lab.vm("vm", "h", (("00:05.0", "01:00.0", "mdev"), ("00:06.0", "01:00.0", "mdev")))
+    a = PasidDmaFunction(h, "vm", 0x28, FunctionType.ENQCMD)
+    b = PasidDmaFunction(h, "vm", 0x30, FunctionType.ENQCMD)
+    for f in (a, b):
+        Rig.write(f, Reg.CTRL, pd.CTRL_ENABLE)
+    x = 5
+    g.table(x).map(iova(x, 0), DATA, MB)
+    g.table(x).map(iova(x, 0x100000), CTRL_AREA, 0x10000)
+    lab.guest_entry("vm", 0x30, x)
+    Rig.write(b, Reg.BIND_PASID, x)
+    Rig.write(b, Reg.BIND_CMD, pd.BindCmd.BIND)
+    assert Rig.read(b, Reg.BIND_STATUS) == 0 and x not in a.bound
+
+    def job() -> dict[str, int]:
+        g.memory.write(CTRL_AREA, bytes(32))
+        a.bar_write(0, pd.PORTAL_OFFSET, pd.DESCRIPTOR.build(
+            pasid=x, opcode=Opcode.COPY, flags=pd.DESC_FLAG_COMPLETION,
+            completion=iova(x, 0x100000), src=iova(x, 0), dst=iova(x, DST), size=PAGE))  # fmt: skip
+        return pd.COMPLETION_RECORD.parse(g.memory.read(CTRL_AREA, 32))
+
+    assert job()["status"] == CompletionStatus.SUCCESS
+    assert job()["status"] == CompletionStatus.SUCCESS
+    g.table(x).unmap(iova(x, 0), PAGE)
+    rec = job()
+    assert rec["status"] == CompletionStatus.FAULT and rec["fault_addr"] == iova(x, 0)

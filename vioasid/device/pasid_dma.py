@@ -457,6 +457,16 @@ class PasidDmaFunction(PciFunction):
             else:
                 self.bound[x] = b.ppasid
         h.invalidate(vm, guest_rid=rid)
+        tag = self._enq_tag
+        if tag is not None:  # an ENQCMD tag bound by another device of the function: its too
+            own = h.tag_owner(self.function_rid, tag)
+            if own is not None and (own[0].name, own[1].guest_rid) != (vm, rid):
+                ov, odev, ox = own
+                with contextlib.suppress(VioasidError):
+                    h.invalidate_context(ov.name, odev.guest_rid)
+                    h.sync_pasid(ov.name, odev.guest_rid, ox)
+                with contextlib.suppress(VioasidError):
+                    h.invalidate(ov.name, guest_rid=odev.guest_rid)
 
     def _run(self, ctx: _Ctx, d: tuple[int, ...], *, top: bool) -> int:
         """Run one descriptor; write its completion record if asked. Returns the status."""
