@@ -199,6 +199,8 @@ class NativeReader:
         self.conn.setblocking(True)
         h = self.lib.vr_start(self.conn.fileno(), self._tx.fileno(), ctypes.byref(self._layout))
         if not h:
+            self._rx.close()
+            self._tx.close()
             return False
         self._handle = h
         self.lib.vr_set_acks(h, int(self._acks))
