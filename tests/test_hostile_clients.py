@@ -14,8 +14,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import MemfdGuest, running_daemon, setup_vm
@@ -365,6 +367,47 @@ async def test_partial_messages_are_bounded_across_connections(tmp_path: Path) -
             assert await fresh.get_features() == wire.ALL_FEATURES
         for s in socks:
             s.close()
+
+
+@pytest.mark.asyncio
+async def test_spacing_of_turns_is_for_other_clients_sake_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client's own pipelined requests (answered a moment ago, alone on the daemon) get
+    their turns at once; the same work is spaced out while another client is being
+    answered."""
+    async with running_daemon() as (server, path):
+        loop = server.loop
+        gaps: list[float] = []
+        call_later = loop.call_later
+
+        def spy(delay: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__name__", "") == "_next_turn":
+                gaps.append(delay)
+            return call_later(delay, callback, *args, **kw)
+
+        monkeypatch.setattr(loop, "call_later", spy)
+        a, b = await Client.connect(path), await Client.connect(path)
+        assert await a.get_features() == wire.ALL_FEATURES  # answered as it arrived
+        a_id = min(server.connections)
+        assert server.answered[1] == a_id
+        server.answered = (time.perf_counter() + 3600, a_id)  # "just now", for the whole batch
+        await asyncio.gather(*(a.get_features() for _ in range(3000)))  # many turns
+        assert gaps and max(gaps) == 0
+        gaps.clear()
+
+        async def ping() -> None:
+            for _ in range(200):
+                await b.get_features()
+
+        server.answered = (0.0, 0)
+        pings = asyncio.ensure_future(ping())
+        await asyncio.sleep(0.005)
+        await asyncio.gather(*(a.get_features() for _ in range(3000)))
+        await pings
+        assert max(gaps) > 0
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.asyncio

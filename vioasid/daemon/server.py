@@ -72,7 +72,7 @@ _DMA = int(wire.Request.DMA)
 TURN_S = 50e-6
 """CPU time one connection's requests get per turn of the event loop (then others' turn)."""
 TURN_GAP = 0.5e-3
-"""While other clients are being answered (one did within :data:`RECENT_S`), queued work
+"""While other clients are being answered (one was within :data:`RECENT_S`), queued work
 waits this long between two turns (asyncio's timers are 1 ms coarse: about 1 ms), so that a
 flood keeps the daemon busy only a few percent of the time and it is not waiting for a CPU when
 their requests arrive; with nobody else around, turns follow each other at once."""
@@ -139,7 +139,7 @@ class Connection:
                     self.job = job
                     self._later()
                 else:
-                    self.server.answered = _clock()
+                    self.server.answered = _clock(), self.session.id
                 self.server.flush()
                 return
             if dma is not None and not self.session.closed:
@@ -155,7 +155,7 @@ class Connection:
                     transport = self.transport
                     if not transport.send(reply) and transport.pending > MAX_QUEUED:
                         self.close(f"client does not read its replies ({transport.pending} bytes)")
-                self.server.answered = _clock()
+                self.server.answered = _clock(), self.session.id
                 return
         try:
             self.codec.receive(data, fds)
@@ -165,7 +165,7 @@ class Connection:
             return
         self._work()
         if not self.busy:
-            self.server.answered = _clock()
+            self.server.answered = _clock(), self.session.id
 
     def _work(self) -> None:
         """Handle what is buffered for at most :data:`TURN_S` of CPU per turn of the loop: a
@@ -273,7 +273,7 @@ class Server:
         self._turns: deque[Connection] = deque()  # connections with work left, round robin
         self._turn: asyncio.TimerHandle | None = None  # the next turn, when one is due
         self._turning = False  # in a turn (its connection's later() does not schedule)
-        self.answered = 0.0  # _clock() when a request was last answered as it arrived
+        self.answered = (0.0, 0)  # (_clock(), session id): a request last answered as it came
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -430,7 +430,8 @@ class Server:
         finally:
             self._turning = False
         if turns:
-            gap = TURN_GAP if _clock() - self.answered < RECENT_S else 0
+            when, who = self.answered  # another client's, lately: space the turns out
+            gap = TURN_GAP if _clock() - when < RECENT_S and who != turns[0].session.id else 0
             self._turn = self.loop.call_later(gap, self._next_turn)
 
     def account(self, conn: Connection, *, closing: bool = False) -> None:
