@@ -2,12 +2,15 @@
 
 In-process (no QEMU): the device model of docs/pasid-dma.md on in-memory guest RAM with
 Linux-like tables, driven as the guest driver drives it (BAR0 writes, 64-byte descriptors,
-completion records); every page goes through the engine (``Host.dma``: the nested walk of the
-host table, the guest's first stage and the VM's second stage) and every doorbell first drops
-the device's cached translations and re-reads its PASID entry (the coherence design of
-``vioasid/device/pasid_dma.py``).
+completion records); every doorbell first drops the engine's cached translations for the
+device and re-reads its PASID entry, and every page comes from the device TLB, checked against
+the guest's paging entries once per region and job, or from the engine (the function type's tag,
+the nested walk of the host table, the guest's first stage and the VM's second stage): the
+coherence design of ``vioasid/device/pasid_dma.py`` and ``vioasid/device/pasid_tlb.py``.
 
 * ``pasid_copy_1m_mib_s``: 1 MiB copies through one PASID, MiB/s (one descriptor each);
+  ``pasid_copy_1m_uncached_mib_s``: the same with the device TLB emptied before each copy
+  (every page walked by the engine);
 * ``pasid_jobs_4k_per_s``: 4 KiB copies per second, submitted as batches of 256 descriptors
   (one doorbell per batch); ``pasid_jobs_4k_single_per_s``: one doorbell per job;
 * ``memmove_1m_mib_s``: the same bytes moved by this process's own memmove (a bytearray slice
@@ -75,6 +78,11 @@ def main() -> int:
     dt = time.process_time() - t
     mib_s = args.rounds / dt
     emit("pasid_copy_1m_mib_s", mib_s, "MiB/s", mode="in-process", rounds=args.rounds)
+    t = time.process_time()
+    for _ in range(args.rounds):
+        f.tlb.clear()
+        copy(MB, 0, 0x200000)
+    emit("pasid_copy_1m_uncached_mib_s", args.rounds / (time.process_time() - t), "MiB/s")
 
     buf = bytearray(2 * MB)
     t = time.process_time()

@@ -58,8 +58,9 @@ class SeedEngine(Host):
         self.requester: str | None = None  # the VM whose function is running a descriptor
         self.cross_vm: list[str] = []  # DMAs that landed outside the requester's RAM
         self.dmas: dict[str, int] = {}
+        self.on_dma = self._landed
 
-    def _landed(self, r: DmaResult) -> DmaResult:
+    def _landed(self, r: DmaResult) -> None:
         who = self.requester
         if who is not None and r.hpa is not None:
             self.dmas[who] = self.dmas.get(who, 0) + 1
@@ -67,26 +68,6 @@ class SeedEngine(Host):
             outside = v is None or not v.hpa <= r.hpa < v.hpa + v.memory_size
             if outside and len(self.cross_vm) < 100:
                 self.cross_vm.append(f"VM {who}: DMA (tag {r.tag}) landed at HPA {r.hpa:#x}")
-        return r
-
-    def dma(
-        self,
-        vm: str,
-        guest_rid: int,
-        vpasid: int,
-        addr: int,
-        *,
-        write: bool = False,
-        supervisor: bool = False,
-    ) -> DmaResult:
-        r = super().dma(vm, guest_rid, vpasid, addr, write=write, supervisor=supervisor)
-        return self._landed(r)
-
-    def dma_tag(
-        self, function: int, tag: int, addr: int, *, write: bool = False, supervisor: bool = False
-    ) -> DmaResult:
-        r = super().dma_tag(function, tag, addr, write=write, supervisor=supervisor)
-        return self._landed(r)
 
 
 @dataclass

@@ -8,30 +8,16 @@ steps: ``lab.map(...)``, ``lab.bind(...)``, ``lab.dma(...)``.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass, field
 
 from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from vioasid.model.engine import Binding, DmaResult, Host
 from vioasid.model.faults import parse_bdf
-from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
+from vioasid.model.guest_driver import GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
 from vioasid.model.migration import export_vm, import_vm
+from vioasid.model.scenario import GuestSide
 
 MB = 1 << 20
-
-
-@dataclass
-class Guest:
-    memory: GuestMemory
-    driver: GuestIommuDriver
-    pages: PageAllocator
-    host: str
-    tables: dict[int, FirstStagePageTable] = field(default_factory=dict)
-
-    def table(self, x: int) -> FirstStagePageTable:
-        if x not in self.tables:
-            self.tables[x] = FirstStagePageTable(self.memory, self.pages)
-        return self.tables[x]
 
 
 def bdf(text: str | int) -> int:
@@ -41,7 +27,7 @@ def bdf(text: str | int) -> int:
 class Lab:
     def __init__(self) -> None:
         self.hosts: dict[str, Host] = {}
-        self.guests: dict[str, Guest] = {}
+        self.guests: dict[str, GuestSide] = {}
 
     def host(
         self,
@@ -67,7 +53,7 @@ class Lab:
         host: str,
         devices: tuple[tuple[str, str, str], ...] = (),
         memory: int = 16 * MB,
-    ) -> Guest:
+    ) -> GuestSide:
         mem = GuestMemory()
         mem.add(0, mmap.mmap(-1, memory), name="ram")
         pages = PageAllocator(mem, memory // 2, memory // 2)
@@ -77,7 +63,7 @@ class Lab:
         for rid, fn, assign in devices:
             h.attach_device(name, bdf(rid), bdf(fn), assign)  # type: ignore[arg-type]
             driver.attach_device(bdf(rid))
-        g = Guest(mem, driver, pages, host)
+        g = GuestSide(mem, driver, pages, host)
         self.guests[name] = g
         return g
 

@@ -14,8 +14,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import MemfdGuest, running_daemon, setup_vm
@@ -31,8 +33,9 @@ from vioasid.client import (
     NotFound,
     NotOwner,
 )
+from vioasid.daemon import server as server_mod
 from vioasid.daemon.hostconfig import default_host
-from vioasid.daemon.server import Server
+from vioasid.daemon.server import Connection, Server
 from vioasid.daemon.service import EVENT_BACKLOG, Service
 from vioasid.formats import wire
 from vioasid.formats.wire import EventMask, Request
@@ -228,6 +231,57 @@ async def test_subscriber_that_never_reads_has_its_events_dropped_and_counted() 
     g.close()
 
 
+@pytest.mark.asyncio
+async def test_busy_connections_delay_a_one_request_client_by_a_turn_or_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight connections keep the daemon busy with faulting 1,024-entry batches (jobs of many
+    turns each); a client sending one request at a time waits for a turn or two, not for a
+    turn of every busy connection (nor for a pile of turns: the loop reads every socket
+    between two turns)."""
+    turns = 0
+    next_turn = Connection.next_turn
+
+    def counting(conn: Connection) -> None:
+        nonlocal turns
+        turns += 1
+        next_turn(conn)
+
+    monkeypatch.setattr(Connection, "next_turn", counting)
+    g = bound_guest()
+    async with running_daemon() as (server, path):
+        owner = await Client.connect(path)
+        vm = await setup_vm(owner, g)
+        g.write_entry(SID, 5)
+        await owner.pasid_entry(vm, DEV, 5)
+        n = 1024
+        bad = b"".join(DmaRequest(DEV, 5, 0x7000_0000 + i * 4096).pack() for i in range(n))
+        noisy = [await Client.connect(path) for _ in range(8)]
+        vms = [await c.open_vm("vm1") for c in noisy]
+        futs = [c.dma_packed_nowait(v, n, bad) for c, v in zip(noisy, vms, strict=True)]
+        while sum(c.job is not None for c in server.connections.values()) < len(noisy):
+            await asyncio.sleep(0)
+        start, worst, gaps = turns, 0, []
+        for _ in range(30):
+            before = turns
+            [r] = await owner.dma(vm, [DmaRequest(DEV, 5, VA + 8)])
+            assert r.ok and r.gpa == GPA + 8
+            worst = max(worst, turns - before)
+            if server._turn is not None:
+                gaps.append(server._turn.when() - server.loop.time())
+            await asyncio.sleep(0.002)
+        assert turns - start >= 10  # the busy connections did work meanwhile
+        assert max(gaps) > 0  # spaced out while the owner is being answered
+        assert sum(c.job is not None for c in server.connections.values()) >= 4  # and still do
+        assert worst <= 4, f"one request waited for {worst} turns of other connections"
+        for f in futs:
+            [*results] = Client.dma_results(await f)
+            assert len(results) == n and results[0].fault is not None
+        for c in [owner, *noisy]:
+            await c.close()
+    g.close()
+
+
 # -- 4. out of file descriptors: back off, refuse honestly, keep serving ------------------------
 
 
@@ -313,6 +367,94 @@ async def test_partial_messages_are_bounded_across_connections(tmp_path: Path) -
             assert await fresh.get_features() == wire.ALL_FEATURES
         for s in socks:
             s.close()
+
+
+@pytest.mark.asyncio
+async def test_spacing_of_turns_is_for_other_clients_sake_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client's own pipelined requests (answered a moment ago, alone on the daemon) get
+    their turns at once; the same work is spaced out while another client is being
+    answered."""
+    async with running_daemon() as (server, path):
+        loop = server.loop
+        gaps: list[float] = []
+        call_later = loop.call_later
+
+        def spy(delay: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__name__", "") == "_next_turn":
+                gaps.append(delay)
+            return call_later(delay, callback, *args, **kw)
+
+        monkeypatch.setattr(loop, "call_later", spy)
+        a, b = await Client.connect(path), await Client.connect(path)
+        assert await a.get_features() == wire.ALL_FEATURES  # answered as it arrived
+        a_id = min(server.connections)
+        assert server.answered[1] == a_id
+        server.answered = (time.perf_counter() + 3600, a_id)  # "just now", for the whole batch
+        await asyncio.gather(*(a.get_features() for _ in range(3000)))  # many turns
+        assert gaps and max(gaps) == 0
+        gaps.clear()
+
+        async def ping() -> None:
+            for _ in range(200):
+                await b.get_features()
+
+        server.answered = (0.0, 0)
+        pings = asyncio.ensure_future(ping())
+        await asyncio.sleep(0.005)
+        await asyncio.gather(*(a.get_features() for _ in range(3000)))
+        await pings
+        assert max(gaps) > 0
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.asyncio
+async def test_large_import_completes_while_a_flood_holds_the_input_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that send part of a huge message and stop hold the whole input budget; a
+    large ``IMPORT_VM`` sent then is paused for the budget, and completes once the daemon
+    closes the hostage-takers (a partial message held for ``PARTIAL_S`` while it waits).
+    The sizes are scaled down (budget 512 KiB, 32 KiB always allowed) so the import's 60 KiB
+    is large."""
+    monkeypatch.setattr(server_mod, "INPUT_BUDGET", 512 << 10)
+    monkeypatch.setattr(server_mod, "SMALL_INPUT", 32 << 10)
+    monkeypatch.setattr(server_mod, "PARTIAL_S", 0.5)
+    path = str(tmp_path / "d.sock")
+    g, g2 = MemfdGuest(size=1 << 20), MemfdGuest(size=1 << 20)
+    name = "dst-" + "y" * 60000  # the import's 60 KiB
+    async with Server(Service(default_host()), path) as server:
+        source, target = await Client.connect(path), await Client.connect(path)
+        stream = await source.export_vm(await source.register_vm("src", [g.region()]))
+        loop = asyncio.get_running_loop()
+        half = wire.HEADER_S.pack(Request.DUMP, wire.VERSION, wire.MAX_PAYLOAD) + bytes(200 << 10)
+        socks = []
+        for _ in range(12):  # each holds 200 KiB of a 16 MiB message, then goes quiet
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, path)
+            socks.append(s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await loop.sock_sendall(s, half)
+        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)
+        assert server.input_held > server_mod.INPUT_BUDGET  # the budget is full
+        async with asyncio.timeout(30):
+            res = await target.import_vm(name, stream, [g2.region()])
+        assert set((await target.dump())["vms"]) == {"src", name}
+        assert res.vm and not res.bindings
+        # what held the budget hostage was closed; what is held now fits in it
+        assert len(server.connections) < 2 + len(socks)
+        assert server.input_held <= server_mod.INPUT_BUDGET
+        for s in socks:
+            s.close()
+        await source.close()
+        await target.close()
+    g.close()
+    g2.close()
 
 
 # -- 5. replies of any size; a bad reply costs one request, not the VMs ------------------------
@@ -495,6 +637,23 @@ def test_scenario_with_a_date_in_expect_ends_with_an_error_line(
     assert rc in (1, 2) and "Traceback" not in err
     if rc == 2:
         assert err.count("\n") == 1
+
+
+def test_scenario_exhausting_the_guest_page_pool_ends_with_an_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "pool.toml"
+    steps = "".join(  # each 512 GiB apart: three new table pages a step, the 1 MiB pool runs out
+        f'[[step]]\nop = "map"\nvm = "v"\nvpasid = 1\nva = {i << 39}\ngpa = 4096\nsize = 4096\n'
+        for i in range(256)
+    )
+    f.write_text(
+        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
+        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "2M"\n' + steps
+    )
+    rc, err = _cli(capsys, "scenario", str(f))
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "page-table pool is exhausted" in err
 
 
 def test_scenario_with_memory_the_host_cannot_map_is_one_line(

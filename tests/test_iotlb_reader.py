@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,45 @@ async def test_updates_and_malformed_messages_go_to_the_loop(kind: str) -> None:
             assert r.delivered[-1] == msg
         r.gate.drain()
         assert r.tr.stats.invalidations == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.asyncio
+async def test_the_backend_acks_from_its_reader_thread(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The back-end picks the C reader when it loads, the Python one when it does not; either
+    answers an invalidation (REPLY_ACK negotiated) and counts it."""
+    from vioasid.vhost_user.backend import PROTOCOL_FEATURES, VhostUserBlkBackend
+
+    if kind == "python":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif native.load() is None:
+        pytest.skip("no C compiler: the native reader cannot be built here")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    backend = VhostUserBlkBackend(disk, tmp_path / "vu.sock", translate="identity")
+    fe, be = socket.socketpair()
+    session = asyncio.create_task(backend._serve_session(be))
+    await asyncio.sleep(0)
+    want = native.NativeReader if kind == "native" else FrontendReader
+    assert isinstance(backend._reader, want)
+    loop = asyncio.get_running_loop()
+    fe.setblocking(False)
+    await loop.sock_sendall(
+        fe, encode(R.SET_PROTOCOL_FEATURES, VHOST_USER_U64.build(u64=PROTOCOL_FEATURES))
+    )
+    # a reply means the loop has handled both messages: the invalidation is the reader's
+    await loop.sock_sendall(fe, encode(R.GET_PROTOCOL_FEATURES))
+    got = Decoder().feed(await asyncio.wait_for(loop.sock_recv(fe, 4096), 5))
+    assert [m.request for m in got] == [R.GET_PROTOCOL_FEATURES]
+    await loop.sock_sendall(fe, invalidation(0x10000, PAGE))
+    reply = await asyncio.wait_for(loop.sock_recv(fe, 4096), 5)
+    msgs = Decoder().feed(reply)
+    assert [(m.request, m.flags) for m in msgs] == [(R.IOTLB_MSG, 0x5)]
+    assert VHOST_USER_U64.packer.unpack(msgs[0].payload)[0] == 0
+    fe.close()
+    await asyncio.wait_for(session, 5)
+    s = backend.summary()
+    assert s["iotlb_acked_by_reader"] == 1 and s["invalidations"] == 1
+    await backend.close()

@@ -161,6 +161,22 @@ async def test_status_socket_lists_the_pasid_functions_and_their_bindings(tmp_pa
         text = render(doc)
         assert "PASID DMA" in text and "7→1" in text and "3→3" in text
         assert "mdev" in text and "dedicated" in text
+        for extra in ([], ["--json"]):  # the command itself, from another process
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "vioasid", "status", "--socket", str(sock), *extra,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            if extra:
+                listed = json.loads(out)["pasid_functions"]
+                assert [f["bindings"] for f in listed] == [
+                    [{"vpasid": 7, "ppasid": 1, "tag": 1}],
+                    [{"vpasid": 3, "ppasid": 3, "tag": 3}],
+                ]
+            else:
+                assert "PASID DMA" in out.decode() and "7→1" in out.decode()
         # unbound: gone from the next status
         assert ded.bind_command(2, 3) == 0
         doc = await fetch(str(sock), None)

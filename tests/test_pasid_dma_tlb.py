@@ -13,12 +13,15 @@ import random
 
 import pytest
 
+from tests.engine_support import Lab
 from tests.test_pasid_dma_device import CTRL_AREA, DATA, DATA2, MB, Rig, iova
+from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.device.pasid_tlb import PasidTlb
 from vioasid.device.translator import EngineResolver, Resolved
+from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import PGTT_FIRST_STAGE, PGTT_SECOND_STAGE
-from vioasid.formats.pasid_dma import CompletionStatus, FunctionType, Opcode
+from vioasid.formats.pasid_dma import CompletionStatus, FunctionType, Opcode, Reg
 from vioasid.model.faults import Fault
 from vioasid.model.guest_driver import FirstStagePageTable, SecondStagePageTable
 
@@ -218,8 +221,39 @@ def test_random_remaps_never_see_a_stale_translation(ftype: str, seed: int) -> N
             assert rec["status"] == CompletionStatus.FAULT, (step, rec)
             want = FaultReason.SM_WRITE if w in mapping else FaultReason.FS_PAGING_ENTRY_P
             assert rec["fault_reason"] == want and rec["fault_flags"] == 1
+        _counts_ok(f.tlb)
     st = f.tlb.stats
     assert st.hits > 0 and st.dropped > 0  # the cache was used, and had to drop
+
+
+def _counts_ok(tlb: PasidTlb) -> None:
+    assert tlb.pages == sum(len(r.pages) for sp in tlb.spaces.values() for r in sp.regions.values())
+    assert tlb.regions == sum(len(sp.regions) for sp in tlb.spaces.values())
+    assert tlb.pages <= tlb.limit and tlb.regions <= tlb.region_limit
+    assert len(tlb.spaces) <= tlb.space_limit
+
+
+def test_a_guest_scattering_pages_over_regions_and_pasids_stays_bounded() -> None:
+    """One page per 2 MiB region (each region keeps a 4 KiB leaf-table copy) and many PASIDs:
+    the TLB empties itself at its limits and every job stays right."""
+    r, p = _rig()
+    f = r.fns[0]
+    f.tlb.region_limit = 4
+    f.tlb.space_limit = 3
+    t = r.guest.table(p)
+    for i in range(10):
+        t.map(iova(p, 0x400000 + i * 0x200000), DATA2 + i * PAGE, PAGE)
+        r.mem.write(DATA2 + i * PAGE, _page_data(i))
+    for _ in range(2):
+        for i in range(10):
+            assert _copy(r, p, 0x400000 + i * 0x200000, DST, PAGE)["status"] == 1
+            assert r.mem.read(DATA + DST, PAGE) == _page_data(i)
+            _counts_ok(f.tlb)
+    for q in range(20, 26):
+        r.setup(f, q)
+        assert _copy(r, q, 0, DST, PAGE)["status"] == CompletionStatus.SUCCESS
+        _counts_ok(f.tlb)
+    assert f.tlb.stats.wipes >= 2
 
 
 def test_second_stage_guest_entries_are_cached_and_checked_too() -> None:
@@ -345,3 +379,64 @@ def test_each_personality_tags_its_requests_its_own_way(ftype: str, tag: str | N
         miss = res.resolve_now(iova(p, 0x10), False, p)
         assert isinstance(miss, Fault) and miss.reason == FaultReason.PASID_ENTRY_P
         assert miss.pasid == p and miss.addr == iova(p, 0x10)
+
+
+def test_a_pasid_entry_rewritten_during_the_refresh_is_caught_by_the_next_job() -> None:
+    """Another vCPU clears SRE in the PASID entry right after the doorbell's refresh gave the
+    engine its host entry: this job still ran with SRE (its walk did), the next supervisor job
+    must fault (the space's signature was read before the refresh, so it no longer matches)."""
+    r = Rig("dedicated")
+    f = r.fns[0]
+    p = 4
+    r.entry(f, p, sre=True)
+    assert r.bind(f, p, entry=False) == 0
+    r.map(p, 0, DATA, MB)
+    r.map(p, 0x100000, CTRL_AREA, 0x10000)
+    real = r.host.sync_pasid
+    once = []
+
+    def racing(vm: str, rid: int, x: int) -> object:
+        b = real(vm, rid, x)
+        if not once:
+            once.append(1)
+            r.entry(f, p, sre=False)
+        return b
+
+    r.host.sync_pasid = racing  # type: ignore[method-assign]
+    rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
+    assert once and rec["status"] == CompletionStatus.SUCCESS
+    rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
+    assert rec["status"] != CompletionStatus.SUCCESS, rec
+
+
+def test_an_enqcmd_tag_bound_by_another_slice_is_refreshed_too() -> None:
+    """Two ENQCMD slices of one parent; only B binds vPASID 5, A's portal takes the CPU table's
+    pPASID for it (a binding of B's). B's guest entry then loses a page: A's next job faults
+    (nothing of B's binding stays cached because A rang the doorbell)."""
+    lab = Lab()
+    h = lab.host("h", "per-device", (("01:00.0", True, True),))
+    g = lab.vm("vm", "h", (("00:05.0", "01:00.0", "mdev"), ("00:06.0", "01:00.0", "mdev")))
+    a = PasidDmaFunction(h, "vm", 0x28, FunctionType.ENQCMD)
+    b = PasidDmaFunction(h, "vm", 0x30, FunctionType.ENQCMD)
+    for f in (a, b):
+        Rig.write(f, Reg.CTRL, pd.CTRL_ENABLE)
+    x = 5
+    g.table(x).map(iova(x, 0), DATA, MB)
+    g.table(x).map(iova(x, 0x100000), CTRL_AREA, 0x10000)
+    lab.guest_entry("vm", 0x30, x)
+    Rig.write(b, Reg.BIND_PASID, x)
+    Rig.write(b, Reg.BIND_CMD, pd.BindCmd.BIND)
+    assert Rig.read(b, Reg.BIND_STATUS) == 0 and x not in a.bound
+
+    def job() -> dict[str, int]:
+        g.memory.write(CTRL_AREA, bytes(32))
+        a.bar_write(0, pd.PORTAL_OFFSET, pd.DESCRIPTOR.build(
+            pasid=x, opcode=Opcode.COPY, flags=pd.DESC_FLAG_COMPLETION,
+            completion=iova(x, 0x100000), src=iova(x, 0), dst=iova(x, DST), size=PAGE))  # fmt: skip
+        return pd.COMPLETION_RECORD.parse(g.memory.read(CTRL_AREA, 32))
+
+    assert job()["status"] == CompletionStatus.SUCCESS
+    assert job()["status"] == CompletionStatus.SUCCESS
+    g.table(x).unmap(iova(x, 0), PAGE)
+    rec = job()
+    assert rec["status"] == CompletionStatus.FAULT and rec["fault_addr"] == iova(x, 0)

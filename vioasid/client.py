@@ -762,7 +762,7 @@ _new_tuple = tuple.__new__
 
 def _space(value: int) -> str:
     try:
-        return Space(value).label
+        return Space(value).word
     except ValueError:
         return "none"
 

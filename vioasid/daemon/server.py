@@ -16,10 +16,14 @@ Limits (docs/protocol.md, "Limits and ownership"): at most ``max_connections`` c
 more is told ``exhausted`` and closed); running out of file descriptors pauses accepting with a
 back-off (logged once) and refuses only the request whose fds could not be received; input held
 for partial messages is bounded across all connections (:data:`INPUT_BUDGET`: a connection that
-would exceed it stops being read until others finish theirs); a client that leaves more than
-:data:`MAX_QUEUED` bytes of replies unread is disconnected, its events are dropped sooner
-(``service.EVENT_BACKLOG``). The socket is created 0600 (0660 with a group), next to a lock
-file that keeps two daemons off one path; only a socket this daemon created is removed.
+would exceed it stops being read until others finish theirs; meanwhile those that have kept a
+partial message for :data:`PARTIAL_S` are closed, oldest first, until there is room); a client
+that leaves more than :data:`MAX_QUEUED` bytes of replies unread is disconnected, its events
+are dropped sooner (``service.EVENT_BACKLOG``); a connection with more work than :data:`TURN_S`
+of CPU waits for its next turn (:meth:`Server.later`: round robin, one turn per pass of the
+loop, every ready socket served in between). The socket is created 0600 (0660 with a group),
+next to a lock file that keeps two daemons off one path; only a socket this daemon created is
+removed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import stat
 import struct
 import time
 import weakref
+from collections import deque
 
 from vioasid.formats import wire
 from vioasid.protocol.daemon_codec import FDS_LOST, Codec, ProtocolViolation, Role, encode_error
@@ -53,6 +58,10 @@ INPUT_BUDGET = 64 << 20
 """Bytes of partial messages held across all connections."""
 SMALL_INPUT = 1 << 20
 """A connection may always hold this much of a partial message, budget or not."""
+PARTIAL_S = 2.0
+"""While a connection waits for the input budget, those that have held a partial message above
+:data:`SMALL_INPUT` this long are closed, oldest first, until there is room: a message arrives
+in milliseconds over a unix socket, one that does not is holding the budget hostage."""
 ACCEPT_BACKOFF = (0.05, 1.0)
 """First and longest pause of accepting while the process is out of file descriptors."""
 _NO_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -62,6 +71,13 @@ _DMA_ENTRIES = wire.DMA_FRAME_S.size  # a DMA request's entries start here
 _DMA = int(wire.Request.DMA)
 TURN_S = 50e-6
 """CPU time one connection's requests get per turn of the event loop (then others' turn)."""
+TURN_GAP = 0.5e-3
+"""While other clients are being answered (one was within :data:`RECENT_S`), queued work
+waits this long between two turns (asyncio's timers are 1 ms coarse: about 1 ms), so that a
+flood keeps the daemon busy only a few percent of the time and it is not waiting for a CPU when
+their requests arrive; with nobody else around, turns follow each other at once."""
+RECENT_S = 0.02
+"""How recently a request must have been answered as it arrived for :data:`TURN_GAP` to apply."""
 _clock = time.perf_counter
 
 
@@ -106,6 +122,7 @@ class Connection:
         sink = weakref.ref(self.transport)  # a session (kept by log records) must not pin it
         self.session.unsent = lambda: t.pending if (t := sink()) is not None else 0
         self.held = 0  # bytes of a partial message counted in the server's input budget
+        self.held_since = 0.0  # loop time it started holding (or was last resumed)
         self.paused = False  # held back by the input budget
         self.busy = False  # work left for the next turn (not read meanwhile)
         self.job: DmaJob | None = None  # a big DMA batch being translated slice by slice
@@ -121,6 +138,8 @@ class Connection:
                 if job is not None and not service.step_dma(job, _clock() + TURN_S):
                     self.job = job
                     self._later()
+                else:
+                    self.server.answered = _clock(), self.session.id
                 self.server.flush()
                 return
             if dma is not None and not self.session.closed:
@@ -136,6 +155,7 @@ class Connection:
                     transport = self.transport
                     if not transport.send(reply) and transport.pending > MAX_QUEUED:
                         self.close(f"client does not read its replies ({transport.pending} bytes)")
+                self.server.answered = _clock(), self.session.id
                 return
         try:
             self.codec.receive(data, fds)
@@ -144,6 +164,8 @@ class Connection:
             self.close(f"malformed input: {exc}")
             return
         self._work()
+        if not self.busy:
+            self.server.answered = _clock(), self.session.id
 
     def _work(self) -> None:
         """Handle what is buffered for at most :data:`TURN_S` of CPU per turn of the loop: a
@@ -180,14 +202,15 @@ class Connection:
         self.server.flush()
 
     def _later(self) -> None:
-        """Work is left: stop reading, carry on at the next turn of the loop."""
-        if not self.transport.closed and not self.session.closed:
-            if not self.busy:
-                self.busy = True
-                self.transport.pause_reading()
-            self.server.loop.call_soon(self._next_turn)
+        """Work is left: stop reading, carry on at this connection's next turn
+        (:meth:`Server.later`)."""
+        if not self.transport.closed and not self.session.closed and not self.busy:
+            self.busy = True
+            self.transport.pause_reading()
+            self.server.later(self)
 
-    def _next_turn(self) -> None:
+    def next_turn(self) -> None:
+        """The server's turn for this connection: one more slice of its work."""
         if self.transport.closed:
             return
         self.busy = False
@@ -238,6 +261,7 @@ class Server:
         self.input_held = 0  # bytes of partial messages above SMALL_INPUT, all connections
         self.refused = 0  # connections refused (limit or no fds)
         self._waiting: dict[int, Connection] = {}  # paused for the input budget
+        self._evict: asyncio.TimerHandle | None = None  # the next look for hostage-takers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._done: asyncio.Event | None = None
@@ -246,6 +270,10 @@ class Server:
         self._reserve: int | None = None  # a spare fd, to refuse honestly at the fd limit
         self._backoff = 0.0
         self._resume: asyncio.TimerHandle | None = None
+        self._turns: deque[Connection] = deque()  # connections with work left, round robin
+        self._turn: asyncio.TimerHandle | None = None  # the next turn, when one is due
+        self._turning = False  # in a turn (its connection's later() does not schedule)
+        self.answered = (0.0, 0)  # (_clock(), session id): a request last answered as it came
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -375,10 +403,47 @@ class Server:
         if self._sock is not None:
             self.loop.add_reader(self._sock.fileno(), self._accept)
 
+    def later(self, conn: Connection) -> None:
+        """``conn`` has work left (a long DMA batch, many buffered requests): it gets a turn
+        of at most :data:`TURN_S` after the others that wait, one turn per pass of the loop.
+        A turn is a timer, which asyncio runs after the I/O callbacks of the same pass: every
+        ready socket is read and answered between two turns, so a client sending one request
+        at a time waits for at most one turn, however many connections have work queued.
+        While such clients are being answered, turns are :data:`TURN_GAP` apart: queued work
+        (a flood of faulting batches) then takes a few percent of the daemon's time, not all
+        of it, and the daemon is not queued behind other processes for a CPU when the next
+        request arrives; otherwise the next turn follows at once."""
+        self._turns.append(conn)
+        if self._turn is None and not self._turning:
+            self._turn = self.loop.call_later(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        turns = self._turns
+        self._turning = True
+        try:
+            while turns:
+                conn = turns.popleft()
+                if not conn.transport.closed:
+                    conn.next_turn()
+                    break
+        finally:
+            self._turning = False
+        if turns:
+            when, who = self.answered  # another client's, lately: space the turns out
+            gap = TURN_GAP if _clock() - when < RECENT_S and who != turns[0].session.id else 0
+            self._turn = self.loop.call_later(gap, self._next_turn)
+
     def account(self, conn: Connection, *, closing: bool = False) -> None:
         """Keep the bytes held for partial messages within :data:`INPUT_BUDGET`: a connection
-        over it is paused until the others' messages complete or close."""
+        over it is paused until the others' messages complete or close; while one waits, the
+        connections that have kept a partial message for :data:`PARTIAL_S` are closed, oldest
+        first, until there is room (:meth:`_evict_stalled`), so a flood of never-finished
+        messages cannot hold a large legitimate one (an ``IMPORT_VM``) back for longer than
+        that."""
         held = 0 if closing else max(0, conn.codec.buffered - SMALL_INPUT)
+        if held and not conn.held:
+            conn.held_since = self.loop.time()
         self.input_held += held - conn.held
         conn.held = held
         if closing:
@@ -391,12 +456,35 @@ class Server:
             conn.paused = True
             conn.transport.pause_reading()
             self._waiting[conn.session.id] = conn
+            if self._evict is None:
+                self._evict = self.loop.call_later(PARTIAL_S / 4, self._evict_stalled)
             return
         if self._waiting and self.input_held <= INPUT_BUDGET:
             waiting, self._waiting = self._waiting, {}
+            now = self.loop.time()
             for c in waiting.values():
                 c.paused = False
+                c.held_since = now  # time spent waiting does not count against it
                 c.resume()
+
+    def _evict_stalled(self) -> None:
+        """Someone waits for the input budget: close the connections that have held a partial
+        message for :data:`PARTIAL_S` (paused or not; a resumed one starts afresh), oldest
+        first, until the budget has room again and the waiting are resumed."""
+        self._evict = None
+        if not self._waiting:
+            return
+        limit = self.loop.time() - PARTIAL_S
+        stale = [c for c in self.connections.values() if c.held and c.held_since <= limit]
+        for conn in sorted(stale, key=lambda c: c.held_since):
+            if self.input_held <= INPUT_BUDGET:
+                break
+            conn.close(
+                f"a partial message has held {conn.held + SMALL_INPUT} bytes of the input "
+                f"budget for over {PARTIAL_S:g} s while others wait"
+            )
+        if self._waiting and self._evict is None:
+            self._evict = self.loop.call_later(PARTIAL_S / 4, self._evict_stalled)
 
     def flush(self) -> None:
         """Write every session's pending output to its socket."""
@@ -420,6 +508,13 @@ class Server:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        if self._evict is not None:
+            self._evict.cancel()
+            self._evict = None
+        self._turns.clear()
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._sock.fileno())

@@ -42,6 +42,7 @@ from vioasid.model.migration import decode_stream, export_vm, import_vm
 from vioasid.model.vm import VM
 from vioasid.protocol.daemon_codec import Message, encode_error, encode_event, encode_ok
 
+from . import sigbus
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ _RECORD_PACK = struct.Struct("<2Q").pack  # FAULT_RECORD's two words
 _U64 = (1 << 64) - 1
 _clock = time.perf_counter
 _route = Host.route  # (VM, guest rid, vPASID) -> (host function, tag) | None
+RESCUED = sigbus.RESCUED  # owners whose mappings a SIGBUS replaced (non-empty: rarely)
 
 
 def _reply_frame(count: int) -> bytearray:
@@ -96,7 +98,7 @@ class VmEntry:
     model: VM  # the engine's VM (stable for the VM's life)
     subscribers: dict[Session, int] = field(default_factory=dict)  # session -> EventMask
     host_range: tuple[int, int] = (0, 0)  # [first, end) of the host range its requests reach
-    files: list[tuple[int, int]] = field(default_factory=list)  # plain files: (dup'd fd, end)
+    files: PlainFiles | None = None  # the plain files its memory maps, if any
 
     def __post_init__(self) -> None:
         self.host_range = (self.model.hpa, self.model.hpa + self.model.memory_size)
@@ -116,16 +118,64 @@ def _may_read(session: Session, entry: VmEntry) -> bool:
     return entry.owner is session or session.uid == 0 or session.uid == entry.owner.uid != -1
 
 
+@dataclass(eq=False)
+class PlainFiles:
+    """The plain (unsealable) files behind a VM's memory: a dup of each fd with the end of
+    what is mapped from it (size-checked before each request), and the SIGBUS guard's tokens
+    for their mappings (:mod:`.sigbus`: a truncation racing a request cannot kill the daemon).
+    ``lost``: a SIGBUS replaced the mappings; the VM's memory is gone for good."""
+
+    fds: list[tuple[int, int]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    lost: bool = False
+
+    def close(self) -> None:
+        """Stop guarding (before the mappings go) and close the fds."""
+        g = sigbus.guard()
+        for token in self.tokens:
+            g.unwatch(token)
+        self.tokens.clear()
+        for fd, _ in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
 def _check_files(entry: VmEntry) -> None:
     """A plain memory file must still hold every byte mapped from it: checked before each
-    request that may touch the VM's memory (reading a page past a file's end is SIGBUS)."""
-    for fd, end in entry.files:
+    request that may touch the VM's memory (reading a page past a file's end is SIGBUS; one
+    truncated during the request is caught by the SIGBUS guard, :func:`_after_rescue`)."""
+    files = entry.files
+    assert files is not None
+    if files.lost:
+        raise InvalidRequest(
+            f"VM {entry.name}: its memory file shrank during a request; the daemon no longer "
+            "touches that memory (unregister the VM)"
+        )
+    for fd, end in files.fds:
         size = os.fstat(fd).st_size
         if size < end:
             raise InvalidRequest(
                 f"VM {entry.name}: its memory file shrank to 0x{size:x} bytes, below the 0x{end:x} "
                 "its regions map; the daemon no longer touches that memory (unregister the VM)"
             )
+
+
+def _after_rescue(vms: dict[int, VmEntry]) -> None:
+    """A SIGBUS was rescued during this request (a plain memory file shrank while its pages
+    were read): mark the VMs whose memory it was as lost, and refuse the request (what it
+    read was zeros, not the guest's tables)."""
+    owners = {id(o) for o in RESCUED}
+    RESCUED.clear()
+    names = []
+    for entry in vms.values():
+        if entry.files is not None and id(entry.files) in owners:
+            entry.files.lost = True
+            names.append(entry.name)
+    log.warning("memory file of VM %s shrank during a request (SIGBUS caught)", ", ".join(names))
+    raise InvalidRequest(
+        f"VM {', '.join(names) or '?'}: its memory file shrank during this request; the daemon "
+        "no longer touches that memory (unregister the VM)"
+    )
 
 
 def memory_seal(fd: int) -> str:
@@ -284,6 +334,8 @@ class Service:
         request = msg.request
         try:
             result = self._handlers[request](session, msg)
+            if RESCUED:
+                _after_rescue(self.vms)
         except VioasidError as exc:
             self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
             return
@@ -322,17 +374,19 @@ class Service:
             )
 
     # -- helpers --------------------------------------------------------------------------
-    def _entry(self, vm_id: int) -> VmEntry:
+    def _entry(self, vm_id: int, *, touch: bool = True) -> VmEntry:
+        """The VM; with ``touch`` (the request may read its memory) refused when a plain file
+        behind its memory shrank."""
         entry = self.vms.get(vm_id)
         if entry is None:
             raise NotFound(f"no VM with id {vm_id}")
-        if entry.files:
+        if entry.files and touch:
             _check_files(entry)
         return entry
 
-    def _owned(self, session: Session, vm_id: int) -> VmEntry:
+    def _owned(self, session: Session, vm_id: int, *, touch: bool = True) -> VmEntry:
         """The VM, for a request that changes it or subscribes to it: its owner only."""
-        entry = self._entry(vm_id)
+        entry = self._entry(vm_id, touch=touch)
         if entry.owner is not session:
             raise NotOwner(f"VM {entry.name} belongs to {entry.owner}, not {session}")
         return entry
@@ -349,7 +403,7 @@ class Service:
         return entry.model
 
     def _add_entry(
-        self, session: Session, vm: VM, memory: GuestMemory, files: list[tuple[int, int]]
+        self, session: Session, vm: VM, memory: GuestMemory, files: PlainFiles | None
     ) -> VmEntry:
         name = vm.name
         entry = VmEntry(self._next_vm, name, session, memory, vm, files=files)
@@ -367,22 +421,23 @@ class Service:
         try:
             self.host.remove_vm(entry.name)
         finally:
+            if entry.files is not None:
+                entry.files.close()
             entry.memory.close()
-            for fd, _ in entry.files:
-                os.close(fd)
         log.info("VM %s (id %d) released: %s", entry.name, vm_id, why)
 
     @staticmethod
-    def _map_memory(regions: Any, fds: list[int]) -> tuple[GuestMemory, list[tuple[int, int]]]:
+    def _map_memory(regions: Any, fds: list[int]) -> tuple[GuestMemory, PlainFiles | None]:
         """Guest memory from vhost-user style regions and their fds, and the plain files to
         watch. Nothing the client does to its memory afterwards may SIGBUS the daemon: a memfd
         is sealed against shrinking first (:func:`memory_seal`); what cannot be sealed is kept
-        (a dup) and its size checked before every request that may touch it (:func:`_check_files`);
+        (a dup) and its size checked before every request that may touch it (:func:`_check_files`),
+        and its mapping is guarded (:mod:`.sigbus`) against a truncation during a request;
         a region must lie inside its file when it is registered."""
         if len(regions) > wire.MAX_REGIONS:
             raise InvalidRequest(f"{len(regions)} memory regions (max {wire.MAX_REGIONS})")
         mem = GuestMemory()
-        files: list[tuple[int, int]] = []
+        files = PlainFiles()
         try:
             for i, (r, fd) in enumerate(zip(regions, fds, strict=True)):
                 st = os.fstat(fd)
@@ -396,7 +451,7 @@ class Service:
                         f"inside its file (0x{st.st_size:x} bytes)"
                     )
                 try:
-                    mem.add_fd(
+                    region = mem.add_fd(
                         fd,
                         r.mmap_offset,
                         r.memory_size,
@@ -407,13 +462,13 @@ class Service:
                 except (OSError, ValueError) as exc:
                     raise InvalidRequest(f"memory region {i}: {exc}") from None
                 if kind == "file":
-                    files.append((os.dup(fd), r.mmap_offset + r.memory_size))
+                    files.fds.append((os.dup(fd), r.mmap_offset + r.memory_size))
+                    files.tokens.append(sigbus.guard().watch(region.buf, region.size, files))
         except BaseException:
+            files.close()
             mem.close()
-            for fd, _ in files:
-                os.close(fd)
             raise
-        return mem, files
+        return mem, (files if files.fds else None)
 
     # -- features -------------------------------------------------------------------------
     def _get_features(self, session: Session, msg: Message) -> int:
@@ -437,14 +492,14 @@ class Service:
         try:
             vm = self.host.add_vm(body.name, mem)
         except BaseException:
+            if files is not None:
+                files.close()
             mem.close()
-            for fd, _ in files:
-                os.close(fd)
             raise
         return {"vm": self._add_entry(session, vm, mem, files).id}
 
     def _unregister_vm(self, session: Session, msg: Message) -> None:
-        entry = self._owned(session, msg.body.vm)
+        entry = self._owned(session, msg.body.vm, touch=False)  # also a VM whose memory shrank
         self._release(entry.id, "unregistered")
 
     def _open_vm(self, session: Session, msg: Message) -> dict[str, int]:
@@ -456,7 +511,7 @@ class Service:
     def _attach_device(self, session: Session, msg: Message) -> None:
         b = msg.body
         try:
-            assign = wire.Assign(b.assign).label
+            assign = wire.Assign(b.assign).word
         except ValueError:
             raise InvalidRequest(
                 f"assign {b.assign} is neither vfio-pci (0) nor mdev (1)"
@@ -547,8 +602,12 @@ class Service:
             if entry is None or entry.owner is not session or entry.files:
                 entry = self._visible(session, vm_id)
             if count == 1:  # _dma_frame without its frame: this is the round-trip path
-                return self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
-            return self._dma_batch(entry, count, entries)
+                reply = self._dma_one(entry, entries) or self._dma_batch(entry, 1, entries)
+            else:
+                reply = self._dma_batch(entry, count, entries)
+            if RESCUED:
+                _after_rescue(self.vms)
+            return reply
         except VioasidError as exc:
             msg = Message(_DMA_REQ, flags)
             self._refuse(session, msg, ErrorCode.from_kind(exc.kind), exc.message)
@@ -638,6 +697,12 @@ class Service:
                 job.done = self._dma_range(
                     entry, job.entries, job.out, job.done, job.count, deadline
                 )
+            if RESCUED:
+                _after_rescue(self.vms)
+        except VioasidError as exc:
+            msg = Message(_DMA_REQ, wire.VERSION)
+            self._refuse(job.session, msg, ErrorCode.from_kind(exc.kind), exc.message)
+            return True
         except Exception as exc:  # a daemon bug: this request fails, the daemon goes on
             log.exception("%s: DMA failed", job.session)
             msg = Message(_DMA_REQ, wire.VERSION)
@@ -862,9 +927,9 @@ class Service:
         try:
             vm = import_vm(self.host, b.stream, mem, functions, name=b.name or None)
         except BaseException:
+            if files is not None:
+                files.close()
             mem.close()
-            for fd, _ in files:
-                os.close(fd)
             raise
         entry = self._add_entry(session, vm, mem, files)
         # the reply's packed BINDING array, one struct pack per binding (no construct per record)

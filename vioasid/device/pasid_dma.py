@@ -399,30 +399,39 @@ class PasidDmaFunction(PciFunction):
         elif not 1 <= x < 1 << self.width:
             return PortalStatus.INVALID
         self._enq_tag = tag
+        entry = self._guest_entry(x) if x in self.bound else None
         self._refresh(x)
-        self._begin_tlb(x, priv, tag)
+        self._begin_tlb(x, priv, tag, entry)
         ctx = _Ctx(self, x, priv)
         self._run(ctx, d, top=True)
         return PortalStatus.ACCEPTED
 
-    def _begin_tlb(self, x: int, priv: bool, tag: int | None) -> None:
-        """This job's space in the device TLB: what its translations are a function of, read
-        now (after the refresh): the guest's context and PASID entry, the tag, the VM's second
-        stage. A PASID not bound here (or an ENQCMD tag that is not this binding's) is not
-        cached."""
+    def _guest_entry(self, x: int) -> tuple[Any, tuple[int, ...], Any] | None:
+        """The guest's context entry, PASID entry words and their decoding for ``x``, read
+        from guest RAM now (None: unusable, the engine decides each access)."""
+        v = self.host.vm(self.vm)
+        try:
+            ctx = v.tables.context(v.rtaddr, self.guest_rid)
+            words = v.tables.pasid_entry(ctx, self.guest_rid, x)
+            return ctx, words, v.tables.reader.decode_pasid_entry(words, x)
+        except Exception as e:
+            log.debug("%s: PASID %d not cached: %r", self.name, x, e)
+            return None
+
+    def _begin_tlb(
+        self, x: int, priv: bool, tag: int | None, entry: tuple[Any, tuple[int, ...], Any] | None
+    ) -> None:
+        """This job's space in the device TLB: what its translations are a function of: the
+        guest's context and PASID entry (``entry``, read *before* the refresh gave the engine
+        its host entry, so a rewrite in between changes the next job's signature), the tag and
+        the VM's second stage. A PASID not bound here (or an ENQCMD tag that is not this
+        binding's) is not cached."""
         pp = self.bound.get(x)
         v = self.host.vm(self.vm)
-        if pp is None or (tag is not None and tag != pp):
+        if entry is None or pp is None or (tag is not None and tag != pp):
             self.tlb.begin(None, memory=v.memory)
             return
-        try:
-            ctx = v.context_cache.get(self.guest_rid) or v.tables.context(v.rtaddr, self.guest_rid)
-            words = v.tables.pasid_entry(ctx, self.guest_rid, x)
-            pe = v.tables.reader.decode_pasid_entry(words, x)
-        except Exception as e:  # unusable now: the engine decides each access
-            log.debug("%s: PASID %d not cached: %r", self.name, x, e)
-            self.tlb.begin(None, memory=v.memory)
-            return
+        ctx, words, pe = entry
         if pe.pgtt == PGTT_SECOND_STAGE:
             root, levels = pe.ssptptr, pe.aw + 2
         else:
@@ -448,6 +457,16 @@ class PasidDmaFunction(PciFunction):
             else:
                 self.bound[x] = b.ppasid
         h.invalidate(vm, guest_rid=rid)
+        tag = self._enq_tag
+        if tag is not None:  # an ENQCMD tag bound by another device of the function: its too
+            own = h.tag_owner(self.function_rid, tag)
+            if own is not None and (own[0].name, own[1].guest_rid) != (vm, rid):
+                ov, odev, ox = own
+                with contextlib.suppress(VioasidError):
+                    h.invalidate_context(ov.name, odev.guest_rid)
+                    h.sync_pasid(ov.name, odev.guest_rid, ox)
+                with contextlib.suppress(VioasidError):
+                    h.invalidate(ov.name, guest_rid=odev.guest_rid)
 
     def _run(self, ctx: _Ctx, d: tuple[int, ...], *, top: bool) -> int:
         """Run one descriptor; write its completion record if asked. Returns the status."""
@@ -564,23 +583,28 @@ class _Ctx:
         self.resolve = resolve
 
     def _gpa(self, addr: int, write: bool, done: int) -> int:
+        """The guest-physical address of ``addr`` for the access (its page is guest RAM)."""
         page = self.tlb.lookup(addr >> 12, write)
         if page is None:
             r = self.tlb.fill(addr, write, self.priv, self.resolve)
             if isinstance(r, Fault):
                 raise _JobFault(r, done)
             page = r.gpa
+            if not self.mem.contains(page, PAGE):
+                raise _JobFault(self._outside(addr, page, write), done)
         return page | (addr & (PAGE - 1))
+
+    def _outside(self, addr: int, gpa: int, write: bool) -> Fault:
+        fn = self.fn
+        return Fault(FaultReason.ADDR_BEYOND_MGAW, addr, fn.guest_rid, self.x, write,
+                     f"GPA {gpa:#x} is outside guest RAM")  # fmt: skip
 
     def _view(self, addr: int, n: int, write: bool, done: int) -> memoryview:
         gpa = self._gpa(addr, write, done)
         try:
             return self.mem.view(gpa, n)
         except MemoryAccessError:
-            fn = self.fn
-            f = Fault(FaultReason.ADDR_BEYOND_MGAW, addr, fn.guest_rid, self.x, write,
-                      f"GPA {gpa:#x} is outside guest RAM")  # fmt: skip
-            raise _JobFault(f, done) from None
+            raise _JobFault(self._outside(addr, gpa, write), done) from None
 
     @staticmethod
     def _chunk(addr: int, left: int) -> int:
@@ -601,13 +625,42 @@ class _Ctx:
             done += c
 
     def copy(self, src: int, dst: int, n: int) -> int:
+        """Chunk by chunk (each within one page of both sides), source translated before
+        destination as before; chunks contiguous on both sides in guest RAM are moved as one
+        run, a pending run before a fault is moved before the fault is reported."""
+        gpa, chunk = self._gpa, self._chunk
         done = 0
-        while done < n:
-            c = min(self._chunk(src + done, n - done), self._chunk(dst + done, n - done))
-            s = self._view(src + done, c, False, done)
-            self._view(dst + done, c, True, done)[:] = s
-            done += c
+        rs = rd = run = 0  # the pending run: source and destination GPA, length
+        try:
+            while done < n:
+                c = min(chunk(src + done, n - done), chunk(dst + done, n - done))
+                s = gpa(src + done, False, done)
+                d = gpa(dst + done, True, done)
+                if run and s == rs + run and d == rd + run:
+                    run += c
+                else:
+                    if run:
+                        self._move(rd, rs, run, src + done - run, dst + done - run)
+                    rs, rd, run = s, d, c
+                done += c
+        except _JobFault:
+            if run:
+                self._move(rd, rs, run, src + done - run, dst + done - run)
+            raise
+        if run:
+            self._move(rd, rs, run, src + n - run, dst + n - run)
         return done
+
+    def _move(self, rd: int, rs: int, n: int, src: int, dst: int) -> None:
+        mem = self.mem
+        try:
+            mem.view(rd, n)[:] = mem.view(rs, n)
+        except MemoryAccessError:  # contiguous GPAs over a region boundary: chunk by chunk
+            off = 0
+            while off < n:
+                c = min(self._chunk(src + off, n - off), self._chunk(dst + off, n - off))
+                mem.view(rd + off, c)[:] = mem.view(rs + off, c)
+                off += c
 
     def fill(self, dst: int, n: int, pattern: int) -> int:
         pat = _U64.pack(pattern) * (PAGE // 8 + 1)

@@ -23,8 +23,9 @@ from, even while another vCPU rewrites them.
 
 Only guest first-stage entries (PGTT=1, nested by the engine) and guest second-stage entries
 (PGTT=2, walked in software) are cached; anything else, a path the reader cannot follow, and
-every fault go to the engine each time. Memory is bounded (``limit`` pages; beyond it the
-cache empties).
+every fault go to the engine each time. Memory is bounded: at most ``limit`` pages,
+``region_limit`` regions (each keeps a 4 KiB copy of its leaf table) and ``space_limit``
+spaces; beyond any of them the cache empties and fills again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 REGION_SHIFT = 9  # pages per leaf table: a region is the 2 MiB one leaf table maps
 TABLE_BYTES = PAGE_SIZE
 DEFAULT_LIMIT = 1 << 16
+DEFAULT_REGION_LIMIT = 2048  # 8 MiB of leaf-table copies
+DEFAULT_SPACE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,19 @@ class TlbStats:
 class PasidTlb:
     """The device TLB of one function: spaces keyed by (vPASID, tag, privilege)."""
 
-    def __init__(self, memory: GuestMemory, *, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        *,
+        limit: int = DEFAULT_LIMIT,
+        region_limit: int = DEFAULT_REGION_LIMIT,
+        space_limit: int = DEFAULT_SPACE_LIMIT,
+    ) -> None:
         self.mem = memory
         self.limit = limit
+        self.region_limit = region_limit
+        self.space_limit = space_limit
+        self.regions = 0
         self.spaces: dict[tuple[int, int, bool], _Space] = {}
         self.space: _Space | None = None  # the current job's
         self.epoch = 0
@@ -177,6 +190,9 @@ class PasidTlb:
             self._drop_space(key)
             sp = None
         if sp is None:
+            if len(self.spaces) >= self.space_limit:
+                self.stats.wipes += 1
+                self.clear()
             fmt = FIRST_STAGE if pgtt == PGTT_FIRST_STAGE else SECOND_STAGE
             sp = self.spaces[key] = _Space(signature or (), fmt, root, levels)
         self.space = sp
@@ -190,10 +206,12 @@ class PasidTlb:
         self.spaces.clear()
         self.space = None
         self.pages = 0
+        self.regions = 0
 
     def _drop_space(self, key: tuple[int, int, bool]) -> None:
         sp = self.spaces.pop(key)
         self.pages -= sum(len(r.pages) for r in sp.regions.values())
+        self.regions -= len(sp.regions)
         self.stats.spaces_dropped += 1
         if self.space is sp:
             self.space = None
@@ -242,6 +260,7 @@ class PasidTlb:
             self.pages -= len(reg.pages)
             self.stats.dropped += len(reg.pages)
             del sp.regions[rkey]
+            self.regions -= 1
             return False
         reg.epoch = self.epoch
         return True
@@ -297,12 +316,15 @@ class PasidTlb:
         if reg is not None and (reg.upper != upper or reg.leaf_gpa != leaf_gpa):
             self.pages -= len(reg.pages)
             del sp.regions[rkey]
+            self.regions -= 1
             reg = None
-        if (reg is None or page not in reg.pages) and self.pages >= self.limit:
+        if (reg is None and self.regions >= self.region_limit) or (
+            (reg is None or page not in reg.pages) and self.pages >= self.limit
+        ):
             self.stats.wipes += 1  # bounded: start again
             for other in self.spaces.values():
                 other.regions.clear()
-            self.pages = 0
+            self.pages = self.regions = 0
             reg = None
         if reg is None:
             try:
@@ -311,6 +333,7 @@ class PasidTlb:
                 self.stats.unfiled += 1
                 return
             reg = sp.regions[rkey] = _Region(upper, leaf_gpa, leaf or bytearray(), epoch=self.epoch)
+            self.regions += 1
         if leaf_gpa >= 0:
             i = pte_gpa - leaf_gpa
             reg.leaf[i : i + PTE_SIZE] = pte.to_bytes(PTE_SIZE, "little")

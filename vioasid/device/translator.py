@@ -225,7 +225,10 @@ class WalkResolver:
             assert isinstance(out, Fault)
             return out
         page = out & ~PAGE_MASK
-        if not mem.contains(page, PAGE_SIZE):
+        r = mem._last  # the region the last lookup found (nearly always this page's)
+        if (r is None or not (r.gpa <= page and page + PAGE_SIZE <= r.gpa + r.size)) and (
+            not mem.contains(page, PAGE_SIZE)
+        ):
             # Mapped, but not to guest RAM the back-end holds (MMIO, a hole): refuse the DMA.
             return Fault(
                 FaultReason.ADDR_BEYOND_MGAW,

@@ -2,14 +2,15 @@
 
 The contract is ``docs/pasid-dma.md`` (vioasid's own device; the descriptor and completion-record
 ideas follow Intel DSA's public specification, but the layouts are this project's). All values
-little-endian. Each structure is one :class:`~vioasid.formats.virtio.Record` field table.
+little-endian. Each structure is one :class:`~vioasid.formats.record.Record` field table.
 """
 
 from __future__ import annotations
 
 import enum
 
-from .virtio import Record
+from .record import Record
+from .words import WordEnum
 
 VENDOR_ID = 0x7A50  # vioasid's own (emulation only; not a PCI-SIG assignment)
 DEVICE_ID = 0x0001
@@ -29,17 +30,13 @@ CAPS_SWQ = 1 << 8  # portal is a shared work queue (ENQCMD semantics)
 CAPS_BATCH = 1 << 9
 
 
-class FunctionType(enum.IntEnum):
+class FunctionType(WordEnum):
     """``TYPE`` register and subsystem id: the seed's device personalities."""
 
     DEDICATED = 1
     TRANSLATING = 2
     MDEV = 3
     ENQCMD = 4
-
-    @property
-    def word(self) -> str:
-        return self.name.lower()
 
 
 class Reg(enum.IntEnum):
@@ -89,7 +86,7 @@ class BindCmd(enum.IntEnum):
     UNBIND = 2
 
 
-class BindStatus(enum.IntEnum):
+class BindStatus(WordEnum):
     """``BIND_STATUS`` codes; ``word`` is what the driver prints, ``errno`` what it returns."""
 
     OK = 0
@@ -99,10 +96,6 @@ class BindStatus(enum.IntEnum):
     EXHAUSTED = 4
     NOT_BOUND = 5
     INTERNAL = 6
-
-    @property
-    def word(self) -> str:
-        return self.name.lower().replace("_", "-")
 
 
 class Opcode(enum.IntEnum):

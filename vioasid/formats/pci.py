@@ -4,14 +4,14 @@ Base 4.0 §7.5.1 (type-0 header), §7.5.3 (PCI Express Capability), §7.8.8 (PAS
 
 Field names follow Linux ``include/uapi/linux/pci_regs.h`` (``PCI_VENDOR_ID``,
 ``PCI_EXP_DEVCAP2_EE_PREFIX``, ``PCI_PASID_CAP_EXEC`` ...); each structure is one
-:class:`~vioasid.formats.virtio.Record` field table (construct ``.struct`` + ``.packer``).
+:class:`~vioasid.formats.record.Record` field table (construct ``.struct`` + ``.packer``).
 """
 
 from __future__ import annotations
 
 import enum
 
-from .virtio import Record
+from .record import Record
 
 CONFIG_SPACE_SIZE = 256  # PCI_CFG_SPACE_SIZE
 CONFIG_SPACE_EXP_SIZE = 4096  # PCI_CFG_SPACE_EXP_SIZE
@@ -52,12 +52,7 @@ TYPE0_HEADER = Record(
     ),
     "PCIe 4.0 §7.5.1.1-2 / PCI 3.0 §6.1: the type-0 configuration header (64 bytes).",
 )
-TYPE0_OFFSETS: dict[str, int] = {}
-_off = 0
-for _name, _code in TYPE0_HEADER.fields:
-    TYPE0_OFFSETS[_name] = _off
-    _off += {"B": 1, "H": 2, "I": 4, "Q": 8}.get(_code) or int(_code[:-1])
-del _off, _name, _code
+TYPE0_OFFSETS = TYPE0_HEADER.offsets
 
 PCI_COMMAND = TYPE0_OFFSETS["command"]
 PCI_STATUS = TYPE0_OFFSETS["status"]
@@ -112,10 +107,10 @@ MSI_CAP64 = Record(
     ),
     "PCI 3.0 §6.8.1: MSI capability with a 64-bit message address.",
 )
-PCI_MSI_FLAGS = 2
-PCI_MSI_ADDRESS_LO = 4
-PCI_MSI_ADDRESS_HI = 8
-PCI_MSI_DATA_64 = 12
+PCI_MSI_FLAGS = MSI_CAP64.offsets["flags"]
+PCI_MSI_ADDRESS_LO = MSI_CAP64.offsets["address_lo"]
+PCI_MSI_ADDRESS_HI = MSI_CAP64.offsets["address_hi"]
+PCI_MSI_DATA_64 = MSI_CAP64.offsets["data"]
 PCI_MSI_FLAGS_ENABLE = 0x0001
 PCI_MSI_FLAGS_QMASK = 0x000E  # multiple message capable (RO)
 PCI_MSI_FLAGS_QSIZE = 0x0070  # multiple message enable (RW)
@@ -155,8 +150,8 @@ PCIE_CAP = Record(
 PCI_EXP_FLAGS_VERS = 0x000F
 PCI_EXP_FLAGS_TYPE_SHIFT = 4
 PCI_EXP_TYPE_RC_END = 0x9  # root complex integrated endpoint
-PCI_EXP_DEVCTL = 0x08
-PCI_EXP_DEVCTL2 = 0x28
+PCI_EXP_DEVCTL = PCIE_CAP.offsets["devctl"]
+PCI_EXP_DEVCTL2 = PCIE_CAP.offsets["devctl2"]
 PCI_EXP_DEVCAP2_EE_PREFIX = 0x00200000  # bit 21: End-End TLP Prefix Supported
 
 # -- extended capabilities (PCIe 4.0 §7.6.3 header) --------------------------------------
@@ -170,13 +165,14 @@ def ext_cap_header(cap_id: int, version: int, next_off: int) -> int:
     return (cap_id & 0xFFFF) | (version & 0xF) << 16 | (next_off & 0xFFC) << 20
 
 
+# the header, a capability word, a control word (PASID and ATS share the shape)
+_CAP_CTRL: tuple[tuple[str, str], ...] = (("header", "I"), ("cap", "H"), ("ctrl", "H"))
+
 PASID_CAP = Record(
-    "pci_pasid_cap",
-    (("header", "I"), ("cap", "H"), ("ctrl", "H")),  # PCI_PASID_CAP 4, PCI_PASID_CTRL 6
-    "PCIe 4.0 §7.8.8: PASID extended capability (8 bytes).",
+    "pci_pasid_cap", _CAP_CTRL, "PCIe 4.0 §7.8.8: PASID extended capability (8 bytes)."
 )
-PCI_PASID_CAP = 4
-PCI_PASID_CTRL = 6
+PCI_PASID_CAP = PASID_CAP.offsets["cap"]
+PCI_PASID_CTRL = PASID_CAP.offsets["ctrl"]
 PCI_PASID_CAP_EXEC = 0x0002
 PCI_PASID_CAP_PRIV = 0x0004
 PCI_PASID_CAP_WIDTH_SHIFT = 8  # Max PASID Width, bits 12:8
@@ -185,13 +181,9 @@ PCI_PASID_CTRL_ENABLE = 0x0001
 PCI_PASID_CTRL_EXEC = 0x0002
 PCI_PASID_CTRL_PRIV = 0x0004
 
-ATS_CAP = Record(
-    "pci_ats_cap",
-    (("header", "I"), ("cap", "H"), ("ctrl", "H")),  # PCI_ATS_CAP 4, PCI_ATS_CTRL 6
-    "PCIe 4.0 §10.5.1: ATS extended capability (8 bytes).",
-)
-PCI_ATS_CAP = 4
-PCI_ATS_CTRL = 6
+ATS_CAP = Record("pci_ats_cap", _CAP_CTRL, "PCIe 4.0 §10.5.1: ATS extended capability (8 bytes).")
+PCI_ATS_CAP = ATS_CAP.offsets["cap"]
+PCI_ATS_CTRL = ATS_CAP.offsets["ctrl"]
 PCI_ATS_CAP_QDEP_MASK = 0x001F
 PCI_ATS_CAP_PAGE_ALIGNED = 0x0020
 PCI_ATS_CTRL_ENABLE = 0x8000
@@ -202,10 +194,10 @@ PRI_CAP = Record(
     (("header", "I"), ("ctrl", "H"), ("status", "H"), ("max_req", "I"), ("alloc_req", "I")),
     "PCIe 4.0 §10.5.2: Page Request extended capability (16 bytes).",
 )
-PCI_PRI_CTRL = 4
-PCI_PRI_STATUS = 6
-PCI_PRI_MAX_REQ = 8
-PCI_PRI_ALLOC_REQ = 12
+PCI_PRI_CTRL = PRI_CAP.offsets["ctrl"]
+PCI_PRI_STATUS = PRI_CAP.offsets["status"]
+PCI_PRI_MAX_REQ = PRI_CAP.offsets["max_req"]
+PCI_PRI_ALLOC_REQ = PRI_CAP.offsets["alloc_req"]
 PCI_PRI_CTRL_ENABLE = 0x0001
 PCI_PRI_CTRL_RESET = 0x0002
 PCI_PRI_STATUS_STOPPED = 0x0100

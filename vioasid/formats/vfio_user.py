@@ -9,7 +9,7 @@ SCM_RIGHTS ancillary data (DMA_MAP: the memory fd; DEVICE_SET_IRQS: one eventfd 
 The payload structures are the Linux VFIO ioctl structures of ``include/uapi/linux/vfio.h``
 that the spec imports (``vfio_iommu_type1_dma_map``/``_unmap``, ``vfio_device_info``,
 ``vfio_region_info``, ``vfio_irq_info``, ``vfio_irq_set``), plus the vfio-user region and DMA
-read/write headers. Each is one :class:`~vioasid.formats.virtio.Record` field table, from
+read/write headers. Each is one :class:`~vioasid.formats.record.Record` field table, from
 which come the construct ``Struct`` (``.struct``) and the hot-path ``struct.Struct``
 (``.packer``).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 
-from .virtio import Record
+from .record import Record
 
 HEADER = Record(
     "vfio_user_header",

@@ -1,9 +1,7 @@
 """Virtio split-ring, virtio-blk and vhost-user wire layouts, as construct definitions.
 
-Each structure is declared once as a field table of (name, struct code). From that one table
-come the construct ``Struct`` (``.struct``: parse/build, docs, tests) and a precompiled
-``struct.Struct`` (``.packer``: the hot path, ``unpack_from``/``pack_into``). There is no second
-description of any layout.
+Each structure is one :class:`~vioasid.formats.record.Record` field table (construct
+``.struct`` and a precompiled ``.packer``): there is no second description of any layout.
 
 Sources:
 
@@ -19,49 +17,8 @@ Sources:
 from __future__ import annotations
 
 import enum
-import struct
-from typing import Any
 
-import construct as cs
-
-_CODES: dict[str, Any] = {
-    "B": cs.Int8ul,
-    "H": cs.Int16ul,
-    "I": cs.Int32ul,
-    "Q": cs.Int64ul,
-}
-
-
-class Record:
-    """A fixed-size little-endian record: one field table, a construct Struct and a packer."""
-
-    def __init__(self, name: str, fields: tuple[tuple[str, str], ...], doc: str = "") -> None:
-        self.name = name
-        self.fields = fields
-        self.doc = doc
-        parts: list[Any] = []
-        fmt = "<"
-        for fname, code in fields:
-            if code.endswith("x"):
-                parts.append(fname / cs.Padding(int(code[:-1] or "1")))
-            else:
-                parts.append(fname / _CODES[code])
-            fmt += code
-        self.struct: Any = cs.Struct(*parts)
-        self.packer = struct.Struct(fmt)
-        self.size = self.packer.size
-        self.names = tuple(n for n, c in fields if not c.endswith("x"))
-
-    def parse(self, data: bytes | bytearray | memoryview) -> dict[str, int]:
-        """Named fields of the first ``size`` bytes of ``data`` (checked by construct)."""
-        c = self.struct.parse(bytes(data[: self.size]))
-        return {n: int(c[n]) for n in self.names}
-
-    def build(self, **values: int) -> bytes:
-        """Bytes of the record; missing fields are 0."""
-        data: bytes = self.struct.build({n: values.get(n, 0) for n in self.names})
-        return data
-
+from .record import Record
 
 # -- virtio split virtqueue (virtio 1.2 §2.7) -----------------------------------------------
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import construct as cs
 
+from .words import WordEnum
+
 # -- header ----------------------------------------------------------------------------------
 
 HEADER = cs.Struct(
@@ -120,27 +122,19 @@ class ErrorCode(IntEnum):
         return cls[kind.upper().replace("-", "_")]
 
 
-class Assign(IntEnum):
+class Assign(WordEnum):
     """How a guest device gets its host function (design README, "Host functions")."""
 
     VFIO_PCI = 0
     MDEV = 1
 
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
 
-
-class Space(IntEnum):
+class Space(WordEnum):
     """Which pPASID space a binding's value came from."""
 
     NONE = 0
     PER_RID = 1
     GLOBAL = 2
-
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", "-")
 
 
 class EventMask(IntFlag):

@@ -7,21 +7,20 @@ an error string instead of raising.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vioasid.formats.bitfields import Layout
 from vioasid.formats.context import (
     LEGACY_CONTEXT_ENTRY,
-    LEGACY_CONTEXT_ENTRY_SIZE,
     SM_CONTEXT_ENTRY,
-    SM_CONTEXT_ENTRY_SIZE,
     pasid_dir_entries,
 )
 from vioasid.formats.pasid import (
     PASID_DIR_ENTRY,
     PASID_ENTRIES_PER_TABLE,
     PASID_ENTRY,
-    PASID_ENTRY_SIZE,
     PGTT_NAMES,
 )
 from vioasid.formats.registers import RTADDR, TTM_LEGACY, TTM_SCALABLE
@@ -67,6 +66,26 @@ _P = {lay.name: lay.mask(name) for lay, name in  # each entry's present bit
        (SM_CONTEXT_ENTRY, "P"), (PASID_DIR_ENTRY, "P"), (PASID_ENTRY, "P"))}  # fmt: skip
 
 
+# The JSON view of each entry: key, layout field, how the value is shown.
+_Show = Callable[[int], object]
+_LEGACY_CTX_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("did", "DID", int), ("aw", "AW", int), ("ssptptr", "SSPTPTR", hex), ("fpd", "FPD", bool),
+)  # fmt: skip
+_SM_CTX_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("pasid_dir", "PASIDDIRPTR", hex), ("pdts", "PDTS", int), ("rid_pasid", "RID_PASID", int),
+    ("paside", "PASIDE", bool), ("pre", "PRE", bool), ("dte", "DTE", bool), ("fpd", "FPD", bool),
+)  # fmt: skip
+_PASID_VIEW: tuple[tuple[str, str, _Show], ...] = (
+    ("did", "DID", int), ("aw", "AW", int), ("ssptptr", "SSPTPTR", hex),
+    ("flptptr", "FLPTPTR", hex), ("flpm", "FLPM", int), ("sre", "SRE", bool),
+    ("wpe", "WPE", bool), ("fpd", "FPD", bool),
+)  # fmt: skip
+
+
+def _view(f: dict[str, int], spec: tuple[tuple[str, str, _Show], ...]) -> dict[str, object]:
+    return {key: show(f[name]) for key, name, show in spec}
+
+
 def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) -> TableDump:
     """Every present context entry (and, in scalable mode, PASID entry) under ``rtaddr``."""
     ttm = RTADDR.field("TTM").get(rtaddr)
@@ -97,24 +116,12 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 if not re[0] & _P[LEGACY_ROOT_ENTRY.name]:
                     continue
                 ctp = LEGACY_ROOT_ENTRY.field("CTP").get(re[0])
-                for devfn in range(256):
+                for devfn, ce in _present(words, ctp, 256, LEGACY_CONTEXT_ENTRY, "context entry"):
                     sid = (bus << 8) | devfn
-                    ce = words(ctp + devfn * LEGACY_CONTEXT_ENTRY_SIZE, 2, "context entry")
-                    if ce is None:
-                        break
-                    if not ce[0] & _P[LEGACY_CONTEXT_ENTRY.name]:
-                        continue
                     f = _DEC_LEGACY_CTX(ce)
+                    tt = _CTX_TT_NAMES.get(f["TT"], f"reserved-{f['TT']}")
                     out.contexts.append(
-                        {
-                            "bdf": bdf_str(sid),
-                            "sid": sid,
-                            "tt": _CTX_TT_NAMES.get(f["TT"], f"reserved-{f['TT']}"),
-                            "did": f["DID"],
-                            "aw": f["AW"],
-                            "ssptptr": hex(f["SSPTPTR"]),
-                            "fpd": bool(f["FPD"]),
-                        }
+                        {"bdf": bdf_str(sid), "sid": sid, "tt": tt, **_view(f, _LEGACY_CTX_VIEW)}
                     )
                 continue
             for upper in (0, 1):
@@ -122,35 +129,16 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
                 if not half & _P[SM_ROOT_ENTRY.name]:
                     continue
                 ctp = SM_ROOT_ENTRY.field("LCTP").get(half)
-                for low in range(128):
-                    devfn = upper * 128 + low
-                    sid = (bus << 8) | devfn
-                    ce = words(ctp + low * SM_CONTEXT_ENTRY_SIZE, 4, "context entry")
-                    if ce is None:
-                        break
-                    if not ce[0] & _P[SM_CONTEXT_ENTRY.name]:
-                        continue
+                for low, ce in _present(words, ctp, 128, SM_CONTEXT_ENTRY, "context entry"):
+                    sid = (bus << 8) | (upper * 128 + low)
                     f = _DEC_SM_CTX(ce)
-                    dev: dict[str, Any] = {
-                        "bdf": bdf_str(sid),
-                        "sid": sid,
-                        "pasid_dir": hex(f["PASIDDIRPTR"]),
-                        "pdts": f["PDTS"],
-                        "rid_pasid": f["RID_PASID"],
-                        "paside": bool(f["PASIDE"]),
-                        "pre": bool(f["PRE"]),
-                        "dte": bool(f["DTE"]),
-                        "fpd": bool(f["FPD"]),
-                        "pasids": [],
-                    }
+                    dev: dict[str, Any] = {"bdf": bdf_str(sid), "sid": sid}
+                    dev.update(_view(f, _SM_CTX_VIEW), pasids=[])
                     out.contexts.append(dev)
-                    for didx in range(pasid_dir_entries(f["PDTS"])):
-                        gpa = f["PASIDDIRPTR"] + didx * 8
-                        de = words(gpa, 1, f"{bdf_str(sid)} PASID dir entry {didx}")
-                        if de is None:
-                            break
-                        if not de[0] & _P[PASID_DIR_ENTRY.name]:
-                            continue
+                    for didx, de in _present(
+                        words, f["PASIDDIRPTR"], pasid_dir_entries(f["PDTS"]), PASID_DIR_ENTRY,
+                        f"{bdf_str(sid)} PASID dir entry",
+                    ):  # fmt: skip
                         ptp = PASID_DIR_ENTRY.field("PTP").get(de[0])
                         if ptp not in pasid_tables:
                             pasid_tables[ptp] = _pasid_table(ptp, words)
@@ -169,27 +157,28 @@ def dump_tables(mem: GuestMemory, rtaddr: int, *, max_entries: int = 200_000) ->
     return out
 
 
+def _present(
+    words: Callable[[int, int, str], tuple[int, ...] | None],
+    table: int,
+    count: int,
+    layout: Layout,
+    what: str,
+) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(index, words) of each present entry of a table of ``count`` ``layout`` entries at
+    ``table``; stops at the first unreadable one (``words`` has reported it)."""
+    present, n = _P[layout.name], layout.size // 8
+    for i in range(count):
+        e = words(table + i * layout.size, n, f"{what} {i}")
+        if e is None:
+            return
+        if e[0] & present:
+            yield i, e
+
+
 def _pasid_table(ptp: int, words: Any) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
-    for idx in range(PASID_ENTRIES_PER_TABLE):
-        pe = words(ptp + idx * PASID_ENTRY_SIZE, 8, "PASID entry")
-        if pe is None:
-            break
-        if not pe[0] & _P[PASID_ENTRY.name]:
-            continue
+    for idx, pe in _present(words, ptp, PASID_ENTRIES_PER_TABLE, PASID_ENTRY, "PASID entry"):
         f = _DEC_PASID(pe)
-        found.append(
-            {
-                "index": idx,
-                "pgtt": PGTT_NAMES.get(f["PGTT"], f"invalid-{f['PGTT']}"),
-                "did": f["DID"],
-                "aw": f["AW"],
-                "ssptptr": hex(f["SSPTPTR"]),
-                "flptptr": hex(f["FLPTPTR"]),
-                "flpm": f["FLPM"],
-                "sre": bool(f["SRE"]),
-                "wpe": bool(f["WPE"]),
-                "fpd": bool(f["FPD"]),
-            }
-        )
+        pgtt = PGTT_NAMES.get(f["PGTT"], f"invalid-{f['PGTT']}")
+        found.append({"index": idx, "pgtt": pgtt, **_view(f, _PASID_VIEW)})
     return found

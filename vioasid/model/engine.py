@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -178,6 +178,9 @@ class Host:
         # the VM's second stage. (did, vPASID) of those bindings:
         self.guest_second_stage = guest_second_stage
         self._soft_ss: set[tuple[int, int]] = set()
+        # Called with every request of dma()/dma_tag() that translated (a rig checking where
+        # DMAs land, say); the daemon's dma_fast path does not call it.
+        self.on_dma: Callable[[DmaResult], object] | None = None
 
     # -- configuration ----------------------------------------------------------------------
     def add_function(
@@ -684,7 +687,10 @@ class Host:
         if self._soft_ss:
             own = fn.owner.get(tag)
             if own is not None and (dev.did, own & _VPASID_MASK) in self._soft_ss:
-                return self._soft_request(v, dev, own & _VPASID_MASK, tag, addr, write, supervisor)
+                r = self._soft_request(v, dev, own & _VPASID_MASK, tag, addr, write, supervisor)
+                if self.on_dma is not None and r.hpa is not None:
+                    self.on_dma(r)
+                return r
         if supervisor:
             t = self.walker.translate(
                 self.rtaddr, WalkRequest(fn.rid, addr, tag, write, supervisor=True)
@@ -693,7 +699,10 @@ class Host:
         else:
             res = self.walker.translate_fast(self.rtaddr, fn.rid, addr, tag, write)
         if not isinstance(res, Fault):
-            return DmaResult(tag, res - v.hpa, res)
+            r = DmaResult(tag, res - v.hpa, res)
+            if self.on_dma is not None:
+                self.on_dma(r)
+            return r
         own = fn.owner.get(tag)
         vpasid = own & _VPASID_MASK if own is not None else tag
         f = Fault(res.reason, addr, dev.guest_rid, vpasid, write, res.detail)

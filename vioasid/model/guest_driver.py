@@ -32,6 +32,10 @@ from .memory import GuestMemory
 PAGE = 4096
 
 
+class PagesExhausted(ValueError):
+    """The guest's page-table pool is full (its memory is too small for its tables)."""
+
+
 class PageAllocator:
     """Hands out zeroed 4 KiB guest pages from ``[base, base + size)`` of a GuestMemory."""
 
@@ -47,12 +51,13 @@ class PageAllocator:
         self.free: list[int] = []
 
     def alloc(self, pages: int = 1) -> int:
-        """GPA of ``pages`` contiguous zeroed pages; ValueError when the range is full."""
+        """GPA of ``pages`` contiguous zeroed pages; :class:`PagesExhausted` when the range is
+        full."""
         if pages == 1 and self.free:
             gpa = self.free.pop()
         else:
             if self.next + pages * PAGE > self.base + self.size:
-                raise ValueError("guest page allocator exhausted")
+                raise PagesExhausted("guest page allocator exhausted")
             gpa = self.next
             self.next += pages * PAGE
         self.mem.write(gpa, bytes(pages * PAGE))

@@ -26,7 +26,7 @@ from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from .engine import Host
 from .errors import InvalidRequest, NotFound, VioasidError
 from .faults import bdf_str, parse_bdf
-from .guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
+from .guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator, PagesExhausted
 from .memory import GuestMemory
 from .migration import export_vm, import_vm
 from .policy import ASSIGNS, POLICIES
@@ -366,7 +366,7 @@ def check_expect(expected: Mapping[str, Any], result: Mapping[str, Any]) -> dict
 
 # -- running ------------------------------------------------------------------------------
 @dataclass
-class _Guest:
+class GuestSide:
     """The guest kernel's side of one VM: its RAM, its IOMMU driver, a table per vPASID."""
 
     memory: GuestMemory
@@ -388,7 +388,7 @@ class ScenarioRunner:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.hosts: dict[str, Host] = {}
-        self.guests: dict[str, _Guest] = {}
+        self.guests: dict[str, GuestSide] = {}
         self.met = 0
         self.failed = 0
         for i, hs in enumerate(scenario.hosts):
@@ -421,7 +421,7 @@ class ScenarioRunner:
                 except VioasidError as exc:
                     raise ScenarioError(f"vm[{i}].device[{j}]: {exc.message}") from None
                 driver.attach_device(ds.rid)
-            self.guests[vs.name] = _Guest(memory, driver, pages, vs.host)
+            self.guests[vs.name] = GuestSide(memory, driver, pages, vs.host)
 
     def run(self) -> Iterator[dict[str, Any]]:
         """One result per step, in order (``expect`` checked and counted)."""
@@ -450,7 +450,7 @@ class ScenarioRunner:
         return f"scenario: {n} steps, {self.met} expectations met, {self.failed} failed"
 
     # -- ops ----------------------------------------------------------------------------------
-    def _where(self, vm: str) -> tuple[Host, _Guest]:
+    def _where(self, vm: str) -> tuple[Host, GuestSide]:
         g = self.guests[vm]
         return self.hosts[g.host], g
 
@@ -458,6 +458,10 @@ class ScenarioRunner:
         _, g = self._where(a["vm"])
         try:
             g.table(a["vpasid"]).map(a["va"], a["gpa"], a["size"], write=a["perm"] == "rw")
+        except PagesExhausted:  # the scenario's fault, not a result: the run stops (exit 2)
+            raise ScenarioError(
+                f"VM {a['vm']}: the guest's page-table pool is exhausted (give it more memory)"
+            ) from None
         except ValueError as exc:
             raise InvalidRequest(f"guest map of vPASID {a['vpasid']}: {exc}") from None
         return {}

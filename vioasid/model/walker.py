@@ -225,52 +225,7 @@ if w0 & $CHK_PE0 != $WANT_PE0 or $PE.rsvd1(w1) or w2 & $CHK_PE2:
 top = addr >> 47  # 4-level: bits 63:47 all equal (canonical)
 if top and top != 0x1FFFF:
     MISS
-g = (w2 & $PE.FLPTPTR) + ((addr >> 36) & 0xFF8)  # index * 8 == (addr >> 9 * level) & 0xFF8
-if g < b:  # based
-    MISS  # based
-p4 = unpack(buf, g - b)[0]
-if p4 & $CHK_FS4 != $FS.P:
-    MISS
-g = (p4 & $FS.ADDR) + ((addr >> 27) & 0xFF8)
-if g < b:  # based
-    MISS  # based
-pte = unpack(buf, g - b)[0]
-if pte & $CHK_FS3 != $FS.P:
-    MISS
-if pte & $FS.PS:
-    if pte & $LRSVD3:
-        MISS
-    size = 0x40000000
-    pa = pte & $FS1G.ADDR
-    acc = p4 & pte
-    xd = p4 | pte  # entry
-else:
-    p3 = pte
-    g = (p3 & $FS.ADDR) + ((addr >> 18) & 0xFF8)
-    if g < b:  # based
-        MISS  # based
-    pte = unpack(buf, g - b)[0]
-    if pte & $CHK_FS2 != $FS.P:
-        MISS
-    if pte & $FS.PS:
-        if pte & $LRSVD2:
-            MISS
-        size = 0x200000
-        pa = pte & $FS2M.ADDR
-        acc = p4 & p3 & pte
-        xd = p4 | p3 | pte  # entry
-    else:
-        p2 = pte
-        g = (p2 & $FS.ADDR) + ((addr >> 9) & 0xFF8)
-        if g < b:  # based
-            MISS  # based
-        pte = unpack(buf, g - b)[0]
-        if pte & $CHK_FS1 != $FS.P:
-            MISS
-        size = 0x1000
-        pa = pte & $FS.ADDR
-        acc = p4 & p3 & p2 & pte
-        xd = p4 | p3 | p2 | pte  # entry
+FIRST_STAGE_LEVELS
 if not acc & $FS.US or (write and not acc & $FS.RW):
     MISS  # the general walk names the level that denies it
 if pa <= $INTR_HI and pa + size > $INTR_LO:
@@ -324,6 +279,43 @@ def make(walker, slow, unpack, unpack3, unpack4, name_fs, error):
 _GENERATED: dict[int, dict[str, Any]] = {}
 
 
+def _first_stage_levels() -> list[str]:
+    """The template's 4-level first-stage walk, one block per level from L4: the entry read
+    (index * 8 == (addr >> 9 * level) & 0xFF8) and checked; at L3 and L2 a PS entry is the
+    leaf (its large-page layout's reserved bits and address), else the walk goes down; L1 is
+    the leaf. The leaf sets size, pa, acc (the AND of the path: U/S, R/W) and xd (the OR)."""
+    lines: list[str] = []
+    table, pad = "(w2 & $PE.FLPTPTR)", ""
+    for level in (4, 3, 2, 1):
+        p = f"p{level}"
+        lines += [
+            f"{pad}g = {table} + ((addr >> {9 * level}) & 0xFF8)",
+            f"{pad}if g < b:  # based",
+            f"{pad}    MISS  # based",
+            f"{pad}{p} = unpack(buf, g - b)[0]",
+            f"{pad}if {p} & $CHK_FS{level} != $FS.P:",
+            f"{pad}    MISS",
+        ]
+        path = [f"p{n}" for n in range(4, level - 1, -1)]
+        leaf = [
+            f"size = {1 << (3 + 9 * level):#x}",
+            f"pa = {p} & ${_FS_LEAF_LAYOUT.get(level, 'FS')}.ADDR",
+            f"acc = {' & '.join(path)}",
+            f"xd = {' | '.join(path)}  # entry",
+        ]
+        if level == 1:
+            lines += [pad + line for line in leaf]
+        elif level < 4:
+            lines += [f"{pad}if {p} & $FS.PS:", f"{pad}    if {p} & $LRSVD{level}:"]
+            lines += [f"{pad}        MISS", *(f"{pad}    {line}" for line in leaf), f"{pad}else:"]
+            pad += "    "
+        table = f"({p} & $FS.ADDR)"
+    return lines
+
+
+_FS_LEAF_LAYOUT = {3: "FS1G", 2: "FS2M"}  # large pages; 4 KiB: FS
+
+
 def _render_body(consts: dict[str, int], *, fast: bool, based: bool) -> str:
     layouts = {"RT": RTADDR, "SRE": SM_ROOT_ENTRY, "SCE": SM_CONTEXT_ENTRY,
                "PDE": PASID_DIR_ENTRY, "PE": PASID_ENTRY, "FS": FIRST_STAGE_PTE,
@@ -335,7 +327,8 @@ def _render_body(consts: dict[str, int], *, fast: bool, based: bool) -> str:
         subs = {"MISS": "return None", "REQ": "rpasid",
                 "HIT": "return pa, size, perm, name_fs, $PE.DID(w1), epasid"}  # fmt: skip
     lines = []
-    for line in _DIRECT_BODY.splitlines():
+    body = _DIRECT_BODY.replace("FIRST_STAGE_LEVELS", "\n".join(_first_stage_levels()))
+    for line in body.splitlines():
         if (fast and line.endswith("# entry")) or (not based and line.endswith("# based")):
             continue
         if not based:

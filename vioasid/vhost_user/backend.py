@@ -234,6 +234,8 @@ class VhostUserBlkBackend:
         sock.listen(1)
         sock.setblocking(False)
         self._listener = sock
+        if self.reader_thread:
+            native.load()  # built (once per source version) before QEMU connects, not during
 
     async def serve_forever(self) -> None:
         """Accept and serve front-end sessions until :meth:`close`."""

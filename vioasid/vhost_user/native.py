@@ -23,12 +23,12 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from vioasid.formats.virtio import (
     VHOST_USER_HDR,
@@ -49,39 +49,33 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _offset(fields: tuple[tuple[str, str], ...], name: str) -> int:
-    """Byte offset of field ``name`` in a little-endian field table (``formats.virtio.Record``)."""
-    fmt = "<"
-    for fname, code in fields:
-        if fname == name:
-            return struct.calcsize(fmt)
-        fmt += code
-    raise KeyError(name)
+_U32_FIELDS = (
+    "msg_bytes",
+    "request",
+    "version",
+    "need_reply",
+    "payload",
+    "req_off",
+    "flags_off",
+    "size_off",
+    "iova_off",
+    "isize_off",
+    "type_off",
+    "invalidate",
+    "ack_len",
+)
+_LAYOUT_FIELDS: list[tuple[str, Any]] = [(n, ctypes.c_uint32) for n in _U32_FIELDS]
+_LAYOUT_FIELDS += [("ack", ctypes.c_ubyte * 64)]
 
 
 class _Layout(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_uint32)
-        for n in (
-            "msg_bytes",
-            "request",
-            "version",
-            "need_reply",
-            "payload",
-            "req_off",
-            "flags_off",
-            "size_off",
-            "iova_off",
-            "isize_off",
-            "type_off",
-            "invalidate",
-            "ack_len",
-        )
-    ] + [("ack", ctypes.c_ubyte * 64)]
+    """``struct layout`` of iotlb_reader.c: where the C thread finds what it checks."""
+
+    _fields_ = _LAYOUT_FIELDS
 
 
 def _layout() -> _Layout:
-    h, p = VHOST_USER_HDR.fields, VHOST_USER_IOTLB.fields
+    h, p = VHOST_USER_HDR.offsets, VHOST_USER_IOTLB.offsets
     base = VHOST_USER_HDR.size
     lay = _Layout(
         msg_bytes=IOTLB_MSG_BYTES,
@@ -89,12 +83,12 @@ def _layout() -> _Layout:
         version=VHOST_USER_VERSION,
         need_reply=VHOST_USER_NEED_REPLY,
         payload=VHOST_USER_IOTLB.size,
-        req_off=_offset(h, "request"),
-        flags_off=_offset(h, "flags"),
-        size_off=_offset(h, "size"),
-        iova_off=base + _offset(p, "iova"),
-        isize_off=base + _offset(p, "size"),
-        type_off=base + _offset(p, "type"),
+        req_off=h["request"],
+        flags_off=h["flags"],
+        size_off=h["size"],
+        iova_off=base + p["iova"],
+        isize_off=base + p["size"],
+        type_off=base + p["type"],
         invalidate=int(IotlbType.INVALIDATE),
         ack_len=len(IOTLB_ACK),
     )
@@ -205,6 +199,8 @@ class NativeReader:
         self.conn.setblocking(True)
         h = self.lib.vr_start(self.conn.fileno(), self._tx.fileno(), ctypes.byref(self._layout))
         if not h:
+            self._rx.close()
+            self._tx.close()
             return False
         self._handle = h
         self.lib.vr_set_acks(h, int(self._acks))
@@ -219,8 +215,9 @@ class NativeReader:
             return
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self._rx.fileno())
-        with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
+        for sock in (self.conn, self._rx):  # wakes the thread in recvmsg or in a full sendmsg
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.lib.vr_join(h)  # ctypes releases the GIL; the thread never needs it
         self._take(h)
         self._stats(h)

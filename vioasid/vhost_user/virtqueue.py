@@ -265,6 +265,10 @@ async def _table_copy(dma: Dma, table: int, entries: int) -> bytes | None:
 
 
 def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
+    r = mem._last  # the common case: the span lies in the region of the last lookup
+    if r is not None and r.gpa <= gpa and gpa + n <= r.gpa + r.size and n > 0:
+        off = gpa - r.gpa
+        return [r.buf[off : off + n]]
     out: list[memoryview] = []
     while n > 0:
         r = mem.region_of(gpa, 1)
