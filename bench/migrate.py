@@ -11,8 +11,15 @@
   vioasid vhost-user-blk disk, 48 and 1,002 vPASIDs), plus ``observed_downtime_ms`` (source STOP →
   destination RESUME) and the vPASID switch-over of those runs. ``--no-qemu`` skips them.
 
+* ``pasid_downtime_ms`` (``--pasid 1,100,1000``) — a real guest's own bindings on PASID DMA
+  functions (QEMU 11.1 vfio-user; :mod:`qemu_glue.migration.pasid_demo`), A → B → A: the
+  observed downtime (source STOP → the destination's ``cont`` returned), split into
+  ``pasid_downtime_vioasid_ms`` (vioasid's work while the VM is stopped: final export and
+  compare at pre-switchover, then the DMA-written pages and config before ``cont``) and
+  ``pasid_downtime_qemu_ms`` (the rest: QEMU's final RAM and device state, its load, ``cont``).
+
 Usage: ``python3 bench/migrate.py [--sizes 1,1000,100000] [--repeat 5] [--vpasids 16,334]
-[--no-qemu] [--no-state]``
+[--no-qemu] [--no-state] [--pasid 1,100,1000]``
 """
 
 from __future__ import annotations
@@ -187,6 +194,42 @@ async def bench_downtime(count: int, vpasids: int) -> None:
         print(json.dumps(doc), file=sys.stderr)
 
 
+async def bench_pasid(bindings: int, count: int) -> None:
+    """A real guest's own bindings on PASID DMA functions (QEMU 11.1), A -> B -> A ...:
+    the downtime split between QEMU and vioasid."""
+    from qemu_glue.migration.pasid_demo import (
+        GUEST_FUNCTIONS,
+        PasidDemoOptions,
+        run_pasid_migration,
+    )
+    from vioasid.formats.pasid_dma import FunctionType
+
+    types = (FunctionType.MDEV,) if bindings < 4 else tuple(t for t, _ in GUEST_FUNCTIONS)
+    extra = max(0, bindings - len(types))
+    res = await run_pasid_migration(
+        PasidDemoOptions(count=count, types=types, extra_bindings=extra, boot_timeout=900.0)
+    )
+    for i, att in enumerate(res.migrations, 1):
+        r = att.result
+        common = {"migration": i, "from": att.source, "to": att.destination, "ok": r.ok,
+                  "bindings": len(r.bindings), "precopied": r.precopied}  # fmt: skip
+        if not r.ok or r.observed_downtime_ms is None or r.vioasid_downtime_ms is None:
+            continue
+        vioasid = r.vioasid_downtime_ms
+        emit("pasid_downtime_ms", r.observed_downtime_ms, "ms", **common,
+             qemu_reported_ms=r.downtime_ms, cont_ms=round(r.cont_ms or 0.0, 3))  # fmt: skip
+        emit("pasid_downtime_vioasid_ms", vioasid, "ms", **common,
+             switchover_ms=round(r.vioasid_switchover_ms or 0.0, 3),
+             resume_ms=round(r.vioasid_resume_ms or 0.0, 3), dma_pages=r.dma_pages)  # fmt: skip
+        emit("pasid_downtime_qemu_ms", r.observed_downtime_ms - vioasid, "ms", **common)
+    emit("pasid_guest_jobs", res.loop.ok, "jobs", failed=res.loop.failed, ok=res.ok,
+         bindings=bindings)  # fmt: skip
+    if not res.ok:
+        doc = res.to_json()
+        doc["console_tail"] = res.console_tail
+        print(json.dumps(doc), file=sys.stderr)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,1000,100000")
@@ -199,7 +242,18 @@ def main() -> int:
     )
     p.add_argument("--no-qemu", action="store_true")
     p.add_argument("--no-state", action="store_true", help="skip the daemon-only figures")
+    p.add_argument(
+        "--pasid",
+        default="",
+        metavar="N,N",
+        help="the PASID DMA function case (QEMU 11.1): a real guest with N bindings of its own "
+        "(e.g. 1,100,1000), --count migrations each; only this case when given",
+    )
     args = p.parse_args()
+    if args.pasid:
+        for n in (int(x) for x in args.pasid.split(",") if x):
+            asyncio.run(bench_pasid(n, args.count))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if not args.no_state:
         asyncio.run(bench_state(sizes, args.repeat))

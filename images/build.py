@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MODULES: tuple[str, ...] = ("virtio_blk",)
 BUSYBOX_PACKAGE = "busybox-static"
-DMA_SCRIPTS = ("dma_lib.sh", "pasid_tests.sh", "pasid_bench.sh", "seed_tests.sh")
+DMA_SCRIPTS = ("dma_lib.sh", "pasid_tests.sh", "pasid_bench.sh", "pasid_loop.sh", "seed_tests.sh")
 GUEST_SCRIPTS = ("init.sh", "disk_tests.sh", *DMA_SCRIPTS)
 DRIVER_MODULE = kmod.MODULE  # built from images/driver/, loaded by /init after MODULES
 

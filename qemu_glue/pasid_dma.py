@@ -13,7 +13,8 @@
 3. :meth:`PasidDmaRig.devices` gives the ``vfio-user-pci`` devices for the VmSpec; once QMP is
    up, :meth:`PasidDmaRig.set_registers` follows the guest's RTADDR/GSTS (QMP ``xp`` polls,
    :mod:`qemu_glue.qemu.vtd_regs`) into the engine VM, in the background: a vfio-user message must
-   never wait on QMP (the vCPU waits for its reply holding QEMU's lock).
+   never wait on QMP (the vCPU waits for its reply holding QEMU's lock). It also starts the
+   plain-``migrate`` guard (:mod:`qemu_glue.migration.guard`) on that monitor.
 4. :meth:`PasidDmaRig.summary` is the JSON the commands print (bindings, jobs, faults).
 5. With ``status_socket`` the rig also serves its engine with the daemon's own server (the code
    of ``vioasid serve``) there, reporting its functions (:meth:`PasidDmaRig.function_report`)
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_glue.lifecycle import StartClose
+from qemu_glue.migration.guard import MigrationGuard
 from qemu_glue.qemu.vmspec import VfioUserPci
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.daemon.hostconfig import HostConfigError, load_host
@@ -163,15 +165,18 @@ class PasidDmaRig(StartClose):
         *,
         host_file: str | None = None,
         memory_mib: int = 512,
+        engine: Host | None = None,
         posted_writes: bool = True,
         status_socket: Path | None = None,
     ) -> None:
         """``posted_writes``: QEMU posts BAR writes (its default): a job's nine register writes
         cost no round trip each; the driver's PORTAL_STATUS read waits for the job, since one
-        function's messages are handled strictly in order (docs/pasid-dma.md)."""
+        function's messages are handled strictly in order (docs/pasid-dma.md).
+        ``engine``: place the VM on this host (one side of a live migration, whose functions
+        and other VMs are already there) instead of a host of the rig's own."""
         if memory_mib > MAX_RAM_MIB:
             raise DmaDeviceError(f"--dma-device needs --memory <= {MAX_RAM_MIB} MiB")
-        host = None
+        host = engine
         if host_file is not None:
             try:
                 host = load_host(host_file)
@@ -190,6 +195,7 @@ class PasidDmaRig(StartClose):
         self.functions: list[PasidDmaFunction] = []
         self.servers: list[FunctionServer] = []
         self._watch: asyncio.Task[None] | None = None
+        self.guard: MigrationGuard | None = None
         self._memory: GuestMemory | None = None
 
     async def start(self) -> None:
@@ -214,6 +220,12 @@ class PasidDmaRig(StartClose):
             self.status_server = Server(service, self.status_socket)
             await self.status_server.start()
 
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest's RAM as the engine maps it (after :meth:`start`)."""
+        assert self._memory is not None
+        return self._memory
+
     def devices(self) -> tuple[VfioUserPci, ...]:
         return tuple(
             VfioUserPci(
@@ -230,6 +242,9 @@ class PasidDmaRig(StartClose):
         vfio-user message, where QEMU's vCPU waits for our reply holding its lock)."""
         if reader is not None and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._follow(reader))
+        if reader is not None and self.guard is None:  # no plain `migrate` of this VM
+            self.guard = MigrationGuard(reader.qmp, VM_NAME)
+            self.guard.start()
 
     async def _follow(self, reader: VtdRegisterReader) -> None:
         try:
@@ -245,6 +260,9 @@ class PasidDmaRig(StartClose):
             log.info("stopped following the guest's RTADDR: %r", e)
 
     async def close(self) -> None:
+        if self.guard is not None:
+            await self.guard.close()
+            self.guard = None
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -255,6 +273,8 @@ class PasidDmaRig(StartClose):
             self.status_server = None
         for s in self.servers:
             await s.close()
+        if VM_NAME in self.host.vms:  # a shared (migration) engine outlives this rig
+            self.host.remove_vm(VM_NAME)
         with contextlib.suppress(FileNotFoundError):
             self.ram_path.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)

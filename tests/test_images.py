@@ -92,7 +92,7 @@ def test_cpio_matches_gnu_cpio(tmp_path: Path) -> None:
 
 
 def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
-    _scripts(tmp_path, pasid_tests="# pasid\n", dma_lib="# lib\n")
+    _scripts(tmp_path, pasid_tests="# pasid\n", dma_lib="# lib\n", pasid_loop="# loop\n")
     kos = [("dep", b"D"), ("virtio_blk", b"V"), ("vioasid_dma", b"K")]
     entries = initramfs_entries(b"BB", kos, tmp_path)
     by = {e.path: e for e in entries}
@@ -102,6 +102,7 @@ def test_initramfs_holds_init_modules_and_test_table(tmp_path: Path) -> None:
     assert by["lib/modules/vioasid_dma.ko"].data == b"K"
     assert by["guest_tests/pasid_tests.sh"].data.endswith(b"# pasid\n")
     assert by["guest_tests/dma_lib.sh"].data.endswith(b"# lib\n")
+    assert by["guest_tests/pasid_loop.sh"].data.endswith(b"# loop\n")
     assert by["dev/console"].rdev == (5, 1)
     assert b"large " in by["guest_tests/tests.conf"].data
 

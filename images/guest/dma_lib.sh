@@ -1,6 +1,6 @@
 #!/bin/sh
 # Shell helpers the guest's PASID DMA scripts share (busybox sh; sourced, never run):
-# pasid_tests.sh, seed_tests.sh and pasid_bench.sh drive the vioasid_dma driver
+# pasid_tests.sh, seed_tests.sh, pasid_bench.sh and pasid_loop.sh drive the vioasid_dma driver
 # (docs/pasid-dma.md, "Guest driver contract") through these.
 cls=/sys/class/vioasid-dma
 BUF=1048576 # each function's buffer, /dev/vioasid-dmaN

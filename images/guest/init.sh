@@ -8,6 +8,8 @@
 # Kernel command line: vioasid.tests=a,b|all|none|pasid[,...]  vioasid.loop=1 (repeat until the
 #   stop sector)  vioasid.loops=N (at most N passes)  vioasid.disk=/dev/vdX
 #   vioasid.pasid=check,check (the PASID checks to run; default all)  vioasid.shell=1 (shell)
+#   vioasid.tests=pasid-loop: guest_tests/pasid_loop.sh (PASID DMA jobs until the stop sector;
+#   vioasid.pasid_extra=N more PASIDs bound)
 #   vioasid.tests=seed with vioasid.seed=part,part vioasid.seed_s=N: guest_tests/seed_tests.sh
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
@@ -30,6 +32,7 @@ done < /etc/vioasid/modules
 echo "VIOASID-MODULES loaded=${loaded:-none}"
 
 tests=all loop=0 loops=0 disk=/dev/vda shell=0 pasid=all bench_s=3 seed=types seed_s=20
+pasid_extra=0
 for word in $(cat /proc/cmdline); do
   case "$word" in
     vioasid.tests=*) tests="${word#vioasid.tests=}" ;;
@@ -38,6 +41,7 @@ for word in $(cat /proc/cmdline); do
     vioasid.disk=*) disk="${word#vioasid.disk=}" ;;
     vioasid.shell=*) shell="${word#vioasid.shell=}" ;;
     vioasid.pasid=*) pasid="${word#vioasid.pasid=}" ;;
+    vioasid.pasid_extra=*) pasid_extra="${word#vioasid.pasid_extra=}" ;;
     vioasid.bench_s=*) bench_s="${word#vioasid.bench_s=}" ;;
     vioasid.seed=*) seed="${word#vioasid.seed=}" ;;
     vioasid.seed_s=*) seed_s="${word#vioasid.seed_s=}" ;;
@@ -57,9 +61,12 @@ case ",$tests," in
   *,pasid-bench,*) sh /guest_tests/pasid_bench.sh "$bench_s" ;;
 esac
 case ",$tests," in
+  *,pasid-loop,*) sh /guest_tests/pasid_loop.sh "$disk" "$loops" "$pasid_extra" ;;
+esac
+case ",$tests," in
   *,seed,*) sh /guest_tests/seed_tests.sh "$seed" "$seed_s" ;;
 esac
-tests=$(echo ",$tests," | sed 's/,pasid-bench,/,/g; s/,pasid,/,/g; s/,seed,/,/g; s/^,//; s/,$//')
+tests=$(echo ",$tests," | sed 's/,pasid-bench,/,/g; s/,pasid-loop,/,/g; s/,pasid,/,/g; s/,seed,/,/g; s/^,//; s/,$//')
 [ -n "$tests" ] || tests=none
 
 if [ "$tests" != none ]; then

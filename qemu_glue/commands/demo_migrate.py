@@ -1,9 +1,14 @@
 """``vioasid demo --migrate [--count N]``: the migration demo behind the ``demo`` command.
 
-The guest runs its disk tests continuously while it is live-migrated ``N`` times between two
-hosts (two vioasid daemons); see :mod:`qemu_glue.migration.demo`. The summary shows, per
-migration, the downtime, the vPASID hand-over's share of it, vPASIDs carried and pPASIDs before
-and after, then the guest tests passed and the backing-file check. ``--json``: one JSON object.
+With QEMU 11.1 (or ``--pasid``): the guest's own vPASIDs on four PASID DMA functions move
+A → B → A ... while its driver runs random-data jobs on them (:mod:`qemu_glue.migration.
+pasid_demo`); each ``migrations`` entry has ``bindings`` ([{device, type, vpasid,
+ppasid_before, ppasid_after}]) and the object ``pasid`` ({jobs: {ok, failed}}, ...). On QEMU
+10.0 (or ``--no-pasid``): the guest runs its disk tests continuously while it is live-migrated
+``N`` times between two hosts (two vioasid daemons); see :mod:`qemu_glue.migration.demo`.
+The summary shows, per migration, the downtime, the vPASID hand-over's share of it,
+vPASIDs carried and pPASIDs before and after, then the guest tests passed and the
+backing-file check. ``--json``: one JSON object.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 
 from qemu_glue.commands.options import qemu_choice
 from qemu_glue.migration.demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
+from qemu_glue.migration.pasid_demo import FAILURE_MODES as PASID_FAILURE_MODES
+from qemu_glue.migration.pasid_demo import PasidDemoOptions, PasidDemoResult, run_pasid_migration
 from qemu_glue.qemu.vmspec import Accel, IommuMode
 
 
@@ -39,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--refuse-first",
         action="append",
         default=[],
-        choices=FAILURE_MODES,
-        help="first show a refused migration (corrupt state stream / conflict on the destination)",
+        choices=FAILURE_MODES + PASID_FAILURE_MODES,
+        help="first show a refused migration (daemon demo: corrupt state stream / conflict; "
+        "PASID functions: exhausted / conflict / dst-dies / import-aborted on the destination)",
     )
 
 
@@ -98,12 +106,98 @@ def _print_human(res: DemoResult) -> None:
     print("PASS" if res.ok else "FAIL")
 
 
+def _print_pasid(res: PasidDemoResult) -> None:
+    doc = res.to_json()
+    for a in doc["refused_attempts"]:
+        print(f"refused {a['source']} -> {a['destination']} ({a['forced']}): {a['error']}")
+        print(f"  source afterwards: {a['source_status']}; problems: {a['checks'] or 'none'}")
+    for i, m in enumerate(doc["migrations"], 1):
+        print(f"migration {i}: {m['source']} -> {m['destination']}: {m['status']}")
+        if not m["ok"]:
+            print(f"  error: {m['error']}")
+            continue
+        print(
+            f"  downtime {m['downtime_ms']} ms (QEMU), vioasid {m['vioasid_downtime_ms']} ms "
+            f"(switch-over {m['vioasid_switchover_ms']} ms, resume {m['vioasid_resume_ms']} ms;"
+            f" pre-copied: {m['precopied']}), {m['dma_pages']} DMA-written pages carried"
+        )
+        for b in m["bindings"]:
+            print(
+                f"  {b['device']} {b['type']:<11} vPASID {b['vpasid']}: pPASID "
+                f"{b['ppasid_before']} -> {b['ppasid_after']}"
+            )
+        for c in m["checks"]:
+            print(f"  PROBLEM: {c}")
+    j = doc["pasid"]["jobs"]
+    print(f"guest PASID jobs: {j['ok']} verified, {j['failed']} failed "
+          f"({doc['pasid']['rounds']} rounds)")  # fmt: skip
+    for p in res.problems:
+        print(f"problem: {p}")
+    if not res.ok and res.console_tail:
+        print("last console lines:")
+        for line in res.console_tail[-15:]:
+            print(f"  | {line}")
+    print("PASS" if res.ok else "FAIL")
+
+
+def _run_pasid(args: argparse.Namespace) -> int:
+    """``vioasid demo --migrate`` with PASID DMA functions (QEMU 11.1)."""
+    from vioasid.commands.common import UsageError
+
+    bad = [f for f in args.refuse_first if f not in PASID_FAILURE_MODES]
+    if bad:
+        raise UsageError(f"--refuse-first {bad[0]}: with PASID functions use one of "
+                         + ", ".join(PASID_FAILURE_MODES))  # fmt: skip
+    opts = PasidDemoOptions(
+        count=args.count,
+        iommu=IommuMode(args.iommu),
+        accel=Accel.KVM if args.accel == "kvm" else Accel.TCG,
+        failures=tuple(args.refuse_first),
+        timeout=args.timeout,
+        qemu=qemu_choice(args),
+    )
+
+    def progress(msg: str) -> None:
+        print(f"vioasid demo: {msg}", file=sys.stderr, flush=True)
+
+    res = asyncio.run(run_pasid_migration(opts, progress))
+    if args.json:
+        out: dict[str, Any] = res.to_json()
+        if opts.qemu is not None:
+            out["qemu"] = opts.qemu.to_json()
+        print(json.dumps(out))
+    else:
+        _print_pasid(res)
+    return 0 if res.ok else 1
+
+
+def _wants_pasid(args: argparse.Namespace) -> bool:
+    """--pasid (default: when the QEMU has vfio-user-pci); refused clearly on QEMU 10.0."""
+    from vioasid.commands.common import UsageError
+
+    q = qemu_choice(args)
+    want = getattr(args, "pasid", None)
+    if want and not q.features.vfio_user:
+        raise UsageError(
+            f"--migrate --pasid needs QEMU 11.1 (vfio-user-pci); {q.path} is {q.features.version}"
+        )
+    return bool(q.features.vfio_user) if want is None else bool(want)
+
+
 def run(args: argparse.Namespace) -> int:
     """``vioasid demo --migrate``: exit 0 only if everything held."""
     if args.count < 1:
         from vioasid.commands.common import UsageError
 
         raise UsageError("--count must be at least 1")
+    if _wants_pasid(args):
+        return _run_pasid(args)
+    bad = [f for f in args.refuse_first if f not in FAILURE_MODES]
+    if bad:
+        from vioasid.commands.common import UsageError
+
+        raise UsageError(f"--refuse-first {bad[0]}: without PASID functions use one of "
+                         + ", ".join(FAILURE_MODES))  # fmt: skip
     opts = DemoOptions(
         count=args.count,
         iommu=IommuMode(args.iommu),

@@ -31,6 +31,7 @@ from qemu_glue.migration.live import (
 from qemu_glue.qemu.qmp import Qmp, QmpError
 from vioasid.client import Client, ClientError, MemoryRegion
 from vioasid.commands.common import UsageError
+from vioasid.formats import pasid_dma
 from vioasid.model.faults import parse_bdf
 from vioasid.model.memory import GuestMemory
 
@@ -104,6 +105,7 @@ async def _run_async(args: argparse.Namespace) -> tuple[MigrationResult, bool]:
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(src.close)
         stack.push_async_callback(dst.close)
+        await _refuse_pasid_functions(src)
         handover = None
         if args.vm:
             if not (args.src_daemon and args.dst_daemon and args.dst_ram):
@@ -154,6 +156,22 @@ async def _run_async(args: argparse.Namespace) -> tuple[MigrationResult, bool]:
         if res.ok and handover is not None and args.hold:
             await _hold(dst)
         return res, res.ok
+
+
+async def _refuse_pasid_functions(src: Qmp) -> None:
+    """A VM with vioasid PASID DMA functions (vfio-user): their state is in the ``vioasid
+    boot`` process serving them, out of this command's reach (and that process's guard would
+    cancel the migration): refuse before anything starts."""
+    try:
+        fns = [d.bdf for d in await src.query_pci() if d.vendor_id == pasid_dma.VENDOR_ID]
+    except QmpError:
+        return
+    if fns:
+        raise UsageError(
+            f"the source VM has vioasid PASID DMA functions ({', '.join(fns)}); vioasid migrate "
+            "cannot reach their state in the process serving them: use vioasid demo --migrate "
+            "(qemu_glue.migration.pasid.migrate_pasid) for those VMs"
+        )
 
 
 def _print(res: MigrationResult, as_json: bool) -> None:

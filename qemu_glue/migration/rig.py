@@ -31,7 +31,7 @@ from images.guest.markers import GuestReport, Marker
 from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.process import QemuProcess, read_line
 from qemu_glue.qemu.qmp import Qmp
-from qemu_glue.qemu.vmspec import Accel, IommuSpec, VhostUserBlk, VmSpec
+from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.client import Client, MemoryRegion
 from vioasid.device.translator import VtdRegs
@@ -133,15 +133,28 @@ class BlkVm:
     """
 
     def __init__(
-        self, opts: VmOptions, tag: str, workdir: Path, *, backend: str = "process"
+        self,
+        opts: VmOptions,
+        tag: str,
+        workdir: Path,
+        *,
+        backend: str = "process",
+        devices: tuple[Device, ...] = (),
+        ram_path: Path | None = None,
     ) -> None:
+        """``devices``: more devices (a PASID DMA rig's vfio-user functions); ``ram_path``:
+        the RAM file (a PASID DMA rig creates its own before QEMU starts)."""
         if backend not in ("process", "inproc"):
             raise ValueError("backend is process or inproc")
         self.opts = opts
         self.tag = tag
         self.workdir = workdir
         self.mode = backend
-        self.ram_path = SHM / f"{workdir.name}-{tag}-ram" if SHM.is_dir() else workdir / "ram"
+        self.extra_devices = devices
+        if ram_path is not None:
+            self.ram_path = ram_path
+        else:
+            self.ram_path = SHM / f"{workdir.name}-{tag}-ram" if SHM.is_dir() else workdir / "ram"
         self.serial_path = workdir / f"{tag}.serial"
         self.vhost_socket = workdir / f"{tag}.vhost.sock"
         self.qmp2_socket = workdir / f"{tag}.qmp2.sock"  # a second monitor, for other tools
@@ -212,10 +225,14 @@ class BlkVm:
         if line.strip() != b"READY":
             raise RuntimeError(f"vhost-user-blk back-end did not start: {line!r}")
 
-    async def start(self, *, incoming: bool = False) -> BlkVm:
+    async def start(self, *, incoming: bool = False, paused: bool = False) -> BlkVm:
+        """``incoming``: a migration destination (``-incoming defer``); ``paused``: ``-S``
+        (the destination of a PASID DMA migration runs only once vioasid restored it)."""
         o = self.opts
         self.serial_path.write_bytes(b"")
         extra = ["-qmp", f"unix:{self.qmp2_socket},server=on,wait=off"]
+        if paused:
+            extra.append("-S")
         if self.backend is None:
             extra += ["-qmp", f"unix:{self.backend_qmp},server=on,wait=off"]
         spec = VmSpec(
@@ -223,7 +240,10 @@ class BlkVm:
             memory_mib=o.memory_mib,
             accel=o.accel,
             iommu=o.iommu,
-            devices=(VhostUserBlk(socket=self.vhost_socket, id=DEVICE_ID, addr=DEVICE_ADDR),),
+            devices=(
+                VhostUserBlk(socket=self.vhost_socket, id=DEVICE_ID, addr=DEVICE_ADDR),
+                *self.extra_devices,
+            ),
             kernel=o.kernel,
             initrd=o.initrd,
             append=o.append,

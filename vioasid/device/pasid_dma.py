@@ -145,6 +145,9 @@ class PasidDmaFunction(PciFunction):
         self.busy_s = 0.0  # wall time spent running submitted descriptors
         self.bytes_moved = 0  # bytes copied / filled / compared by successful jobs
         self.bind_log: list[dict[str, Any]] = []
+        # guest page frames the function wrote while set (a live migration: QEMU does not see
+        # these writes, so vioasid sends the pages itself; qemu_glue.migration.pasid)
+        self.dirty: set[int] | None = None
         self._enq_tag: int | None = None  # the current ENQCMD job's tag (CPU PASID table)
         tag_of = {
             FunctionType.DEDICATED: lambda x: x,
@@ -353,6 +356,70 @@ class PasidDmaFunction(PciFunction):
         self.err_status, self.err_pasid, self.err_addr, self.err_reason = (int(x) for x in err)
         for p in state.get("bound", []):
             self.bind_command(pd.BindCmd.BIND, int(p))
+
+    # -- live migration (vioasid.formats.pasid_migration; qemu_glue.migration.pasid) ----------
+    def migration_state(self) -> dict[str, Any]:
+        """This function's record of the PASID migration stream: registers, portal buffer,
+        config space, bound vPASIDs (never a pPASID). Take it with the VM stopped."""
+        return {
+            "guest_rid": self.guest_rid,
+            "type": int(self.ftype),
+            "width": self.width,
+            "ctrl": self.ctrl,
+            "intr_status": self.intr_status,
+            "portal_status": self.portal_status,
+            "bind_pasid": self.bind_pasid,
+            "bind_status": self.bind_status,
+            "bind_info": self.bind_info,
+            "err_status": self.err_status,
+            "err_pasid": self.err_pasid,
+            "err_addr": self.err_addr,
+            "err_reason": self.err_reason,
+            "portal": bytes(self.portal),
+            "config": bytes(self.config.data),
+            "vpasids": sorted(self.bound),
+        }
+
+    def adopt_engine_device(self) -> None:
+        """The engine VM was (re-)created (a migration import): follow its device and take
+        the bindings the engine made (vPASID -> pPASID under this host's policy)."""
+        dev = self.host.vm(self.vm).devices[self.guest_rid]
+        self.engine_device = dev
+        self.function_rid = dev.function.rid
+        self.bound.clear()  # in place: the resolvers' tag lookup holds this dict
+        self.bound.update(dev.ppasids)
+        self.tlb.clear()  # nothing cached for the VM this function served before
+
+    def load_migration_state(self, st: Any, *, config: bool = True) -> None:
+        """Registers (and the config space) of a source function's record; the bindings come
+        from the engine import (:meth:`adopt_engine_device`), which the caller ran first.
+        Raises ValueError when the record is not for a function like this one."""
+        if int(st.type) != int(self.ftype) or int(st.width) != self.width:
+            raise ValueError(
+                f"{self.name}: source function is type {int(st.type)} width {int(st.width)}, "
+                f"this one type {int(self.ftype)} width {self.width}"
+            )
+        if len(st.config) != self.config.size or len(st.portal) != pd.PORTAL_SIZE:
+            raise ValueError(f"{self.name}: config space / portal of the wrong size")
+        self.adopt_engine_device()
+        if set(self.bound) != set(st.vpasids):
+            raise ValueError(
+                f"{self.name}: engine holds vPASIDs {sorted(self.bound)}, the source function "
+                f"{list(st.vpasids)}"
+            )
+        self.ctrl = int(st.ctrl) & (pd.CTRL_ENABLE | pd.CTRL_INTR_ENABLE)
+        self.intr_status = int(st.intr_status)
+        self.portal_status = int(st.portal_status)
+        self.bind_pasid = int(st.bind_pasid)
+        self.bind_status = int(st.bind_status)
+        self.bind_info = int(st.bind_info)
+        self.err_status = int(st.err_status)
+        self.err_pasid = int(st.err_pasid)
+        self.err_addr = int(st.err_addr)
+        self.err_reason = int(st.err_reason)
+        self.portal = bytearray(st.portal)
+        if config:
+            self.config.data[:] = st.config
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -592,6 +659,8 @@ class _Ctx:
             page = r.gpa
             if not self.mem.contains(page, PAGE):
                 raise _JobFault(self._outside(addr, page, write), done)
+        if write and self.fn.dirty is not None:  # a live migration: QEMU won't see this write
+            self.fn.dirty.add(page >> 12)
         return page | (addr & (PAGE - 1))
 
     def _outside(self, addr: int, gpa: int, write: bool) -> Fault:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
+import sys
+import termios
 from pathlib import Path
 
 from vioasid.formats import vfio_user as vu
@@ -65,6 +68,7 @@ class FunctionServer:
         self.messages = 0
         self.posted = 0  # messages that asked for no reply (QEMU's posted BAR writes)
         self.violations: list[str] = []
+        self._waiting: socket.socket | None = None  # the connection, while nothing is queued
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -116,7 +120,11 @@ class FunctionServer:
                     try:
                         data, fds = _recv(sock)
                     except BlockingIOError:
-                        await self._wait_readable(sock)
+                        self._waiting = sock
+                        try:
+                            await self._wait_readable(sock)
+                        finally:
+                            self._waiting = None
                         continue
                     if not data:
                         for fd in fds:
@@ -151,6 +159,18 @@ class FunctionServer:
                 log.exception("%s: connection_lost failed", self.path)
             sock.close()
             self.connected.clear()
+
+    def drained(self) -> bool:
+        """Every message the client has sent so far is handled, its posted writes included
+        (a live migration takes the device state only then): no connection, or waiting on
+        an empty socket with nothing buffered."""
+        if not self.connected.is_set():
+            return True
+        sock = self._waiting
+        if sock is None:
+            return False
+        queued = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(queued, sys.byteorder) == 0
 
     async def close(self) -> None:
         for t in (self._accept_task, self._conn_task):
