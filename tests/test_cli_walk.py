@@ -145,54 +145,25 @@ def test_dump_json_and_table(image: tuple[Path, int], capsys: pytest.CaptureFixt
     assert "00:03.0  12" in text and "nested" in text
 
 
+def _vioasid(*argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``vioasid ARGV...`` in a child process (the real entry point, exit status and streams)."""
+    return subprocess.run(
+        [sys.executable, "-c", CLI, *argv], capture_output=True, text=True, check=check
+    )
+
+
 def test_example_image_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "ex.img"
-    p = subprocess.run(
-        [sys.executable, "-c", CLI, "example-image", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    p = _vioasid("example-image", str(out), "--json", check=True)
     info = json.loads(p.stdout)
     assert out.stat().st_size == info["size"] == 8 << 20
     first = info["requests"][0]
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CLI,
-            "walk",
-            "--memory",
-            str(out),
-            "--rtaddr",
-            info["rtaddr"],
-            "--bdf",
-            first["bdf"],
-            "--addr",
-            first["addr"],
-        ],
-        capture_output=True,
-        text=True,
-    )
+    p = _vioasid(
+        "walk", "--memory", str(out), "--rtaddr", info["rtaddr"],
+        "--bdf", first["bdf"], "--addr", first["addr"],
+    )  # fmt: skip
     assert p.returncode == 0 and json.loads(p.stdout)["address"] == "0x201234"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CLI,
-            "walk",
-            "--memory",
-            str(out),
-            "--rtaddr",
-            "x",
-            "--bdf",
-            "00:03.0",
-            "--addr",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    p = _vioasid("walk", "--memory", str(out), "--rtaddr", "x", "--bdf", "00:03.0", "--addr", "0")
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
 
 

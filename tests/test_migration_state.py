@@ -160,6 +160,22 @@ def test_future_version_and_bad_magic_refused() -> None:
     s = bytearray(_good())
     s[0:8] = b"NOTVIOAS"
     _bad(bytes(s), "not a vioasid")
+    s = bytearray(_good())
+    struct.pack_into("<H", s, 8, VERSION - 1)  # an older layout is refused, not misread
+    _bad(bytes(s), "not understood")
+
+
+def test_a_long_vm_name_travels() -> None:
+    """A VM name as long as the wire allows (u16 length) exports and imports unchanged."""
+    lab = Lab()
+    _source(lab)
+    _dest(lab)
+    long_name = "v" * 300 + "é" * 100
+    vm = lab.hosts["src"].vms.pop("vm")
+    vm.name = long_name
+    lab.hosts["src"].vms[long_name] = vm
+    stream = export_vm(lab.hosts["src"], long_name)
+    assert decode_stream(stream).name == long_name
 
 
 def test_import_failure_keeps_nothing_and_source_untouched() -> None:

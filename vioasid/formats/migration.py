@@ -24,7 +24,7 @@ from .fault import FAULT_RECORD
 from .prq import PAGE_REQ_DESC
 
 MAGIC = b"VIOASIDM"
-VERSION = 1
+VERSION = 2  # 2: the VM name's length is a u16, as on the wire (formats/wire.py)
 HEADER_SIZE = 12
 
 ASSIGN_CODES = {"vfio-pci": 0, "mdev": 1}
@@ -73,7 +73,7 @@ DEVICE = cs.Struct(
 )
 
 BODY = cs.Struct(
-    "name" / cs.PascalString(cs.Int8ul, "utf8"),
+    "name" / cs.PascalString(cs.Int16ul, "utf8"),  # a wire VM name: up to 65,535 bytes
     "memory_size" / cs.Int64ul,  # guest RAM bytes (top of the highest region)
     "registers" / cs.PrefixedArray(cs.Int8ul, REGISTER),
     "devices" / cs.PrefixedArray(cs.Int16ul, DEVICE),

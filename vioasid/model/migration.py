@@ -90,7 +90,7 @@ def decode_stream(stream: bytes) -> Any:
             f"migration stream version {header.version} is newer than this vioasid "
             f"(reads version {VERSION})"
         )
-    if header.version < 1 or header.flags:
+    if header.version < VERSION or header.flags:
         raise MigrationFailed(
             f"migration stream version {header.version} flags 0x{header.flags:x} not understood"
         )

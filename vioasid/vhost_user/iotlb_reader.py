@@ -214,9 +214,9 @@ class FrontendReader:
         if kind != _INVALIDATE:
             return False  # updates answer the loop's misses: keep them in order there
         self.gate.post(iova, isize)
+        self.invalidations += 1  # counted before the ack: whoever saw the ack sees the count
         if flags & _NEED_REPLY and self.acks():
             self.conn.sendall(IOTLB_ACK)
-        self.invalidations += 1
         times = self.times
         gap = t0 - self._last
         if gap < 0.005:
