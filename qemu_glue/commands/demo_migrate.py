@@ -17,13 +17,25 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from qemu_glue.commands.options import qemu_choice
 from qemu_glue.migration.demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
 from qemu_glue.migration.pasid_demo import FAILURE_MODES as PASID_FAILURE_MODES
 from qemu_glue.migration.pasid_demo import PasidDemoOptions, PasidDemoResult, run_pasid_migration
+from qemu_glue.qemu.binary import QemuChoice
 from qemu_glue.qemu.vmspec import Accel, IommuMode
+
+
+class _Result(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+T = TypeVar("T", bound=_Result)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--refuse-first",
         action="append",
         default=[],
-        choices=FAILURE_MODES + PASID_FAILURE_MODES,
+        choices=tuple(dict.fromkeys(FAILURE_MODES + PASID_FAILURE_MODES)),
         help="first show a refused migration (daemon demo: corrupt state stream / conflict; "
         "PASID functions: exhausted / conflict / dst-dies / import-aborted on the destination)",
     )
@@ -62,16 +74,23 @@ def _table(t: dict[str, dict[str, int]], limit: int = 4) -> str:
     return "; ".join(parts)
 
 
-def _print_human(res: DemoResult) -> None:
-    doc = res.to_json()
+def _migrations(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Print the refused attempts, then each migration's first line, yielding the ones that went
+    through (the caller prints their details right under it)."""
     for a in doc["refused_attempts"]:
         print(f"refused {a['source']} -> {a['destination']} ({a['forced']}): {a['error']}")
         print(f"  source afterwards: {a['source_status']}; problems: {a['checks'] or 'none'}")
     for i, m in enumerate(doc["migrations"], 1):
         print(f"migration {i}: {m['source']} -> {m['destination']}: {m['status']}")
-        if not m["ok"]:
+        if m["ok"]:
+            yield m
+        else:
             print(f"  error: {m['error']}")
-            continue
+
+
+def _print_human(res: DemoResult) -> None:
+    doc = res.to_json()
+    for m in _migrations(doc):
         pre = "pre-copied while running" if m["precopied"] else "imported at switch-over"
         print(
             f"  downtime {m['downtime_ms']} ms (QEMU; {m['observed_downtime_ms']} ms STOP→RESUME),"
@@ -108,14 +127,7 @@ def _print_human(res: DemoResult) -> None:
 
 def _print_pasid(res: PasidDemoResult) -> None:
     doc = res.to_json()
-    for a in doc["refused_attempts"]:
-        print(f"refused {a['source']} -> {a['destination']} ({a['forced']}): {a['error']}")
-        print(f"  source afterwards: {a['source_status']}; problems: {a['checks'] or 'none'}")
-    for i, m in enumerate(doc["migrations"], 1):
-        print(f"migration {i}: {m['source']} -> {m['destination']}: {m['status']}")
-        if not m["ok"]:
-            print(f"  error: {m['error']}")
-            continue
+    for m in _migrations(doc):
         print(
             f"  downtime {m['downtime_ms']} ms (QEMU), vioasid {m['vioasid_downtime_ms']} ms "
             f"(switch-over {m['vioasid_switchover_ms']} ms, resume {m['vioasid_resume_ms']} ms;"
@@ -140,35 +152,46 @@ def _print_pasid(res: PasidDemoResult) -> None:
     print("PASS" if res.ok else "FAIL")
 
 
-def _run_pasid(args: argparse.Namespace) -> int:
-    """``vioasid demo --migrate`` with PASID DMA functions (QEMU 11.1)."""
+def _progress(msg: str) -> None:
+    print(f"vioasid demo: {msg}", file=sys.stderr, flush=True)
+
+
+def _failures(args: argparse.Namespace, modes: tuple[str, ...], which: str) -> tuple[str, ...]:
+    """``--refuse-first`` values, each one of ``modes`` (UsageError naming them otherwise)."""
     from vioasid.commands.common import UsageError
 
-    bad = [f for f in args.refuse_first if f not in PASID_FAILURE_MODES]
+    bad = [f for f in args.refuse_first if f not in modes]
     if bad:
-        raise UsageError(f"--refuse-first {bad[0]}: with PASID functions use one of "
-                         + ", ".join(PASID_FAILURE_MODES))  # fmt: skip
+        raise UsageError(f"--refuse-first {bad[0]}: {which} use one of " + ", ".join(modes))
+    return tuple(args.refuse_first)
+
+
+def _report(
+    args: argparse.Namespace, res: T, qemu: QemuChoice | None, human: Callable[[T], None]
+) -> int:
+    """The result as one JSON object (``--json``, with the QEMU used) or as text; 0 if it held."""
+    if args.json:
+        out: dict[str, Any] = res.to_json()
+        if qemu is not None:
+            out["qemu"] = qemu.to_json()
+        print(json.dumps(out))
+    else:
+        human(res)
+    return 0 if res.ok else 1
+
+
+def _run_pasid(args: argparse.Namespace) -> int:
+    """``vioasid demo --migrate`` with PASID DMA functions (QEMU 11.1)."""
     opts = PasidDemoOptions(
         count=args.count,
         iommu=IommuMode(args.iommu),
         accel=Accel.KVM if args.accel == "kvm" else Accel.TCG,
-        failures=tuple(args.refuse_first),
+        failures=_failures(args, PASID_FAILURE_MODES, "with PASID functions"),
         timeout=args.timeout,
         qemu=qemu_choice(args),
     )
-
-    def progress(msg: str) -> None:
-        print(f"vioasid demo: {msg}", file=sys.stderr, flush=True)
-
-    res = asyncio.run(run_pasid_migration(opts, progress))
-    if args.json:
-        out: dict[str, Any] = res.to_json()
-        if opts.qemu is not None:
-            out["qemu"] = opts.qemu.to_json()
-        print(json.dumps(out))
-    else:
-        _print_pasid(res)
-    return 0 if res.ok else 1
+    res = asyncio.run(run_pasid_migration(opts, _progress))
+    return _report(args, res, opts.qemu, _print_pasid)
 
 
 def _wants_pasid(args: argparse.Namespace) -> bool:
@@ -192,31 +215,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--count must be at least 1")
     if _wants_pasid(args):
         return _run_pasid(args)
-    bad = [f for f in args.refuse_first if f not in FAILURE_MODES]
-    if bad:
-        from vioasid.commands.common import UsageError
-
-        raise UsageError(f"--refuse-first {bad[0]}: without PASID functions use one of "
-                         + ", ".join(FAILURE_MODES))  # fmt: skip
     opts = DemoOptions(
         count=args.count,
         iommu=IommuMode(args.iommu),
         accel=Accel.KVM if args.accel == "kvm" else Accel.TCG,
         vpasids=args.vpasids,
-        failures=tuple(args.refuse_first),
+        failures=_failures(args, FAILURE_MODES, "without PASID functions"),
         timeout=args.timeout,
         qemu=qemu_choice(args),
     )
-
-    def progress(msg: str) -> None:
-        print(f"vioasid demo: {msg}", file=sys.stderr, flush=True)
-
-    res = asyncio.run(run_migration_demo(opts, progress))
-    if args.json:
-        out: dict[str, Any] = res.to_json()
-        if opts.qemu is not None:
-            out["qemu"] = opts.qemu.to_json()
-        print(json.dumps(out))
-    else:
-        _print_human(res)
-    return 0 if res.ok else 1
+    res = asyncio.run(run_migration_demo(opts, _progress))
+    return _report(args, res, opts.qemu, _print_human)
