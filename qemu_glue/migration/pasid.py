@@ -57,7 +57,15 @@ from qemu_glue.migration.live import (
     iommu_differences,
 )
 from qemu_glue.pasid_dma import VM_NAME, PasidDmaRig
-from qemu_glue.qemu.qmp import MIGRATION, MIGRATION_PASS, STOP, EventStream, Qmp, QmpError
+from qemu_glue.qemu.qmp import (
+    MIGRATION,
+    MIGRATION_PASS,
+    STOP,
+    EventStream,
+    Qmp,
+    QmpError,
+    QmpTimeout,
+)
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.device.pasid_dma_state import (
     apply_pages,
@@ -385,6 +393,34 @@ async def _wait(ev: EventStream, want: set[str], timeout: float, on: Callable[[A
                 return status
 
 
+async def _wait_destination(ev: EventStream, dst: Qmp, timeout: float) -> None:
+    """Until the destination's own MIGRATION says completed. A destination that died (its QMP
+    gone, e.g. killed after the source sent everything) raises within seconds, not at
+    ``timeout``: then the source, which thinks it is done, is resumed by the caller."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            status = await _wait(ev, {"completed"}, min(1.0, max(left, 0.0)), lambda _e: None)
+        except (TimeoutError, QmpTimeout):
+            if left <= 1.0:
+                raise TimeoutError("the destination did not complete in time") from None
+            await dst.execute("query-status", timeout=5.0)  # QmpError: the destination is gone
+            continue
+        if status != "completed":
+            raise PasidMigrationError(f"the destination's migration {status}")
+        return
+
+
+async def _resume_source(src: Qmp) -> None:
+    """After a failure once the source completed (``postmigrate``: it sent everything and
+    stopped, but no destination runs): run it again, its functions untouched."""
+    with contextlib.suppress(QmpError):
+        if await src.query_status() == "postmigrate":
+            log.warning("the destination did not take over: resuming the source")
+            await src.execute("cont")
+
+
 async def migrate_pasid(
     src: Qmp,
     dst: Qmp,
@@ -475,6 +511,7 @@ async def _migrate_pasid(
         elif e.get("event") == MIGRATION_PASS and int(e.get("data", {}).get("pass", 0)) >= 2:
             m.pass_seen.set()
 
+    dst_runs = False
     async with src.events(MIGRATION, MIGRATION_PASS, STOP) as sev, dst.events(MIGRATION) as dev:
         try:
             for f in src_rig.functions:
@@ -510,7 +547,7 @@ async def _migrate_pasid(
                 res.status, res.error = status, f"migration {status} after switch-over"
                 return await _finish(res, src, None)
             # the destination has loaded everything once its own MIGRATION says completed
-            await _wait(dev, {"completed"}, timeout, lambda _e: None)
+            await _wait_destination(dev, dst, timeout)
             t0 = time.perf_counter()
             # the pages the functions wrote during the migration, final (the VM is stopped),
             # after everything QEMU loaded
@@ -525,6 +562,7 @@ async def _migrate_pasid(
             dst_rig.set_registers(VtdRegisterReader(dst))
             t1 = time.perf_counter()
             await dst.execute("cont")
+            dst_runs = True
             t2 = time.perf_counter()
             res.vioasid_resume_ms = (t1 - t0) * 1e3
             res.cont_ms = (t2 - t1) * 1e3
@@ -533,6 +571,8 @@ async def _migrate_pasid(
         except BaseException:
             with contextlib.suppress(Exception):
                 await src.execute("migrate_cancel", timeout=5.0)
+            if not dst_runs:  # never two running copies of the guest
+                await _resume_source(src)
             await m.settle()
             m.drop_destination()
             raise
