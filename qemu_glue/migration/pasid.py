@@ -547,7 +547,18 @@ async def _migrate_pasid(
                 res.status, res.error = status, f"migration {status} after switch-over"
                 return await _finish(res, src, None)
             # the destination has loaded everything once its own MIGRATION says completed
-            await _wait_destination(dev, dst, timeout)
+            try:
+                await _wait_destination(dev, dst, timeout)
+            except (QmpError, TimeoutError, PasidMigrationError) as exc:
+                # the source sent everything and stopped, but nothing runs the guest: the
+                # destination keeps nothing and the source runs on, its functions untouched
+                await m.settle()
+                m.drop_destination()
+                await _resume_source(src)
+                res.status = "failed"
+                res.error = f"the destination did not take over after the source completed: {exc}"
+                log.warning("%s; the source keeps running", res.error)
+                return await _finish(res, src, None)
             t0 = time.perf_counter()
             # the pages the functions wrote during the migration, final (the VM is stopped),
             # after everything QEMU loaded
