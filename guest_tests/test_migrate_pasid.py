@@ -105,6 +105,9 @@ async def test_pasid_migration_refusals_keep_the_source(image: GuestImage) -> No
     assert "held by VM tenant" in (by["conflict"].error or "")  # a pPASID conflict
     assert "aborted" in (by["import-aborted"].error or "")
     assert by["dst-dies"].status in ("failed", "refused")
+    # killed once the source had completed: the source, left in postmigrate, runs again
+    assert by["dst-dies-late"].status == "failed"
+    assert "did not take over" in (by["dst-dies-late"].error or "")
     # the destination held no pPASID of the guest right after each refusal
     assert [(f, n) for f, n, _ in seen if f] == [(f, 0) for f in FAILURE_MODES]
     # the source's functions kept working: the guest's jobs never failed, and the one real

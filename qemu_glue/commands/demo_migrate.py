@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         choices=tuple(dict.fromkeys(FAILURE_MODES + PASID_FAILURE_MODES)),
         help="first show a refused migration (daemon demo: corrupt state stream / conflict; "
-        "PASID functions: exhausted / conflict / dst-dies / import-aborted on the destination)",
+        "PASID functions: exhausted / conflict / dst-dies / dst-dies-late / import-aborted on "
+        "the destination)",
     )
 
 

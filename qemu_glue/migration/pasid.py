@@ -548,6 +548,7 @@ async def _migrate_pasid(
                 return await _finish(res, src, None)
             # the destination has loaded everything once its own MIGRATION says completed
             try:
+                await m._hook("completed")
                 await _wait_destination(dev, dst, timeout)
             except (QmpError, TimeoutError, PasidMigrationError) as exc:
                 # the source sent everything and stopped, but nothing runs the guest: the

@@ -57,7 +57,7 @@ GUEST_FUNCTIONS: tuple[tuple[FunctionType, int], ...] = (
     (FunctionType.ENQCMD, ENQCMD),
 )
 TENANT_BINDINGS = {"host-a": 2, "host-b": 8}
-FAILURE_MODES = ("exhausted", "conflict", "dst-dies", "import-aborted")
+FAILURE_MODES = ("exhausted", "conflict", "dst-dies", "dst-dies-late", "import-aborted")
 PREFIX = "VIOASID-PASID-"
 Progress = Callable[[str], None]
 
@@ -492,6 +492,8 @@ def _failure_hook(forced: str | None, dst_host: Host, dst: BlkVm) -> Any:
     async def hook(phase: str) -> None:
         if forced == "dst-dies" and phase == "switchover" and dst.qemu is not None:
             await dst.qemu.kill()
+        if forced == "dst-dies-late" and phase == "completed" and dst.qemu is not None:
+            await dst.qemu.kill()  # the source sent everything and stopped
         if forced == "import-aborted" and phase == "precopy":
             _break_bind_many(dst_host)
 
