@@ -68,10 +68,10 @@ async def test_a_destination_that_completes_is_waited_for() -> None:
 @pytest.mark.asyncio
 async def test_the_source_is_resumed_only_from_postmigrate() -> None:
     done = Monitor("postmigrate")
-    await _resume_source(done)  # type: ignore[arg-type]
+    assert await _resume_source(done) is True  # type: ignore[arg-type]
     assert done.status == "running" and "cont" in done.commands
     running = Monitor("running")
-    await _resume_source(running)  # type: ignore[arg-type]
+    assert await _resume_source(running) is False  # type: ignore[arg-type]
     assert "cont" not in running.commands
     gone = Monitor("postmigrate", alive=False)
-    await _resume_source(gone)  # type: ignore[arg-type]  # nothing to do: no exception escapes
+    assert await _resume_source(gone) is False  # type: ignore[arg-type]  # no exception escapes

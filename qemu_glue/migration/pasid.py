@@ -412,13 +412,15 @@ async def _wait_destination(ev: EventStream, dst: Qmp, timeout: float) -> None:
         return
 
 
-async def _resume_source(src: Qmp) -> None:
+async def _resume_source(src: Qmp) -> bool:
     """After a failure once the source completed (``postmigrate``: it sent everything and
-    stopped, but no destination runs): run it again, its functions untouched."""
+    stopped, but no destination runs): run it again, its functions untouched. True if it did."""
     with contextlib.suppress(QmpError):
         if await src.query_status() == "postmigrate":
             log.warning("the destination did not take over: resuming the source")
             await src.execute("cont")
+            return True
+    return False
 
 
 async def migrate_pasid(
@@ -580,14 +582,21 @@ async def _migrate_pasid(
             res.cont_ms = (t2 - t1) * 1e3
             if stop_t is not None:
                 res.observed_downtime_ms = (t2 - stop_t) * 1e3
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await src.execute("migrate_cancel", timeout=5.0)
+            resumed = False
             if not dst_runs:  # never two running copies of the guest
-                await _resume_source(src)
+                resumed = await _resume_source(src)
             await m.settle()
             m.drop_destination()
-            raise
+            if not (resumed and isinstance(exc, Exception)):
+                raise
+            # after the source completed: a failed attempt, the source running on
+            res.status = "failed"
+            res.error = f"the destination did not take over after the source completed: {exc}"
+            log.warning("%s; the source keeps running", res.error)
+            return await _finish(res, src, None)
     after = {(f.guest_rid, x): pp for f in dst_rig.functions for x, pp in f.bound.items()}
     rid_of = {bdf_str(f.guest_rid): f.guest_rid for f in dst_rig.functions}
     for b in res.bindings:
