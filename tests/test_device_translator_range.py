@@ -84,7 +84,8 @@ def translator(mem: GuestMemory, rtaddr: int, ranged: bool, cache: bool) -> Devi
 
     wr = WalkResolver(lambda: mem, SID, regs)
     asyncio.run(wr.resolve(BASE, False))  # the registers read
-    return DeviceTranslator(wr if ranged else PerPage(wr), sid=SID, cache=cache, trace=io.StringIO())
+    primary = wr if ranged else PerPage(wr)
+    return DeviceTranslator(primary, sid=SID, cache=cache, trace=io.StringIO())
 
 
 def run(tr: DeviceTranslator, op: tuple[Any, ...]) -> object:
