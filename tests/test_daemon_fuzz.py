@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 
-from daemon_support import MemfdGuest, running_daemon, setup_vm
+from daemon_support import MemfdGuest, bind, running_daemon, setup_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,8 +84,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
         async with running_daemon() as (_, path), await Client.connect(path) as victim:
             vm = await setup_vm(victim, g)
             g.map(5, 0x400000, 0x200000)
-            g.write_entry(0x18, 5)
-            await victim.pasid_entry(vm, "00:03.0", 5)
+            await bind(victim, vm, g)
             before = await victim.dump()
             await _attack(path, plan, g.fd)
             # the victim session and its VM are untouched; new connections are served

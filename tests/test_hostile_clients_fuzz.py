@@ -9,7 +9,7 @@ import os
 import socket
 
 import pytest
-from daemon_support import MemfdGuest, running_daemon, setup_vm
+from daemon_support import MemfdGuest, bind, running_daemon, setup_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,8 +90,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
     try:
         async with running_daemon() as (_, path), await Client.connect(path) as victim:
             vm = await setup_vm(victim, g)
-            g.write_entry(0x18, 5)
-            await victim.pasid_entry(vm, "00:03.0", 5)
+            await bind(victim, vm, g)
             before = await victim.dump()
             attack = asyncio.ensure_future(_hostile(path, plan * 3, g.fd))
             served = 0
