@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from hypothesis import HealthCheck, settings
+
 from vioasid.client import Client, MemoryRegion, PasidEntryResult
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Server
@@ -101,6 +103,16 @@ class MemfdGuest:
         self.memory.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def daemon_fuzz_settings(max_examples: int) -> settings:
+    """Hypothesis settings for a fuzz test that runs a whole daemon per example: few examples,
+    no deadline, and no health check for slow examples or large data."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 @contextlib.asynccontextmanager

@@ -10,8 +10,8 @@ import logging
 import os
 import socket
 
-from daemon_support import MemfdGuest, bind, running_daemon, setup_vm
-from hypothesis import HealthCheck, given, settings
+from daemon_support import MemfdGuest, bind, daemon_fuzz_settings, running_daemon, setup_vm
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
@@ -103,11 +103,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
     assert not errors.records, [r.getMessage() for r in errors.records]
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@daemon_fuzz_settings(15)
 @given(st.lists(chunks(), min_size=1, max_size=4))
 def test_fuzz_one_connection_leaves_others_alone(plan: list[tuple[bytes, int]]) -> None:
     gc.collect()

@@ -9,8 +9,8 @@ import os
 import socket
 
 import pytest
-from daemon_support import MemfdGuest, bind, running_daemon, setup_vm
-from hypothesis import HealthCheck, given, settings
+from daemon_support import MemfdGuest, bind, daemon_fuzz_settings, running_daemon, setup_vm
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
@@ -107,11 +107,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
         g.close()
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@daemon_fuzz_settings(20)
 @given(st.lists(frames(), min_size=1, max_size=6))
 def test_hostile_frames_while_a_good_client_is_served(plan: list[tuple[bytes, int]]) -> None:
     asyncio.run(_round(plan))
