@@ -52,11 +52,26 @@ class U32Array(cs.Adapter):  # type: ignore[misc]
         return arr.tobytes()
 
 
-HEADER = cs.Struct(
-    "magic" / cs.Const(MAGIC),
-    "version" / cs.Int16ul,
-    "flags" / cs.Int16ul,  # reserved, 0
-)
+def stream_header(magic: bytes) -> Any:
+    """The 12-byte header of a vioasid stream: the 8-byte ``magic``, a u16 version, u16 flags."""
+    return cs.Struct(
+        "magic" / cs.Const(magic),
+        "version" / cs.Int16ul,
+        "flags" / cs.Int16ul,  # reserved, 0
+    )
+
+
+def checked_stream(header: Any, body: Any) -> Any:
+    """``header`` + the u32-length-prefixed ``body`` + CRC-32 (zlib) of the prefixed body."""
+    return cs.Struct(
+        "header" / header,
+        "body" / cs.RawCopy(cs.Prefixed(cs.Int32ul, body)),
+        "crc32" / cs.Checksum(cs.Int32ul, zlib.crc32, cs.this.body.data),
+        cs.Terminated,
+    )
+
+
+HEADER = stream_header(MAGIC)
 
 REGISTER = cs.Struct(
     "offset" / cs.Int16ul,  # VT-d register offset (0x20 RTADDR_REG, ...)
@@ -86,9 +101,4 @@ BODY = cs.Struct(
     cs.Terminated,
 )
 
-STREAM = cs.Struct(
-    "header" / HEADER,
-    "body" / cs.RawCopy(cs.Prefixed(cs.Int32ul, BODY)),
-    "crc32" / cs.Checksum(cs.Int32ul, zlib.crc32, cs.this.body.data),
-    cs.Terminated,
-)
+STREAM = checked_stream(HEADER, BODY)

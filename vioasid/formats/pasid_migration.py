@@ -13,22 +13,16 @@ the prefixed body, as the VM stream. vPASID lists are packed u32 arrays.
 
 from __future__ import annotations
 
-import zlib
-
 import construct as cs
 
-from .migration import U32Array
+from .migration import U32Array, checked_stream, stream_header
 from .pasid_dma import PORTAL_SIZE
 
 MAGIC = b"VIOASIDF"
 VERSION = 1
 HEADER_SIZE = 12
 
-HEADER = cs.Struct(
-    "magic" / cs.Const(MAGIC),
-    "version" / cs.Int16ul,
-    "flags" / cs.Int16ul,  # reserved, 0
-)
+HEADER = stream_header(MAGIC)
 
 FUNCTION_STATE = cs.Struct(
     "guest_rid" / cs.Int16ul,  # guest-visible BDF of the function
@@ -65,11 +59,6 @@ BODY = cs.Struct(
     cs.Terminated,
 )
 
-STREAM = cs.Struct(
-    "header" / HEADER,
-    "body" / cs.RawCopy(cs.Prefixed(cs.Int32ul, BODY)),
-    "crc32" / cs.Checksum(cs.Int32ul, zlib.crc32, cs.this.body.data),
-    cs.Terminated,
-)
+STREAM = checked_stream(HEADER, BODY)
 
 __all__ = ["BODY", "FUNCTION_STATE", "HEADER", "HEADER_SIZE", "MAGIC", "PAGES", "STREAM", "VERSION"]

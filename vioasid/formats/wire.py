@@ -101,8 +101,9 @@ ALL_FEATURES = (
 )
 
 
-class ErrorCode(IntEnum):
-    """Status word of a reply; the kinds are the scenario contract's error kinds."""
+class ErrorCode(WordEnum):
+    """Status word of a reply; its :attr:`kind` (the :attr:`~WordEnum.word`) is the scenario
+    contract's error kind."""
 
     OK = 0
     PASID_CONFLICT = 1
@@ -115,11 +116,13 @@ class ErrorCode(IntEnum):
 
     @property
     def kind(self) -> str:
-        return self.name.lower().replace("_", "-")
+        """The error kind, as the contract, the JSON views and the CLI spell it."""
+        return self.word
 
     @classmethod
     def from_kind(cls, kind: str) -> ErrorCode:
-        return cls[kind.upper().replace("-", "_")]
+        """The code of error kind ``kind`` (KeyError if none)."""
+        return cls.from_word(kind)
 
 
 class Assign(WordEnum):

@@ -98,7 +98,7 @@ class Codec:
     def closed(self) -> bool:
         return self._frames.closed
 
-    def receive(self, data: bytes, fds: list[int] | None = None) -> None:
+    def receive(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
         """Feed what one ``recvmsg`` returned. Raises :class:`ProtocolViolation` (and then
         holds nothing: every fd it had is closed)."""
         try:

@@ -15,7 +15,6 @@ commands, so a doorbell flood on one function slows that function, not the loop 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import fcntl
@@ -26,7 +25,8 @@ import sys
 import termios
 from pathlib import Path
 
-from vioasid.formats import vfio_user as vu
+from vioasid.protocol.framing import LostFds, close_fds
+from vioasid.protocol.transport import TooManyFds, recv_with_fds
 
 from .codec import Codec, ProtocolViolation
 from .function import PciFunction
@@ -34,24 +34,21 @@ from .function import PciFunction
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 16
-_ANC = socket.CMSG_SPACE(vu.MAX_MAX_FDS * array.array("i").itemsize)
 PENDING_TIMEOUT_S = 5.0  # a model's before_write (e.g. a QMP read) may take at most this
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    data, anc, flags, _ = sock.recvmsg(RECV_SIZE, _ANC)
-    fds: list[int] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(raw[: len(raw) - len(raw) % a.itemsize])
-            fds.extend(a)
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        raise ProtocolViolation("too many file descriptors in one message (truncated)")
-    return data, fds
+def _recv(sock: socket.socket, buf: bytearray) -> tuple[memoryview | bytes, list[int]]:
+    """One ``recvmsg`` into ``buf`` (:func:`~vioasid.protocol.transport.recv_with_fds`): a view
+    to consume before the next call, and the fds. Fds the kernel truncated, for whatever reason,
+    end the connection (:class:`ProtocolViolation`, the fds that came closed)."""
+    try:
+        data, fds = recv_with_fds(sock, buf)
+        if not isinstance(fds, LostFds):
+            return data, fds
+        close_fds(fds)
+    except TooManyFds:  # recv_with_fds closed them
+        pass
+    raise ProtocolViolation("too many file descriptors in one message (truncated)")
 
 
 class FunctionServer:
@@ -112,13 +109,14 @@ class FunctionServer:
         loop = asyncio.get_running_loop()
         fn = self.function
         codec = Codec()
+        buf = bytearray(RECV_SIZE)
         self.connected.set()
         try:
             while True:
                 msg = codec.next_message()
                 if msg is None:
                     try:
-                        data, fds = _recv(sock)
+                        data, fds = _recv(sock, buf)
                     except BlockingIOError:
                         self._waiting = sock
                         try:
@@ -127,8 +125,7 @@ class FunctionServer:
                             self._waiting = None
                         continue
                     if not data:
-                        for fd in fds:
-                            os.close(fd)
+                        close_fds(fds)
                         log.info("%s: client closed the connection", self.path)
                         return
                     codec.receive(data, fds)
