@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Protocol, TypeVar
 
 from qemu_glue.qemu.binary import QemuChoice
@@ -80,8 +80,13 @@ class AttemptBase(Generic[R]):
             self.checks.append(f"source is {self.result.source_status}, not running")
 
     def extra_json(self) -> dict[str, Any]:
-        """The demo's own figures of the attempt."""
-        return {}
+        """The demo's own figures of the attempt: the fields a subclass adds (those not None)."""
+        base = {f.name for f in fields(AttemptBase)}
+        return {
+            f.name: v
+            for f in fields(self)
+            if f.name not in base and (v := getattr(self, f.name)) is not None
+        }
 
     def to_json(self) -> dict[str, Any]:
         out = self.result.to_json()

@@ -86,14 +86,6 @@ class Attempt(AttemptBase[MigrationResult]):
     dirty_logs_mapped: int = 0  # SET_LOG_BASE the source's back-end received
     dirty_log_enables: int = 0  # times QEMU turned its logging on
 
-    def extra_json(self) -> dict[str, Any]:
-        return {
-            "dma_ok": self.dma_ok,
-            "dirty_pages_marked": self.dirty_pages_marked,
-            "dirty_logs_mapped": self.dirty_logs_mapped,
-            "dirty_log_enables": self.dirty_log_enables,
-        }
-
 
 @dataclass
 class DemoResult(DemoResultBase[Attempt]):

@@ -131,12 +131,6 @@ class PasidAttempt(AttemptBase[PasidMigrationResult]):
     rounds_before: int = 0  # guest rounds done on the source when it stopped
     dst_bindings_after_refusal: int | None = None
 
-    def extra_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rounds_before": self.rounds_before}
-        if self.dst_bindings_after_refusal is not None:
-            out["dst_bindings_after_refusal"] = self.dst_bindings_after_refusal
-        return out
-
 
 @dataclass
 class LoopReport:
