@@ -13,13 +13,16 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from vioasid.client import Client, MemoryRegion
+from hypothesis import HealthCheck, settings
+
+from vioasid.client import Client, MemoryRegion, PasidEntryResult
 from vioasid.daemon.hostconfig import default_host
 from vioasid.daemon.server import Server
 from vioasid.daemon.service import Service
 from vioasid.formats import invalidation as inv
 from vioasid.formats.pasid import PGTT_FIRST_STAGE
 from vioasid.model.engine import Host
+from vioasid.model.faults import parse_bdf
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
 
@@ -30,6 +33,13 @@ PLAIN = "3a:00.0"
 TRANSLATING = "3b:00.0"
 ENQCMD = "5e:00.0"
 ENQCMD_TRANSLATING = "5f:00.0"
+
+# the guest's device 00:03.0 (source id 0x18) and where :func:`bound_guest` maps vPASID 5
+DEV = "00:03.0"
+SID = 0x18
+VA = 0x40_0000
+GPA = 0x20_0000
+ONE_PLAIN_DEVICE = ((DEV, PLAIN, "vfio-pci"),)
 
 
 @dataclass
@@ -95,6 +105,16 @@ class MemfdGuest:
             os.close(self.fd)
 
 
+def daemon_fuzz_settings(max_examples: int) -> settings:
+    """Hypothesis settings for a fuzz test that runs a whole daemon per example: few examples,
+    no deadline, and no health check for slow examples or large data."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_daemon(host: Host | None = None) -> AsyncIterator[tuple[Server, str]]:
     """An in-process daemon on a fresh socket path."""
@@ -112,14 +132,41 @@ async def setup_vm(
     client: Client,
     guest: MemfdGuest,
     name: str = "vm1",
-    devices: tuple[tuple[str, str, str], ...] = (("00:03.0", PLAIN, "vfio-pci"),),
+    devices: tuple[tuple[str, str, str], ...] = ONE_PLAIN_DEVICE,
 ) -> int:
     """Register the guest's memory, attach devices (both sides), program RTADDR."""
     vm = await client.register_vm(name, [guest.region()])
     for rid, function, assign in devices:
-        from vioasid.model.faults import parse_bdf
-
         guest.attach(parse_bdf(rid))
         await client.attach_device(vm, rid, function, assign)
     await client.set_root_table(vm, guest.rtaddr)
     return vm
+
+
+def bound_guest() -> MemfdGuest:
+    """A guest whose vPASID 5 maps two pages at VA (entry written once a device is attached)."""
+    g = MemfdGuest()
+    g.map(5, VA, GPA, 0x2000)
+    return g
+
+
+async def bind(
+    client: Client, vm: int, guest: MemfdGuest, rid: str = DEV, vpasid: int = 5
+) -> PasidEntryResult:
+    """The guest writes (``rid``, ``vpasid``)'s PASID entry and the daemon re-reads it: the bind."""
+    guest.write_entry(parse_bdf(rid), vpasid)
+    return await client.pasid_entry(vm, rid, vpasid)
+
+
+@contextlib.asynccontextmanager
+async def daemon_vm(
+    devices: tuple[tuple[str, str, str], ...] = ONE_PLAIN_DEVICE, guest: MemfdGuest | None = None
+) -> AsyncIterator[tuple[MemfdGuest, Client, int]]:
+    """An in-process daemon, one client on it, and that client's VM "vm1" on ``guest`` (a fresh
+    :func:`bound_guest` unless given) with ``devices`` attached; the guest is closed after."""
+    g = guest or bound_guest()
+    try:
+        async with running_daemon() as (_, path), await Client.connect(path) as c:
+            yield g, c, await setup_vm(c, g, devices=devices)
+    finally:
+        g.close()

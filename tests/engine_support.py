@@ -67,6 +67,16 @@ class Lab:
         self.guests[name] = g
         return g
 
+    def tenant(self, name: str, host: str, function: str, count: int) -> None:
+        """VM ``name`` on ``host`` whose mdev of ``function`` binds vPASIDs 1..``count`` (the
+        occupancy a VM under test then meets); nothing when ``count`` is 0."""
+        if not count:
+            return
+        self.vm(name, host, (("00:03.0", function, "mdev"),))
+        for x in range(1, count + 1):
+            self.map(name, x, 0x1000, 0x1000)
+            self.bind(name, "00:03.0", x)
+
     def where(self, vm: str) -> Host:
         return self.hosts[self.guests[vm].host]
 

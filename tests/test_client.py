@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from daemon_support import running_daemon
@@ -96,63 +98,70 @@ async def test_connection_lost_fails_pending_and_later_calls() -> None:
         await c.close()
 
 
-@pytest.mark.asyncio
-async def test_garbage_from_the_daemon_is_a_protocol_error() -> None:
-    """A fake daemon that answers with an unknown event: the client hangs up, typed error."""
+@contextlib.asynccontextmanager
+async def fake_daemon(
+    answer: Callable[[socket.socket], Awaitable[None]], linger: float
+) -> AsyncIterator[str]:
+    """A fake daemon on a fresh socket path (yielded) for one connection: ``answer`` talks on
+    it, then it stays open ``linger`` seconds and is closed; the exit waits for all that."""
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "fake.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
         listener.setblocking(False)
-        loop = asyncio.get_running_loop()
 
-        async def fake() -> None:
+        async def serve() -> None:
             conn, _ = await loop.sock_accept(listener)
-            await loop.sock_recv(conn, 100)
-            await loop.sock_sendall(conn, frame(4000, wire.VERSION, b""))
-            await asyncio.sleep(0.5)
+            await answer(conn)
+            await asyncio.sleep(linger)
             conn.close()
 
-        task = asyncio.create_task(fake())
+        task = asyncio.create_task(serve())
+        try:
+            yield path
+            await task
+        finally:
+            task.cancel()
+            listener.close()
+
+
+@pytest.mark.asyncio
+async def test_garbage_from_the_daemon_is_a_protocol_error() -> None:
+    """A fake daemon that answers with an unknown event: the client hangs up, typed error."""
+    loop = asyncio.get_running_loop()
+
+    async def unknown_event(conn: socket.socket) -> None:
+        await loop.sock_recv(conn, 100)
+        await loop.sock_sendall(conn, frame(4000, wire.VERSION, b""))
+
+    async with fake_daemon(unknown_event, linger=0.5) as path:
         c = await Client.connect(path)
         with pytest.raises(DaemonProtocolError, match="unknown event"):
             await c.get_features()
-        await task
-        listener.close()
 
 
 async def _fake_import_reply(payloads: list[bytes]) -> list[object]:
     """A fake daemon answering each ``IMPORT_VM`` with the next raw reply payload; the
     client's result (or the exception it raised) for each."""
     out: list[object] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "fake.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(1)
-        listener.setblocking(False)
-        loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
 
-        async def fake() -> None:
-            conn, _ = await loop.sock_accept(listener)
-            for payload in payloads:
-                await loop.sock_recv(conn, 1 << 16)
-                reply = frame(Request.IMPORT_VM, wire.VERSION | wire.FLAG_REPLY, payload)
-                await loop.sock_sendall(conn, reply)
-            await asyncio.sleep(0.2)
-            conn.close()
+    async def replies(conn: socket.socket) -> None:
+        for payload in payloads:
+            await loop.sock_recv(conn, 1 << 16)
+            reply = frame(Request.IMPORT_VM, wire.VERSION | wire.FLAG_REPLY, payload)
+            await loop.sock_sendall(conn, reply)
 
-        task = asyncio.create_task(fake())
+    async with fake_daemon(replies, linger=0.2) as path:
         c = await Client.connect(path)
         for _ in payloads:
             try:
                 out.append(await c.import_vm("vm", b"stream"))
             except Exception as exc:  # the test looks at which
                 out.append(exc)
-        await task
         await c.close()
-        listener.close()
     return out
 
 

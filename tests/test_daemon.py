@@ -14,11 +14,18 @@ from pathlib import Path
 
 import pytest
 from daemon_support import (
+    DEV,
     ENQCMD,
     ENQCMD_TRANSLATING,
+    GPA,
     PLAIN,
+    SID,
     TRANSLATING,
+    VA,
     MemfdGuest,
+    bind,
+    bound_guest,
+    daemon_vm,
     running_daemon,
     setup_vm,
 )
@@ -42,17 +49,6 @@ from vioasid.formats import wire
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.wire import DmaStatus, ErrorCode, EventMask, Feature, Request
 from vioasid.protocol.daemon_codec import encode_request, frame
-
-DEV = "00:03.0"
-SID = 0x18
-VA = 0x400000
-GPA = 0x200000
-
-
-def bound_guest() -> MemfdGuest:
-    g = MemfdGuest()
-    g.map(5, VA, GPA, 0x2000)
-    return g
 
 
 @pytest.mark.asyncio
@@ -115,11 +111,8 @@ async def test_register_refuses_bad_memory() -> None:
 @pytest.mark.asyncio
 async def test_memfd_tables_bind_and_dma() -> None:
     """The guest-driver model writes tables into a memfd; the daemon walks its own mapping."""
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        b = await c.pasid_entry(vm, DEV, 5)
+    async with daemon_vm() as (g, c, vm):
+        b = await bind(c, vm, g)
         assert (b.bound, b.ppasid, b.space) == (True, 5, "per-rid")
         [ok] = await c.dma(vm, [DmaRequest(DEV, 5, VA + 0x10, write=True)])
         assert ok.ok and ok.tag == 5 and ok.gpa == GPA + 0x10
@@ -129,14 +122,11 @@ async def test_memfd_tables_bind_and_dma() -> None:
         d = await c.dump(vm)
         assert d["vms"]["vm1"]["devices"][DEV]["bindings"] == {"5": 5}
         assert d["allocators"]["functions"][PLAIN] == {"per_rid": [5], "host_entries": [5]}
-    g.close()
 
 
 @pytest.mark.asyncio
 async def test_pasid_entry_missing_and_unbind() -> None:
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
+    async with daemon_vm() as (g, c, vm):
         nb = await c.pasid_entry(vm, DEV, 5)  # nothing written yet
         assert (nb.bound, nb.space) == (False, "none")
         g.write_entry(SID, 5)
@@ -151,14 +141,11 @@ async def test_pasid_entry_missing_and_unbind() -> None:
             await c.pasid_entry(vm, "00:09.0", 5)
         with pytest.raises(NotFound):
             await c.pasid_entry(vm + 7, DEV, 5)
-    g.close()
 
 
 @pytest.mark.asyncio
 async def test_invalidation_descriptors_bind_unbind_and_flush() -> None:
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
+    async with daemon_vm() as (g, c, vm):
         g.write_entry(SID, 5)
         assert await c.invalidate(vm, g.pasid_cache_inv(5)) == 1  # the Linux sequence: bind
         [r] = await c.dma(vm, [DmaRequest(DEV, 5, VA)])
@@ -181,17 +168,14 @@ async def test_invalidation_descriptors_bind_unbind_and_flush() -> None:
             await c.invalidate(vm, bytes(32))
         with pytest.raises(Invalid, match="reserved"):
             await c.invalidate(vm, g.pasid_cache_inv(5)[:16] + b"\x01" + bytes(15))
-    g.close()
 
 
 @pytest.mark.asyncio
 async def test_domain_global_context_and_iotlb_invalidations() -> None:
     from vioasid.formats import invalidation as inv
 
-    g = bound_guest()
     devices = (("00:03.0", PLAIN, "vfio-pci"), ("00:04.0", TRANSLATING, "mdev"))
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g, devices=devices)
+    async with daemon_vm(devices) as (g, c, vm):
         for sid in (0x18, 0x20):
             g.write_entry(sid, 5)
             await c.pasid_entry(vm, sid, 5)
@@ -216,7 +200,6 @@ async def test_domain_global_context_and_iotlb_invalidations() -> None:
         assert await c.invalidate(vm, inv.build_desc(inv.WAIT_DESC, {}, wide=False)) == 0
         with pytest.raises(Invalid, match="granularity"):
             await c.invalidate(vm, inv.build_desc(inv.PC_DESC, {"G": 2}))
-    g.close()
 
 
 @pytest.mark.asyncio
@@ -226,8 +209,7 @@ async def test_batched_dma_in_order_faults_and_events() -> None:
         c = await Client.connect(path)
         watcher = await Client.connect(path)
         vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+        await bind(c, vm, g)
         with pytest.raises(NotOwner):  # only the owner may subscribe to its VM's faults
             await watcher.subscribe(await watcher.open_vm("vm1"), EventMask.FAULTS)
         await c.subscribe(vm, EventMask.FAULTS)
@@ -267,10 +249,8 @@ async def test_single_dma_fast_path_matches_the_batch_path() -> None:
     entries inside a batch; refusals and events still reach the client."""
     g = bound_guest()
     g.map(5, VA + 0x100000, GPA + 0x100000, write=False)
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+    async with daemon_vm(guest=g) as (g, c, vm):
+        await bind(c, vm, g)
         await c.subscribe(vm, EventMask.FAULTS)  # the same connection: events and replies
         reqs = [
             DmaRequest(DEV, 5, VA + 0x18),
@@ -310,27 +290,20 @@ async def test_single_dma_fast_path_matches_the_batch_path() -> None:
 
 @pytest.mark.asyncio
 async def test_faults_queued_before_subscribe_are_delivered_then() -> None:
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+    async with daemon_vm() as (g, c, vm):
+        await bind(c, vm, g)
         await c.dma(vm, [DmaRequest(DEV, 5, 0x9000_0000)])
         assert (await c.dump(vm))["vms"]["vm1"]["faults"] == 1
         await c.subscribe(vm)
         ev = await c.next_event(timeout=5)
         assert isinstance(ev, FaultEvent) and ev.addr == 0x9000_0000
         assert (await c.dump(vm))["vms"]["vm1"]["faults"] == 0
-    g.close()
 
 
 @pytest.mark.asyncio
 async def test_page_request_pushed() -> None:
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+    async with daemon_vm() as (g, c, vm):
+        await bind(c, vm, g)
         await c.subscribe(vm, EventMask.PAGE_REQUESTS | EventMask.FAULTS)
         [r] = await c.dma(vm, [DmaRequest(DEV, 5, 0x7000_0000, write=True, page_request=True)])
         assert r.status == DmaStatus.PAGE_REQUEST
@@ -349,17 +322,13 @@ async def test_page_request_pushed() -> None:
         pr = await c.next_event(timeout=5)
         assert isinstance(pr, PageResponseEvent)
         assert (pr.rid, pr.vpasid, pr.code, pr.last) == (DEV, 5, 0, True)
-    g.close()
 
 
 @pytest.mark.asyncio
 async def test_enqcmd_and_global_space() -> None:
-    g = bound_guest()
     devices = (("00:03.0", PLAIN, "vfio-pci"), ("00:04.0", ENQCMD_TRANSLATING, "mdev"))
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g, devices=devices)
-        g.write_entry(0x20, 5)
-        b = await c.pasid_entry(vm, "00:04.0", 5)
+    async with daemon_vm(devices) as (g, c, vm):
+        b = await bind(c, vm, g, "00:04.0")
         assert b.space == "global"
         assert await c.enqcmd(vm, "00:04.0", 5) == b.ppasid
         with pytest.raises(Invalid, match="not enqcmd"):
@@ -369,7 +338,6 @@ async def test_enqcmd_and_global_space() -> None:
         d = await c.dump()
         assert d["allocators"]["global"] == [b.ppasid]
         assert d["vms"]["vm1"]["cpu_table"] == {"5": b.ppasid}
-    g.close()
 
 
 @pytest.mark.asyncio
@@ -383,11 +351,9 @@ async def test_pasid_conflict_is_reported_with_its_kind() -> None:
         # another VM takes global pPASID 5 first, so vm1's vPASID 5 gets another value
         other = await setup_vm(c, g2, "vm0", devices=(("00:04.0", ENQCMD_TRANSLATING, "mdev"),))
         g2.map(5, VA, GPA)
-        g2.write_entry(0x20, 5)
-        assert (await c.pasid_entry(other, "00:04.0", 5)).ppasid == 1
+        assert (await bind(c, other, g2, "00:04.0")).ppasid == 1
         g2.map(6, VA, GPA)
-        g2.write_entry(0x20, 6)
-        await c.pasid_entry(other, "00:04.0", 6)
+        await bind(c, other, g2, "00:04.0", 6)
         vm = await setup_vm(c, g, devices=devices)
         for x in (5,):
             g.map(x, VA, GPA)
@@ -427,24 +393,20 @@ async def test_exhausted() -> None:
 
 @pytest.mark.asyncio
 async def test_attach_detach() -> None:
-    g = bound_guest()
-    async with running_daemon() as (_, path), await Client.connect(path) as c:
-        vm = await setup_vm(c, g, devices=(("00:03.0", TRANSLATING, "vfio-pci"),))
+    async with daemon_vm((("00:03.0", TRANSLATING, "vfio-pci"),)) as (g, c, vm):
         with pytest.raises(NotFound, match="no function"):
             await c.attach_device(vm, "00:06.0", "99:00.0")
         with pytest.raises(Invalid, match="assigned whole"):
             await c.attach_device(vm, "00:06.0", TRANSLATING, "mdev")
         with pytest.raises(ValueError):
             await c.attach_device(vm, "zz", PLAIN)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+        await bind(c, vm, g)
         await c.detach_device(vm, DEV)
         d = await c.dump()
         assert d["vms"]["vm1"]["devices"] == {}
         assert d["allocators"]["functions"][TRANSLATING]["host_entries"] == []
         with pytest.raises(NotFound):
             await c.detach_device(vm, DEV)
-    g.close()
 
 
 @pytest.mark.asyncio
@@ -459,8 +421,7 @@ async def test_export_import_between_daemons() -> None:
         src = await Client.connect(src_path)
         dst = await Client.connect(dst_path)
         vm = await setup_vm(src, g, devices=(("00:03.0", PLAIN, "mdev"),))
-        g.write_entry(SID, 5)
-        assert (await src.pasid_entry(vm, DEV, 5)).ppasid == 1
+        assert (await bind(src, vm, g)).ppasid == 1
         stream = await src.export_vm(vm)
         # a destination without the right function: refused, nothing kept
         with pytest.raises(MigrationFailed, match="no function"):
@@ -488,8 +449,7 @@ async def test_import_default_function_map() -> None:
         src = await Client.connect(a)
         dst = await Client.connect(b)
         vm = await setup_vm(src, g)
-        g.write_entry(SID, 5)
-        await src.pasid_entry(vm, DEV, 5)
+        await bind(src, vm, g)
         res = await dst.import_vm("", await src.export_vm(vm), [g.region()])
         assert res.ppasids() == {DEV: {5: 5}}
         assert (await dst.dump(res.vm))["vms"]["vm1"]["devices"][DEV]["function"] == PLAIN
@@ -517,8 +477,7 @@ async def test_import_reply_lists_every_binding_in_order() -> None:
         # a tenant already on the destination: the imported pPASIDs cannot all stay the same
         tenant = bound_guest()
         t = await setup_vm(dst, tenant, name="tenant", devices=(("00:03.0", PLAIN, "mdev"),))
-        tenant.write_entry(SID, 5)
-        held = (await dst.pasid_entry(t, DEV, 5)).ppasid
+        held = (await bind(dst, t, tenant)).ppasid
         res = await dst.import_vm("vm1", await src.export_vm(vm), [g.region()])
         assert isinstance(res.vm, int)
         got = [(x.rid, x.vpasid) for x in res.bindings]
@@ -600,8 +559,7 @@ async def test_malformed_connection_ends_alone() -> None:
     g = bound_guest()
     async with running_daemon() as (server, path), await Client.connect(path) as c:
         vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+        await bind(c, vm, g)
         before = await c.dump()
         loop = asyncio.get_running_loop()
         for bad in (

@@ -10,8 +10,8 @@ import logging
 import os
 import socket
 
-from daemon_support import MemfdGuest, running_daemon, setup_vm
-from hypothesis import HealthCheck, given, settings
+from daemon_support import MemfdGuest, bind, daemon_fuzz_settings, running_daemon, setup_vm
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
@@ -84,8 +84,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
         async with running_daemon() as (_, path), await Client.connect(path) as victim:
             vm = await setup_vm(victim, g)
             g.map(5, 0x400000, 0x200000)
-            g.write_entry(0x18, 5)
-            await victim.pasid_entry(vm, "00:03.0", 5)
+            await bind(victim, vm, g)
             before = await victim.dump()
             await _attack(path, plan, g.fd)
             # the victim session and its VM are untouched; new connections are served
@@ -104,11 +103,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
     assert not errors.records, [r.getMessage() for r in errors.records]
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@daemon_fuzz_settings(15)
 @given(st.lists(chunks(), min_size=1, max_size=4))
 def test_fuzz_one_connection_leaves_others_alone(plan: list[tuple[bytes, int]]) -> None:
     gc.collect()

@@ -17,6 +17,7 @@ from daemon_support import (
     PLAIN,
     TRANSLATING,
     MemfdGuest,
+    bind,
     running_daemon,
     setup_vm,
 )
@@ -70,8 +71,7 @@ async def test_sigkilled_client_frees_every_ppasid_and_table_entry() -> None:
             c, g, "survivor", devices=(("00:04.0", ENQCMD_TRANSLATING, "mdev"),)
         )
         g.map(5, 0x400000, 0x200000)
-        g.write_entry(0x20, 5)
-        await c.pasid_entry(survivor, "00:04.0", 5)
+        await bind(c, survivor, g, "00:04.0")
         baseline = await c.dump()
 
         proc = await asyncio.create_subprocess_exec(
@@ -150,8 +150,7 @@ async def test_serve_subprocess_status_and_sigterm(tmp_path: Path) -> None:
         c = await Client.connect(sock, timeout=60)
         vm = await setup_vm(c, g, devices=(("00:03.0", "3a:00.0", "vfio-pci"),))
         g.map(9, 0x400000, 0x200000)
-        g.write_entry(0x18, 9)
-        b = await c.pasid_entry(vm, "00:03.0", 9)
+        b = await bind(c, vm, g, vpasid=9)
         assert (b.ppasid, b.space) == (9, "global")  # the host file's policy is in force
 
         rc, out, err = await run_cli("status", "--socket", sock, "--json", "--vm", "vm1")

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import MemfdGuest, running_daemon, setup_vm
+from daemon_support import (
+    DEV,
+    GPA,
+    SID,
+    VA,
+    MemfdGuest,
+    bind,
+    bound_guest,
+    running_daemon,
+    setup_vm,
+)
 
 from vioasid.cli import main as cli_main
 from vioasid.client import (
@@ -44,18 +54,6 @@ from vioasid.model.errors import InvalidRequest
 from vioasid.model.memory import GuestMemory
 from vioasid.model.vm import FAULT_QUEUE_LIMIT
 from vioasid.protocol.daemon_codec import BAD_PAYLOAD, Codec, Role, frame
-
-DEV = "00:03.0"
-SID = 0x18
-VA, GPA = 0x40_0000, 0x20_0000
-
-
-def bound_guest() -> MemfdGuest:
-    """A guest whose vPASID 5 maps two pages at VA (entry written once a device is attached)."""
-    g = MemfdGuest()
-    g.map(5, VA, GPA, 0x2000)
-    return g
-
 
 Served = AsyncIterator[tuple[str, "subprocess.Popen[bytes]"]]
 
@@ -192,8 +190,7 @@ async def test_out_of_range_region_leaves_later_registers_working() -> None:
         with pytest.raises(Invalid, match="48-bit"):
             await c.register_vm("far", [MemoryRegion(g.fd, 1 << 52, 4096)])
         vm = await setup_vm(c, g)
-        g.write_entry(SID, 5)
-        await c.pasid_entry(vm, DEV, 5)
+        await bind(c, vm, g)
         [r] = await c.dma(vm, [DmaRequest(DEV, 5, VA + 8)])
         assert r.ok and r.gpa == GPA + 8
     g.close()
@@ -208,8 +205,7 @@ async def test_subscriber_that_never_reads_has_its_events_dropped_and_counted() 
     async with running_daemon() as (server, path):
         owner = await Client.connect(path)
         vm = await setup_vm(owner, g)
-        g.write_entry(SID, 5)
-        await owner.pasid_entry(vm, DEV, 5)
+        await bind(owner, vm, g)
         await owner.subscribe(vm, EventMask.FAULTS)
         # the owner stops reading
         server.loop.remove_reader(owner._transport.sock.fileno())
@@ -252,8 +248,7 @@ async def test_busy_connections_delay_a_one_request_client_by_a_turn_or_two(
     async with running_daemon() as (server, path):
         owner = await Client.connect(path)
         vm = await setup_vm(owner, g)
-        g.write_entry(SID, 5)
-        await owner.pasid_entry(vm, DEV, 5)
+        await bind(owner, vm, g)
         n = 1024
         bad = b"".join(DmaRequest(DEV, 5, 0x7000_0000 + i * 4096).pack() for i in range(n))
         noisy = [await Client.connect(path) for _ in range(8)]
@@ -544,8 +539,7 @@ async def test_socket_is_private_and_only_the_owner_changes_its_vm() -> None:
         owner = await Client.connect(path)
         other = await Client.connect(path)
         vm = await setup_vm(owner, g)
-        g.write_entry(SID, 5)
-        await owner.pasid_entry(vm, DEV, 5)
+        await bind(owner, vm, g)
         seen = await other.open_vm("vm1")  # same uid: may read
         assert "vm1" in (await other.dump())["vms"]
         for attempt in (

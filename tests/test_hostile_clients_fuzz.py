@@ -9,8 +9,8 @@ import os
 import socket
 
 import pytest
-from daemon_support import MemfdGuest, running_daemon, setup_vm
-from hypothesis import HealthCheck, given, settings
+from daemon_support import MemfdGuest, bind, daemon_fuzz_settings, running_daemon, setup_vm
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vioasid.client import Client, DmaRequest
@@ -90,8 +90,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
     try:
         async with running_daemon() as (_, path), await Client.connect(path) as victim:
             vm = await setup_vm(victim, g)
-            g.write_entry(0x18, 5)
-            await victim.pasid_entry(vm, "00:03.0", 5)
+            await bind(victim, vm, g)
             before = await victim.dump()
             attack = asyncio.ensure_future(_hostile(path, plan * 3, g.fd))
             served = 0
@@ -108,11 +107,7 @@ async def _round(plan: list[tuple[bytes, int]]) -> None:
         g.close()
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@daemon_fuzz_settings(20)
 @given(st.lists(frames(), min_size=1, max_size=6))
 def test_hostile_frames_while_a_good_client_is_served(plan: list[tuple[bytes, int]]) -> None:
     asyncio.run(_round(plan))

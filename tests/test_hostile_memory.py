@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from daemon_support import MemfdGuest, running_daemon
-from test_hostile_clients import DEV, SID, VA, bound_guest, serve_process
+from daemon_support import DEV, SID, VA, MemfdGuest, bound_guest, running_daemon
+from test_hostile_clients import serve_process
 
 from vioasid.client import Client, DmaRequest, Invalid, MemoryRegion
 from vioasid.daemon import service

@@ -101,12 +101,10 @@ def test_walker_never_raises(seed: int, rtaddr: int, reqs: list[WalkRequest], ca
         assert isinstance(fast, (int, Fault))
 
 
-@SETTINGS
-@given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8))
-def test_direct_path_agrees_with_general_walk(
-    seed: int, rtaddr: int, reqs: list[WalkRequest]
+def _assert_direct_agrees_with_general(
+    mem: GuestMemory, rtaddr: int, reqs: list[WalkRequest]
 ) -> None:
-    mem = hostile_memory(seed)
+    """The walker's direct path and its general walk answer every request alike (both calls)."""
     direct = Walker(mem, haw=HAW, caches=Caches(enabled=False))
     general = Walker(mem, haw=HAW, caches=Caches(enabled=False))
     general.direct = False
@@ -114,6 +112,15 @@ def test_direct_path_agrees_with_general_walk(
         assert direct.translate(rtaddr, req) == general.translate(rtaddr, req)
         a = direct.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
         assert a == general.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32), rtaddrs, st.lists(requests, min_size=1, max_size=8))
+def test_direct_path_agrees_with_general_walk(
+    seed: int, rtaddr: int, reqs: list[WalkRequest]
+) -> None:
+    mem = hostile_memory(seed)
+    _assert_direct_agrees_with_general(mem, rtaddr, reqs)
 
 
 @SETTINGS
@@ -130,13 +137,7 @@ def test_direct_path_agrees_with_general_walk_in_a_based_region(
     mem = hostile_memory(seed, base)
     assert mem.largest[0] == base
     rtaddr = (base + page * 4096) | 0x400
-    direct = Walker(mem, haw=HAW, caches=Caches(enabled=False))
-    general = Walker(mem, haw=HAW, caches=Caches(enabled=False))
-    general.direct = False
-    for req in reqs:
-        assert direct.translate(rtaddr, req) == general.translate(rtaddr, req)
-        a = direct.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
-        assert a == general.translate_fast(rtaddr, req.sid, req.addr, req.pasid, req.write)
+    _assert_direct_agrees_with_general(mem, rtaddr, reqs)
 
 
 def test_tables_below_the_largest_region() -> None:

@@ -20,11 +20,7 @@ def _source(lab: Lab, occupy: int = 0) -> None:
         "per-device",
         (("3a:00.0", False, False), ("3b:00.0", True, False), ("3c:00.0", True, False)),
     )
-    if occupy:
-        lab.vm("noise", "src", (("00:03.0", "3c:00.0", "mdev"),))
-        for x in range(1, occupy + 1):
-            lab.map("noise", x, 0x1000, 0x1000)
-            lab.bind("noise", "00:03.0", x)
+    lab.tenant("noise", "src", "3c:00.0", occupy)
     lab.vm("vm", "src", (("00:03.0", "3a:00.0", "vfio-pci"), ("00:04.0", "3b:00.0", "mdev")))
     lab.map("vm", 5, 0x400000, 0x200000)
     lab.map("vm", 9, 0x400000, 0x300000, write=False)
@@ -41,11 +37,7 @@ def _dest(lab: Lab, policy: str = "per-device", occupy: int = 0) -> None:
         policy,
         (("5e:00.0", False, False), ("5f:00.0", True, False), ("60:00.0", False, False)),
     )
-    if occupy:
-        lab.vm("resident", "dst", (("00:03.0", "5f:00.0", "mdev"),))
-        for x in range(1, occupy + 1):
-            lab.map("resident", x, 0x1000, 0x1000)
-            lab.bind("resident", "00:03.0", x)
+    lab.tenant("resident", "dst", "5f:00.0", occupy)
 
 
 FMAP = {"00:03.0": "5e:00.0", "00:04.0": "5f:00.0"}

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from qemu_support import qemu_or_skip
 
 from qemu_glue.migration.pasid import migrate_pasid
 from qemu_glue.migration.pasid_demo import make_host
 from qemu_glue.pasid_dma import VM_NAME, DmaDeviceArg, PasidDmaRig
 from qemu_glue.pasid_guest import pasid_iommu
-from qemu_glue.qemu.binary import QemuNotFound, choose
 from qemu_glue.qemu.process import QemuProcess
 from qemu_glue.qemu.vmspec import IommuMode, VmSpec
 from vioasid.formats.pasid_dma import FunctionType
@@ -27,12 +27,7 @@ MDEV, DEDICATED = (FunctionType.MDEV, 0x3C00), (FunctionType.DEDICATED, 0x3A00)
 @contextlib.asynccontextmanager
 async def _side(host: Host, fns: tuple[tuple[FunctionType, int], ...], mode: IommuMode,
                 *, incoming: bool) -> AsyncIterator[tuple[PasidDmaRig, QemuProcess]]:  # fmt: skip
-    try:
-        q = choose()
-    except QemuNotFound:
-        pytest.skip("no QEMU")
-    if not q.features.vfio_user:
-        pytest.skip("needs QEMU 11.1 (vfio-user-pci)")
+    q = qemu_or_skip(vfio_user=True)
     rig = PasidDmaRig([DmaDeviceArg(t, rid) for t, rid in fns], memory_mib=64, engine=host)
     async with rig:
         spec = VmSpec(name="refuse", memory_mib=64, iommu=pasid_iommu(mode), devices=rig.devices(),

@@ -7,10 +7,11 @@ vring set-up with eventfds, kicks, IOTLB updates/invalidations and the backend c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,31 @@ async def _setup(fe: FrontEnd, features: int, memfd: int, ring_base: int) -> tup
     return kick, call
 
 
+# the features the front-end acks (as QEMU's vhost-user-blk with iommu_platform=on)
+F = VirtioFeature
+FEATURES = (1 << F.VERSION_1) | (1 << F.ACCESS_PLATFORM) | (1 << F.PROTOCOL_FEATURES)
+
+
+@contextlib.asynccontextmanager
+async def _served(backend: VhostUserBlkBackend) -> AsyncIterator[tuple[FrontEnd, int, mmap.mmap]]:
+    """A front-end on a socketpair whose other end ``backend`` serves, and guest RAM (a memfd
+    and its mapping); at the end the session is waited for and everything is closed."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    session = asyncio.create_task(backend._serve_session(b))
+    memfd = os.memfd_create("ram")
+    os.ftruncate(memfd, RAM)
+    ram = mmap.mmap(memfd, RAM)
+    try:
+        yield FrontEnd(a), memfd, ram
+    finally:
+        a.close()
+        await asyncio.wait_for(session, 5)
+        await backend.close()
+        ram.close()
+        os.close(memfd)
+
+
 def _queue_read(ram: mmap.mmap, base: int, sector: int) -> None:
     """Driver side: one IN request of 4 KiB (header 0x10000, data 0x11000, status 0x12000)."""
     ram[0x10000:0x10010] = BLK_REQ_HDR.build(type=BlkType.IN, sector=sector)
@@ -204,90 +230,68 @@ async def test_backend_serves_a_read_in_walk_mode_while_translation_is_off(disk:
         regs_calls += 1
         return VtdRegs(gsts=0, rtaddr=0)  # GSTS.TES = 0: IOVA == GPA (SeaBIOS phase)
 
-    a, b = socket.socketpair()
-    a.setblocking(False)
     backend = VhostUserBlkBackend(disk, "/nonexistent.sock", translate="walk", regs=regs, sid=0x20)
-    session = asyncio.create_task(backend._serve_session(b))
-    memfd = os.memfd_create("ram")
-    os.ftruncate(memfd, RAM)
-    ram = mmap.mmap(memfd, RAM)
-    fe = FrontEnd(a)
-    feats = (1 << 32) | (1 << 33) | (1 << 30)
-    kick, call = await _setup(fe, feats, memfd, 0)
-    _queue_read(ram, 0, 2)
-    os.eventfd_write(kick, 1)
-    await _wait_call(call)
-    assert ram[0x12000] == BlkStatus.OK
-    assert ram[0x11000:0x12000] == disk.read_bytes()[1024 : 1024 + 4096]
-    assert int.from_bytes(ram[USED + 2 : USED + 4], "little") == 1
-    assert regs_calls == 1
-    st = VHOST_USER_VRING_STATE.packer.unpack(
-        await fe.call(R.GET_VRING_BASE, VHOST_USER_VRING_STATE.build(index=0, num=0))
-    )
-    assert st == (0, 1)
-    a.close()
-    await asyncio.wait_for(session, 5)
-    await backend.close()
-    ram.close()
-    for fd in (memfd, kick, call):
-        os.close(fd)
+    async with _served(backend) as (fe, memfd, ram):
+        kick, call = await _setup(fe, FEATURES, memfd, 0)
+        _queue_read(ram, 0, 2)
+        os.eventfd_write(kick, 1)
+        await _wait_call(call)
+        assert ram[0x12000] == BlkStatus.OK
+        assert ram[0x11000:0x12000] == disk.read_bytes()[1024 : 1024 + 4096]
+        assert int.from_bytes(ram[USED + 2 : USED + 4], "little") == 1
+        assert regs_calls == 1
+        st = VHOST_USER_VRING_STATE.packer.unpack(
+            await fe.call(R.GET_VRING_BASE, VHOST_USER_VRING_STATE.build(index=0, num=0))
+        )
+        assert st == (0, 1)
+        for fd in (kick, call):
+            os.close(fd)
 
 
 @pytest.mark.asyncio
 async def test_backend_qemu_iotlb_path_misses_updates_and_invalidates(disk: Path) -> None:
     """QEMU mode: every miss goes out on the backend channel; updates map back via uaddr."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
     chan_be, chan_fe = socket.socketpair()
     chan_fe.setblocking(False)
     backend = VhostUserBlkBackend(disk, "/nonexistent.sock", translate="qemu", sid=0x20)
-    session = asyncio.create_task(backend._serve_session(b))
-    memfd = os.memfd_create("ram")
-    os.ftruncate(memfd, RAM)
-    ram = mmap.mmap(memfd, RAM)
-    fe = FrontEnd(a)
-    await fe.send(R.SET_BACKEND_REQ_FD, b"", fds=[chan_be.fileno()])
-    chan_be.close()
-    feats = (1 << 32) | (1 << 33) | (1 << 30)
-    kick, call = await _setup(fe, feats, memfd, IOVA)
-    _queue_read(ram, IOVA, 0)
-    os.eventfd_write(kick, 1)
-    channel = FrontEnd(chan_fe)
-    misses = 0
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(call, _setter(done))
-    while not done.done():
-        recv: asyncio.Future[object] = asyncio.ensure_future(channel.recv())
-        waiting: set[asyncio.Future[object]] = {recv, done}  # type: ignore[arg-type]
-        finished, _ = await asyncio.wait(waiting, timeout=5, return_when="FIRST_COMPLETED")
-        if recv not in finished:
-            recv.cancel()
-            break
-        miss = recv.result()
-        assert miss.request == VhostUserBackendRequest.IOTLB_MSG  # type: ignore[attr-defined]
-        iova, _size, _uaddr, _perm, kind = VHOST_USER_IOTLB.packer.unpack(miss.payload)  # type: ignore[attr-defined]
-        assert kind == IotlbType.MISS and iova & 0xFFF == 0
-        misses += 1
-        gpa = iova - IOVA
-        upd = VHOST_USER_IOTLB.build(
-            iova=iova, size=4096, uaddr=UADDR + gpa, perm=3, type=IotlbType.UPDATE
-        )
-        ack = await fe.call(R.IOTLB_MSG, upd, need_reply=True)
-        assert VHOST_USER_U64.packer.unpack(ack)[0] == 0
-    loop.remove_reader(call)
-    assert done.done()
-    assert ram[0x12000] == BlkStatus.OK
-    assert ram[0x11000:0x12000] == disk.read_bytes()[:4096]
-    assert misses >= 5  # desc, avail, used, header, data, status pages
-    inv = VHOST_USER_IOTLB.build(iova=IOVA, size=1 << 20, type=IotlbType.INVALIDATE)
-    await fe.call(R.IOTLB_MSG, inv, need_reply=True)
-    s = backend.summary()
-    assert s["invalidations"] == 1 and s["qemu_misses"] == misses and s["faults"] == 0
-    a.close()
-    chan_fe.close()
-    await asyncio.wait_for(session, 5)
-    await backend.close()
-    ram.close()
-    for fd in (memfd, kick, call):
-        os.close(fd)
+    async with _served(backend) as (fe, memfd, ram):
+        await fe.send(R.SET_BACKEND_REQ_FD, b"", fds=[chan_be.fileno()])
+        chan_be.close()
+        kick, call = await _setup(fe, FEATURES, memfd, IOVA)
+        _queue_read(ram, IOVA, 0)
+        os.eventfd_write(kick, 1)
+        channel = FrontEnd(chan_fe)
+        misses = 0
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(call, _setter(done))
+        while not done.done():
+            recv: asyncio.Future[object] = asyncio.ensure_future(channel.recv())
+            waiting: set[asyncio.Future[object]] = {recv, done}  # type: ignore[arg-type]
+            finished, _ = await asyncio.wait(waiting, timeout=5, return_when="FIRST_COMPLETED")
+            if recv not in finished:
+                recv.cancel()
+                break
+            miss = recv.result()
+            assert miss.request == VhostUserBackendRequest.IOTLB_MSG  # type: ignore[attr-defined]
+            iova, _size, _uaddr, _perm, kind = VHOST_USER_IOTLB.packer.unpack(miss.payload)  # type: ignore[attr-defined]
+            assert kind == IotlbType.MISS and iova & 0xFFF == 0
+            misses += 1
+            gpa = iova - IOVA
+            upd = VHOST_USER_IOTLB.build(
+                iova=iova, size=4096, uaddr=UADDR + gpa, perm=3, type=IotlbType.UPDATE
+            )
+            ack = await fe.call(R.IOTLB_MSG, upd, need_reply=True)
+            assert VHOST_USER_U64.packer.unpack(ack)[0] == 0
+        loop.remove_reader(call)
+        assert done.done()
+        assert ram[0x12000] == BlkStatus.OK
+        assert ram[0x11000:0x12000] == disk.read_bytes()[:4096]
+        assert misses >= 5  # desc, avail, used, header, data, status pages
+        inv = VHOST_USER_IOTLB.build(iova=IOVA, size=1 << 20, type=IotlbType.INVALIDATE)
+        await fe.call(R.IOTLB_MSG, inv, need_reply=True)
+        s = backend.summary()
+        assert s["invalidations"] == 1 and s["qemu_misses"] == misses and s["faults"] == 0
+        chan_fe.close()
+        for fd in (kick, call):
+            os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,26 @@ def make(
     return q, Dma(lambda: mem, tr), tr
 
 
+def ring(
+    resolver: object | None = None, iova: int = 0
+) -> tuple[GuestMemory, Guest, SplitQueue, Dma, DeviceTranslator]:
+    """1 MiB of guest RAM, the driver side of its ring at ``iova`` and the device's queue,
+    translated by ``resolver`` (identity over that RAM unless given)."""
+    mem = GuestMemory.from_bytes(1 << 20)
+    if resolver is None:
+        resolver = IdentityResolver(lambda: mem)
+    q, dma, tr = make(mem, resolver, iova)
+    return mem, Guest(mem, iova), q, dma, tr
+
+
+@pytest.fixture
+def blk(disk: Path) -> Iterator[BlkDevice]:
+    """A virtio-blk device on the test disk, closed after the test."""
+    dev = BlkDevice(disk)
+    yield dev
+    dev.close()
+
+
 def hdr(t: int, sector: int) -> bytes:
     return BLK_REQ_HDR.build(type=t, sector=sector)
 
@@ -118,11 +139,8 @@ async def serve(q: SplitQueue, dma: Dma, blk: BlkDevice) -> int:
 
 
 @pytest.mark.asyncio
-async def test_write_then_read_roundtrip_identity(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
-    g = Guest(mem)
-    q, dma, tr = make(mem, IdentityResolver(lambda: mem))
-    blk = BlkDevice(disk)
+async def test_write_then_read_roundtrip_identity(disk: Path, blk: BlkDevice) -> None:
+    mem, g, q, dma, tr = ring()
     payload = os.urandom(3 * 4096 + 512)  # multi-page, crosses page boundaries
     mem.write(0x10000, hdr(BlkType.OUT, 8))
     mem.write(0x10800, payload)  # unaligned start inside a page
@@ -137,17 +155,13 @@ async def test_write_then_read_roundtrip_identity(disk: Path) -> None:
     assert g.used(1)[1] == len(payload) + 1
     assert disk.read_bytes()[8 * 512 : 8 * 512 + len(payload)] == payload
     assert tr.stats.translations > 0
-    blk.close()
 
 
 @pytest.mark.asyncio
-async def test_translated_addresses_and_fault_gives_ioerr(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
+async def test_translated_addresses_and_fault_gives_ioerr(disk: Path, blk: BlkDevice) -> None:
     mapped = {0x1000, 0x2000, 0x3000, 0x10000, 0x11000, 0x20000}
     res = OffsetResolver(mapped)
-    g = Guest(mem, IOVA_BASE)
-    q, dma, tr = make(mem, res, IOVA_BASE)
-    blk = BlkDevice(disk)
+    mem, g, q, dma, tr = ring(res, IOVA_BASE)
     before = disk.read_bytes()
     mem.write(0x10000, hdr(BlkType.IN, 0))
     mem.write(0x60000, b"\xaa" * 8192)  # unmapped target: must stay untouched
@@ -162,16 +176,12 @@ async def test_translated_addresses_and_fault_gives_ioerr(disk: Path) -> None:
     assert tr.stats.faults == 2
     assert tr.stats.fault_log[0]["reason"] == FaultReason.FS_PAGING_ENTRY_P
     assert disk.read_bytes() == before
-    blk.close()
 
 
 @pytest.mark.asyncio
-async def test_iotlb_hits_and_invalidation(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
+async def test_iotlb_hits_and_invalidation(blk: BlkDevice) -> None:
     res = OffsetResolver({0x1000, 0x2000, 0x3000, 0x10000, 0x20000})
-    g = Guest(mem, IOVA_BASE)
-    q, dma, tr = make(mem, res, IOVA_BASE)
-    blk = BlkDevice(disk)
+    mem, g, q, dma, tr = ring(res, IOVA_BASE)
     mem.write(0x10000, hdr(BlkType.GET_ID, 0))
     for _ in range(3):
         g.submit(g.chain([(0x10000, 16, False), (0x20100, 20, True), (0x20000, 1, True)]))
@@ -183,29 +193,21 @@ async def test_iotlb_hits_and_invalidation(disk: Path) -> None:
     g.submit(g.chain([(0x10000, 16, False), (0x20100, 20, True), (0x20000, 1, True)]))
     await serve(q, dma, blk)
     assert res.calls == calls + 1  # only the invalidated page is walked again
-    blk.close()
 
 
 @pytest.mark.asyncio
-async def test_corrupt_descriptor_address_faults_not_crashes(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
-    g = Guest(mem)
-    q, dma, tr = make(mem, IdentityResolver(lambda: mem))
-    blk = BlkDevice(disk)
+async def test_corrupt_descriptor_address_faults_not_crashes(blk: BlkDevice) -> None:
+    mem, g, q, dma, tr = ring()
     mem.write(0x10000, hdr(BlkType.OUT, 0))
     g.submit(g.chain([(0x10000, 16, False), (0xDEAD_0000_0000, 4096, False), (0x20000, 1, True)]))
     assert await serve(q, dma, blk) == 1
     assert mem.read(0x20000, 1) == bytes([BlkStatus.IOERR])
     assert tr.stats.faults == 1
-    blk.close()
 
 
 @pytest.mark.asyncio
-async def test_indirect_and_loop_detection(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
-    g = Guest(mem)
-    q, dma, _ = make(mem, IdentityResolver(lambda: mem))
-    blk = BlkDevice(disk)
+async def test_indirect_and_loop_detection(disk: Path, blk: BlkDevice) -> None:
+    mem, g, q, dma, _ = ring()
     table = 0x70000
     mem.write(0x10000, hdr(BlkType.IN, 1))
     for i, (a, n, f) in enumerate(
@@ -226,7 +228,6 @@ async def test_indirect_and_loop_detection(disk: Path) -> None:
     g.submit(1)
     with pytest.raises(ChainError):
         await q.pop(dma)
-    blk.close()
 
 
 @pytest.mark.asyncio
@@ -240,9 +241,7 @@ async def test_ring_itself_unmapped_raises_dmafault(disk: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_huge_indirect_table_is_bounded_by_queue_size(disk: Path) -> None:
-    mem = GuestMemory.from_bytes(1 << 20)
-    g = Guest(mem)
-    q, dma, _ = make(mem, IdentityResolver(lambda: mem))
+    mem, g, q, dma, _ = ring()
     table = 0x70000
     for i in range(QSIZE + 4):  # a chain of QSIZE + 4 entries inside one indirect table
         flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
@@ -253,22 +252,17 @@ async def test_huge_indirect_table_is_bounded_by_queue_size(disk: Path) -> None:
         await q.pop(dma)
 
 
-class FixedResolver:
+class FixedResolver(IdentityResolver):
     """Answers every page with GPA = IOVA + shift (a stand-in for QEMU in cross-check)."""
 
     name = "fixed"
 
     def __init__(self, shift: int) -> None:
+        super().__init__()
         self.shift = shift
 
     def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved:
         return Resolved((iova & ~0xFFF) + self.shift, True, True, "fixed")
-
-    async def resolve(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
-        return self.resolve_now(iova, write, pasid)
-
-    async def refresh(self) -> None:
-        return None
 
 
 @pytest.mark.asyncio
