@@ -12,26 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from guest_tests.specs import image_vm
 from images.build import GuestImage
 from images.guest import patterns
 from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
-from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VirtioBlk, VmSpec, kernel_cmdline
+from qemu_glue.qemu.vmspec import IommuMode, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader, VtdRegisters
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0
 
 
-def _spec(image: GuestImage, disk: Path, mode: IommuMode, **kw: object) -> VmSpec:
-    return VmSpec(
-        name=f"boot-{mode}",
-        iommu=IommuSpec(mode=mode),
-        devices=(VirtioBlk(disk),),
-        kernel=image.kernel,
-        initrd=image.initrd,
-        append=kernel_cmdline(mode, strict=True, loop=bool(kw.get("loop"))),
-    )
+def _spec(image: GuestImage, disk: Path, mode: IommuMode, *, loop: bool = False) -> VmSpec:
+    cmdline = kernel_cmdline(mode, strict=True, loop=loop)
+    return image_vm(image, f"boot-{mode}", mode, cmdline, VirtioBlk(disk))
 
 
 @pytest.mark.asyncio

@@ -8,10 +8,11 @@ import re
 
 import pytest
 
+from guest_tests.specs import image_vm
 from images.build import DRIVER_MODULE, GuestImage
 from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
-from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, VmSpec, kernel_cmdline
+from qemu_glue.qemu.vmspec import IommuMode, kernel_cmdline
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT_S = 240.0
@@ -20,15 +21,9 @@ KERNEL_TROUBLE = re.compile(r"BUG:|Oops|WARNING:|Call Trace:|general protection|
 
 @pytest.mark.asyncio
 async def test_driver_loads_and_reloads_without_a_device(image: GuestImage) -> None:
-    spec = VmSpec(
-        name="driver-load",
-        iommu=IommuSpec(mode=IommuMode.SCALABLE_FS),
-        kernel=image.kernel,
-        initrd=image.initrd,
-        append=kernel_cmdline(
-            IommuMode.SCALABLE_FS, tests=["pasid"], extra="vioasid.pasid=reload loglevel=7"
-        ),
-    )
+    mode = IommuMode.SCALABLE_FS
+    cmdline = kernel_cmdline(mode, tests=["pasid"], extra="vioasid.pasid=reload loglevel=7")
+    spec = image_vm(image, "driver-load", mode, cmdline)
     async with launch(spec) as vm:
         run = await watch_guest(vm, BOOT_TIMEOUT_S)
     console = [line.text for line in vm.console]

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from guest_tests.specs import image_vm
 from images.build import GuestImage
 from images.guest import patterns
 from images.guest.markers import DONE
 from qemu_glue.guest_runner import watch_guest
 from qemu_glue.qemu.process import launch
-from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, RawArgs, VirtioBlk, VmSpec, kernel_cmdline
+from qemu_glue.qemu.vmspec import IommuMode, RawArgs, VirtioBlk, VmSpec, kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from qemu_glue.trace_check import CheckCounts, TraceChecker, check_paused, trace_args
 from vioasid.model.cache import Caches
@@ -60,15 +61,9 @@ def throttled_disk(path: Path) -> RawArgs:
 
 
 def _spec(image: GuestImage, disk: Path, trace: Path, mode: IommuMode, strict: bool) -> VmSpec:
-    return VmSpec(
-        name=f"trace-{mode}",
-        iommu=IommuSpec(mode=mode),
-        devices=(throttled_disk(disk),),
-        kernel=image.kernel,
-        initrd=image.initrd,
-        append=kernel_cmdline(mode, strict=strict, tests=GUEST_TESTS, loop=True),
-        extra_args=trace_args(trace),
-    )
+    cmdline = kernel_cmdline(mode, strict=strict, tests=GUEST_TESTS, loop=True)
+    disk_arg = throttled_disk(disk)
+    return image_vm(image, f"trace-{mode}", mode, cmdline, disk_arg, extra_args=trace_args(trace))
 
 
 @pytest.mark.asyncio

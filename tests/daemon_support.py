@@ -128,6 +128,18 @@ async def running_daemon(host: Host | None = None) -> AsyncIterator[tuple[Server
             await server.close()
 
 
+@contextlib.asynccontextmanager
+async def daemon_clients(count: int = 2) -> AsyncIterator[list[Client]]:
+    """An in-process daemon and ``count`` clients connected to it, closed at the end."""
+    async with running_daemon() as (_, path):
+        clients = [await Client.connect(path) for _ in range(count)]
+        try:
+            yield clients
+        finally:
+            for c in clients:
+                await c.close()
+
+
 async def setup_vm(
     client: Client,
     guest: MemfdGuest,

@@ -25,6 +25,7 @@ from daemon_support import (
     MemfdGuest,
     bind,
     bound_guest,
+    daemon_clients,
     daemon_vm,
     running_daemon,
     setup_vm,
@@ -64,9 +65,7 @@ async def test_features() -> None:
 @pytest.mark.asyncio
 async def test_register_open_unregister() -> None:
     g = MemfdGuest()
-    async with running_daemon() as (_, path):
-        owner = await Client.connect(path)
-        other = await Client.connect(path)
+    async with daemon_clients() as (owner, other):
         vm = await owner.register_vm("vm1", [g.region()])
         assert await other.open_vm("vm1") == vm
         with pytest.raises(NotFound):
@@ -82,8 +81,6 @@ async def test_register_open_unregister() -> None:
         with pytest.raises(NotFound):
             await other.dump(vm)
         assert (await other.dump())["vms"] == {}
-        await owner.close()
-        await other.close()
     g.close()
 
 
@@ -205,9 +202,7 @@ async def test_domain_global_context_and_iotlb_invalidations() -> None:
 @pytest.mark.asyncio
 async def test_batched_dma_in_order_faults_and_events() -> None:
     g = bound_guest()
-    async with running_daemon() as (_, path):
-        c = await Client.connect(path)
-        watcher = await Client.connect(path)
+    async with daemon_clients() as (c, watcher):
         vm = await setup_vm(c, g)
         await bind(c, vm, g)
         with pytest.raises(NotOwner):  # only the owner may subscribe to its VM's faults
@@ -238,8 +233,6 @@ async def test_batched_dma_in_order_faults_and_events() -> None:
         # by tag: the host function + the PASID on the wire
         [t] = await c.dma(vm, [DmaRequest(PLAIN, 5, VA, by_tag=True)])
         assert t.ok and t.gpa == GPA
-        await c.close()
-        await watcher.close()
     g.close()
 
 

@@ -599,6 +599,14 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, err
 
 
+def _one_vm_scenario(memory: str) -> str:
+    """Scenario TOML: host "h" with function 3a:00.0 and VM "v" of ``memory`` on it."""
+    return (
+        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
+        f'[[vm]]\nname = "v"\nhost = "h"\nmemory = "{memory}"\n'
+    )
+
+
 @pytest.mark.parametrize(
     "content",
     [b"\xff\xfe not utf-8 = 1\n", b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n"],
@@ -622,9 +630,8 @@ def test_scenario_with_a_date_in_expect_ends_with_an_error_line(
 ) -> None:
     f = tmp_path / "date.toml"
     f.write_text(
-        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
-        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "4M"\n'
-        '[[vm.device]]\nrid = "00:03.0"\nfunction = "3a:00.0"\nassign = "vfio-pci"\n'
+        _one_vm_scenario("4M")
+        + '[[vm.device]]\nrid = "00:03.0"\nfunction = "3a:00.0"\nassign = "vfio-pci"\n'
         '[[step]]\nop = "dump"\nvm = "v"\nexpect = { when = 1979-05-27 }\n'
     )
     rc, err = _cli(capsys, "scenario", str(f))
@@ -641,10 +648,7 @@ def test_scenario_exhausting_the_guest_page_pool_ends_with_an_error_line(
         f'[[step]]\nop = "map"\nvm = "v"\nvpasid = 1\nva = {i << 39}\ngpa = 4096\nsize = 4096\n'
         for i in range(256)
     )
-    f.write_text(
-        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
-        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "2M"\n' + steps
-    )
+    f.write_text(_one_vm_scenario("2M") + steps)
     rc, err = _cli(capsys, "scenario", str(f))
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "page-table pool is exhausted" in err
@@ -654,10 +658,7 @@ def test_scenario_with_memory_the_host_cannot_map_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     f = tmp_path / "huge.toml"
-    f.write_text(
-        '[[host]]\nname = "h"\n[[host.function]]\nrid = "3a:00.0"\n'
-        '[[vm]]\nname = "v"\nhost = "h"\nmemory = "64G"\n'  # more than this machine maps
-    )
+    f.write_text(_one_vm_scenario("64G"))  # more memory than this machine maps
     rc, err = _cli(capsys, "scenario", str(f))
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
 
