@@ -263,6 +263,13 @@ def _jobs(case: Case, g: GuestLog, dev: str | None = None, least: int = 1) -> No
     case.observed.append(f"{ok} random-data jobs ok on {where}")
 
 
+def _case(out: list[Case], name: str, summary: str) -> Case:
+    """A new case, listed in ``out``."""
+    c = Case(name, summary)
+    out.append(c)
+    return c
+
+
 def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
     """The cases of the one-guest per-device run."""
     out: list[Case] = []
@@ -289,12 +296,12 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
             "(1, per-rid), tag 1 (the mediation converts); jobs ok",
         ),
     ):
-        c = Case(name, summary)
+        c = _case(out, name, summary)
         _bind(c, g, c.name, dev, 5, (ppasid, "per-rid"))
         _jobs(c, g, least=4)
-        out.append(c)
 
-    c = Case(
+    c = _case(
+        out,
         "enqcmd-portal",
         f"vPASID 5 on the ENQCMD+translating function -> the VM's global "
         f"pPASID {cpu_g} (CPU PASID table 5 -> {cpu_g}), reused (no new value) by the ENQCMD "
@@ -319,9 +326,9 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
         )
     c.observed.append("vPASID 77 refused at both portals (error refused, EACCES)")
     _jobs(c, g, least=8)
-    out.append(c)
 
-    c = Case(
+    c = _case(
+        out,
         "trouble-case",
         f"vPASID 5 on the dedicated function (pPASID 5) and in the CPU table "
         f"(5 -> {cpu_g}); binding 5 to the non-translating ENQCMD function needs global "
@@ -340,9 +347,9 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
     c.observed.append(f"dmesg: {dm.split('] ', 1)[-1]}")
     _jobs(c, g, "dma0", least=3)
     _jobs(c, g, "dma4", least=2)
-    out.append(c)
 
-    c = Case(
+    c = _case(
+        out,
         "trouble-case-legal",
         f"legal variants: vPASID 6 on the dedicated function (6, "
         f"per-rid) and on the translating ENQCMD function (a new global value, "
@@ -354,9 +361,9 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
     _bind(c, g, c.name, "dma0", 9, (9, "per-rid"))
     _bind(c, g, c.name, "dma3", 9, (9, "global"))
     _jobs(c, g, least=8)
-    out.append(c)
 
-    c = Case(
+    c = _case(
+        out,
         "exhausted",
         "mdev of a parent with 2 PASID bits: vPASIDs 11, 12, 13 -> pPASIDs "
         "1, 2, 3; the bind of 14 fails in the guest with exhausted (ENOSPC), no table "
@@ -366,10 +373,8 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
         _bind(c, g, c.name, "dma6", x, (pp, "per-rid"))
     _bind(c, g, c.name, "dma6", 14, "exhausted")
     _jobs(c, g, least=3)
-    out.append(c)
 
-    c = policy_case(g, "per-device")
-    out.append(c)
+    out.append(policy_case(g, "per-device"))
     return out
 
 

@@ -93,5 +93,6 @@ def test_the_script_runs_the_checks_markers_name() -> None:
     order = re.findall(r"^\s*want ([a-z-]+) && check_", text, flags=re.M)
     assert tuple(order) == PASID_CHECKS
     for name in PASID_CHECKS:  # every check reports under its own name
-        reports = rf"(result {re.escape(name)} (pass|fail|skip)|verdict {re.escape(name)} )"
+        n = re.escape(name)  # verdict or finish (cleanup, then verdict) say pass/fail
+        reports = rf"(result {n} (pass|fail|skip)|(verdict|finish) {n} )"
         assert re.search(reports, text), name

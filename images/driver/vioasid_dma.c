@@ -471,39 +471,54 @@ static struct vdma_binding *vdma_bound(struct vdma_func *f, u32 pasid)
 	return b;
 }
 
-static int vdma_map(struct vdma_func *f, const struct vdma_cmd *c)
+/*
+ * The binding of @c->pasid, with the pages of the window at @at (@c->len bytes) all mapped
+ * (@mapped) or all unmapped (!@mapped); else an ERR_PTR, its result line saying why.
+ */
+static struct vdma_binding *vdma_window(struct vdma_func *f, const struct vdma_cmd *c, u64 at,
+					bool mapped)
 {
 	struct vdma_binding *b = vdma_bound(f, c->pasid);
-	unsigned long first = c->at / VDMA_PAGE_SIZE, n = c->len / VDMA_PAGE_SIZE;
+	unsigned long first = at / VDMA_PAGE_SIZE, end = first + c->len / VDMA_PAGE_SIZE;
+
+	if (!b)
+		return ERR_PTR(-ENXIO);
+	if (mapped && find_next_zero_bit(b->mapped, end, first) < end)
+		return ERR_PTR(vdma_result(f, -EINVAL,
+					   "error not-mapped window 0x%llx+0x%llx not mapped", at,
+					   c->len));
+	if (!mapped && find_next_bit(b->mapped, end, first) < end)
+		return ERR_PTR(vdma_result(f, -EBUSY,
+					   "error busy window 0x%llx+0x%llx already mapped", at,
+					   c->len));
+	return b;
+}
+
+static int vdma_map(struct vdma_func *f, const struct vdma_cmd *c)
+{
+	struct vdma_binding *b = vdma_window(f, c, c->at, false);
 	int prot = IOMMU_READ | (c->rw ? IOMMU_WRITE : 0);
 	int ret;
 
-	if (!b)
-		return -ENXIO;
-	if (find_next_bit(b->mapped, first + n, first) < first + n)
-		return vdma_result(f, -EBUSY, "error busy window 0x%llx+0x%llx already mapped",
-				   c->at, c->len);
+	if (IS_ERR(b))
+		return PTR_ERR(b);
 	ret = iommu_map(b->domain, vdma_iova(c->pasid, c->at), page_to_phys(f->buf) + c->off,
 			c->len, prot, GFP_KERNEL);
 	if (ret)
 		return vdma_result(f, ret, "error map iommu_map: %d", ret);
-	bitmap_set(b->mapped, first, n);
+	bitmap_set(b->mapped, c->at / VDMA_PAGE_SIZE, c->len / VDMA_PAGE_SIZE);
 	return vdma_result(f, 0, "ok");
 }
 
 static int vdma_unmap(struct vdma_func *f, const struct vdma_cmd *c)
 {
-	struct vdma_binding *b = vdma_bound(f, c->pasid);
-	unsigned long first = c->off / VDMA_PAGE_SIZE, n = c->len / VDMA_PAGE_SIZE;
+	struct vdma_binding *b = vdma_window(f, c, c->off, true);
 	size_t done;
 
-	if (!b)
-		return -ENXIO;
-	if (find_next_zero_bit(b->mapped, first + n, first) < first + n)
-		return vdma_result(f, -EINVAL, "error not-mapped window 0x%llx+0x%llx not mapped",
-				   c->off, c->len);
+	if (IS_ERR(b))
+		return PTR_ERR(b);
 	done = iommu_unmap(b->domain, vdma_iova(c->pasid, c->off), c->len);
-	bitmap_clear(b->mapped, first, n);
+	bitmap_clear(b->mapped, c->off / VDMA_PAGE_SIZE, c->len / VDMA_PAGE_SIZE);
 	if (done != c->len)
 		return vdma_result(f, -EIO, "error internal iommu_unmap: %zu of %llu bytes", done,
 				   c->len);
@@ -821,36 +836,19 @@ static int vdma_file_release(struct inode *inode, struct file *file)
 static ssize_t vdma_read(struct file *file, char __user *ubuf, size_t count, loff_t *ppos)
 {
 	struct vdma_func *f = file->private_data;
-	loff_t pos = *ppos;
-	size_t n;
 
-	if (pos < 0)
-		return -EINVAL;
-	if (pos >= VDMA_BUF_SIZE)
-		return 0;
-	n = min_t(size_t, count, VDMA_BUF_SIZE - pos);
-	if (copy_to_user(ubuf, f->buf_va + pos, n))
-		return -EFAULT;
-	*ppos = pos + n;
-	return n;
+	return simple_read_from_buffer(ubuf, count, ppos, f->buf_va, VDMA_BUF_SIZE);
 }
 
 static ssize_t vdma_write(struct file *file, const char __user *ubuf, size_t count,
 			  loff_t *ppos)
 {
 	struct vdma_func *f = file->private_data;
-	loff_t pos = *ppos;
-	size_t n;
 
-	if (pos < 0)
-		return -EINVAL;
-	if (pos >= VDMA_BUF_SIZE)
-		return count ? -ENOSPC : 0;
-	n = min_t(size_t, count, VDMA_BUF_SIZE - pos);
-	if (copy_from_user(f->buf_va + pos, ubuf, n))
-		return -EFAULT;
-	*ppos = pos + n;
-	return n;
+	/* the buffer is full: past its end a write fails, as on a full disk */
+	if (*ppos >= VDMA_BUF_SIZE && count)
+		return -ENOSPC;
+	return simple_write_to_buffer(f->buf_va, VDMA_BUF_SIZE, ppos, ubuf, count);
 }
 
 static loff_t vdma_llseek(struct file *file, loff_t off, int whence)

@@ -32,6 +32,22 @@ iova() { hex $(($1 * WIN + $2)); }
 # bind_or_fail NAME: bind a PASID on D0 (P), or report NAME failed and return 1
 bind_or_fail() { bind "$D0" || { result "$1" fail "$D0" 0 "bind: $R"; return 1; }; }
 
+# bind_map NAME: bind_or_fail, then map the whole buffer read-write (p=P); 1 if either failed
+bind_map() {
+  bind_or_fail "$1" || return 1
+  p=$P
+  cmd "$D0" map "$p" 0 "$BUF" rw && return 0
+  result "$1" fail "$D0" "$p" "map: $R"
+  cleanup "$D0" "$p"
+  return 1
+}
+
+# finish NAME WHAT: unbind p on D0, then NAME's verdict
+finish() {
+  cleanup "$D0" "$p"
+  verdict "$1" "$D0" "$p" "$2"
+}
+
 # verdict NAME DEV PASID WHAT: NAME passed (WHAT) unless $detail says why it failed
 verdict() {
   if [ -z "$detail" ]; then result "$1" pass "$2" "$3" "$4"; else result "$1" fail "$2" "$3" "$detail"; fi
@@ -120,9 +136,7 @@ check_bind_unbind() {
 }
 
 check_copy() { # random data, unaligned offsets, multi-page lengths, 6 rounds
-  bind_or_fail copy || return
-  p=$P
-  cmd "$D0" map "$p" 0 "$BUF" rw || { result copy fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
+  bind_map copy || return
   detail=""
   for round in 1 2 3 4 5 6; do
     len=$((4096 + $(rand 61440)))   # 1..16 pages, any length
@@ -145,14 +159,11 @@ check_copy() { # random data, unaligned offsets, multi-page lengths, 6 rounds
       break
     fi
   done
-  cleanup "$D0" "$p"
-  verdict copy "$D0" "$p" "6 random copies, unaligned, up to 16 pages"
+  finish copy "6 random copies, unaligned, up to 16 pages"
 }
 
 check_fill() {
-  bind_or_fail fill || return
-  p=$P
-  cmd "$D0" map "$p" 0 "$BUF" rw || { result fill fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
+  bind_map fill || return
   detail=""
   for round in 1 2 3 4; do
     len=$((1 + $(rand 40000)))
@@ -168,14 +179,11 @@ check_fill() {
     get "$D0" $((dst - 1)) $((len + 2)) "$work/b"
     if ! same "$work/want" "$work/b"; then detail="round $round: fill $dst $len $byte wrong"; break; fi
   done
-  cleanup "$D0" "$p"
-  verdict fill "$D0" "$p" "4 random fills, edges intact"
+  finish fill "4 random fills, edges intact"
 }
 
 check_compare() {
-  bind_or_fail compare || return
-  p=$P
-  cmd "$D0" map "$p" 0 "$BUF" rw || { result compare fail "$D0" "$p" "map: $R"; cleanup "$D0" "$p"; return; }
+  bind_map compare || return
   len=$((8192 + $(rand 20000)))
   a=$((3 + $(rand 100000))) b=$((600001 + $(rand 100000)))
   randfile "$len" "$work/a"
@@ -191,8 +199,7 @@ check_compare() {
   put "$D0" "$mid" "$work/y"
   cmd "$D0" compare "$p" "$a" "$b" "$len"
   [ "$R" = "ok equal=0" ] || detail="$detail; one byte changed: $R"
-  cleanup "$D0" "$p"
-  verdict compare "$D0" "$p" "equal=1 then equal=0 ($len bytes)"
+  finish compare "equal=1 then equal=0 ($len bytes)"
 }
 
 check_isolation() { # PASID A's mapping is unreachable through PASID B
@@ -225,8 +232,7 @@ check_ro_fault() {
   elif ! want_fault "$p" "$(iova "$p" 4100)" 1; then
     detail="$detail write to ro: $R"
   fi
-  cleanup "$D0" "$p"
-  verdict ro-write-fault "$D0" "$p" "write fault at $(iova "$p" 4100)"
+  finish ro-write-fault "write fault at $(iova "$p" 4100)"
 }
 
 check_unmapped_fault() {
@@ -239,8 +245,7 @@ check_unmapped_fault() {
   elif ! want_fault "$p" "$(iova "$p" 0x50010)" 0; then
     detail="$detail unmapped read: $R"
   fi
-  cleanup "$D0" "$p"
-  verdict unmapped-fault "$D0" "$p" "read fault at $(iova "$p" 0x50010)"
+  finish unmapped-fault "read fault at $(iova "$p" 0x50010)"
 }
 
 check_unbind_fault() {
@@ -291,8 +296,7 @@ check_remap() { # an IOVA remapped to another page is seen at once, 50 times (an
     FAULT=
     i=$((i + 1))
   done
-  cleanup "$D0" "$p"
-  verdict remap "$D0" "$p" "50 remaps of $(iova "$p" "$w"), each seen at once"
+  finish remap "50 remaps of $(iova "$p" "$w"), each seen at once"
 }
 
 check_shared() { # the same PASID on two functions
@@ -360,8 +364,7 @@ check_batch() {
   else
     want_fault "$p" "$(iova "$p" $((524288 + 8 * 4096)))" 1 || detail="$detail faulting batch: $R"
   fi
-  cleanup "$D0" "$p"
-  verdict batch "$D0" "$p" "16 jobs per doorbell; job 9 faults at its page"
+  finish batch "16 jobs per doorbell; job 9 faults at its page"
 }
 
 check_every_function() { # each function (each type) binds and copies

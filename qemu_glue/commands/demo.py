@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_glue.commands import demo_migrate, demo_seed
-from qemu_glue.commands.options import add_guest_options, qemu_choice
+from qemu_glue.commands.options import add_guest_options, add_switch, qemu_choice
 from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
 from qemu_glue.pasid_guest import (
     ALL_TYPES,
@@ -294,11 +294,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_guest_options(p, cross_check=True)
     p.add_argument("--console", action="store_true", help="show the guest console on stderr")
-    p.add_argument(
+    add_switch(
+        p,
         "--pasid",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="also one PASID DMA function of each type over vfio-user, driven by the guest's "
+        None,
+        "also one PASID DMA function of each type over vfio-user, driven by the guest's "
         "vioasid_dma.ko (default: on when the QEMU has vfio-user-pci, i.e. 11.1)",
     )
     p.add_argument("--timeout", type=float, default=420.0, help="seconds (default 420)")

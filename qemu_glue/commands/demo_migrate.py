@@ -17,10 +17,11 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from qemu_glue.commands.options import qemu_choice
+from qemu_glue.migration.attempts import DemoResultBase
 from qemu_glue.migration.demo import FAILURE_MODES, DemoOptions, DemoResult, run_migration_demo
 from qemu_glue.migration.pasid_demo import FAILURE_MODES as PASID_FAILURE_MODES
 from qemu_glue.migration.pasid_demo import PasidDemoOptions, PasidDemoResult, run_pasid_migration
@@ -115,15 +116,7 @@ def _print_human(res: DemoResult) -> None:
         f"passes ({g['after_migration']} passed after the last migration)"
     )
     print(f"backing file: {'matches' if res.disk_ok else 'MISMATCH'} {res.disk_mismatches or ''}")
-    for p in res.problems:
-        print(f"problem: {p}")
-    for e in res.report.errors:
-        print(f"guest error: {e}")
-    if not res.ok and res.console_tail:
-        print("last console lines:")
-        for line in res.console_tail[-15:]:
-            print(f"  | {line}")
-    print("PASS" if res.ok else "FAIL")
+    _print_end(res, res.ok, res.report.errors)
 
 
 def _print_pasid(res: PasidDemoResult) -> None:
@@ -144,13 +137,20 @@ def _print_pasid(res: PasidDemoResult) -> None:
     j = doc["pasid"]["jobs"]
     print(f"guest PASID jobs: {j['ok']} verified, {j['failed']} failed "
           f"({doc['pasid']['rounds']} rounds)")  # fmt: skip
+    _print_end(res, res.ok)
+
+
+def _print_end(res: DemoResultBase[Any], ok: bool, guest_errors: Sequence[str] = ()) -> None:
+    """The run's problems, the console's last lines if it failed, PASS or FAIL."""
     for p in res.problems:
         print(f"problem: {p}")
-    if not res.ok and res.console_tail:
+    for e in guest_errors:
+        print(f"guest error: {e}")
+    if not ok and res.console_tail:
         print("last console lines:")
         for line in res.console_tail[-15:]:
             print(f"  | {line}")
-    print("PASS" if res.ok else "FAIL")
+    print("PASS" if ok else "FAIL")
 
 
 def _progress(msg: str) -> None:

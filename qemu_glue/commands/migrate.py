@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+from qemu_glue.commands.options import add_switch
 from qemu_glue.migration.live import (
     MigrationError,
     MigrationResult,
@@ -232,11 +233,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-precopy", action="store_true", help="import only at switch-over")
     p.add_argument("--no-iommu-check", action="store_true", help="skip the vIOMMU comparison")
-    p.add_argument(
-        "--hold",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="keep the imported VM until the destination QEMU exits (default on)",
+    add_switch(
+        p, "--hold", True, "keep the imported VM until the destination QEMU exits (default on)"
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

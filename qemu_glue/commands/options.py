@@ -35,6 +35,11 @@ def qemu_choice(args: argparse.Namespace) -> QemuChoice:
         raise UsageError(str(exc)) from None
 
 
+def add_switch(p: argparse.ArgumentParser, flag: str, default: bool | None, help: str) -> None:
+    """An on/off option: ``--flag`` and ``--no-flag``."""
+    p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help)
+
+
 def add_guest_options(p: argparse.ArgumentParser, *, cross_check: bool) -> None:
     """QEMU, accelerator, vIOMMU and translation options of a command that boots a guest."""
     add_qemu_option(p)
@@ -57,17 +62,14 @@ def add_guest_options(p: argparse.ArgumentParser, *, cross_check: bool) -> None:
         choices=["walk", "qemu"],
         help="walk: vioasid walks the guest's tables (default); qemu: ask QEMU",
     )
-    p.add_argument(
+    add_switch(
+        p,
         "--cross-check",
-        default=cross_check,
-        action=argparse.BooleanOptionalAction,
-        help="also ask QEMU for every translation and count agreement "
+        cross_check,
+        "also ask QEMU for every translation and count agreement "
         f"(default {'on' if cross_check else 'off'})",
     )
     p.add_argument("--caching-mode", action="store_true", help="intel-iommu caching-mode=on")
-    p.add_argument(
-        "--follow-iq",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="also decode the guest's invalidation queue (QMP reads; default on)",
+    add_switch(
+        p, "--follow-iq", True, "also decode the guest's invalidation queue (QMP reads; default on)"
     )

@@ -20,16 +20,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from images.guest import patterns
 from images.guest.markers import DONE, INIT, STOPPED, TEST, GuestReport
+from qemu_glue.migration.attempts import (
+    AttemptBase,
+    DemoOptionsBase,
+    DemoResultBase,
+    Progress,
+    ensure_kernel,
+)
 from qemu_glue.migration.live import MigrationResult, Reserve, VpasidHandover, migrate
 from qemu_glue.migration.rig import BlkVm, Daemon, SerialChain, VmOptions, host_toml, workdir
 from qemu_glue.migration.vpasid_reserve import (
@@ -42,8 +47,7 @@ from qemu_glue.migration.vpasid_reserve import (
     ppasid_table,
     register,
 )
-from qemu_glue.qemu.binary import QemuChoice
-from qemu_glue.qemu.vmspec import Accel, IommuMode, IommuSpec, kernel_cmdline
+from qemu_glue.qemu.vmspec import IommuSpec, kernel_cmdline
 from vioasid.client import Client
 from vioasid.model.faults import bdf_str, parse_bdf
 from vioasid.model.memory import GuestMemory
@@ -57,7 +61,6 @@ FUNCTIONS = ((PLAIN, False, False), (TRANSLATING, False, True), (ENQCMD, True, F
              (ENQCMD_TRANSLATING, True, True))  # fmt: skip
 TENANT_BINDINGS = {"host-a": 2, "host-b": 8}  # other VMs' vPASIDs already bound on each host
 FAILURE_MODES = ("corrupt", "conflict")
-Progress = Callable[[str], None]
 
 
 def guest_devices(vpasids: int) -> list[VirtualDevice]:
@@ -70,71 +73,32 @@ def guest_devices(vpasids: int) -> list[VirtualDevice]:
 
 
 @dataclass
-class DemoOptions:
-    count: int = 1
-    iommu: IommuMode = IommuMode.SCALABLE_FS
-    accel: Accel = Accel.TCG
-    memory_mib: int = 256
+class DemoOptions(DemoOptionsBase):
     vpasids: int = 16  # per virtual device
-    failures: tuple[str, ...] = ()  # refused attempts before the first migration (tests)
-    boot_timeout: float = 300.0
-    timeout: float = 600.0
-    kernel: Any = None  # images.build.GuestImage fields (filled by run_migration_demo)
-    initrd: Any = None
-    qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
 
 
 @dataclass
-class Attempt:
+class Attempt(AttemptBase[MigrationResult]):
     """One migration attempt as the demo saw it."""
 
-    source: str
-    destination: str
-    result: MigrationResult
-    forced: str | None = None
-    checks: list[str] = field(default_factory=list)  # what went wrong around it
     dma_ok: int = 0
     dirty_pages_marked: int = 0  # by the source's vhost-user-blk back-end while logging
     dirty_logs_mapped: int = 0  # SET_LOG_BASE the source's back-end received
     dirty_log_enables: int = 0  # times QEMU turned its logging on
 
-    def to_json(self) -> dict[str, Any]:
-        out = self.result.to_json()
-        out.update(
-            source=self.source,
-            destination=self.destination,
-            forced=self.forced,
-            checks=self.checks,
-            dma_ok=self.dma_ok,
-            dirty_pages_marked=self.dirty_pages_marked,
-            dirty_logs_mapped=self.dirty_logs_mapped,
-            dirty_log_enables=self.dirty_log_enables,
-        )
-        return out
-
 
 @dataclass
-class DemoResult:
-    attempts: list[Attempt] = field(default_factory=list)
+class DemoResult(DemoResultBase[Attempt]):
     report: GuestReport = field(default_factory=GuestReport)
     tests_after_migration: int = 0
     disk_ok: bool = False
     disk_mismatches: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    console_tail: list[str] = field(default_factory=list)
-    wall_seconds: float = 0.0
     bindings: int = 0
-
-    @property
-    def migrations(self) -> list[Attempt]:
-        return [a for a in self.attempts if a.forced is None]
 
     @property
     def ok(self) -> bool:
         return (
-            not self.problems
-            and all(a.result.ok and not a.checks for a in self.migrations)
-            and all(not a.result.ok and not a.checks for a in self.attempts if a.forced)
+            self.attempts_ok
             and self.report.failed == 0
             and self.report.passed > 0
             and not self.report.errors
@@ -145,8 +109,7 @@ class DemoResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "migrations": [a.to_json() for a in self.migrations],
-            "refused_attempts": [a.to_json() for a in self.attempts if a.forced],
+            **self.attempts_json(),
             "guest_tests": {
                 "passed": self.report.passed,
                 "failed": self.report.failed,
@@ -221,14 +184,9 @@ async def _check_dma(client: Client, vm: int, tables: VpasidTables, att: Attempt
 async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: None) -> DemoResult:
     """Run the demo (see the module docstring); never raises for a guest or migration
     failure — those end up in the result."""
-    from images.build import ensure_image
-
     t0 = time.monotonic()
     out = DemoResult()
-    if opts.kernel is None:
-        progress("preparing the test guest image")
-        img = await asyncio.to_thread(ensure_image, progress)
-        opts.kernel, opts.initrd = img.kernel, img.initrd
+    await ensure_kernel(opts, progress)
     async with workdir() as wd, contextlib.AsyncExitStack() as stack:
         disk = patterns.make_disk(wd / "disk.raw")
         daemons = [Daemon(n, wd, host_toml(n, FUNCTIONS)) for n in HOSTS]
@@ -307,10 +265,7 @@ async def run_migration_demo(opts: DemoOptions, progress: Progress = lambda _m: 
                 att = Attempt(HOSTS[s], HOSTS[d], res, forced)
                 out.attempts.append(att)
                 if forced is not None:
-                    if res.ok:
-                        att.checks.append("the forced failure was not refused")
-                    if res.source_status != "running":
-                        att.checks.append(f"source is {res.source_status}, not running")
+                    att.refusal_checks()
                     if await _state(clients[s]) != before_src:
                         att.checks.append("source daemon state changed")
                     if await _state(clients[d]) != before_dst:

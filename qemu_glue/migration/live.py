@@ -37,6 +37,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qemu_glue.migration.steps import (
+    DEFAULT_MAX_BANDWIDTH,
+    ConvergenceHold,
+    final_figures,
+    set_up,
+    wait_status,
+)
 from qemu_glue.migration.vpasid_reserve import digest, ppasid_table
 from qemu_glue.qemu.qmp import (
     MIGRATION,
@@ -46,7 +53,6 @@ from qemu_glue.qemu.qmp import (
     EventStream,
     Qmp,
     QmpError,
-    QmpTimeout,
 )
 from vioasid.client import Client, ImportResult, MemoryRegion, RequestError
 from vioasid.model.memory import GuestMemory
@@ -57,10 +63,7 @@ Rid = str | int
 IOMMU_TYPES = ("intel-iommu",)
 _SKIP_PROPS = {"type", "parent_bus", "realized", "hotplugged", "hotpluggable"}
 PRECOPY_WAIT_S = 30.0  # longest the pre-copy waits for the tables (holding convergence)
-QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's default downtime-limit
-HOLD_DOWNTIME_LIMIT_MS = 0  # while the pre-copy runs: keep iterating (1 ms may still fit MiBs)
 RESERVE_WAIT_S = 20.0  # at switch-over: how long the destination may take to load the tables
-DEFAULT_MAX_BANDWIDTH = 8 << 30  # bytes/s: QEMU's default 128 MiB/s makes TCG runs slow
 
 
 class MigrationError(Exception):
@@ -232,7 +235,7 @@ def _event_time(ev: Mapping[str, Any]) -> float:
     return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
 
 
-class _Migration:
+class _Migration(ConvergenceHold):
     """State of one :func:`migrate` run."""
 
     def __init__(self, src: Qmp, dst: Qmp, handover: VpasidHandover | None) -> None:
@@ -284,14 +287,6 @@ class _Migration:
                 self.importing = False
         finally:
             await self.release_convergence()
-
-    async def release_convergence(self) -> None:
-        """Let the migration converge (the pre-copy held it back with a tiny downtime limit)."""
-        if self.held is None:
-            return
-        limit, self.held = self.held, None
-        with contextlib.suppress(QmpError):
-            await self.src.execute("migrate-set-parameters", {"downtime-limit": limit})
 
     async def switchover(self, res: MigrationResult) -> ImportResult:
         """The VM is stopped: final export, compare, (re-)import. Raises RequestError."""
@@ -360,24 +355,7 @@ async def _wait_status(
     ev: EventStream, want: set[str], timeout: float, on_event: Callable[[dict[str, Any]], None]
 ) -> str:
     """Follow MIGRATION events until one of ``want`` (or failed/cancelled) arrives."""
-    deadline = time.monotonic() + timeout
-    stop = want | {"failed", "cancelled"}
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise MigrationError(f"migration did not reach {'/'.join(sorted(want))} in time")
-        try:
-            e = await ev.get(left)
-        except QmpTimeout:
-            raise MigrationError(
-                f"migration did not reach {'/'.join(sorted(want))} in time"
-            ) from None
-        on_event(e)
-        if e.get("event") == MIGRATION:
-            status = str(e.get("data", {}).get("status", ""))
-            log.debug("source migration status %s", status)
-            if status in stop:
-                return status
+    return await wait_status(ev, want, timeout, on_event, MigrationError)
 
 
 async def migrate(
@@ -404,30 +382,13 @@ async def migrate(
     if vpasid is not None:
         dump = await vpasid.src.dump(vpasid.src_vm)
         res.ppasids_before = ppasid_table(dump, vpasid.name)
-    await src.execute(
-        "migrate-set-capabilities",
-        {
-            "capabilities": [
-                {"capability": "pause-before-switchover", "state": True},
-                {"capability": "events", "state": True},
-            ]
-        },
+    m.held = await set_up(
+        src,
+        dst,
+        max_bandwidth=max_bandwidth,
+        downtime_limit_ms=downtime_limit_ms,
+        hold=vpasid is not None and vpasid.precopy,
     )
-    await dst.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
-    params: dict[str, Any] = {}
-    if max_bandwidth is not None:
-        params["max-bandwidth"] = max_bandwidth
-    if downtime_limit_ms is not None:
-        params["downtime-limit"] = downtime_limit_ms
-    if vpasid is not None and vpasid.precopy:
-        # Hold convergence (QEMU completes once the rest fits the downtime limit) until the
-        # vPASID state is pre-copied, so the switch-over does not wait for the import.
-        m.held = downtime_limit_ms if downtime_limit_ms is not None else QEMU_DOWNTIME_LIMIT_MS
-        params["downtime-limit"] = HOLD_DOWNTIME_LIMIT_MS
-    if params:
-        await src.execute("migrate-set-parameters", params)
 
     stop_t: float | None = None
     resume_t: float | None = None
@@ -510,16 +471,13 @@ async def migrate(
 
 
 async def _finish(res: MigrationResult, src: Qmp) -> MigrationResult:
-    with contextlib.suppress(QmpError):
-        info = await src.execute("query-migrate")
-        res.downtime_ms = info.get("downtime")
-        res.total_ms = info.get("total-time")
-        res.setup_ms = info.get("setup-time")
-        ram = info.get("ram", {})
-        res.ram = {k: ram[k] for k in ("transferred", "duplicate", "normal", "dirty-sync-count")
-                   if k in ram}  # fmt: skip
-    with contextlib.suppress(QmpError):
-        res.source_status = await src.query_status()
+    info, res.source_status = await final_figures(src)
+    res.downtime_ms = info.get("downtime")
+    res.total_ms = info.get("total-time")
+    res.setup_ms = info.get("setup-time")
+    ram = info.get("ram", {})
+    res.ram = {k: ram[k] for k in ("transferred", "duplicate", "normal", "dirty-sync-count")
+               if k in ram}  # fmt: skip
     return res
 
 

@@ -46,16 +46,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from qemu_glue.migration.live import (
-    DEFAULT_MAX_BANDWIDTH,
-    HOLD_DOWNTIME_LIMIT_MS,
-    QEMU_DOWNTIME_LIMIT_MS,
-    iommu_config,
-    iommu_differences,
-)
+from qemu_glue.migration import steps
+from qemu_glue.migration.live import iommu_config, iommu_differences
 from qemu_glue.pasid_dma import VM_NAME, PasidDmaRig
 from qemu_glue.qemu.qmp import (
     MIGRATION,
@@ -158,13 +153,7 @@ class BindingMove:
     ppasid_after: int | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "type": self.type,
-            "vpasid": self.vpasid,
-            "ppasid_before": self.ppasid_before,
-            "ppasid_after": self.ppasid_after,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -241,7 +230,7 @@ class _Refused(Exception):
 # -- the migration ----------------------------------------------------------------------------
 
 
-class _PasidMigration:
+class _PasidMigration(steps.ConvergenceHold):
     def __init__(
         self, src: Qmp, dst: Qmp, src_rig: PasidDmaRig, dst_rig: PasidDmaRig, hook: Hook | None
     ) -> None:
@@ -306,13 +295,6 @@ class _PasidMigration:
             log.info("no trial import within %.0f s: importing at switch-over", PRECOPY_WAIT_S)
         finally:
             await self.release_convergence()
-
-    async def release_convergence(self) -> None:
-        if self.held is None:
-            return
-        limit, self.held = self.held, None
-        with contextlib.suppress(QmpError):
-            await self.src.execute("migrate-set-parameters", {"downtime-limit": limit})
 
     async def settle(self) -> None:
         t = self.task
@@ -379,18 +361,7 @@ class _PasidMigration:
 
 
 async def _wait(ev: EventStream, want: set[str], timeout: float, on: Callable[[Any], None]) -> str:
-    deadline = time.monotonic() + timeout
-    stop = want | {"failed", "cancelled"}
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"migration did not reach {'/'.join(sorted(want))} in time")
-        e = await ev.get(left)
-        on(e)
-        if e.get("event") == MIGRATION:
-            status = str(e.get("data", {}).get("status", ""))
-            if status in stop:
-                return status
+    return await steps.wait_status(ev, want, timeout, on, TimeoutError)
 
 
 async def _wait_destination(ev: EventStream, dst: Qmp, timeout: float) -> None:
@@ -433,7 +404,7 @@ async def migrate_pasid(
     vfio_user: bool = True,
     timeout: float = 300.0,
     precopy: bool = True,
-    max_bandwidth: int | None = DEFAULT_MAX_BANDWIDTH,
+    max_bandwidth: int | None = steps.DEFAULT_MAX_BANDWIDTH,
     hook: Hook | None = None,
 ) -> PasidMigrationResult:
     """Migrate the guest of ``src`` (served by ``src_rig``) to ``dst`` (``-S -incoming
@@ -489,20 +460,7 @@ async def _migrate_pasid(
     for f in src_rig.functions:
         m.config[f.guest_rid] = await read_config(src, f.guest_rid)
         await write_config(dst, f.guest_rid, m.config[f.guest_rid])
-    await src.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "pause-before-switchover", "state": True},
-        {"capability": "events", "state": True}]})  # fmt: skip
-    await dst.execute(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
-    params: dict[str, Any] = {}
-    if max_bandwidth is not None:
-        params["max-bandwidth"] = max_bandwidth
-    if precopy:
-        m.held = QEMU_DOWNTIME_LIMIT_MS
-        params["downtime-limit"] = HOLD_DOWNTIME_LIMIT_MS
-    if params:
-        await src.execute("migrate-set-parameters", params)
+    m.held = await steps.set_up(src, dst, max_bandwidth=max_bandwidth, hold=precopy)
 
     stop_t: float | None = None
 
@@ -621,12 +579,9 @@ def _start_refusal(src: PasidDmaRig, dst: PasidDmaRig, vfio_user: bool) -> str |
 
 
 async def _finish(res: PasidMigrationResult, src: Qmp, dst: Qmp | None) -> PasidMigrationResult:
-    with contextlib.suppress(QmpError):
-        info = await src.execute("query-migrate")
-        res.downtime_ms = info.get("downtime")
-        res.total_ms = info.get("total-time")
-    with contextlib.suppress(QmpError):
-        res.source_status = await src.query_status()
+    info, res.source_status = await steps.final_figures(src)
+    res.downtime_ms = info.get("downtime")
+    res.total_ms = info.get("total-time")
     if dst is not None:
         with contextlib.suppress(QmpError):
             res.dst_status = await dst.query_status()

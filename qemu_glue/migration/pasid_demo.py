@@ -33,13 +33,20 @@ from typing import Any
 
 from images.guest import patterns
 from images.guest.markers import parse_prefixed
+from qemu_glue.migration.attempts import (
+    AttemptBase,
+    DemoOptionsBase,
+    DemoResultBase,
+    Progress,
+    ensure_kernel,
+)
 from qemu_glue.migration.pasid import PasidMigrationResult, migrate_pasid
 from qemu_glue.migration.rig import BlkVm, VmOptions, workdir
 from qemu_glue.migration.vpasid_reserve import VirtualDevice, VpasidTables
 from qemu_glue.pasid_dma import VM_NAME, DmaDeviceArg, PasidDmaRig
 from qemu_glue.pasid_guest import pasid_iommu
 from qemu_glue.qemu.binary import QemuChoice
-from qemu_glue.qemu.vmspec import Accel, IommuMode, kernel_cmdline
+from qemu_glue.qemu.vmspec import kernel_cmdline
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
 from vioasid.formats.pasid_dma import FunctionType
 from vioasid.model.engine import Host
@@ -59,7 +66,6 @@ GUEST_FUNCTIONS: tuple[tuple[FunctionType, int], ...] = (
 TENANT_BINDINGS = {"host-a": 2, "host-b": 8}
 FAILURE_MODES = ("exhausted", "conflict", "dst-dies", "dst-dies-late", "import-aborted")
 PREFIX = "VIOASID-PASID-"
-Progress = Callable[[str], None]
 
 
 def make_host(name: str, *, allocation: str = "per-device") -> Host:
@@ -112,44 +118,18 @@ def exhaust(host: Host) -> list[int]:
 
 
 @dataclass
-class PasidDemoOptions:
+class PasidDemoOptions(DemoOptionsBase):
     count: int = 2
-    iommu: IommuMode = IommuMode.SCALABLE_FS
-    accel: Accel = Accel.TCG
     memory_mib: int = 512
-    failures: tuple[str, ...] = ()
     types: tuple[FunctionType, ...] = tuple(t for t, _ in GUEST_FUNCTIONS)  # the functions
     extra_bindings: int = 0  # more PASIDs the guest binds (no jobs), for bigger migrations
     precopy: bool = True
-    boot_timeout: float = 300.0
-    timeout: float = 600.0
-    kernel: Any = None
-    initrd: Any = None
-    qemu: QemuChoice | None = None
 
 
 @dataclass
-class PasidAttempt:
-    source: str
-    destination: str
-    result: PasidMigrationResult
-    forced: str | None = None
-    checks: list[str] = field(default_factory=list)
+class PasidAttempt(AttemptBase[PasidMigrationResult]):
     rounds_before: int = 0  # guest rounds done on the source when it stopped
     dst_bindings_after_refusal: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = self.result.to_json()
-        out.update(
-            source=self.source,
-            destination=self.destination,
-            forced=self.forced,
-            checks=self.checks,
-            rounds_before=self.rounds_before,
-        )
-        if self.dst_bindings_after_refusal is not None:
-            out["dst_bindings_after_refusal"] = self.dst_bindings_after_refusal
-        return out
 
 
 @dataclass
@@ -185,27 +165,17 @@ class LoopReport:
 
 
 @dataclass
-class PasidDemoResult:
-    attempts: list[PasidAttempt] = field(default_factory=list)
+class PasidDemoResult(DemoResultBase[PasidAttempt]):
     loop: LoopReport = field(default_factory=LoopReport)
     rounds_after_last: int = 0
-    problems: list[str] = field(default_factory=list)
     device_jobs: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
-    console_tail: list[str] = field(default_factory=list)
-    wall_seconds: float = 0.0
     leftover_bindings: dict[str, int] = field(default_factory=dict)  # guest's, per host, at end
-
-    @property
-    def migrations(self) -> list[PasidAttempt]:
-        return [a for a in self.attempts if a.forced is None]
 
     @property
     def ok(self) -> bool:
         return (
-            not self.problems
+            self.attempts_ok
             and bool(self.migrations)
-            and all(a.result.ok and not a.checks for a in self.migrations)
-            and all(not a.result.ok and not a.checks for a in self.attempts if a.forced)
             and self.loop.done is not None
             and self.loop.failed == 0
             and not self.loop.failures
@@ -217,8 +187,7 @@ class PasidDemoResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "migrations": [a.to_json() for a in self.migrations],
-            "refused_attempts": [a.to_json() for a in self.attempts if a.forced],
+            **self.attempts_json(),
             "pasid": {
                 "jobs": {"ok": self.loop.ok, "failed": self.loop.failed},
                 "device_jobs": self.device_jobs,
@@ -288,14 +257,9 @@ async def run_pasid_migration(
     on_attempt: Callable[[PasidAttempt, Host, Host], Awaitable[None]] | None = None,
 ) -> PasidDemoResult:
     """Run it (module docstring); never raises for a guest or migration failure."""
-    from images.build import ensure_image
-
     t_start = time.monotonic()
     out = PasidDemoResult()
-    if opts.kernel is None:
-        progress("preparing the test guest image")
-        img = await asyncio.to_thread(ensure_image, progress)
-        opts.kernel, opts.initrd = img.kernel, img.initrd
+    await ensure_kernel(opts, progress)
     sides = hosts or (make_host(HOSTS[0]), make_host(HOSTS[1]))
     tenants = [add_tenant(h, TENANT_BINDINGS.get(h.name, 2)) for h in sides]
     names = [h.name for h in sides]
@@ -367,10 +331,7 @@ async def run_pasid_migration(
                     await on_attempt(att, sides[s], sides[d])
                 if forced is not None:
                     _undo_failure(forced, sides[d])
-                    if res.ok:
-                        att.checks.append("the forced failure was not refused")
-                    if res.source_status != "running":
-                        att.checks.append(f"source is {res.source_status}, not running")
+                    att.refusal_checks()
                     if _engine_state(sides[s]) != before_src:
                         att.checks.append("source engine state changed")
                     left = _guest_bindings(sides[d], exclude=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qemu_glue.qemu.process import QemuError, launch
@@ -32,12 +32,7 @@ class AccelChoice:
     probe_s: float | None = None  # how long the KVM probe took (auto only)
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "accel": str(self.accel),
-            "requested": self.requested,
-            "reason": self.reason,
-            "probe_s": self.probe_s,
-        }
+        return {**asdict(self), "accel": str(self.accel)}
 
 
 _cache: dict[tuple[str, str], tuple[bool, str, float]] = {}

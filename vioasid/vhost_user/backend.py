@@ -616,11 +616,15 @@ class VhostUserBlkBackend:
         self._restart_pending = True  # the guest may have turned translation on meanwhile
         log.info("vring %d: desc 0x%x avail 0x%x used 0x%x", index, desc, avail, used)
 
-    def _on_SET_VRING_KICK(self, msg: Message) -> None:
+    def _vring_fd(self, msg: Message) -> tuple[SplitQueue, int | None]:
+        """SET_VRING_KICK/CALL/ERR: the queue and its eventfd (None: VHOST_USER_VRING_NOFD)."""
         val = msg.u64()
         q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        return q, None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+
+    def _on_SET_VRING_KICK(self, msg: Message) -> None:
+        q, fd = self._vring_fd(msg)
         self._stop_queue(q)
-        fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
         q.kick_fd = fd
         q.started = True
         if not self.features & (1 << VirtioFeature.PROTOCOL_FEATURES):
@@ -632,18 +636,16 @@ class VhostUserBlkBackend:
         self._schedule(q.index)
 
     def _on_SET_VRING_CALL(self, msg: Message) -> None:
-        val = msg.u64()
-        q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        q, fd = self._vring_fd(msg)
         if q.call_fd is not None:
             os.close(q.call_fd)
-        q.call_fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+        q.call_fd = fd
 
     def _on_SET_VRING_ERR(self, msg: Message) -> None:
-        val = msg.u64()
-        q = self._queue(val & VHOST_USER_VRING_IDX_MASK)
+        q, fd = self._vring_fd(msg)
         if q.err_fd is not None:
             os.close(q.err_fd)
-        q.err_fd = None if val & VHOST_USER_VRING_NOFD else msg.take_fd()
+        q.err_fd = fd
 
     def _on_SET_VRING_ENABLE(self, msg: Message) -> None:
         index, enable = VHOST_USER_VRING_STATE.packer.unpack_from(msg.payload)

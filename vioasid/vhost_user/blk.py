@@ -36,6 +36,10 @@ SEG_MAX = 126  # queue size 128 minus header and status descriptors
 
 BLK_FEATURES = (1 << BlkFeature.SEG_MAX) | (1 << BlkFeature.BLK_SIZE) | (1 << BlkFeature.FLUSH)
 
+_IoOp = Callable[[int, Sequence[memoryview], int], int]
+_READ: tuple[_IoOp, str] = (os.preadv, "short read from backing file")
+_WRITE: tuple[_IoOp, str] = (os.pwritev, "short write to backing file")
+
 
 @dataclass
 class BlkStats:
@@ -103,9 +107,10 @@ class BlkDevice:
         data_out = _skip_head(readable, BLK_REQ_HDR.size)
         try:
             if rtype == BlkType.IN:
-                status, n = await self._read(dma, sector, data_in)
+                status, n = await self._move(dma, sector, data_in, True)
             elif rtype == BlkType.OUT:
-                status, n = await self._write(dma, sector, data_out), 0
+                status, _ = await self._move(dma, sector, data_out, False)
+                n = 0
             elif rtype == BlkType.FLUSH:
                 self.stats.flushes += 1
                 os.fdatasync(self.fd)
@@ -137,28 +142,29 @@ class BlkDevice:
             return False
         return sector * BLK_SECTOR_SIZE + length <= self.size
 
-    async def _read(self, dma: Dma, sector: int, bufs: list[Buffer]) -> tuple[BlkStatus, int]:
+    async def _move(
+        self, dma: Dma, sector: int, bufs: list[Buffer], to_guest: bool
+    ) -> tuple[BlkStatus, int]:
+        """An IN request (``to_guest``: the disk's bytes into the guest's buffers) or an OUT
+        one; the status and the bytes moved."""
         total = sum(b.len for b in bufs)
-        if not self._range_ok(sector, total):
+        if (self.readonly and not to_guest) or not self._range_ok(sector, total):
             self.stats.ioerr += 1
             return BlkStatus.IOERR, 0
+        op, short = _READ if to_guest else _WRITE
         t0 = time.perf_counter()
         # everything translated first (a fault touches nothing), the I/O inside the gate
-        t1 = await dma.transfer(
-            bufs, True, partial(self._io, os.preadv, sector, "short read from backing file")
-        )
+        t1 = await dma.transfer(bufs, to_guest, partial(self._io, op, sector, short))
         self._timed(t0, t1, time.perf_counter())
-        self.stats.reads += 1
-        self.stats.bytes_read += total
+        if to_guest:
+            self.stats.reads += 1
+            self.stats.bytes_read += total
+        else:
+            self.stats.writes += 1
+            self.stats.bytes_written += total
         return BlkStatus.OK, total
 
-    def _io(
-        self,
-        op: Callable[[int, Sequence[memoryview], int], int],
-        sector: int,
-        short: str,
-        views: list[memoryview],
-    ) -> float:
+    def _io(self, op: _IoOp, sector: int, short: str, views: list[memoryview]) -> float:
         """The file I/O of one request (inside the DMA gate); returns when it started."""
         t1 = time.perf_counter()
         self._transfer(op, views, sector * BLK_SECTOR_SIZE, short)
@@ -168,13 +174,7 @@ class BlkDevice:
         self.times.add("translate", t1 - t0)
         self.times.add("io", t2 - t1)
 
-    def _transfer(
-        self,
-        op: Callable[[int, Sequence[memoryview], int], int],
-        views: list[memoryview],
-        off: int,
-        short: str,
-    ) -> None:
+    def _transfer(self, op: _IoOp, views: list[memoryview], off: int, short: str) -> None:
         """Run ``os.preadv``/``os.pwritev`` over ``views`` at ``off`` until all bytes moved."""
         done = 0
         while views:
@@ -183,20 +183,6 @@ class BlkDevice:
                 raise OSError(short)
             done += n
             views = _advance(views, n)
-
-    async def _write(self, dma: Dma, sector: int, bufs: list[Buffer]) -> BlkStatus:
-        total = sum(b.len for b in bufs)
-        if self.readonly or not self._range_ok(sector, total):
-            self.stats.ioerr += 1
-            return BlkStatus.IOERR
-        t0 = time.perf_counter()
-        t1 = await dma.transfer(
-            bufs, False, partial(self._io, os.pwritev, sector, "short write to backing file")
-        )
-        self._timed(t0, t1, time.perf_counter())
-        self.stats.writes += 1
-        self.stats.bytes_written += total
-        return BlkStatus.OK
 
     async def _get_id(self, dma: Dma, bufs: list[Buffer]) -> tuple[BlkStatus, int]:
         data = self.serial.encode()[:BLK_ID_BYTES].ljust(BLK_ID_BYTES, b"\0")

@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import TracebackType
 
 from vioasid.formats.virtio import (
     VHOST_USER_IOTLB,
@@ -53,10 +52,11 @@ log = logging.getLogger(__name__)
 _IOTLB = VHOST_USER_IOTLB.packer
 IOTLB_MSG_BYTES = HDR_SIZE + VHOST_USER_IOTLB.size
 IOTLB_ACK = encode_reply(VhostUserRequest.IOTLB_MSG, encode_u64(0))
-_IOTLB_MSG = int(VhostUserRequest.IOTLB_MSG)
-_INVALIDATE = int(IotlbType.INVALIDATE)
-_NEED_REPLY = int(VHOST_USER_NEED_REPLY)
-_VERSION = int(VHOST_USER_VERSION)
+# what a lone invalidation looks like (also the C reader's layout, vioasid/vhost_user/native.py)
+IOTLB_REQUEST = int(VhostUserRequest.IOTLB_MSG)
+IOTLB_INVALIDATE = int(IotlbType.INVALIDATE)
+NEED_REPLY = int(VHOST_USER_NEED_REPLY)
+HDR_VERSION = int(VHOST_USER_VERSION)
 # While the reader thread waits for the GIL the loop's thread keeps it this long at most: the
 # ack's latency when the loop is busy in Python code (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.00002
@@ -101,12 +101,7 @@ class InvalidationGate:
             self._lock.release()
             raise
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
 
@@ -208,14 +203,14 @@ class FrontendReader:
         """Handle a lone invalidation here; False if it is anything else (then forwarded)."""
         t0 = time.perf_counter()
         request, flags, size = unpack_header(view)
-        if request != _IOTLB_MSG or size != VHOST_USER_IOTLB.size or flags & 0x3 != _VERSION:
+        if request != IOTLB_REQUEST or size != VHOST_USER_IOTLB.size or flags & 0x3 != HDR_VERSION:
             return False
         iova, isize, _uaddr, _perm, kind = _IOTLB.unpack_from(view, HDR_SIZE)
-        if kind != _INVALIDATE:
+        if kind != IOTLB_INVALIDATE:
             return False  # updates answer the loop's misses: keep them in order there
         self.gate.post(iova, isize)
         self.invalidations += 1  # counted before the ack: whoever saw the ack sees the count
-        if flags & _NEED_REPLY and self.acks():
+        if flags & NEED_REPLY and self.acks():
             self.conn.sendall(IOTLB_ACK)
         times = self.times
         gap = t0 - self._last

@@ -27,19 +27,11 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from vioasid.formats.virtio import (
-    VHOST_USER_HDR,
-    VHOST_USER_IOTLB,
-    VHOST_USER_NEED_REPLY,
-    VHOST_USER_VERSION,
-    IotlbType,
-    VhostUserRequest,
-)
+from vioasid.formats.virtio import VHOST_USER_HDR, VHOST_USER_IOTLB
 from vioasid.protocol.transport import TooManyFds, recv_with_fds
-from vioasid.vhost_user.iotlb_reader import DRAIN_AT, IOTLB_ACK, IOTLB_MSG_BYTES
+from vioasid.vhost_user import iotlb_reader as py
 from vioasid.vhost_user.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
@@ -78,10 +70,10 @@ def _layout() -> _Layout:
     h, p = VHOST_USER_HDR.offsets, VHOST_USER_IOTLB.offsets
     base = VHOST_USER_HDR.size
     lay = _Layout(
-        msg_bytes=IOTLB_MSG_BYTES,
-        request=int(VhostUserRequest.IOTLB_MSG),
-        version=VHOST_USER_VERSION,
-        need_reply=VHOST_USER_NEED_REPLY,
+        msg_bytes=py.IOTLB_MSG_BYTES,
+        request=py.IOTLB_REQUEST,
+        version=py.HDR_VERSION,
+        need_reply=py.NEED_REPLY,
         payload=VHOST_USER_IOTLB.size,
         req_off=h["request"],
         flags_off=h["flags"],
@@ -89,10 +81,10 @@ def _layout() -> _Layout:
         iova_off=base + p["iova"],
         isize_off=base + p["size"],
         type_off=base + p["type"],
-        invalidate=int(IotlbType.INVALIDATE),
-        ack_len=len(IOTLB_ACK),
+        invalidate=py.IOTLB_INVALIDATE,
+        ack_len=len(py.IOTLB_ACK),
     )
-    lay.ack[: len(IOTLB_ACK)] = list(IOTLB_ACK)
+    lay.ack[: len(py.IOTLB_ACK)] = list(py.IOTLB_ACK)
     return lay
 
 
@@ -264,12 +256,7 @@ class NativeReader:
             self.lib.vr_exit(h)
             raise
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self.lib.vr_exit(self._handle)
 
@@ -307,7 +294,7 @@ class NativeReader:
         finally:
             if self._handle is not None:
                 self.lib.vr_handled(self._handle, len(data), int(partial))
-        if self._handle is not None and self.lib.vr_pending(self._handle) >= DRAIN_AT:
+        if self._handle is not None and self.lib.vr_pending(self._handle) >= py.DRAIN_AT:
             self.drain()
 
     def _stats(self, h: int) -> None:
