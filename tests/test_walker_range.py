@@ -14,22 +14,12 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vioasid.formats import pasid as pe
 from vioasid.formats.fault import FaultReason as FR
 from vioasid.formats.paging import FIRST_STAGE_PTE, SECOND_STAGE_PTE
-from vioasid.formats.pasid import (
-    PGTT_FIRST_STAGE,
-    PGTT_NESTED,
-    PGTT_PASS_THROUGH,
-    PGTT_SECOND_STAGE,
-)
+from vioasid.model import guest_driver as gd
 from vioasid.model.cache import Caches
 from vioasid.model.faults import Fault
-from vioasid.model.guest_driver import (
-    FirstStagePageTable,
-    GuestIommuDriver,
-    PageAllocator,
-    SecondStagePageTable,
-)
 from vioasid.model.memory import GuestMemory
 from vioasid.model.walker import Walker
 
@@ -99,21 +89,21 @@ def build(seed: int) -> Case:
     if far:  # the tables in a small second region, the largest one holding only data
         mem = GuestMemory.from_bytes(32 * MIB)
         mem.add(0x1_0000_0000, bytearray(4 * MIB))
-        alloc = PageAllocator(mem, 0x1_0000_0000, 4 * MIB)
+        alloc = gd.PageAllocator(mem, 0x1_0000_0000, 4 * MIB)
     else:
-        alloc = PageAllocator(mem, TABLES, RAM - TABLES)
+        alloc = gd.PageAllocator(mem, TABLES, RAM - TABLES)
     legacy = mode == "legacy"
-    drv = GuestIommuDriver(mem, alloc, scalable=not legacy)
+    drv = gd.GuestIommuDriver(mem, alloc, scalable=not legacy)
     start = WINDOW - rng.randrange(0, 700) * 4096 + rng.choice((0, 0, 8, 0xFFF))
     pages = rng.randrange(1, 1200)
     lo, hi = (start >> 12) - 2, (start >> 12) + pages + 2
     levels = 5 if mode == "fs5" else 4
     first_stage = mode in ("fs", "fs5", "nested", "far-tables")
-    table: FirstStagePageTable | SecondStagePageTable
+    table: gd.FirstStagePageTable | gd.SecondStagePageTable
     table = (
-        FirstStagePageTable(mem, alloc, levels=levels)
+        gd.FirstStagePageTable(mem, alloc, levels=levels)
         if first_stage
-        else SecondStagePageTable(mem, alloc)
+        else gd.SecondStagePageTable(mem, alloc)
     )
     page = lo
     if rng.random() < 0.2:  # a 1 GiB page from WINDOW on
@@ -125,7 +115,7 @@ def build(seed: int) -> Case:
         if rng.random() < 0.96:
             pa = rng.randrange(0, RAM >> 21) << 21 if big else rng.randrange(0, RAM >> 12) << 12
             kw = {"write": rng.random() < 0.8}
-            if isinstance(table, FirstStagePageTable):
+            if isinstance(table, gd.FirstStagePageTable):
                 kw["user"] = rng.random() < 0.97
             table.map(page << 12, pa, min(size, (hi - page) << 12), **kw)
         page += size >> 12
@@ -140,16 +130,16 @@ def build(seed: int) -> Case:
     else:
         drv.attach_device(SID, rid_pasid=1)
         if mode == "nested":
-            ss = SecondStagePageTable(mem, alloc)
+            ss = gd.SecondStagePageTable(mem, alloc)
             ss.map_identity(0, RAM)
-            drv.set_pasid_entry(SID, 1, pgtt=PGTT_NESTED, did=2, flptptr=table.root,
+            drv.set_pasid_entry(SID, 1, pgtt=pe.PGTT_NESTED, did=2, flptptr=table.root,
                                 ssptptr=ss.root)  # fmt: skip
         elif mode == "ss":
-            drv.set_pasid_entry(SID, 1, pgtt=PGTT_SECOND_STAGE, did=2, ssptptr=table.root)
+            drv.set_pasid_entry(SID, 1, pgtt=pe.PGTT_SECOND_STAGE, did=2, ssptptr=table.root)
         elif mode == "pt":
-            drv.set_pasid_entry(SID, 1, pgtt=PGTT_PASS_THROUGH, did=2)
+            drv.set_pasid_entry(SID, 1, pgtt=pe.PGTT_PASS_THROUGH, did=2)
         else:
-            drv.set_pasid_entry(SID, 1, pgtt=PGTT_FIRST_STAGE, did=2, flptptr=table.root,
+            drv.set_pasid_entry(SID, 1, pgtt=pe.PGTT_FIRST_STAGE, did=2, flptptr=table.root,
                                 flpm=levels - 4, wpe=rng.random() < 0.5)  # fmt: skip
     return Case(Walker(mem, caches=Caches(enabled=False)), drv.rtaddr, pasid, start, pages)
 
@@ -177,13 +167,13 @@ def test_range_walk_equals_per_page_walks(seed: int) -> None:
         )
 
 
-def clean_case(pages: int = 700) -> tuple[Case, FirstStagePageTable]:
+def clean_case(pages: int = 700) -> tuple[Case, gd.FirstStagePageTable]:
     mem = GuestMemory.from_bytes(RAM)
-    alloc = PageAllocator(mem, TABLES, RAM - TABLES)
-    drv = GuestIommuDriver(mem, alloc)
+    alloc = gd.PageAllocator(mem, TABLES, RAM - TABLES)
+    drv = gd.GuestIommuDriver(mem, alloc)
     drv.attach_device(SID)
-    fs = FirstStagePageTable(mem, alloc)
-    drv.set_pasid_entry(SID, 1, pgtt=PGTT_FIRST_STAGE, did=2, flptptr=fs.root)
+    fs = gd.FirstStagePageTable(mem, alloc)
+    drv.set_pasid_entry(SID, 1, pgtt=pe.PGTT_FIRST_STAGE, did=2, flptptr=fs.root)
     start = WINDOW - 300 * 4096
     for i in range(pages):
         fs.map(start + i * 4096, ((i * 7919) % 2048) << 12, 4096, write=i != 500)

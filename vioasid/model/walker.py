@@ -177,16 +177,8 @@ class TranslateFast(Protocol):
     ) -> int | Fault: ...
 
 
-class TranslateRange(Protocol):
-    def __call__(
-        self,
-        rtaddr: int,
-        sid: int,
-        addr: int,
-        count: int,
-        pasid: int | None = None,
-        write: bool = False,
-    ) -> list[int | Fault]: ...
+# (rtaddr, sid, addr, count, pasid=None, write=False) -> one answer per page (Walker docstring)
+TranslateRange = Callable[..., list[int | Fault]]
 
 
 # -- the direct walk, generated from the layouts ---------------------------------------------
@@ -326,22 +318,20 @@ def make(walker, slow, unpack, unpack3, unpack4, unpackn, name_fs, error):
                         except error:
                             entries = ()
                         off = addr & 0xFFF
+                        k = 0
                         for e in entries:
-                            if e & chk == want:
-                                pa = e & {addr_mask}
-                                if pa > {intr_hi} or pa + 0x1000 <= {intr_lo}:
-                                    append(pa | off)
-                                    addr += 0x1000
-                                    count -= 1
-                                    continue
-                            r = translate_fast(rtaddr, sid, addr, pasid, write)
-                            append(r)
-                            if type(r) is not int:
-                                return out
-                            addr += 0x1000
-                            count -= 1
-                        if entries:
+                            if e & chk != want:
+                                break
+                            pa = e & {addr_mask}
+                            if pa <= {intr_hi} and pa + 0x1000 > {intr_lo}:
+                                break
+                            append(pa | off)
+                            k += 1
+                        addr += k << 12
+                        count -= k
+                        if k == n:
                             continue
+            # this page alone (the walk names its fault), then a fresh descent
             r = translate_fast(rtaddr, sid, addr, pasid, write)
             append(r)
             if type(r) is not int:
@@ -679,19 +669,12 @@ class Walker:
 
         return translate_fast
 
-    def translate_by_page(
-        self,
-        rtaddr: int,
-        sid: int,
-        addr: int,
-        count: int,
-        pasid: int | None = None,
-        write: bool = False,
-    ) -> list[int | Fault]:
+    def translate_by_page(self, rtaddr: int, sid: int, addr: int, n: int, pasid: int | None = None,
+                          write: bool = False) -> list[int | Fault]:  # fmt: skip
         """``translate_range`` one ``translate_fast`` per page (the reference it must equal)."""
         out: list[int | Fault] = []
         tf = self.translate_fast
-        for a in range(addr, addr + (max(count, 0) << 12), 0x1000):
+        for a in range(addr, addr + (max(n, 0) << 12), 0x1000):
             r = tf(rtaddr, sid, a, pasid, write)
             out.append(r)
             if type(r) is not int:
