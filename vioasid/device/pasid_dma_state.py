@@ -26,6 +26,7 @@ from vioasid.formats.pasid_migration import (
 from vioasid.model.errors import MigrationFailed
 from vioasid.model.faults import bdf_str
 from vioasid.model.memory import GuestMemory
+from vioasid.model.migration import parse_stream_header
 
 from .pasid_dma import PasidDmaFunction
 
@@ -41,14 +42,7 @@ def encode_functions(functions: Iterable[PasidDmaFunction]) -> bytes:
 
 def decode_functions(stream: bytes) -> dict[int, Any]:
     """``{guest rid: record}``; MigrationFailed for anything but an intact stream."""
-    if len(stream) < HEADER_SIZE:
-        raise MigrationFailed(f"PASID function stream truncated: {len(stream)} bytes")
-    try:
-        header = HEADER.parse(stream[:HEADER_SIZE])
-    except cs.ConstructError:
-        raise MigrationFailed(
-            f"not a PASID function stream (magic {bytes(stream[:8])!r}, expected {MAGIC!r})"
-        ) from None
+    header = parse_stream_header(stream, HEADER, HEADER_SIZE, MAGIC, "PASID function stream")
     if header.version != VERSION or header.flags:
         raise MigrationFailed(
             f"PASID function stream version {header.version} flags 0x{header.flags:x} "

@@ -72,19 +72,25 @@ def export_vm(host: Host, name: str) -> bytes:
     return data
 
 
+def parse_stream_header(
+    stream: bytes, header: cs.Construct, size: int, magic: bytes, what: str
+) -> Any:
+    """The parsed ``header`` (``size`` bytes, starting with ``magic``) of a stream; MigrationFailed
+    naming ``what`` for a stream shorter than it or one that is not such a stream."""
+    if len(stream) < size:
+        raise MigrationFailed(f"{what} truncated: {len(stream)} bytes, the header alone is {size}")
+    try:
+        return header.parse(stream[:size])
+    except cs.ConstructError:
+        raise MigrationFailed(
+            f"not a {what} (magic {bytes(stream[: len(magic)])!r}, expected {magic!r})"
+        ) from None
+
+
 def decode_stream(stream: bytes) -> Any:
     """The parsed body of a stream; MigrationFailed for anything that is not a whole,
     intact stream of a version this build reads."""
-    if len(stream) < HEADER_SIZE:
-        raise MigrationFailed(
-            f"migration stream truncated: {len(stream)} bytes, the header alone is {HEADER_SIZE}"
-        )
-    try:
-        header = HEADER.parse(stream[:HEADER_SIZE])
-    except cs.ConstructError:
-        raise MigrationFailed(
-            f"not a vioasid migration stream (magic {bytes(stream[:8])!r}, expected {MAGIC!r})"
-        ) from None
+    header = parse_stream_header(stream, HEADER, HEADER_SIZE, MAGIC, "vioasid migration stream")
     if header.version > VERSION:
         raise MigrationFailed(
             f"migration stream version {header.version} is newer than this vioasid "
