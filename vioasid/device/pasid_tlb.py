@@ -145,18 +145,11 @@ class TlbStats:
 class PasidTlb:
     """The device TLB of one function: spaces keyed by (vPASID, tag, privilege)."""
 
-    def __init__(
-        self,
-        memory: GuestMemory,
-        *,
-        limit: int = DEFAULT_LIMIT,
-        region_limit: int = DEFAULT_REGION_LIMIT,
-        space_limit: int = DEFAULT_SPACE_LIMIT,
-    ) -> None:
+    def __init__(self, memory: GuestMemory, *, limit: int = DEFAULT_LIMIT,
+                 region_limit: int = DEFAULT_REGION_LIMIT,
+                 space_limit: int = DEFAULT_SPACE_LIMIT) -> None:  # fmt: skip
         self.mem = memory
-        self.limit = limit
-        self.region_limit = region_limit
-        self.space_limit = space_limit
+        self.limit, self.region_limit, self.space_limit = limit, region_limit, space_limit
         self.regions = 0
         self.spaces: dict[tuple[int, int, bool], _Space] = {}
         self.space: _Space | None = None  # the current job's

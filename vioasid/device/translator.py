@@ -39,8 +39,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
+from dataclasses import KW_ONLY, dataclass, field
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.registers import GSTS
@@ -294,6 +294,7 @@ class WalkResolver:
             self.regs = None
 
 
+@dataclass(eq=False)
 class EngineResolver:
     """The engine's translation for one guest device: the guest's vPASID, through the host's
     PASID table and the nested walk (guest first stage, then the VM's second stage), to
@@ -309,25 +310,18 @@ class EngineResolver:
     that vPASID (a PASID-entry-not-present fault, nothing reaches the IOMMU). ``supervisor``:
     privileged requests (PASID prefix PMR=1)."""
 
-    name = "engine"
+    name: ClassVar[str] = "engine"
+    host: Host
+    vm: str
+    sid: int  # the guest RID
+    rid_pasid: int = 0
+    _: KW_ONLY
+    tag_of: Callable[[int], int | None] | None = None
+    supervisor: bool = False
+    function: int = field(init=False)  # the host function's RID
 
-    def __init__(
-        self,
-        host: Host,
-        vm: str,
-        guest_rid: int,
-        rid_pasid: int = 0,
-        *,
-        tag_of: Callable[[int], int | None] | None = None,
-        supervisor: bool = False,
-    ) -> None:
-        self.host = host
-        self.vm = vm
-        self.sid = guest_rid
-        self.rid_pasid = rid_pasid
-        self.tag_of = tag_of
-        self.supervisor = supervisor
-        self.function = host.vm(vm).devices[guest_rid].function.rid
+    def __post_init__(self) -> None:
+        self.function = self.host.vm(self.vm).devices[self.sid].function.rid
 
     def resolve_now(self, iova: int, write: bool, pasid: int | None = None) -> Resolved | Fault:
         vpasid = self.rid_pasid if pasid is None else pasid
@@ -373,10 +367,8 @@ class QemuResolver:
         send_miss: Callable[[int, bool], None],
         timeout: float = 2.0,
     ) -> None:
-        self._memory = memory
-        self.sid = sid
-        self._send_miss = send_miss
-        self.timeout = timeout
+        self._memory, self.sid = memory, sid
+        self._send_miss, self.timeout = send_miss, timeout
         self._pending: dict[int, list[asyncio.Future[tuple[int, int, int]]]] = {}
         self.misses = 0
         self.updates = 0
@@ -470,18 +462,20 @@ class DmaTranslator(Protocol):
     ) -> list[tuple[int, int]] | None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class TranslatorStats:
+    """What the translator counted (``to_json``: the device summary's ``translation``)."""
+
     translations: int = 0
     hits: int = 0
     misses: int = 0
     faults: int = 0
+    fault_log: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_FAULT_LOG
     invalidations: int = 0
     invalidated_pages: int = 0
     iq_descriptors: int = 0
-    agree: int = 0
+    agree: int = 0  # cross-check mode: the own walk and QEMU gave the same answer
     disagree: int = 0
-    fault_log: list[dict[str, Any]] = field(default_factory=list)
     disagreements: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -548,11 +542,8 @@ class DeviceTranslator:
         trace: IO[str] | None = None,
         cache: bool = True,
     ) -> None:
-        self.primary = primary
-        self.reference = reference
-        self.sid = sid
-        self.trace = trace
-        self.use_cache = cache
+        self.primary, self.reference = primary, reference
+        self.sid, self.trace, self.use_cache = sid, trace, cache
         self._iotlb: dict[int, Resolved] = {}
         self._pasid_keys: set[int] = set()  # key prefixes (PASID + 1, 0 for none) in the IOTLB
         self.stats = TranslatorStats()
