@@ -221,6 +221,54 @@ class WalkResolver:
             out = w.translate_fast(regs.rtaddr, self.sid, iova, pasid, write)
         except MemoryAccessError as exc:  # the walker should turn these into faults itself
             return Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))
+        return self._resolved(mem, out, iova, write, pasid)
+
+    def resolve_range_now(
+        self, iova: int, count: int, write: bool, pasid: int | None = None
+    ) -> list[Resolved | Fault] | None:
+        """:meth:`resolve_now` for the ``count`` pages from ``iova``'s (``iova + i * 4096``) in
+        one range walk (``Walker.translate_range``); the list ends at the first fault."""
+        regs = self.regs
+        if regs is None:
+            return None
+        mem = self._memory()
+        if mem is None or not regs.gsts & GSTS_TES:
+            pages: list[Resolved | Fault] = []
+            for a in range(iova, iova + (count << PAGE_SHIFT), PAGE_SIZE):
+                res = self.resolve_now(a, write, pasid)
+                assert res is not None  # the registers are known
+                pages.append(res)
+                if type(res) is not Resolved:
+                    break
+            return pages
+        w = self._walker if self._walker_mem is mem else None
+        if w is None:
+            w = self._get_walker(mem)
+        try:
+            walked = w.translate_range(regs.rtaddr, self.sid, iova, count, pasid, write)
+        except MemoryAccessError as exc:  # the walker should turn these into faults itself
+            return [Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))]
+        out: list[Resolved | Fault] = []
+        append = out.append
+        new, read, lo, hi = tuple.__new__, not write, 0, -1
+        for i, o in enumerate(walked):
+            page = o & ~PAGE_MASK if type(o) is int else -1
+            if lo <= page <= hi:  # in the region of the page before: guest RAM
+                append(new(Resolved, (page, read, write, "walk", pasid)))
+                continue
+            res = self._resolved(mem, o, iova + (i << PAGE_SHIFT), write, pasid)
+            append(res)
+            if type(res) is not Resolved:
+                break
+            r = mem._last
+            if r is not None:
+                lo, hi = r.gpa, r.gpa + r.size - PAGE_SIZE
+        return out
+
+    def _resolved(
+        self, mem: GuestMemory, out: int | Fault, iova: int, write: bool, pasid: int | None
+    ) -> Resolved | Fault:
+        """The walk's answer ``out`` for ``iova`` as the device IOTLB keeps it."""
         if type(out) is not int:
             assert isinstance(out, Fault)
             return out
@@ -401,6 +449,11 @@ class QemuResolver:
         self._pending.clear()
 
 
+# ``resolve_range_now(iova, count, write, pasid)`` of a resolver that has one (WalkResolver):
+# resolve_now for ``count`` consecutive pages, the list ending at the first fault, or None.
+_ResolveRange = Callable[[int, int, bool, int | None], list[Resolved | Fault] | None]
+
+
 class DmaTranslator(Protocol):
     """What a device's data path needs of its translator (:class:`DeviceTranslator`, or a
     wrapper such as :class:`vioasid.device.dirty_log.LoggingTranslator`)."""
@@ -520,44 +573,73 @@ class DeviceTranslator:
         if length <= 0:
             return out
         iotlb = self._iotlb
-        st = self.stats
+        trace = self.trace
+        store = iotlb.__setitem__ if self.use_cache else None
         prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
         pos, end = iova, iova + length
         run_gpa = run_len = -1
-        while pos < end:
-            n = PAGE_SIZE - (pos & PAGE_MASK)
-            if n > end - pos:
-                n = end - pos
-            key = prefix | (pos >> PAGE_SHIFT)
-            ent = iotlb.get(key)
-            st.translations += 1
-            if ent is not None and (ent.write if write else ent.read):
-                st.hits += 1
-                hit = True
-            else:
-                st.misses += 1
-                hit = False
-                if self.reference is not None:
-                    st.translations -= 1
-                    st.misses -= 1
-                    return None
-                res = self.primary.resolve_now(pos, write, pasid)
-                if res is None or isinstance(res, Fault):
-                    # wait / retry after a refresh on the awaited path (it counts again)
-                    st.translations -= 1
-                    st.misses -= 1
-                    return None
-                ent = self._store(key, ent, res, write, pos, pasid)
-            if self.trace is not None:
-                self._trace_translation(pos, ent, write, hit)
-            gpa = ent.gpa | (pos & PAGE_MASK)
-            if run_gpa + run_len == gpa:
-                run_len += n
-            else:
-                if run_len > 0:
-                    out.append((run_gpa, run_len))
-                run_gpa, run_len = gpa, n
-            pos += n
+        # consecutive misses: one range walk (resolvers that have one), answers kept ahead
+        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
+        ahead: list[Resolved | Fault] = []
+        ahead_page = hits = misses = 0
+        try:
+            while pos < end:
+                n = PAGE_SIZE - (pos & PAGE_MASK)
+                if n > end - pos:
+                    n = end - pos
+                page = pos >> PAGE_SHIFT
+                key = prefix | page
+                ent = iotlb.get(key)
+                if ent is not None and (ent.write if write else ent.read):
+                    hits += 1
+                    hit = True
+                else:
+                    hit = False
+                    if self.reference is not None:
+                        return None
+                    res: Resolved | Fault | None
+                    if 0 <= page - ahead_page < len(ahead):
+                        res = ahead[page - ahead_page]
+                    elif end - pos > n and resolve_range is not None:
+                        # the run of misses from here, resolved in one range walk
+                        last, nxt = (end - 1) >> PAGE_SHIFT, page + 1
+                        while nxt <= last:
+                            e = iotlb.get(prefix | nxt)
+                            if e is not None and (e.write if write else e.read):
+                                break
+                            nxt += 1
+                        got = resolve_range(pos, nxt - page, write, pasid)
+                        if got:
+                            ahead, ahead_page = got, page
+                        res = got[0] if got else None
+                    else:
+                        res = self.primary.resolve_now(pos, write, pasid)
+                    if res is None or isinstance(res, Fault):
+                        return None  # wait / retry after a refresh on the awaited path
+                    misses += 1
+                    if ent is None and store is not None and (res.write if write else res.read):
+                        store(key, res)  # what _store does for a new page
+                        ent = res
+                    else:
+                        ent = self._store(key, ent, res, write, pos, pasid)
+                if trace is not None:
+                    self._trace_translation(pos, ent, write, hit)
+                gpa = ent.gpa | (pos & PAGE_MASK)
+                if run_gpa + run_len == gpa:
+                    run_len += n
+                else:
+                    if run_len > 0:
+                        out.append((run_gpa, run_len))
+                    run_gpa, run_len = gpa, n
+                pos += n
+        finally:
+            # a page that must wait (or faults: the awaited path counts it again) is not counted
+            st = self.stats
+            st.translations += hits + misses
+            st.hits += hits
+            st.misses += misses
+            if misses and store is not None:
+                self._pasid_keys.add(prefix >> _PASID_SHIFT)
         out.append((run_gpa, run_len))
         return out
 

@@ -25,6 +25,7 @@ literals, ``bitfields.render``).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,6 +177,18 @@ class TranslateFast(Protocol):
     ) -> int | Fault: ...
 
 
+class TranslateRange(Protocol):
+    def __call__(
+        self,
+        rtaddr: int,
+        sid: int,
+        addr: int,
+        count: int,
+        pasid: int | None = None,
+        write: bool = False,
+    ) -> list[int | Fault]: ...
+
+
 # -- the direct walk, generated from the layouts ---------------------------------------------
 # The common uncached case in one straight run: scalable mode, first stage only (4-level), every
 # table in the largest region, user request, no fault. Each entry is checked with one folded
@@ -246,7 +259,7 @@ HIT
 # (base, buffer) from the memory (one attribute; GuestMemory keeps it) and takes the rendering
 # for that base. ``direct`` is the same walk for ``Walker._walk``.
 _DIRECT_MODULE = """
-def make(walker, slow, unpack, unpack3, unpack4, name_fs, error):
+def make(walker, slow, unpack, unpack3, unpack4, unpackn, name_fs, error):
     mem = walker.mem
 
     def translate_fast(rtaddr, sid, addr, pasid=None, write=False):
@@ -273,20 +286,89 @@ def make(walker, slow, unpack, unpack3, unpack4, name_fs, error):
         except error:
             return None
 
-    return translate_fast, direct
+    def descend(rtaddr, sid, addr, pasid, write, b, buf):
+        try:
+{descend}
+        except error:
+            return None
+
+    def translate_range(rtaddr, sid, addr, count, pasid=None, write=False):
+        out = []
+        append = out.append
+        if write:
+            need, chk, want = {need_w}, {chk_w}, {want_w}
+        else:
+            need, chk, want = {need_r}, {chk_r}, {want_r}
+        b, buf = mem.largest
+        while count > 0:
+            d = descend(rtaddr, sid, addr, pasid, write, b, buf)
+            if d is not None:
+                pa, size, table, up = d
+                if pa >= 0:  # a large page, every check made for all of it
+                    off = size - 1
+                    n = ((size - (addr & off) - 1) >> 12) + 1
+                    if n > count:
+                        n = count
+                    for a in range(addr, addr + (n << 12), 0x1000):
+                        append(pa | (a & off))
+                    addr += n << 12
+                    count -= n
+                    continue
+                if up & need == need:  # else the first page faults: the walk names it
+                    i = (addr >> 12) & 0x1FF
+                    n = 512 - i
+                    if n > count:
+                        n = count
+                    g = table + 8 * i
+                    if g >= b:
+                        try:
+                            entries = unpackn(n)(buf, g - b)
+                        except error:
+                            entries = ()
+                        off = addr & 0xFFF
+                        for e in entries:
+                            if e & chk == want:
+                                pa = e & {addr_mask}
+                                if pa > {intr_hi} or pa + 0x1000 <= {intr_lo}:
+                                    append(pa | off)
+                                    addr += 0x1000
+                                    count -= 1
+                                    continue
+                            r = translate_fast(rtaddr, sid, addr, pasid, write)
+                            append(r)
+                            if type(r) is not int:
+                                return out
+                            addr += 0x1000
+                            count -= 1
+                        if entries:
+                            continue
+            r = translate_fast(rtaddr, sid, addr, pasid, write)
+            append(r)
+            if type(r) is not int:
+                return out
+            addr += 0x1000
+            count -= 1
+        return out
+
+    return translate_fast, direct, translate_range
 """
 
 _GENERATED: dict[int, dict[str, Any]] = {}
 
 
-def _first_stage_levels() -> list[str]:
+def _first_stage_levels(descend: bool = False) -> list[str]:
     """The template's 4-level first-stage walk, one block per level from L4: the entry read
     (index * 8 == (addr >> 9 * level) & 0xFF8) and checked; at L3 and L2 a PS entry is the
     leaf (its large-page layout's reserved bits and address), else the walk goes down; L1 is
-    the leaf. The leaf sets size, pa, acc (the AND of the path: U/S, R/W) and xd (the OR)."""
+    the leaf. The leaf sets size, pa, acc (the AND of the path: U/S, R/W) and xd (the OR).
+    ``descend`` (the range walk's descent): L1 is not read; the walk returns the L1 table's
+    address and the AND of the levels above (the range walk checks the L1 entries itself)."""
     lines: list[str] = []
     table, pad = "(w2 & $PE.FLPTPTR)", ""
     for level in (4, 3, 2, 1):
+        if level == 1 and descend:
+            lines.append(f"{pad}return -1, 0, {table}, p4 & p3 & p2")
+            break
         p = f"p{level}"
         lines += [
             f"{pad}g = {table} + ((addr >> {9 * level}) & 0xFF8)",
@@ -316,18 +398,26 @@ def _first_stage_levels() -> list[str]:
 _FS_LEAF_LAYOUT = {3: "FS1G", 2: "FS2M"}  # large pages; 4 KiB: FS
 
 
-def _render_body(consts: dict[str, int], *, fast: bool, based: bool) -> str:
+def _render_body(consts: dict[str, int], *, kind: str, based: bool) -> str:
+    """The direct walk's body for ``kind``: "fast" (``translate_fast``: the output address,
+    the general walk on a MISS), "direct" (the IOTLB entry for ``Walker._walk``, None on a
+    MISS) or "descend" (the range walk's descent: (pa, size, 0, 0) for a large page, every
+    check made; (-1, 0, L1 table, AND of L4-L2) otherwise; None on a MISS)."""
+    fast = kind != "direct"
     layouts = {"RT": RTADDR, "SRE": SM_ROOT_ENTRY, "SCE": SM_CONTEXT_ENTRY,
                "PDE": PASID_DIR_ENTRY, "PE": PASID_ENTRY, "FS": FIRST_STAGE_PTE,
                "FS2M": FIRST_STAGE_PDE_2M, "FS1G": FIRST_STAGE_PDPE_1G}  # fmt: skip
-    if fast:
+    if kind == "fast":
         subs = {"MISS": "return slow(rtaddr, sid, addr, pasid, write)",
                 "HIT": "return pa | (addr & (size - 1))", "REQ": "pasid"}  # fmt: skip
+    elif kind == "descend":
+        subs = {"MISS": "return None", "HIT": "return pa, size, 0, 0", "REQ": "pasid"}
     else:
         subs = {"MISS": "return None", "REQ": "rpasid",
                 "HIT": "return pa, size, perm, name_fs, $PE.DID(w1), epasid"}  # fmt: skip
     lines = []
-    body = _DIRECT_BODY.replace("FIRST_STAGE_LEVELS", "\n".join(_first_stage_levels()))
+    levels = "\n".join(_first_stage_levels(descend=kind == "descend"))
+    body = _DIRECT_BODY.replace("FIRST_STAGE_LEVELS", levels)
     for line in body.splitlines():
         if (fast and line.endswith("# entry")) or (not based and line.endswith("# based")):
             continue
@@ -344,15 +434,41 @@ def _generated(haw: int, consts: dict[str, int]) -> dict[str, Any]:
     got = _GENERATED.get(haw)
     if got is None:
         src = _DIRECT_MODULE.format(
-            fast_zero=_indent(_render_body(consts, fast=True, based=False), 12),
-            fast_based=_indent(_render_body(consts, fast=True, based=True), 12),
-            direct=_indent(_render_body(consts, fast=False, based=True), 12),
+            fast_zero=_indent(_render_body(consts, kind="fast", based=False), 12),
+            fast_based=_indent(_render_body(consts, kind="fast", based=True), 12),
+            direct=_indent(_render_body(consts, kind="direct", based=True), 12),
+            descend=_indent(_render_body(consts, kind="descend", based=True), 12),
+            **{k: hex(v) for k, v in _range_consts(consts).items()},
         )
         got = {}
         exec(compile(src, f"<walker direct path, haw {haw}>", "exec"), got)  # our own template
         got["source"] = src
         _GENERATED[haw] = got
     return got
+
+
+def _range_consts(consts: dict[str, int]) -> dict[str, int]:
+    """The range walk's literals: per access, the U/S and R/W bits the path must grant, and the
+    folded test of an L1 entry (present, no reserved bit, those bits), as the direct walk
+    checks them."""
+    need_r, need_w = _FS_US, _FS_US | _FS_RW
+    return {
+        "need_r": need_r,
+        "need_w": need_w,
+        "chk_r": consts["CHK_FS1"] | need_r,
+        "chk_w": consts["CHK_FS1"] | need_w,
+        "want_r": _FS_P | need_r,
+        "want_w": _FS_P | need_w,
+        "addr_mask": _FS_ADDR,
+        "intr_lo": consts["INTR_LO"],
+        "intr_hi": consts["INTR_HI"],
+    }
+
+
+@functools.cache
+def _unpack_entries(n: int) -> Callable[[Any, int], tuple[int, ...]]:
+    """``unpack_from`` for ``n`` consecutive 64-bit entries (one read of a leaf-table run)."""
+    return struct.Struct(f"<{n}Q").unpack_from
 
 
 def _indent(text: str, n: int) -> str:
@@ -384,12 +500,22 @@ class Walker:
     IOTLB lookup; without, the direct walk generated from the layouts; either falls back to the
     general walk.
 
+    ``translate_range(rtaddr, sid, addr, count, pasid=None, write=False)``: the same answers
+    for the ``count`` pages ``addr + i * 4096``, as a list that ends at the first
+    :class:`Fault` (included). Without caches, the direct walk's descent runs once per leaf
+    table (or large page) and the run of L1 entries the range covers in that table is read at
+    once and checked entry by entry with the direct walk's tests; any page those do not pass
+    (and everything the descent does not cover: other PGTTs, 5-level, tables outside the
+    largest region) is walked alone by ``translate_fast``. Otherwise (caches, ``direct``
+    off): :meth:`translate_by_page`.
+
     The one reader of root, context and PASID entries: :meth:`context_info`,
     :meth:`pasid_table`, :meth:`pasid_info` / :func:`decode_pasid_entry` (every present and
     reserved bit checked, FaultError with the VT-d reason otherwise).
     """
 
     translate_fast: TranslateFast
+    translate_range: TranslateRange
     # Whether PASID-entry words are a present, well-formed first-stage entry (False: the
     # decode_pasid_entry names the fault, or it is another PGTT): one folded test per word.
     first_stage_entry_ok: Callable[[tuple[int, ...]], bool]
@@ -439,11 +565,12 @@ class Walker:
         self._spans: dict[int, tuple[object, int, list[Span]]] = {}
         self._direct_fast: TranslateFast
         self._direct_first_stage: Callable[..., Any]
-        self._direct_fast, self._direct_first_stage = _generated(
+        self._direct_range: TranslateRange
+        self._direct_fast, self._direct_first_stage, self._direct_range = _generated(
             haw, self._direct_consts(above)
         )["make"](
-            self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _NAME_FS,
-            struct.error,
+            self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _unpack_entries,
+            _NAME_FS, struct.error,
         )  # fmt: skip
         self.direct = True
 
@@ -460,6 +587,8 @@ class Walker:
             self.translate_fast = self._cached_fast()
         else:
             self.translate_fast = self._direct_fast if on else self._slow_fast
+        direct_range = on and not self.caches.enabled
+        self.translate_range = self._direct_range if direct_range else self.translate_by_page
 
     def _direct_consts(self, above: int) -> dict[str, int]:
         """The direct walk's folded "present and no reserved bit" masks for this width."""
@@ -549,6 +678,25 @@ class Walker:
             return slow(rtaddr, sid, addr, pasid, write)
 
         return translate_fast
+
+    def translate_by_page(
+        self,
+        rtaddr: int,
+        sid: int,
+        addr: int,
+        count: int,
+        pasid: int | None = None,
+        write: bool = False,
+    ) -> list[int | Fault]:
+        """``translate_range`` one ``translate_fast`` per page (the reference it must equal)."""
+        out: list[int | Fault] = []
+        tf = self.translate_fast
+        for a in range(addr, addr + (max(count, 0) << 12), 0x1000):
+            r = tf(rtaddr, sid, a, pasid, write)
+            out.append(r)
+            if type(r) is not int:
+                break
+        return out
 
     def _slow_fast(
         self, rtaddr: int, sid: int, addr: int, pasid: int | None = None, write: bool = False
