@@ -378,23 +378,19 @@ def one_guest_cases(g: GuestLog, cpu_g: int = 1) -> list[Case]:
     return out
 
 
-_POLICY_PREDICTED: dict[str, list[tuple[str, int, tuple[int, str] | str]]] = {
-    "per-device": [
-        ("dma0", 5, (5, "per-rid")),
-        ("dma1", 5, (5, "per-rid")),
-        ("dma2", 5, (1, "per-rid")),
-        ("dma4", 5, (1, "global")),
-        ("dma2", 7, (2, "per-rid")),
-        ("dma0", 7, (7, "per-rid")),
-    ],
-    "global": [
-        ("dma0", 5, (5, "global")),
-        ("dma1", 5, (5, "global")),
-        ("dma2", 5, (5, "global")),
-        ("dma4", 5, (5, "global")),
-        ("dma2", 7, (1, "global")),
-        ("dma0", 7, "pasid-conflict"),
-    ],
+_Want = tuple[int, str] | str  # (pPASID, table) or the error word
+# the policy workload in order: (device, vPASID, outcome under "per-device", under "global")
+_POLICY_WORKLOAD: tuple[tuple[str, int, _Want, _Want], ...] = (
+    ("dma0", 5, (5, "per-rid"), (5, "global")),
+    ("dma1", 5, (5, "per-rid"), (5, "global")),
+    ("dma2", 5, (1, "per-rid"), (5, "global")),
+    ("dma4", 5, (1, "global"), (5, "global")),
+    ("dma2", 7, (2, "per-rid"), (1, "global")),
+    ("dma0", 7, (7, "per-rid"), "pasid-conflict"),
+)
+_POLICY_PREDICTED: dict[str, list[tuple[str, int, _Want]]] = {
+    "per-device": [(d, x, w) for d, x, w, _ in _POLICY_WORKLOAD],
+    "global": [(d, x, w) for d, x, _, w in _POLICY_WORKLOAD],
 }
 
 

@@ -62,7 +62,7 @@ from vioasid.formats.virtio import (
 )
 from vioasid.model.memory import GuestMemory, MemoryAccessError
 from vioasid.protocol.framing import close_fds
-from vioasid.protocol.transport import TooManyFds, recv_with_fds, send_with_fds
+from vioasid.protocol.transport import send_with_fds
 from vioasid.vhost_user import native
 from vioasid.vhost_user.blk import BlkDevice
 from vioasid.vhost_user.codec import (
@@ -82,6 +82,7 @@ from vioasid.vhost_user.iotlb_reader import (
     IOTLB_MSG_BYTES,
     FrontendReader,
     InvalidationGate,
+    read_ready,
 )
 from vioasid.vhost_user.native import NativeReader
 from vioasid.vhost_user.timing import PhaseTimes, merged
@@ -431,15 +432,9 @@ class VhostUserBlkBackend:
         conn = self._conn
         if conn is None:
             return
-        try:
-            data, fds = recv_with_fds(conn)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (OSError, TooManyFds) as exc:
-            log.warning("vhost-user socket error: %s", exc)
-            self._end_session()
-            return
-        self._on_data(data, fds)
+        got = read_ready(conn, self._end_session)
+        if got is not None:
+            self._on_data(*got)
 
     def _on_data(self, data: bytes | memoryview, fds: list[int]) -> None:
         if not fds and len(data) == _IOTLB_MSG_BYTES and not self._decoder.pending:

@@ -63,6 +63,21 @@ SWITCH_INTERVAL_S = 0.00002
 DRAIN_AT = 64  # posted invalidations that make the loop apply them without waiting for an access
 
 
+def read_ready(
+    sock: socket.socket, end: Callable[[], None]
+) -> tuple[bytes | memoryview, list[int]] | None:
+    """One ``recvmsg`` on a socket the loop found readable: None when nothing was there after
+    all, or when the socket failed (then ``end()`` ran: the session is over)."""
+    try:
+        return recv_with_fds(sock)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except (OSError, TooManyFds) as exc:
+        log.warning("vhost-user socket error: %s", exc)
+        end()
+        return None
+
+
 class InvalidationGate:
     """Invalidations posted by any thread, applied by the data path on entering the gate.
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from vioasid.formats.virtio import VHOST_USER_HDR, VHOST_USER_IOTLB
-from vioasid.protocol.transport import TooManyFds, recv_with_fds
 from vioasid.vhost_user import iotlb_reader as py
 from vioasid.vhost_user.timing import PhaseTimes
 
@@ -274,14 +273,10 @@ class NativeReader:
         h = self._handle
         if h is None:
             return
-        try:
-            data, fds = recv_with_fds(self._rx)
-        except (BlockingIOError, InterruptedError):
+        got = py.read_ready(self._rx, self.end)
+        if got is None:
             return
-        except (OSError, TooManyFds) as exc:
-            log.warning("vhost-user socket error: %s", exc)
-            self.end()
-            return
+        data, fds = got
         if not data:
             for fd in fds:
                 with contextlib.suppress(OSError):
