@@ -192,6 +192,7 @@ struct vr *vr_start(int sock, int fwd, const struct layout *l) {
         free(r);
         return NULL;
     }
+    pthread_setname_np(r->thread, "vioasid-iotlb"); /* as `top -H` and /proc show it */
     return r;
 }
 
