@@ -108,19 +108,17 @@ def expected(mem: GuestMemory, rtaddr: int, op: tuple[Any, ...]) -> object:
     _, iova, length, write, pasid = op
     walker = Walker(mem, caches=Caches(enabled=False))
     walker.direct = False
-    out: list[tuple[int, int]] = []
-    pos, end = iova, iova + length
-    while pos < end:
-        n = min(0x1000 - (pos & 0xFFF), end - pos)
-        gpa = walker.translate_fast(rtaddr, SID, pos, pasid, write)
-        if not isinstance(gpa, int) or not mem.contains(gpa & ~0xFFF, 0x1000):
-            return None
-        if out and out[-1][0] + out[-1][1] == gpa:
-            out[-1] = (out[-1][0], out[-1][1] + n)
+    starts = [iova, *range((iova | 0xFFF) + 1, iova + length, 0x1000)]
+    gpas = [walker.translate_fast(rtaddr, SID, a, pasid, write) for a in starts]
+    if not all(isinstance(g, int) and mem.contains(g & ~0xFFF, 0x1000) for g in gpas):
+        return None
+    out: list[list[int]] = []  # [gpa, length] runs
+    for a, b, g in zip(starts, [*starts[1:], iova + length], gpas, strict=True):
+        if out and sum(out[-1]) == g:
+            out[-1][1] += b - a
         else:
-            out.append((gpa, n))
-        pos += n
-    return out
+            out.append([int(g), b - a])
+    return [(g, n) for g, n in out]
 
 
 def state(tr: DeviceTranslator) -> object:
