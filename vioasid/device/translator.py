@@ -38,7 +38,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
@@ -564,14 +564,20 @@ class DeviceTranslator:
         if length <= 0:
             return out
         iotlb = self._iotlb
-        trace = self.trace
-        store = iotlb.__setitem__ if self.use_cache else None
         prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        if length <= PAGE_SIZE - (iova & PAGE_MASK):  # within one page: a hit is one lookup
+            ent = iotlb.get(prefix | (iova >> PAGE_SHIFT))
+            if ent is not None and (ent.write if write else ent.read) and self.trace is None:
+                st = self.stats
+                st.translations += 1
+                st.hits += 1
+                return [(ent.gpa | (iova & PAGE_MASK), length)]
+        trace = self.trace
         pos, end = iova, iova + length
         run_gpa = run_len = -1
         # consecutive misses: one range walk (resolvers that have one), answers kept ahead
-        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
-        ahead: list[Resolved | Fault] = []
+        resolve_range: _ResolveRange | None = None
+        ahead: Sequence[Resolved | Fault] = ()
         ahead_page = hits = misses = 0
         try:
             while pos < end:
@@ -591,7 +597,10 @@ class DeviceTranslator:
                     res: Resolved | Fault | None
                     if 0 <= page - ahead_page < len(ahead):
                         res = ahead[page - ahead_page]
-                    elif end - pos > n and resolve_range is not None:
+                    elif end - pos > n and (
+                        resolve_range is not None
+                        or (resolve_range := getattr(self.primary, "resolve_range_now", None))
+                    ):
                         # the run of misses from here, resolved in one range walk
                         last, nxt = (end - 1) >> PAGE_SHIFT, page + 1
                         while nxt <= last:
@@ -608,8 +617,8 @@ class DeviceTranslator:
                     if res is None or isinstance(res, Fault):
                         return None  # wait / retry after a refresh on the awaited path
                     misses += 1
-                    if ent is None and store is not None and (res.write if write else res.read):
-                        store(key, res)  # what _store does for a new page
+                    if ent is None and self.use_cache and (res.write if write else res.read):
+                        iotlb[key] = res  # what _store does for a new page
                         ent = res
                     else:
                         ent = self._store(key, ent, res, write, pos, pasid)
@@ -627,10 +636,12 @@ class DeviceTranslator:
             # a page that must wait (or faults: the awaited path counts it again) is not counted
             st = self.stats
             st.translations += hits + misses
-            st.hits += hits
-            st.misses += misses
-            if misses and store is not None:
-                self._pasid_keys.add(prefix >> _PASID_SHIFT)
+            if hits:
+                st.hits += hits
+            if misses:
+                st.misses += misses
+                if self.use_cache:
+                    self._pasid_keys.add(prefix >> _PASID_SHIFT)
         out.append((run_gpa, run_len))
         return out
 
