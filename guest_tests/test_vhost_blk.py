@@ -7,14 +7,17 @@ the answers must agree. One guest at a time; QEMU is always stopped (``launch`` 
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from images.build import GuestImage
 from images.guest import patterns
+from qemu_glue.qemu.placement import thread_ids
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
-from qemu_glue.vhost_user.guest import BlkRunResult, GuestOptions, run_guest_tests
+from qemu_glue.vhost_user.guest import BlkGuest, BlkRunResult, GuestOptions, run_guest_tests
 from vioasid.formats.fault import FaultReason
 
 pytestmark = pytest.mark.guest
@@ -22,7 +25,9 @@ TIMEOUT_S = 300.0
 BAD_IOVA = 0x5EAD_0000_0000  # canonical 48-bit address, never mapped by the guest for this device
 
 
-async def _run(image: GuestImage, tmp_path: Path, mode: IommuMode, **kw: object) -> BlkRunResult:
+async def _run(
+    image: GuestImage, tmp_path: Path, mode: IommuMode, on_start: object = None, **kw: object
+) -> BlkRunResult:
     disk = patterns.make_disk(tmp_path / "disk.raw")
     opts = GuestOptions(
         kernel=image.kernel,
@@ -32,7 +37,7 @@ async def _run(image: GuestImage, tmp_path: Path, mode: IommuMode, **kw: object)
         iommu=IommuSpec(mode=mode),
         **kw,  # type: ignore[arg-type]
     )
-    res = await run_guest_tests(opts, timeout=TIMEOUT_S)
+    res = await run_guest_tests(opts, timeout=TIMEOUT_S, on_start=on_start)  # type: ignore[arg-type]
     print(f"\n[{mode} {opts.translate}] {res.to_json()}")
     return res
 
@@ -96,3 +101,46 @@ async def test_dma_to_unmapped_iova_is_a_fault_and_an_io_error(
     agreement = b["qemu_agreement"]
     assert isinstance(agreement, dict) and agreement["disagree"] == 0
     _assert_all_passed(res)  # the partition-scan read failed; the disk tests are unaffected
+
+
+@pytest.mark.asyncio
+async def test_pinned_guest_runs_with_vcpu_and_reader_on_one_cpu(
+    image: GuestImage, tmp_path: Path
+) -> None:
+    """``pin="auto"``: QEMU's vCPU thread and the IOTLB reader thread share the first CPU, the
+    rest of QEMU and this process's loop thread get the others, the guest's tests all pass, and
+    this process's CPU set is given back afterwards."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    me = threading.get_native_id()
+    before = os.sched_getaffinity(me)
+    seen: dict[str, object] = {}
+
+    def check(g: BlkGuest) -> None:
+        assert g.pinned is not None
+        p = g.pinned.placement
+        seen["vcpus"] = {t: os.sched_getaffinity(t) for t in g.pinned.vcpu_threads}
+        seen["qemu_others"] = [
+            os.sched_getaffinity(t) for t in thread_ids(g.vm.pid) if t not in g.pinned.vcpu_threads
+        ]
+        tid = g.backend.reader_thread_id()
+        seen["reader"] = os.sched_getaffinity(tid) if tid else None
+        seen["loop"] = os.sched_getaffinity(me)
+        seen["placement"] = (set(p.vcpu_cpus), set(p.other_cpus))
+
+    res = await _run(
+        image, tmp_path, IommuMode.SCALABLE_FS, on_start=check, translate="walk", pin="auto"
+    )
+    _assert_all_passed(res)
+    vcpu_cpus, other_cpus = seen["placement"]  # type: ignore[misc]
+    assert vcpu_cpus == {min(allowed)} and other_cpus == allowed - vcpu_cpus
+    vcpus = seen["vcpus"]
+    assert isinstance(vcpus, dict) and vcpus and all(v == vcpu_cpus for v in vcpus.values())
+    others = seen["qemu_others"]
+    assert isinstance(others, list) and others and all(o == other_cpus for o in others)
+    assert seen["reader"] == vcpu_cpus
+    assert seen["loop"] == other_cpus
+    assert res.placement is not None and res.placement["vcpu_cpus"] == str(min(allowed))
+    assert isinstance(res.backend["invalidations"], int) and res.backend["invalidations"] > 0
+    assert os.sched_getaffinity(me) == before  # given back

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qemu_glue.commands.demo import quiet_qmp_logs
-from qemu_glue.commands.options import add_guest_options, qemu_choice
+from qemu_glue.commands.options import add_guest_options, pin_option, qemu_choice
 from qemu_glue.pasid_dma import DmaDeviceError, PasidDmaRig, parse_dma_device
 from qemu_glue.qemu.vmspec import IommuMode, IommuSpec, kernel_cmdline
 from qemu_glue.vhost_user.guest import GuestOptions, vhost_blk_guest
@@ -62,6 +62,7 @@ async def _boot(args: argparse.Namespace, disk: Path, trace: IO[str] | None) -> 
     from qemu_glue.qemu.accel import choose_accel
 
     qemu = qemu_choice(args)
+    pin_option(args)
     rig = dma_rig(args)
     mode = IommuMode(args.iommu)
     iommu = dma_iommu(mode, args.caching_mode, rig)
@@ -104,6 +105,7 @@ async def _boot_with(
         stdin_inherit=sys.stdin.isatty(),
         name="vioasid-boot",
         follow_iq=args.follow_iq,
+        pin=args.pin,
         qemu=qemu,
         extra_devices=rig.devices() if rig is not None else (),
         ram_path=rig.ram_path if rig is not None else None,

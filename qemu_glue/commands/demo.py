@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu_glue.commands import demo_migrate, demo_seed
-from qemu_glue.commands.options import add_guest_options, add_switch, qemu_choice
+from qemu_glue.commands.options import add_guest_options, add_switch, pin_option, qemu_choice
 from qemu_glue.pasid_dma import PasidDmaRig, parse_dma_device
 from qemu_glue.pasid_guest import (
     ALL_TYPES,
@@ -71,6 +71,7 @@ async def _demo(
 
     t0 = time.monotonic()
     qemu = qemu_choice(args)
+    pin_option(args)
     progress(f"QEMU {qemu.version} ({qemu.source}: {qemu.path})")
     progress("preparing the test guest image")
     img = await asyncio.to_thread(ensure_image, progress)
@@ -135,6 +136,7 @@ async def _run_demo_guest(
             cross_check=args.cross_check,
             echo=sys.stderr if args.console else False,
             follow_iq=args.follow_iq,
+            pin=args.pin,
             qemu=qemu,
         )
         progress(

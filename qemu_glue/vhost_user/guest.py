@@ -3,7 +3,9 @@
 :func:`vhost_blk_guest` starts the back-end listening, launches QEMU (``qemu_glue.qemu.process``)
 with a ``vhost-user-blk-pci`` device on that socket, reads the device's guest RID from QMP
 ``query-pci`` and gives the back-end a reader of the VT-d GSTS/RTADDR registers
-(``qemu_glue.qemu.vtd_regs``, QMP ``xp``). Everything is stopped on exit, also on failure.
+(``qemu_glue.qemu.vtd_regs``, QMP ``xp``). With ``pin`` other than ``off`` it places QEMU's
+vCPU threads and the back-end's IOTLB reader thread on one CPU set and every other thread on the
+rest (``qemu_glue.qemu.placement``). Everything is stopped on exit, also on failure.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +23,7 @@ from typing import IO, TextIO
 
 from qemu_glue.iq_follower import IqFollower
 from qemu_glue.qemu.binary import QemuChoice
+from qemu_glue.qemu.placement import Pinned, pin_vm, plan
 from qemu_glue.qemu.process import QemuProcess, launch
 from qemu_glue.qemu.vmspec import Accel, Device, IommuSpec, VhostUserBlk, VmSpec
 from qemu_glue.qemu.vtd_regs import VtdRegisterReader
@@ -55,6 +59,7 @@ class GuestOptions:
     follow_iq: bool = True  # decode the guest's invalidation queue too (IqFollower)
     qemu: QemuChoice | None = None  # None: qemu_glue.qemu.binary.choose() at launch
     ram_path: Path | None = None  # the memory-backend file (None: the launcher picks one)
+    pin: str = "off"  # off | auto | CPU list (qemu_glue.qemu.placement)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class BlkGuest:
     vm: QemuProcess
     backend: VhostUserBlkBackend
     regs: VtdRegisterReader | None
+    pinned: Pinned | None = None
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +85,7 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
         return VtdRegs(gsts=await reader.gsts(), rtaddr=await reader.rtaddr())
 
     translate = opts.translate if opts.iommu is not None else "identity"
+    placement = plan(opts.pin, os.sched_getaffinity(0))  # PinError before anything starts
     backend = VhostUserBlkBackend(
         opts.disk,
         sock,
@@ -109,6 +116,13 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
             pci = await qmp.find_pci(DEVICE_ID)
             backend.set_sid(pci.rid)
             log.info("vhost-user-blk device is %s (RID 0x%04x)", pci.bdf, pci.rid)
+            pinned = None
+            if placement is not None:
+                backend.reader_cpus = set(placement.vcpu_cpus)
+                tid = backend.reader_thread_id()
+                pinned = await pin_vm(
+                    qmp, vm.pid, placement, readers=[tid] if tid else [], own=True
+                )
             reader = VtdRegisterReader(qmp) if opts.iommu is not None else None
             follower = None
             if reader is not None:
@@ -123,9 +137,12 @@ async def vhost_blk_guest(opts: GuestOptions) -> AsyncIterator[BlkGuest]:
                     )
                     backend.on_invalidate = follower.poke
             try:
-                yield BlkGuest(vm, backend, reader)
+                yield BlkGuest(vm, backend, reader, pinned)
             finally:
                 backend.on_invalidate = None
+                backend.reader_cpus = None
+                if pinned is not None:
+                    pinned.restore()
                 if follower is not None:
                     await follower.close()
     finally:
@@ -158,6 +175,7 @@ class BlkRunResult:
     backend: dict[str, object]
     console_tail: list[str] = field(default_factory=list)
     guest_io_errors: list[str] = field(default_factory=list)  # kernel "I/O error" lines
+    placement: dict[str, object] | None = None  # what --pin placed (Pinned.to_json)
 
     @property
     def ok(self) -> bool:
@@ -201,6 +219,7 @@ class BlkRunResult:
             "faults": b.get("faults", 0),
             "qemu_agreement": b.get("qemu_agreement", {"agree": 0, "disagree": 0}),
             "guest_io_errors": len(self.guest_io_errors),
+            "placement": self.placement,
             "backend": b,
         }
 
@@ -230,6 +249,7 @@ async def run_guest_tests(
             g.vm.on_console(on_line)
         run = await watch_guest(g.vm, timeout)
         summary = g.backend.summary()
+        placement = g.pinned.to_json() if g.pinned is not None else None
         tail = [line.text for line in g.vm.console[-40:]]
         io_errors = [line.text for line in g.vm.console if "I/O error" in line.text]
     mismatches = patterns.check_disk(opts.disk) if run.report.done else []
@@ -253,4 +273,5 @@ async def run_guest_tests(
         backend=summary,
         console_tail=tail,
         guest_io_errors=io_errors,
+        placement=placement,
     )

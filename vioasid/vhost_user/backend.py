@@ -188,6 +188,8 @@ class VhostUserBlkBackend:
         self.reader_times = PhaseTimes()  # the reader thread's own phase sums
         self.inject_bad_iova = inject_bad_iova
         self.on_invalidate: Callable[[], None] | None = None  # e.g. IqFollower.poke
+        # CPUs for the reader thread (qemu_glue.qemu.placement): set on each one it starts
+        self.reader_cpus: set[int] | None = None
         self.injected: list[int] = []  # heads of the chains that got the bad IOVA
 
         mem = self.get_memory
@@ -335,6 +337,7 @@ class VhostUserBlkBackend:
             if nat.start():
                 self._reader = nat
                 self.dma.gate = nat
+                self._place_reader()
                 return
             log.warning("native IOTLB reader did not start: the Python one answers")
         reader = FrontendReader(
@@ -349,6 +352,21 @@ class VhostUserBlkBackend:
         self._reader = reader
         self.dma.gate = self.gate
         reader.start()
+        self._place_reader()
+
+    def reader_thread_id(self) -> int | None:
+        """The thread id of the socket's reader thread while a session runs, else None."""
+        reader = self._reader
+        return reader.thread_id() if reader is not None else None
+
+    def _place_reader(self) -> None:
+        cpus = self.reader_cpus
+        tid = self.reader_thread_id() if cpus else None
+        if cpus and tid:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError as exc:
+                log.warning("IOTLB reader thread %d: CPU placement refused: %s", tid, exc)
 
     def _end_session(self) -> None:
         loop = asyncio.get_event_loop()

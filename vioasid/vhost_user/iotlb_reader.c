@@ -51,6 +51,7 @@ struct vr {
     int partial;         /* the loop's decoder holds part of a message */
     uint64_t invalidations, msg_n, between_n;
     double msg_s, between_s, last;
+    int tid; /* the thread's id (gettid), for CPU placement; set first thing by run() */
     unsigned char buf[BUF_SIZE];
 };
 
@@ -130,6 +131,7 @@ static int answer(struct vr *r, const unsigned char *m) {
 
 static void *run(void *arg) {
     struct vr *r = arg;
+    __atomic_store_n(&r->tid, (int)gettid(), __ATOMIC_SEQ_CST);
     static __thread union {
         char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
         struct cmsghdr align;
@@ -195,6 +197,9 @@ struct vr *vr_start(int sock, int fwd, const struct layout *l) {
     pthread_setname_np(r->thread, "vioasid-iotlb"); /* as `top -H` and /proc show it */
     return r;
 }
+
+/* The reader thread's id (0 while it has not run yet: the caller may ask again). */
+int vr_tid(struct vr *r) { return __atomic_load_n(&r->tid, __ATOMIC_SEQ_CST); }
 
 void vr_set_acks(struct vr *r, int acks) { __atomic_store_n(&r->acks, acks, __ATOMIC_SEQ_CST); }
 

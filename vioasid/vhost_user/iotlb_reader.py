@@ -168,6 +168,10 @@ class FrontendReader:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
+    def thread_id(self, wait: float = 1.0) -> int | None:
+        """The reader thread's id (for CPU placement); ``wait`` is unused (known at start)."""
+        return self._thread.native_id
+
     def stop(self) -> None:
         """Wake the thread (shutdown of the socket) and wait for it; the caller closes it."""
         self._stopping = True

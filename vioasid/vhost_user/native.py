@@ -25,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ def load() -> ctypes.CDLL | None:
     lib.vr_join.argtypes = [vp]
     lib.vr_free.argtypes = [vp]
     lib.vr_ring_size.restype = ctypes.c_int
+    lib.vr_tid.argtypes = [vp]
+    lib.vr_tid.restype = ctypes.c_int
     _lib = lib
     return lib
 
@@ -220,6 +223,16 @@ class NativeReader:
         self._acks = acks
         if self._handle is not None:
             self.lib.vr_set_acks(self._handle, int(acks))
+
+    def thread_id(self, wait: float = 1.0) -> int | None:
+        """The reader thread's id (for CPU placement), waiting up to ``wait`` s for it to run."""
+        deadline = time.monotonic() + wait
+        while self._handle is not None:
+            tid = int(self.lib.vr_tid(self._handle))
+            if tid or time.monotonic() >= deadline:
+                return tid or None
+            time.sleep(0.0005)
+        return None
 
     # -- the gate ----------------------------------------------------------------------------
     def _apply_taken(self, k: int) -> None:
