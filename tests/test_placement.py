@@ -150,3 +150,30 @@ async def test_pin_vm_places_qemu_threads_and_ours_and_restores_ours() -> None:
         release.set()
         t.join(5)
         os.sched_setaffinity(me, before)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["demo", "--pin", "4096"], "not one this process may use"),
+        (["demo", "--pin", "auto", "--seed"], "--seed run several guests"),
+        (["demo", "--pin", "auto", "--migrate"], "--migrate and --seed"),
+    ],
+)
+def test_cli_refuses_a_pin_it_cannot_honour_in_one_line(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vioasid import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+
+
+def test_cli_rejects_a_malformed_cpu_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from vioasid import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["boot", "--kernel", "/nonexistent", "--pin", "7-3"])
+    assert exc.value.code == 2
+    assert "bad CPU range '7-3'" in capsys.readouterr().err

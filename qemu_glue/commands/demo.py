@@ -270,6 +270,11 @@ def quiet_qmp_logs() -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
+    if args.pin != "off" and (args.migrate or args.seed):
+        raise UsageError(
+            f"--pin {args.pin} places one guest's threads; --migrate and --seed run several "
+            "guests at once (leave --pin off)"
+        )
     if args.migrate:  # live migration between two hosts: qemu_glue/commands/demo_migrate.py
         return demo_migrate.run(args)
     if args.seed:  # the seed's systems on real guests: qemu_glue/commands/demo_seed.py
