@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_support import MB, Lab
 
-from tests.engine_support import MB, Lab
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_support import MB, Lab
+from test_pasid_dma_device import CTRL_AREA, DATA, DATA2, Rig, iova
 
-from tests.engine_support import Lab
-from tests.test_pasid_dma_device import CTRL_AREA, DATA, DATA2, MB, Rig, iova
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.device.pasid_tlb import PasidTlb
 from vioasid.device.translator import EngineResolver, Resolved

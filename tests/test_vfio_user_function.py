@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from engine_support import Lab
 
-from tests.engine_support import Lab
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats import pci
 from vioasid.formats import vfio_user as vu
