@@ -311,4 +311,4 @@ async def test_server_in_order_and_a_hostile_client_only_loses_its_connection(
     finally:
         await sa.close()
         await sb.close()
-    assert PciRegion.CONFIG == 7
+    assert PciRegion.CONFIG.value == 7
