@@ -40,9 +40,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The repository root (vioasid) and tests/ (the rig and its helpers, imported as top-level modules
+# the way pytest imports them: tests/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.test_pasid_dma_device import CTRL_AREA, CTRL_OFF, DATA, MB, Rig, iova
+from engine_support import MB
+from test_pasid_dma_device import CTRL_AREA, CTRL_OFF, DATA, Rig, iova
+
 from vioasid.formats import pasid_dma as pd
 from vioasid.formats.pasid_dma import Opcode
 

@@ -31,6 +31,7 @@ import json
 import struct
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from vioasid.formats.context import SM_CONTEXT_ENTRY
 from vioasid.formats.paging import FIRST_STAGE_PDE_2M, FIRST_STAGE_PDPE_1G, FIRST_STAGE_PTE
@@ -115,7 +116,7 @@ def bare_present_walker(buf: memoryview) -> Callable[[int, int, int, int | None]
         pe = (pde & ptr) + (pasid & 0x3F) * 64
         if not unpack(buf, pe)[0] & 1:
             return None
-        t = unpack(buf, pe + 16)[0]
+        t: int = unpack(buf, pe + 16)[0]
         t = unpack(buf, (t & ptr) + ((addr >> 36) & 0xFF8))[0]
         if not t & 1:
             return None
@@ -133,7 +134,15 @@ def bare_present_walker(buf: memoryview) -> Callable[[int, int, int, int | None]
     return walk
 
 
-def bare_struct_walker(buf: memoryview) -> Callable[[int, int, int, int | None, bool], int | None]:
+class StructWalk(Protocol):
+    """What :func:`bare_struct_walker` returns: a walk whose ``write`` defaults to a read."""
+
+    def __call__(
+        self, rt: int, sid: int, addr: int, pasid: int | None, write: bool = False
+    ) -> int | None: ...
+
+
+def bare_struct_walker(buf: memoryview) -> StructWalk:
     """The floor of an uncached walk: by hand, the reads and checks the walker must make for a
     user request on a scalable-mode, 4-level first-stage path (host address width 48), and
     nothing else: TTM; the root half (present, reserved bits incl. above the host width); the
@@ -175,10 +184,10 @@ def bare_struct_walker(buf: memoryview) -> Callable[[int, int, int, int | None, 
             top = addr >> 47
             if top and top != 0x1FFFF:
                 return None
-            t4 = q1(buf, (w2 & 0xFFFF_FFFF_FFFF_F000) + ((addr >> 36) & 0xFF8))[0]
+            t4: int = q1(buf, (w2 & 0xFFFF_FFFF_FFFF_F000) + ((addr >> 36) & 0xFF8))[0]
             if t4 & 0xF_0000_0000_0081 != 1:
                 return None
-            t3 = q1(buf, (t4 & 0xF_FFFF_FFFF_F000) + ((addr >> 27) & 0xFF8))[0]
+            t3: int = q1(buf, (t4 & 0xF_FFFF_FFFF_F000) + ((addr >> 27) & 0xFF8))[0]
             if t3 & 0xF_0000_0000_0001 != 1:
                 return None
             if t3 & 0x80:
@@ -186,7 +195,7 @@ def bare_struct_walker(buf: memoryview) -> Callable[[int, int, int, int | None, 
                     return None
                 size, pa, acc = 0x4000_0000, t3 & 0xF_FFFF_C000_0000, t4 & t3
             else:
-                t2 = q1(buf, (t3 & 0xF_FFFF_FFFF_F000) + ((addr >> 18) & 0xFF8))[0]
+                t2: int = q1(buf, (t3 & 0xF_FFFF_FFFF_F000) + ((addr >> 18) & 0xFF8))[0]
                 if t2 & 0xF_0000_0000_0001 != 1:
                     return None
                 if t2 & 0x80:
@@ -194,7 +203,7 @@ def bare_struct_walker(buf: memoryview) -> Callable[[int, int, int, int | None, 
                         return None
                     size, pa, acc = 0x20_0000, t2 & 0xF_FFFF_FFE0_0000, t4 & t3 & t2
                 else:
-                    t1 = q1(buf, (t2 & 0xF_FFFF_FFFF_F000) + ((addr >> 9) & 0xFF8))[0]
+                    t1: int = q1(buf, (t2 & 0xF_FFFF_FFFF_F000) + ((addr >> 9) & 0xFF8))[0]
                     if t1 & 0xF_0000_0000_0001 != 1:
                         return None
                     size, pa, acc = 0x1000, t1 & 0xF_FFFF_FFFF_F000, t4 & t3 & t2 & t1

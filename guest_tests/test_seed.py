@@ -42,7 +42,7 @@ def seed(
 
 
 def _case(seed: dict[str, Any], name: str) -> dict[str, Any]:
-    by = {c["name"]: c for c in seed["cases"]}
+    by: dict[str, dict[str, Any]] = {c["name"]: c for c in seed["cases"]}
     assert name in by, sorted(by)
     c = by[name]
     assert c["pass"], c["observed"]

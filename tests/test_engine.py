@@ -271,10 +271,10 @@ def test_bind_many_matches_bind(policy: str) -> None:
             for dev in ("00:03.0", "00:04.0"):
                 lab.guest_entry("vm1", dev, x)
     one, many = labs[0].hosts["h"], labs[1].hosts["h"]
-    for dev in (0x18, 0x20):
+    for rid in (0x18, 0x20):
         for x in xs:
-            one.bind("vm1", dev, x)
-        assert many.bind_many("vm1", dev, xs) == len(xs)
+            one.bind("vm1", rid, x)
+        assert many.bind_many("vm1", rid, xs) == len(xs)
     assert one.dump() == many.dump()
     assert one.snapshot()["tables"] == many.snapshot()["tables"]
     assert many.check_invariants() == []

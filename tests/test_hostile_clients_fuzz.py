@@ -52,11 +52,11 @@ def frames(draw: st.DrawFn) -> tuple[bytes, int]:
     if kind == 0:
         data = draw(st.sampled_from(_VALID))
     elif kind == 1:
-        data = bytearray(draw(st.sampled_from(_VALID)))
+        mutated = bytearray(draw(st.sampled_from(_VALID)))
         for _ in range(draw(st.integers(1, 4))):
-            i = draw(st.integers(0, len(data) - 1))
-            data[i] = draw(st.integers(0, 255))
-        data = bytes(data)
+            i = draw(st.integers(0, len(mutated) - 1))
+            mutated[i] = draw(st.integers(0, 255))
+        data = bytes(mutated)
     else:
         request = draw(st.sampled_from([int(r) for r in Request] + [0, 3, 2000]))
         payload = draw(st.binary(max_size=64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import lzma
 import struct
@@ -25,13 +26,13 @@ def test_cache_keys_follow_inputs() -> None:
     other_bb = ImageInputs(BASE.kernel_package, BASE.kernel_version, "1:1.36.0-1")
     assert other_bb.kernel_key() == BASE.kernel_key()  # the kernel part is reused
     assert other_bb.image_key() != BASE.image_key()
-    scripts = ImageInputs(*list(BASE.__dict__.values())[:4], scripts_digest="x")
+    scripts = dataclasses.replace(BASE, scripts_digest="x")
     assert scripts.kernel_key() == BASE.kernel_key() and scripts.image_key() != BASE.image_key()
     mods = ImageInputs(BASE.kernel_package, BASE.kernel_version, "1:1.35.0-4", ("a", "b"))
     assert mods.kernel_key() != BASE.kernel_key()
-    drv = ImageInputs(*list(BASE.__dict__.values())[:4], driver_digest="y")
+    drv = dataclasses.replace(BASE, driver_digest="y")
     assert drv.kernel_key() == BASE.kernel_key() and drv.image_key() != BASE.image_key()
-    rebuilt = ImageInputs(*list(BASE.__dict__.values())[:5], builder_version=99)
+    rebuilt = dataclasses.replace(BASE, builder_version=99)
     assert rebuilt.kernel_key() != BASE.kernel_key()
 
 
@@ -178,7 +179,7 @@ def test_modules_missing_and_cycle(tmp_path: Path) -> None:
 def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     from images import apt
 
-    monkeypatch.setattr(apt.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("images.apt.shutil.which", lambda _name: None)
     with pytest.raises(ImageError, match=r"zstd not found: install it with 'apt-get install zstd'"):
         apt.require_tool("zstd", "zstd")
     with pytest.raises(ImageError, match="apt-get install apt"):

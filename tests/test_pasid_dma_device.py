@@ -8,10 +8,11 @@ portal, completion records read back from guest RAM (docs/pasid-dma.md).
 from __future__ import annotations
 
 import random
+from typing import TypedDict, Unpack
 
 import pytest
+from engine_support import MB, Lab
 
-from tests.engine_support import MB, Lab
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason
@@ -26,6 +27,29 @@ CTRL_OFF = 0x100000  # the control area's IOVA offset within a PASID window
 
 def iova(p: int, off: int) -> int:
     return WINDOW * p + off
+
+
+class JobFields(TypedDict, total=False):
+    """Fields of ``pd.DESCRIPTOR`` a test sets through :meth:`Rig.job` (which sets the PASID
+    and the completion address itself)."""
+
+    opcode: int
+    flags: int
+    rsvd0: int
+    src: int
+    dst: int
+    size: int
+    rsvd1: int
+    pattern: int
+    rsvd2: int
+    rsvd3: int
+
+
+class Descriptor(JobFields, total=False):
+    """Fields of ``pd.DESCRIPTOR`` a test sets through :meth:`Rig.submit`."""
+
+    pasid: int
+    completion: int
 
 
 class Rig:
@@ -58,10 +82,10 @@ class Rig:
     def read(f: PasidDmaFunction, reg: int, size: int = 4) -> int:
         return int.from_bytes(f.bar_read(0, reg, size), "little")
 
-    def entry(self, f: PasidDmaFunction, p: int, **kw: object) -> None:
+    def entry(self, f: PasidDmaFunction, p: int, *, sre: bool = False) -> None:
         self.guest.driver.set_pasid_entry(
-            f.guest_rid, p, pgtt=PGTT_FIRST_STAGE, did=p, flptptr=self.guest.table(p).root, **kw
-        )  # type: ignore[arg-type]
+            f.guest_rid, p, pgtt=PGTT_FIRST_STAGE, did=p, flptptr=self.guest.table(p).root, sre=sre
+        )
 
     def bind(self, f: PasidDmaFunction, p: int, *, entry: bool = True) -> int:
         if entry:
@@ -86,7 +110,7 @@ class Rig:
         self.map(p, 0, DATA, MB)
         self.map(p, CTRL_OFF, ctrl_gpa, 0x10000)
 
-    def submit(self, f: PasidDmaFunction, **desc: int) -> int:
+    def submit(self, f: PasidDmaFunction, **desc: Unpack[Descriptor]) -> int:
         desc.setdefault("flags", pd.DESC_FLAG_COMPLETION)
         f.bar_write(0, pd.PORTAL_OFFSET, pd.DESCRIPTOR.build(**desc))
         return self.read(f, pd.Reg.PORTAL_STATUS)
@@ -95,7 +119,12 @@ class Rig:
         return pd.COMPLETION_RECORD.parse(self.mem.read(gpa, 32))
 
     def job(
-        self, f: PasidDmaFunction, p: int, slot: int = 0, priv: bool = False, **desc: int
+        self,
+        f: PasidDmaFunction,
+        p: int,
+        slot: int = 0,
+        priv: bool = False,
+        **desc: Unpack[JobFields],
     ) -> dict[str, int]:
         """Submit with a completion record in the control area; return the record."""
         self.mem.write(CTRL_AREA + 32 * slot, bytes(32))
@@ -367,7 +396,7 @@ def test_batch() -> None:
         ({"opcode": pd.Opcode.NOOP, "flags": 0x81}, pd.CompletionStatus.INVALID),
     ],
 )
-def test_invalid_descriptors(desc: dict[str, int], status: int) -> None:
+def test_invalid_descriptors(desc: JobFields, status: int) -> None:
     r = Rig("dedicated")
     f = r.fns[0]
     r.setup(f, 1)

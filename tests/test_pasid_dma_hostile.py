@@ -10,11 +10,12 @@ import socket
 from pathlib import Path
 
 import pytest
+from engine_support import MB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pasid_dma_device import CTRL_AREA, CTRL_OFF, DATA, Rig, iova
+from test_vfio_user_function import dma_function
 
-from tests.test_pasid_dma_device import CTRL_AREA, CTRL_OFF, DATA, MB, Rig, iova
-from tests.test_vfio_user_function import dma_function
 from vioasid.formats import pasid_dma as pd
 from vioasid.formats import vfio_user as vu
 from vioasid.formats.pasid_dma import Opcode

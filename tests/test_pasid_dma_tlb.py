@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_support import MB, Lab
+from test_pasid_dma_device import CTRL_AREA, DATA, DATA2, JobFields, Rig, iova
 
-from tests.engine_support import Lab
-from tests.test_pasid_dma_device import CTRL_AREA, DATA, DATA2, MB, Rig, iova
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.device.pasid_tlb import PasidTlb
 from vioasid.device.translator import EngineResolver, Resolved
@@ -22,6 +22,7 @@ from vioasid.formats import pasid_dma as pd
 from vioasid.formats.fault import FaultReason
 from vioasid.formats.pasid import PGTT_FIRST_STAGE, PGTT_SECOND_STAGE
 from vioasid.formats.pasid_dma import CompletionStatus, FunctionType, Opcode, Reg
+from vioasid.model.engine import Binding
 from vioasid.model.faults import Fault
 from vioasid.model.guest_driver import FirstStagePageTable, SecondStagePageTable
 
@@ -90,7 +91,12 @@ def test_read_only_now_means_a_write_fault_though_write_was_cached() -> None:
     r, p = _rig()
     t = r.guest.table(p)
     t.map(iova(p, WIN), DATA2, PAGE, write=True)
-    fill = {"opcode": Opcode.FILL, "dst": iova(p, WIN), "size": PAGE, "pattern": 0x1111111111111111}
+    fill: JobFields = {
+        "opcode": Opcode.FILL,
+        "dst": iova(p, WIN),
+        "size": PAGE,
+        "pattern": 0x1111111111111111,
+    }
     assert r.job(r.fns[0], p, **fill)["status"] == CompletionStatus.SUCCESS
     assert r.job(r.fns[0], p, **fill)["status"] == CompletionStatus.SUCCESS  # from the TLB
     t.unmap(iova(p, WIN), PAGE)
@@ -290,7 +296,7 @@ def test_entries_rewritten_during_the_walk_are_not_filed() -> None:
     r.mem.write(DATA2, _page_data(1))
     r.mem.write(DATA2 + PAGE, _page_data(2))
     real = f.resolvers[False]
-    flipped = []
+    flipped: list[int] = []
 
     class Racing:
         def resolve_now(self, iova_: int, write: bool, pasid: int | None = None) -> object:
@@ -301,7 +307,7 @@ def test_entries_rewritten_during_the_walk_are_not_filed() -> None:
                 flipped.append(1)
             return res
 
-    f.resolvers[False] = Racing()  # type: ignore[assignment]
+    f.resolvers[False] = Racing()  # type: ignore[assignment]  # a stand-in (duck-typed)
     assert _copy(r, p, WIN, DST, PAGE)["status"] == CompletionStatus.SUCCESS
     assert flipped and f.tlb.stats.unfiled >= 1
     f.resolvers[False] = real
@@ -393,16 +399,16 @@ def test_a_pasid_entry_rewritten_during_the_refresh_is_caught_by_the_next_job() 
     r.map(p, 0, DATA, MB)
     r.map(p, 0x100000, CTRL_AREA, 0x10000)
     real = r.host.sync_pasid
-    once = []
+    once: list[int] = []
 
-    def racing(vm: str, rid: int, x: int) -> object:
-        b = real(vm, rid, x)
+    def racing(vm: str, guest_rid: int, vpasid: int) -> Binding | None:
+        b = real(vm, guest_rid, vpasid)
         if not once:
             once.append(1)
             r.entry(f, p, sre=False)
         return b
 
-    r.host.sync_pasid = racing  # type: ignore[method-assign]
+    r.host.sync_pasid = racing  # type: ignore[method-assign]  # this Host's, for one test
     rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)
     assert once and rec["status"] == CompletionStatus.SUCCESS
     rec = r.job(f, p, priv=True, opcode=Opcode.COPY, src=iova(p, 0), dst=iova(p, DST), size=PAGE)

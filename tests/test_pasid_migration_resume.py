@@ -29,7 +29,8 @@ class Monitor:
     """A QMP monitor: ``alive`` answers query-status with ``status``; ``cont`` sets running."""
 
     def __init__(self, status: str, alive: bool = True) -> None:
-        self.status, self.alive, self.commands = status, alive, []
+        self.status, self.alive = status, alive
+        self.commands: list[str] = []
 
     async def execute(self, command: str, args: Any = None, timeout: float = 5.0) -> Any:
         self.commands.append(command)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import mmap
 
 import pytest
+from test_pasid_dma_device import DATA, Rig, iova
 
-from tests.test_pasid_dma_device import DATA, Rig, iova
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.device.pasid_dma_state import (
     apply_pages,

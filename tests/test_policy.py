@@ -48,7 +48,7 @@ def _setup(policy: str, assign: str, enqcmd: bool, translating: bool) -> Lab:
             ("20:00.0", enqcmd, translating),  # the function under test
         ),
     )
-    other = (("00:03.0", "10:00.0", "mdev"),)
+    other: tuple[tuple[str, str, str], ...] = (("00:03.0", "10:00.0", "mdev"),)
     if assign == "mdev":
         other += (("00:04.0", "20:00.0", "mdev"),)
     lab.vm("other", "h", other)

@@ -41,7 +41,7 @@ def test_header_layout_matches_the_spec() -> None:
     hdr = vu.HEADER.parse(REGION_READ_BYTES)
     assert hdr == {"id": 7, "cmd": 9, "size": 32, "flags": 0, "error": 0}
     assert vu.HEADER.build(**hdr) == REGION_READ_BYTES[:16]
-    assert vu.Command.REGION_READ == 9 and vu.Command.DEVICE_RESET == 13
+    assert vu.Command.REGION_READ.value == 9 and vu.Command.DEVICE_RESET.value == 13
     assert vu.REGION_INFO.size == 32 and vu.DMA_MAP.size == 32 and vu.IRQ_SET.size == 20
 
 

@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from engine_support import Lab
 
-from tests.engine_support import Lab
 from vioasid.device.pasid_dma import PasidDmaFunction
 from vioasid.formats import pci
 from vioasid.formats import vfio_user as vu
@@ -311,4 +311,4 @@ async def test_server_in_order_and_a_hostile_client_only_loses_its_connection(
     finally:
         await sa.close()
         await sb.close()
-    assert PciRegion.CONFIG == 7
+    assert PciRegion.CONFIG.value == 7
