@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,11 @@ BAD_IOVA = 0x5EAD_0000_0000  # canonical 48-bit address, never mapped by the gue
 
 
 async def _run(
-    image: GuestImage, tmp_path: Path, mode: IommuMode, on_start: object = None, **kw: object
+    image: GuestImage,
+    tmp_path: Path,
+    mode: IommuMode,
+    on_start: Callable[[BlkGuest], None] | None = None,
+    **kw: object,
 ) -> BlkRunResult:
     disk = patterns.make_disk(tmp_path / "disk.raw")
     opts = GuestOptions(
@@ -37,7 +43,7 @@ async def _run(
         iommu=IommuSpec(mode=mode),
         **kw,  # type: ignore[arg-type]
     )
-    res = await run_guest_tests(opts, timeout=TIMEOUT_S, on_start=on_start)  # type: ignore[arg-type]
+    res = await run_guest_tests(opts, timeout=TIMEOUT_S, on_start=on_start)
     print(f"\n[{mode} {opts.translate}] {res.to_json()}")
     return res
 
@@ -103,6 +109,18 @@ async def test_dma_to_unmapped_iova_is_a_fault_and_an_io_error(
     _assert_all_passed(res)  # the partition-scan read failed; the disk tests are unaffected
 
 
+@dataclass
+class _Seen:
+    """CPU sets read from /proc while the pinned guest runs."""
+
+    vcpus: dict[int, set[int]] = field(default_factory=dict)
+    qemu_others: list[set[int]] = field(default_factory=list)
+    reader: set[int] | None = None
+    loop: set[int] = field(default_factory=set)
+    vcpu_cpus: set[int] = field(default_factory=set)
+    other_cpus: set[int] = field(default_factory=set)
+
+
 @pytest.mark.asyncio
 async def test_pinned_guest_runs_with_vcpu_and_reader_on_one_cpu(
     image: GuestImage, tmp_path: Path
@@ -115,32 +133,29 @@ async def test_pinned_guest_runs_with_vcpu_and_reader_on_one_cpu(
         pytest.skip("needs two CPUs")
     me = threading.get_native_id()
     before = os.sched_getaffinity(me)
-    seen: dict[str, object] = {}
+    seen = _Seen()
 
     def check(g: BlkGuest) -> None:
         assert g.pinned is not None
         p = g.pinned.placement
-        seen["vcpus"] = {t: os.sched_getaffinity(t) for t in g.pinned.vcpu_threads}
-        seen["qemu_others"] = [
+        seen.vcpus = {t: os.sched_getaffinity(t) for t in g.pinned.vcpu_threads}
+        seen.qemu_others = [
             os.sched_getaffinity(t) for t in thread_ids(g.vm.pid) if t not in g.pinned.vcpu_threads
         ]
         tid = g.backend.reader_thread_id()
-        seen["reader"] = os.sched_getaffinity(tid) if tid else None
-        seen["loop"] = os.sched_getaffinity(me)
-        seen["placement"] = (set(p.vcpu_cpus), set(p.other_cpus))
+        seen.reader = os.sched_getaffinity(tid) if tid else None
+        seen.loop = os.sched_getaffinity(me)
+        seen.vcpu_cpus, seen.other_cpus = set(p.vcpu_cpus), set(p.other_cpus)
 
     res = await _run(
         image, tmp_path, IommuMode.SCALABLE_FS, on_start=check, translate="walk", pin="auto"
     )
     _assert_all_passed(res)
-    vcpu_cpus, other_cpus = seen["placement"]  # type: ignore[misc]
-    assert vcpu_cpus == {min(allowed)} and other_cpus == allowed - vcpu_cpus
-    vcpus = seen["vcpus"]
-    assert isinstance(vcpus, dict) and vcpus and all(v == vcpu_cpus for v in vcpus.values())
-    others = seen["qemu_others"]
-    assert isinstance(others, list) and others and all(o == other_cpus for o in others)
-    assert seen["reader"] == vcpu_cpus
-    assert seen["loop"] == other_cpus
+    assert seen.vcpu_cpus == {min(allowed)} and seen.other_cpus == allowed - seen.vcpu_cpus
+    assert seen.vcpus and all(v == seen.vcpu_cpus for v in seen.vcpus.values())
+    assert seen.qemu_others and all(o == seen.other_cpus for o in seen.qemu_others)
+    assert seen.reader == seen.vcpu_cpus
+    assert seen.loop == seen.other_cpus
     assert res.placement is not None and res.placement["vcpu_cpus"] == str(min(allowed))
     assert isinstance(res.backend["invalidations"], int) and res.backend["invalidations"] > 0
     assert os.sched_getaffinity(me) == before  # given back
