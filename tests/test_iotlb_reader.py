@@ -13,7 +13,7 @@ import asyncio
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,21 +186,24 @@ async def test_a_translation_made_before_an_ack_is_made_again(kind: str) -> None
         def access(views: list[memoryview]) -> int:
             return _writer(b"N" * 2 * PAGE)(views)
 
-        orig_views = r.dma.views
+        orig_spans = r.tr.spans_many
 
-        async def views_then_unmap(iova: int, length: int, write: bool) -> list[memoryview]:
+        def spans_then_unmap(
+            ranges: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+        ) -> list[list[tuple[int, int]]]:
             nonlocal first
-            out = await orig_views(iova, length, write)
-            if first and iova == 0x50000:
-                # after buffer 1 was translated (a cache hit) the guest re-maps it and QEMU
-                # forwards the unmap; the reader acks it before the access happens
+            out = orig_spans(ranges, write, pasid)
+            if first and (0x50000, PAGE) in ranges[: len(out)]:
+                # after both buffers were translated (cache hits) the guest re-maps buffer 0
+                # and QEMU forwards the unmap; the reader acks it before the access happens
                 first = False
                 r.res.shift = 0x10_0000
                 r.fe.sendall(invalidation(0x30000, PAGE))
                 assert r.ack() == 0
             return out
 
-        r.dma.views = views_then_unmap  # type: ignore[method-assign]
+        assert r.dma.translator is r.tr
+        r.tr.spans_many = spans_then_unmap  # type: ignore[method-assign]
         await r.dma.transfer(bufs, True, access)
         assert r.mem.read(0x30000 + 0x10_0000, PAGE) == b"N" * PAGE
         assert r.mem.read(0x30000, 1) == b"x"  # the stale page was not written

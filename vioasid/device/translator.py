@@ -248,6 +248,49 @@ class WalkResolver:
             walked = w.translate_range(regs.rtaddr, self.sid, iova, count, pasid, write)
         except MemoryAccessError as exc:  # the walker should turn these into faults itself
             return [Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))]
+        return self._resolved_all(mem, walked, range(iova, iova + (count << PAGE_SHIFT), PAGE_SIZE),
+                                  write, pasid)  # fmt: skip
+
+    def resolve_pages_now(
+        self, iovas: Sequence[int], write: bool, pasid: int | None = None
+    ) -> list[Resolved | Fault] | None:
+        """:meth:`resolve_now` for each of ``iovas`` (a request's pages, in any order) in one
+        walk that shares the upper levels (``Walker.translate_pages``); the list ends at the
+        first fault."""
+        regs = self.regs
+        if regs is None:
+            return None
+        mem = self._memory()
+        if mem is None or not regs.gsts & GSTS_TES:
+            pages: list[Resolved | Fault] = []
+            for a in iovas:
+                res = self.resolve_now(a, write, pasid)
+                assert res is not None  # the registers are known
+                pages.append(res)
+                if type(res) is not Resolved:
+                    break
+            return pages
+        w = self._walker if self._walker_mem is mem else None
+        if w is None:
+            w = self._get_walker(mem)
+        try:
+            walked = w.translate_pages(regs.rtaddr, self.sid, iovas, pasid, write)
+        except MemoryAccessError as exc:  # the walker should turn these into faults itself
+            a = iovas[0] if iovas else 0
+            return [Fault(FaultReason.ROOT_TABLE_INV, a, self.sid, pasid, write, str(exc))]
+        return self._resolved_all(mem, walked, iovas, write, pasid)
+
+    def _resolved_all(
+        self,
+        mem: GuestMemory,
+        walked: list[int | Fault],
+        iovas: Sequence[int],
+        write: bool,
+        pasid: int | None,
+    ) -> list[Resolved | Fault]:
+        """The walk's answers ``walked`` for ``iovas`` as the device IOTLB keeps them, ending at
+        the first fault (:meth:`_resolved` each; a page in the region of the one before is
+        guest RAM without a lookup)."""
         out: list[Resolved | Fault] = []
         append = out.append
         new, read, lo, hi = tuple.__new__, not write, 0, -1
@@ -256,7 +299,7 @@ class WalkResolver:
             if lo <= page <= hi:  # in the region of the page before: guest RAM
                 append(new(Resolved, (page, read, write, "walk", pasid)))
                 continue
-            res = self._resolved(mem, o, iova + (i << PAGE_SHIFT), write, pasid)
+            res = self._resolved(mem, o, iovas[i], write, pasid)
             append(res)
             if type(res) is not Resolved:
                 break
@@ -444,6 +487,8 @@ class QemuResolver:
 # ``resolve_range_now(iova, count, write, pasid)`` of a resolver that has one (WalkResolver):
 # resolve_now for ``count`` consecutive pages, the list ending at the first fault, or None.
 _ResolveRange = Callable[[int, int, bool, int | None], list[Resolved | Fault] | None]
+# ``resolve_pages_now(iovas, write, pasid)``: resolve_now for each of ``iovas``, likewise.
+_ResolvePages = Callable[[list[int], bool, int | None], list[Resolved | Fault] | None]
 
 
 class DmaTranslator(Protocol):
@@ -460,6 +505,10 @@ class DmaTranslator(Protocol):
     def spans(
         self, iova: int, length: int, write: bool, pasid: int | None = None
     ) -> list[tuple[int, int]] | None: ...
+
+    def spans_many(
+        self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+    ) -> list[list[tuple[int, int]]]: ...
 
 
 @dataclass(slots=True)
@@ -644,6 +693,108 @@ class DeviceTranslator:
                     self._pasid_keys.add(prefix >> _PASID_SHIFT)
         out.append((run_gpa, run_len))
         return out
+
+    def spans_many(
+        self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+    ) -> list[list[tuple[int, int]]]:
+        """:meth:`spans` of each ``(iova, length)`` of ``bufs`` in turn — the same answers,
+        device IOTLB, statistics and faults as calling it once per buffer — with the misses
+        resolved together: at the first miss, every page from there on without an entry for
+        the access is resolved in one walk (``resolve_pages_now``: the upper levels read once
+        per 2 MiB of IOVA, where :meth:`spans` walks each single-page buffer from the root).
+        The list stops before the first buffer :meth:`spans` answers None for: the caller
+        translates that one on the awaited path, then asks again for the rest."""
+        out: list[list[tuple[int, int]]] = []
+        resolve_pages: _ResolvePages | None = getattr(self.primary, "resolve_pages_now", None)
+        if resolve_pages is None or self.reference is not None or self.trace is not None:
+            for iova, length in bufs:  # one buffer after the other
+                got = self.spans(iova, length, write, pasid)
+                if got is None:
+                    break
+                out.append(got)
+            return out
+        iotlb = self._iotlb
+        prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        pre: dict[int, Resolved | Fault] | None = None  # the misses' answers, once resolved
+        use_cache, hits, misses = self.use_cache, 0, 0
+        try:
+            for b, (iova, length) in enumerate(bufs):
+                spans: list[tuple[int, int]] = []
+                out.append(spans)
+                if length <= 0:
+                    continue
+                pos, end = iova, iova + length
+                run_gpa = run_len = -1
+                while pos < end:  # _spans' loop
+                    n = PAGE_SIZE - (pos & PAGE_MASK)
+                    if n > end - pos:
+                        n = end - pos
+                    page = pos >> PAGE_SHIFT
+                    key = prefix | page
+                    ent = iotlb.get(key)
+                    if ent is not None and (ent.write if write else ent.read):
+                        hits += 1
+                    else:
+                        if pre is None:
+                            pre = self._resolve_misses(resolve_pages, bufs, b, pos, write, pasid)
+                        res = pre.get(page)
+                        if res is None:  # after the first fault, or the registers unknown
+                            res = self.primary.resolve_now(pos, write, pasid)
+                        if res is None or isinstance(res, Fault):
+                            out.pop()  # this buffer waits, or faults on the awaited path
+                            return out
+                        misses += 1
+                        if ent is None and use_cache and (res.write if write else res.read):
+                            iotlb[key] = res
+                            ent = res
+                        else:
+                            ent = self._store(key, ent, res, write, pos, pasid)
+                    gpa = ent.gpa | (pos & PAGE_MASK)
+                    if run_gpa + run_len == gpa:
+                        run_len += n
+                    else:
+                        if run_len > 0:
+                            spans.append((run_gpa, run_len))
+                        run_gpa, run_len = gpa, n
+                    pos += n
+                spans.append((run_gpa, run_len))
+            return out
+        finally:
+            st = self.stats
+            st.translations += hits + misses
+            if hits:
+                st.hits += hits
+            if misses:
+                st.misses += misses
+                if use_cache:
+                    self._pasid_keys.add(prefix >> _PASID_SHIFT)
+
+    def _resolve_misses(
+        self,
+        resolve_pages: _ResolvePages,
+        bufs: Sequence[tuple[int, int]],
+        first: int,
+        pos: int,
+        write: bool,
+        pasid: int | None,
+    ) -> dict[int, Resolved | Fault]:
+        """The answers for every page from ``pos`` (in buffer ``first``) to the end of
+        ``bufs`` that has no IOTLB entry for the access, resolved in one walk, by page number
+        (up to the first fault; empty if the resolver cannot answer at once)."""
+        iotlb = self._iotlb
+        prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        missed: dict[int, None] = {}  # in order, each page once
+        for iova, length in bufs[first:]:
+            if length > 0:
+                lo = max(iova, pos) >> PAGE_SHIFT
+                for page in range(lo, ((iova + length - 1) >> PAGE_SHIFT) + 1):
+                    ent = iotlb.get(prefix | page)
+                    if ent is None or not (ent.write if write else ent.read):
+                        missed[page] = None
+            pos = 0
+        pages = list(missed)
+        got = resolve_pages([p << PAGE_SHIFT for p in pages], write, pasid)
+        return {} if got is None else dict(zip(pages, got, strict=False))
 
     async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
         """Guest-physical address of ``iova`` for a read (``write`` False) or a write."""

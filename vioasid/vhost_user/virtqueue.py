@@ -139,14 +139,36 @@ class Dma:
         for _ in range(MAX_RETRANSLATIONS):
             gen = tr.generation
             views: list[memoryview] = []
-            for i, b in enumerate(bufs, 1):
-                views.extend(await self.views(b.addr, b.len, write))
-                if not i % YIELD_EVERY and i < len(bufs):
+            for start in range(0, len(ranges), YIELD_EVERY):
+                if start:
                     await asyncio.sleep(0)
+                await self._views_into(views, ranges[start : start + YIELD_EVERY], write)
             with self.gate:
                 if self._fresh(gen, ranges):
                     return access(views)
         raise self._stale(bufs[0].addr if bufs else 0, write)
+
+    async def _views_into(
+        self, views: list[memoryview], ranges: list[tuple[int, int]], write: bool
+    ) -> None:
+        """The views of the buffers ``ranges`` appended to ``views``, as :meth:`views` gives
+        them buffer after buffer: translated together (``spans_many``: the misses in one walk),
+        a buffer whose miss must wait on the awaited path alone, then the rest together again."""
+        tr = self.translator
+        done = 0
+        while done < len(ranges):
+            rest = ranges[done:] if done else ranges
+            got = tr.spans_many(rest, write)
+            if got:
+                mem = self._mem()
+                for (iova, _), spans in zip(rest, got, strict=False):
+                    self._extend(views, mem, iova, spans, write)
+                done += len(got)
+            if done < len(ranges):
+                iova, length = ranges[done]
+                spans = await self._spans_awaited(iova, length, write)
+                self._extend(views, self._mem(), iova, spans, write)
+                done += 1
 
     async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
         """Views of every buffer of a request, translated and checked as :meth:`transfer` does;
@@ -166,9 +188,26 @@ class Dma:
         spans = self.translator.spans(iova, length, write)
         if spans is None:
             spans = await self._spans_awaited(iova, length, write)
-        mem = self._mem()
         out: list[memoryview] = []
+        self._extend(out, self._mem(), iova, spans, write)
+        return out
+
+    def _extend(
+        self,
+        out: list[memoryview],
+        mem: GuestMemory,
+        iova: int,
+        spans: list[tuple[int, int]],
+        write: bool,
+    ) -> None:
+        """The views of one buffer's ``spans`` (at ``iova``) appended to ``out``."""
+        append = out.append
         for gpa, n in spans:
+            r = mem._last  # the common case: the span lies in the region of the last lookup
+            if r is not None and r.gpa <= gpa and gpa + n <= r.gpa + r.size and n > 0:
+                off = gpa - r.gpa
+                append(r.buf[off : off + n])
+                continue
             try:
                 out.extend(_region_views(mem, gpa, n))
             except MemoryAccessError as exc:
@@ -176,7 +215,6 @@ class Dma:
                 raise DmaFault(
                     Fault(FaultReason.ADDR_BEYOND_MGAW, iova, sid, None, write, str(exc))
                 ) from None
-        return out
 
     async def _spans_awaited(self, iova: int, length: int, write: bool) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
