@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
 from vioasid.device.translator import DmaTranslator as Translator
@@ -312,9 +312,9 @@ def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
-    """One descriptor's buffer: IOVA, length, device-writable or not."""
+class Buffer(NamedTuple):
+    """One descriptor's buffer: IOVA, length, device-writable or not (a tuple: one is made
+    per descriptor on the hot path)."""
 
     addr: int
     len: int
@@ -404,6 +404,9 @@ class SplitQueue:
                 budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
                 tview = await _table_copy(dma, table, size)
+                if tview is not None:  # the whole table at hand: no await until the end
+                    _walk_indirect(chain.buffers, tview, size, budget)
+                    return
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
@@ -418,3 +421,30 @@ class SplitQueue:
         await dma.write(self.used + USED_RING_OFF + 8 * slot, _USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         await dma.write_u16(self.used + USED_IDX_OFF, self.used_idx)
+
+
+_DESC_ITER = _DESC.iter_unpack  # the VRING_DESC layout, one tuple per descriptor
+_INDIRECT, _NEXT, _WRITE = VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+
+def _walk_indirect(out: list[Buffer], table: bytes, size: int, budget: int) -> None:
+    """The chain of an indirect table copied whole (``size`` descriptors): ``SplitQueue._walk``'s
+    loop over it, every check the same (at most ``budget`` descriptors, no nested indirect, next
+    inside the table), the table unpacked at once. The buffers are appended to ``out``."""
+    descs = list(_DESC_ITER(table))
+    append = out.append
+    new = tuple.__new__
+    idx = 0
+    while True:
+        if budget <= 0:
+            raise ChainError("descriptor chain loops or is longer than the queue")
+        budget -= 1
+        addr, length, flags, nxt = descs[idx]
+        if flags & _INDIRECT:
+            raise ChainError("nested indirect descriptor")
+        append(new(Buffer, (addr, length, bool(flags & _WRITE))))
+        if not flags & _NEXT:
+            return
+        if nxt >= size:
+            raise ChainError(f"next {nxt} >= table size {size}")
+        idx = nxt
