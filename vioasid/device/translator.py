@@ -34,6 +34,7 @@ re-walked before its first write).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import json
 import logging
@@ -581,6 +582,8 @@ class DeviceTranslator:
     """
 
     MAX_FAULT_LOG = 256
+    HISTORY = 1024  # invalidation ranges kept for invalidated_since()
+    _PAIRWISE = 64  # up to this many (range, invalidation) pairs are compared one by one
 
     def __init__(
         self,
@@ -597,9 +600,12 @@ class DeviceTranslator:
         self._pasid_keys: set[int] = set()  # key prefixes (PASID + 1, 0 for none) in the IOTLB
         self.stats = TranslatorStats()
         self._iq_handler = _IqHandler(self)
-        # One step per invalidation; the recent ones' page ranges, for invalidated_since().
+        # One step per invalidation; the recent ones' page ranges, for invalidated_since():
+        # (generation, first page, last page), oldest first, at most HISTORY of them; a batch
+        # (invalidate_many) is recorded as the union of its pages at its last generation.
         self.generation = 0
-        self._recent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
+        self._recent: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._forgotten = 0  # the newest generation with ranges no longer in _recent
 
     # -- lookup -----------------------------------------------------------------------------
     def spans(
@@ -892,24 +898,46 @@ class DeviceTranslator:
     def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
         """Whether an invalidation since ``generation`` may have covered a page of ``ranges``
         (IOVA, length): translations made before it must not be used for an access after it
-        (the caller translates again). True when the history no longer reaches back."""
+        (the caller translates again). True when the history no longer reaches back.
+
+        A few pairs are compared one by one; more (a request's ~85 buffers against the
+        invalidations strict mode posts meanwhile) against the sorted union of the newer
+        invalidations, one bisection per range."""
         if generation == self.generation:
             return False
         recent = self._recent
-        if not recent or recent[0][0] > generation + 1:
+        if not recent or generation < self._forgotten:
             return True
-        pages = [(iova >> PAGE_SHIFT, (iova + max(n, 1) - 1) >> PAGE_SHIFT) for iova, n in ranges]
+        newer: list[tuple[int, int]] = []
         for gen, first, last in reversed(recent):
             if gen <= generation:
                 break
-            for lo, hi in pages:
-                if lo <= last and hi >= first:
-                    return True
+            newer.append((first, last))
+        pages = [(iova >> PAGE_SHIFT, (iova + max(n, 1) - 1) >> PAGE_SHIFT) for iova, n in ranges]
+        if len(newer) * len(pages) <= self._PAIRWISE:
+            for first, last in newer:
+                for lo, hi in pages:
+                    if lo <= last and hi >= first:
+                        return True
+            return False
+        starts, ends = _union(newer)
+        right = bisect.bisect_right
+        for lo, hi in pages:
+            # the last invalidated run starting at or before hi is the only one that can reach lo
+            i = right(starts, hi) - 1
+            if i >= 0 and ends[i] >= lo:
+                return True
         return False
 
     def _note(self, first: int, last: int) -> None:
         self.generation += 1
-        self._recent.append((self.generation, first, last))
+        self._remember(self.generation, first, last)
+
+    def _remember(self, gen: int, first: int, last: int) -> None:
+        recent = self._recent
+        if len(recent) >= self.HISTORY:
+            self._forgotten = recent.popleft()[0]
+        recent.append((gen, first, last))
 
     def _drop(self, first: int, last: int, prefixes: list[int]) -> int:
         """Drop pages ``first..last`` of the given key prefixes; the number dropped."""
@@ -938,8 +966,7 @@ class DeviceTranslator:
         it carries no PASID)."""
         st = self.stats
         st.invalidations += 1
-        first = (iova & U64) >> PAGE_SHIFT
-        last = min(((iova & U64) + max(size, 1) - 1) >> PAGE_SHIFT, _PAGE_BITS)
+        first, last = _page_range(iova, size)
         self._note(first, last)
         dropped = self._drop(first, last, list(self._pasid_keys)) if self._iotlb else 0
         st.invalidated_pages += dropped
@@ -954,6 +981,32 @@ class DeviceTranslator:
                     "dropped": dropped,
                 }
             )
+
+    def invalidate_many(
+        self, ranges: Sequence[tuple[int, int]], source: str = "qemu-iotlb"
+    ) -> None:
+        """:meth:`invalidate` of each ``(iova, size)`` of ``ranges`` (invalidations posted by the
+        reader thread, applied at once inside the gate): the generation advances by one per
+        invalidation; their pages, coalesced (repeated and adjacent ranges merged), are dropped
+        and recorded as one step at the last generation — nobody sees the ones in between, the
+        gate applies a batch whole. With a trace, one :meth:`invalidate` each (one line each)."""
+        if self.trace is not None or len(ranges) < 2:
+            for iova, size in ranges:
+                self.invalidate(iova, size, source)
+            return
+        st = self.stats
+        st.invalidations += len(ranges)
+        self.generation += len(ranges)
+        gen = self.generation
+        starts, ends = _union([_page_range(iova, size) for iova, size in ranges])
+        for first, last in zip(starts, ends, strict=True):
+            self._remember(gen, first, last)
+        if self._iotlb:
+            prefixes = list(self._pasid_keys)
+            dropped = 0
+            for first, last in zip(starts, ends, strict=True):
+                dropped += self._drop(first, last, prefixes)
+            st.invalidated_pages += dropped
 
     def on_iq_descriptor(self, desc: Descriptor) -> None:
         """A descriptor from the guest's invalidation queue (read by ``IqFollower``), applied
@@ -1023,6 +1076,27 @@ class DeviceTranslator:
         assert self.trace is not None
         obj["t"] = round(time.time(), 6)
         self.trace.write(json.dumps(obj) + "\n")
+
+
+def _page_range(iova: int, size: int) -> tuple[int, int]:
+    """First and last page an IOTLB_MSG invalidation of ``[iova, iova + size)`` covers."""
+    first = (iova & U64) >> PAGE_SHIFT
+    return first, min(((iova & U64) + max(size, 1) - 1) >> PAGE_SHIFT, _PAGE_BITS)
+
+
+def _union(runs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The page runs ``(first, last)`` as sorted, disjoint, non-adjacent runs (their starts and
+    their ends)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for first, last in sorted(runs):
+        if ends and first <= ends[-1] + 1:
+            if last > ends[-1]:
+                ends[-1] = last
+        else:
+            starts.append(first)
+            ends.append(last)
+    return starts, ends
 
 
 def _describe(r: Resolved | Fault) -> dict[str, Any]:
