@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import itertools
 import json
 import logging
 import time
@@ -998,15 +999,40 @@ class DeviceTranslator:
         st.invalidations += len(ranges)
         self.generation += len(ranges)
         gen = self.generation
-        starts, ends = _union([_page_range(iova, size) for iova, size in ranges])
-        for first, last in zip(starts, ends, strict=True):
-            self._remember(gen, first, last)
-        if self._iotlb:
-            prefixes = list(self._pasid_keys)
-            dropped = 0
-            for first, last in zip(starts, ends, strict=True):
-                dropped += self._drop(first, last, prefixes)
-            st.invalidated_pages += dropped
+        u, top = U64, _PAGE_BITS
+        starts, ends = _union(
+            [((i & u) >> PAGE_SHIFT, min(((i & u) + (n if n > 0 else 1) - 1) >> PAGE_SHIFT, top))
+             for i, n in ranges]
+        )  # fmt: skip
+        recent = self._recent
+        recent.extend(zip(itertools.repeat(gen), starts, ends))
+        for _ in range(len(recent) - self.HISTORY):
+            self._forgotten = recent.popleft()[0]
+        iotlb = self._iotlb
+        before = len(iotlb)
+        if not before:
+            return
+        prefixes = list(self._pasid_keys)
+        pages = sum(ends) - sum(starts) + len(starts)
+        if pages * len(prefixes) >= before:  # fewer entries than pages: look at each entry
+            wanted, right = set(prefixes), bisect.bisect_right
+            kept = {}
+            for k, e in iotlb.items():
+                if k >> _PASID_SHIFT in wanted:
+                    page = k & top
+                    j = right(starts, page) - 1
+                    if j >= 0 and page <= ends[j]:
+                        continue
+                kept[k] = e
+            self._iotlb = kept
+        else:
+            pop = iotlb.pop
+            for pre in prefixes:
+                base = pre << _PASID_SHIFT
+                for first, last in zip(starts, ends, strict=True):
+                    for p in range(base | first, (base | last) + 1):
+                        pop(p, None)
+        st.invalidated_pages += before - len(self._iotlb)
 
     def on_iq_descriptor(self, desc: Descriptor) -> None:
         """A descriptor from the guest's invalidation queue (read by ``IqFollower``), applied
