@@ -42,6 +42,7 @@ def guest(rng: random.Random, qsize: int) -> tuple[GuestMemory, int]:
     head_flags = VRING_DESC_F_INDIRECT | (VRING_DESC_F_NEXT if rng.random() < 0.03 else 0)
     mem.write(DESC, VRING_DESC.build(addr=TABLE, len=length, flags=head_flags, next=1))
     sequential = rng.random() < 0.6
+    nested = rng.randrange(0, entries) if rng.random() < 0.15 else -1  # one INDIRECT inside
     for i in range(entries):
         flags = VRING_DESC_F_NEXT if i < entries - 1 else 0
         nxt = i + 1
@@ -52,6 +53,8 @@ def guest(rng: random.Random, qsize: int) -> tuple[GuestMemory, int]:
                 flags |= VRING_DESC_F_INDIRECT
         if rng.random() < 0.5:
             flags |= VRING_DESC_F_WRITE
+        if i == nested:
+            flags |= VRING_DESC_F_INDIRECT
         addr = rng.randrange(0, 1 << 64) if rng.random() < 0.1 else 0x40000 + i * 0x1000
         mem.write(TABLE + 16 * i, VRING_DESC.build(addr=addr, len=rng.randrange(0, 1 << 32),
                                                     flags=flags, next=nxt))  # fmt: skip

@@ -13,7 +13,11 @@ out-of-memory pointer ends in a fault, never in an exception escaping or a stray
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
+import operator
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -423,15 +427,42 @@ class SplitQueue:
         await dma.write_u16(self.used + USED_IDX_OFF, self.used_idx)
 
 
-_DESC_ITER = _DESC.iter_unpack  # the VRING_DESC layout, one tuple per descriptor
 _INDIRECT, _NEXT, _WRITE = VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+_FIELDS = len(VRING_DESC.names)  # addr, len, flags, next: their places in an unpacked tuple
+_ADDR, _LEN, _FLAGS, _NXT = (VRING_DESC.names.index(n) for n in ("addr", "len", "flags", "next"))
+
+
+@functools.cache
+def _table_unpacker(n: int) -> Callable[[bytes], tuple[int, ...]]:
+    """``unpack`` of ``n`` consecutive descriptors (the VRING_DESC layout repeated): their
+    fields in one flat tuple."""
+    return struct.Struct(_DESC.format[0] + _DESC.format[1:] * n).unpack
+
+
+@functools.cache
+def _successors(n: int) -> tuple[int, ...]:
+    return tuple(range(1, n))
 
 
 def _walk_indirect(out: list[Buffer], table: bytes, size: int, budget: int) -> None:
-    """The chain of an indirect table copied whole (``size`` descriptors): ``SplitQueue._walk``'s
-    loop over it, every check the same (at most ``budget`` descriptors, no nested indirect, next
-    inside the table), the table unpacked at once. The buffers are appended to ``out``."""
-    descs = list(_DESC_ITER(table))
+    """The chain of an indirect table copied whole (``size`` descriptors), appended to ``out``:
+    ``SplitQueue._walk``'s loop over it, every check the same (at most ``budget`` descriptors,
+    no nested indirect, next inside the table), the table unpacked at once. A table that is
+    one chain in order (what Linux writes: NEXT and next = i + 1 on all but the last, no
+    INDIRECT anywhere, no longer than the budget) is taken whole without a step per
+    descriptor; any other goes through the loop."""
+    flat = _table_unpacker(size)(table)
+    flags, nexts = flat[_FLAGS::_FIELDS], flat[_NXT::_FIELDS]
+    if (
+        size <= budget
+        and not flags[-1] & (_NEXT | _INDIRECT)
+        and nexts[:-1] == _successors(size)
+        and all(f & (_NEXT | _INDIRECT) == _NEXT for f in set(flags[:-1]))
+    ):
+        writes = map(bool, map(operator.and_, flags, itertools.repeat(_WRITE)))
+        out += map(tuple.__new__, itertools.repeat(Buffer),
+                   zip(flat[_ADDR::_FIELDS], flat[_LEN::_FIELDS], writes, strict=True))  # fmt: skip
+        return
     append = out.append
     new = tuple.__new__
     idx = 0
@@ -439,11 +470,12 @@ def _walk_indirect(out: list[Buffer], table: bytes, size: int, budget: int) -> N
         if budget <= 0:
             raise ChainError("descriptor chain loops or is longer than the queue")
         budget -= 1
-        addr, length, flags, nxt = descs[idx]
-        if flags & _INDIRECT:
+        k = idx * _FIELDS
+        addr, length, f, nxt = flat[k + _ADDR], flat[k + _LEN], flags[idx], nexts[idx]
+        if f & _INDIRECT:
             raise ChainError("nested indirect descriptor")
-        append(new(Buffer, (addr, length, bool(flags & _WRITE))))
-        if not flags & _NEXT:
+        append(new(Buffer, (addr, length, bool(f & _WRITE))))
+        if not f & _NEXT:
             return
         if nxt >= size:
             raise ChainError(f"next {nxt} >= table size {size}")
