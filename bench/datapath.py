@@ -8,9 +8,9 @@
 * a strict-mode write request's Python work, piece by piece (``request_figures``): the pop of
   a chain whose indirect table holds 128 single-page descriptors (the table's page a fresh
   IOVA: a miss), ``Dma.transfer`` of 85 and 256 single pages at descending IOVAs (all misses,
-  and all hits), applying 85 posted invalidations through the DMA gate as the back-end wires it,
-  and ``invalidated_since`` of 85 buffers against 85 newer invalidations (least of many runs,
-  setup outside the timing);
+  and all hits) and of 4 buffers of 64 contiguous pages (a read's shape), applying 85 posted
+  invalidations through the DMA gate as the back-end wires it, and ``invalidated_since`` of
+  85 buffers against 85 newer invalidations (least of many runs, setup outside the timing);
 * the IOTLB invalidation round trip as QEMU sees it: a separate process sends ``IOTLB_MSG``
   invalidations with ``NEED_REPLY`` to a live :class:`VhostUserBlkBackend` and times each ack.
 
@@ -235,6 +235,14 @@ def request_figures() -> None:
              least(r.tr.flush, transfer) * per, "us")  # fmt: skip
         emit(f"datapath_transfer_{n}_single_pages_hit_us_per_page",
              least(lambda: None, transfer) * per, "us")  # fmt: skip
+    # a read's shape: 4 buffers of 64 contiguous pages (the range walk's case)
+    lo = min(r.iovas)
+    segs = [Buffer(lo + k * 64 * 4096, 64 * 4096, True) for k in range(4)]
+
+    def segments() -> None:
+        loop.run_until_complete(r.dma.transfer(segs, True, len))
+
+    emit("datapath_transfer_4x64_pages_us_per_page", least(r.tr.flush, segments) * 1e6 / 256, "us")
     loop.close()
 
     # 85 posted single-page invalidations (the last request's pages), applied on entering the

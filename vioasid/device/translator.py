@@ -585,6 +585,7 @@ class DeviceTranslator:
     MAX_FAULT_LOG = 256
     HISTORY = 1024  # invalidation ranges kept for invalidated_since()
     _PAIRWISE = 64  # up to this many (range, invalidation) pairs are compared one by one
+    _RANGE_RUN = 8  # consecutive missing pages from this many on are one range walk
 
     def __init__(
         self,
@@ -707,13 +708,19 @@ class DeviceTranslator:
         """:meth:`spans` of each ``(iova, length)`` of ``bufs`` in turn — the same answers,
         device IOTLB, statistics and faults as calling it once per buffer — with the misses
         resolved together: at the first miss, every page from there on without an entry for
-        the access is resolved in one walk (``resolve_pages_now``: the upper levels read once
-        per 2 MiB of IOVA, where :meth:`spans` walks each single-page buffer from the root).
+        the access is resolved, the scattered ones in one walk (``resolve_pages_now``: the
+        upper levels read once per 2 MiB of IOVA, where :meth:`spans` walks each single-page
+        buffer from the root), runs of consecutive ones by the range walk as :meth:`spans`.
         The list stops before the first buffer :meth:`spans` answers None for: the caller
         translates that one on the awaited path, then asks again for the rest."""
         out: list[list[tuple[int, int]]] = []
         resolve_pages: _ResolvePages | None = getattr(self.primary, "resolve_pages_now", None)
-        if resolve_pages is None or self.reference is not None or self.trace is not None:
+        if (
+            resolve_pages is None
+            or self.reference is not None
+            or self.trace is not None
+            or len(bufs) < 2
+        ):
             for iova, length in bufs:  # one buffer after the other
                 got = self.spans(iova, length, write, pasid)
                 if got is None:
@@ -786,8 +793,10 @@ class DeviceTranslator:
         pasid: int | None,
     ) -> dict[int, Resolved | Fault]:
         """The answers for every page from ``pos`` (in buffer ``first``) to the end of
-        ``bufs`` that has no IOTLB entry for the access, resolved in one walk, by page number
-        (up to the first fault; empty if the resolver cannot answer at once)."""
+        ``bufs`` that has no IOTLB entry for the access, by page number: runs of at least
+        ``_RANGE_RUN`` consecutive pages one range walk each, the others in one page-list walk
+        (each walk's answers up to its first fault; none where the resolver cannot answer at
+        once: the caller resolves a page missing here itself)."""
         iotlb = self._iotlb
         prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
         missed: dict[int, None] = {}  # in order, each page once
@@ -800,8 +809,26 @@ class DeviceTranslator:
                         missed[page] = None
             pos = 0
         pages = list(missed)
-        got = resolve_pages([p << PAGE_SHIFT for p in pages], write, pasid)
-        return {} if got is None else dict(zip(pages, got, strict=False))
+        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
+        out: dict[int, Resolved | Fault] = {}
+        singles: list[int] = []
+        i = 0
+        while i < len(pages):  # runs of consecutive pages (a read's segments): range walks
+            j = i + 1
+            while j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            if j - i >= self._RANGE_RUN and resolve_range is not None:
+                ran = resolve_range(pages[i] << PAGE_SHIFT, j - i, write, pasid)
+                if ran:
+                    out.update(zip(pages[i:j], ran, strict=False))  # up to its first fault
+            else:
+                singles += pages[i:j]
+            i = j
+        if singles:  # the rest in one walk, the upper levels shared
+            got = resolve_pages([p << PAGE_SHIFT for p in singles], write, pasid)
+            if got:
+                out.update(zip(singles, got, strict=False))  # up to its first fault
+        return out
 
     async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
         """Guest-physical address of ``iova`` for a read (``write`` False) or a write."""
