@@ -793,41 +793,48 @@ class DeviceTranslator:
         pasid: int | None,
     ) -> dict[int, Resolved | Fault]:
         """The answers for every page from ``pos`` (in buffer ``first``) to the end of
-        ``bufs`` that has no IOTLB entry for the access, by page number: runs of at least
-        ``_RANGE_RUN`` consecutive pages one range walk each, the others in one page-list walk
-        (each walk's answers up to its first fault; none where the resolver cannot answer at
-        once: the caller resolves a page missing here itself)."""
+        ``bufs`` that has no IOTLB entry for the access, by page number: in a buffer of at least
+        ``_RANGE_RUN`` pages, each run of that many consecutive missing pages one range walk,
+        all other pages in one page-list walk (each walk's answers up to its first fault; none
+        where the resolver cannot answer at once: the caller resolves a page missing here
+        itself)."""
         iotlb = self._iotlb
         prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
-        missed: dict[int, None] = {}  # in order, each page once
+        run = self._RANGE_RUN
+        singles: dict[int, None] = {}  # pages of short buffers, in order, each once
+        runs: list[tuple[int, int]] = []  # (first page, count) of long buffers' missing runs
         for iova, length in bufs[first:]:
             if length > 0:
                 lo = max(iova, pos) >> PAGE_SHIFT
-                for page in range(lo, ((iova + length - 1) >> PAGE_SHIFT) + 1):
+                hi = ((iova + length - 1) >> PAGE_SHIFT) + 1
+                start = -1  # the run of missing pages being gathered
+                for page in range(lo, hi):
                     ent = iotlb.get(prefix | page)
                     if ent is None or not (ent.write if write else ent.read):
-                        missed[page] = None
+                        if hi - lo < run:
+                            singles[page] = None
+                        elif start < 0:
+                            start = page
+                    elif start >= 0:
+                        runs.append((start, page - start))
+                        start = -1
+                if start >= 0:
+                    runs.append((start, hi - start))
             pos = 0
-        pages = list(missed)
-        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
         out: dict[int, Resolved | Fault] = {}
-        singles: list[int] = []
-        i = 0
-        while i < len(pages):  # runs of consecutive pages (a read's segments): range walks
-            j = i + 1
-            while j < len(pages) and pages[j] == pages[j - 1] + 1:
-                j += 1
-            if j - i >= self._RANGE_RUN and resolve_range is not None:
-                ran = resolve_range(pages[i] << PAGE_SHIFT, j - i, write, pasid)
-                if ran:
-                    out.update(zip(pages[i:j], ran, strict=False))  # up to its first fault
-            else:
-                singles += pages[i:j]
-            i = j
+        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
+        for start, count in runs:
+            if count < run or resolve_range is None:
+                singles.update(dict.fromkeys(range(start, start + count)))
+                continue
+            ran = resolve_range(start << PAGE_SHIFT, count, write, pasid)
+            if ran:
+                out.update(zip(range(start, start + count), ran, strict=False))  # to a fault
         if singles:  # the rest in one walk, the upper levels shared
-            got = resolve_pages([p << PAGE_SHIFT for p in singles], write, pasid)
+            pages = list(singles)
+            got = resolve_pages([p << PAGE_SHIFT for p in pages], write, pasid)
             if got:
-                out.update(zip(singles, got, strict=False))  # up to its first fault
+                out.update(zip(pages, got, strict=False))  # up to its first fault
         return out
 
     async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
