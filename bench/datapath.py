@@ -5,11 +5,17 @@
   synchronous path, one call per page and one call for the whole 1 MiB buffer (the range walk),
   and ``translate`` awaited per page), the cached case, and the walker's ``translate_fast``
   alone (the floor);
+* a strict-mode write request's Python work, piece by piece (``request_figures``): the pop of
+  a chain whose indirect table holds 128 single-page descriptors (the table's page a fresh
+  IOVA: a miss), ``Dma.transfer`` of 85 and 256 single pages at descending IOVAs (all misses,
+  and all hits) and of 4 buffers of 64 contiguous pages (a read's shape), applying 85 posted
+  invalidations through the DMA gate as the back-end wires it, and ``invalidated_since`` of
+  85 buffers against 85 newer invalidations (least of many runs, setup outside the timing);
 * the IOTLB invalidation round trip as QEMU sees it: a separate process sends ``IOTLB_MSG``
   invalidations with ``NEED_REPLY`` to a live :class:`VhostUserBlkBackend` and times each ack.
 
-Usage: ``python3 bench/datapath.py [--rounds 2000]``. Each line carries ``load`` (1-minute
-load average): the machine is shared.
+Usage: ``python3 bench/datapath.py [--rounds 2000] [--only request ...]``. Each line carries
+``load`` (1-minute load average): the machine is shared.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vioasid.device.translator import DeviceTranslator, VtdRegs, WalkResolver
+from vioasid.formats.virtio import VRING_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from vioasid.model.cache import Caches
 from vioasid.model.guest_driver import FirstStagePageTable, GuestIommuDriver, PageAllocator
 from vioasid.model.memory import GuestMemory
 from vioasid.model.walker import Walker
+from vioasid.vhost_user.iotlb_reader import InvalidationGate
+from vioasid.vhost_user.virtqueue import Buffer, Dma, SplitQueue
 
 SID = 0x20
 IOVA = 0xFFF0_0000  # Linux hands out IOVAs top-down below 4 GiB
@@ -143,6 +153,129 @@ def translation_figures() -> None:
     loop.close()
 
 
+RING_IOVA = 0xFFFE_0000  # the ring's two pages (descriptor table + avail ring, used ring)
+TABLE_IOVA = 0xFFF0_0000  # the indirect table's page
+QSIZE = 128
+
+
+class Request:
+    """A strict-mode write as Linux submits it: an indirect table of ``n`` single 4 KiB pages at
+    descending IOVAs below the table's, each mapped to a scattered guest page."""
+
+    def __init__(self, n: int) -> None:
+        self.mem = mem = GuestMemory.from_bytes(64 << 20)
+        alloc = PageAllocator(mem, 48 << 20, 8 << 20)
+        drv = GuestIommuDriver(mem, alloc)
+        drv.attach_device(SID)
+        pt = FirstStagePageTable(mem, alloc)
+        drv.set_pasid_entry(SID, 0, pgtt=1, did=5, flptptr=pt.root)
+        self.ring_gpa, table_gpa = 0x10000, 0x20000
+        pt.map(RING_IOVA, self.ring_gpa, 0x2000, write=True)
+        pt.map(TABLE_IOVA, table_gpa, 0x1000, write=False)
+        self.iovas = [TABLE_IOVA - (i + 1) * 0x1000 for i in range(n)]
+        for i, a in enumerate(self.iovas):
+            pt.map(a, (1 << 20) + ((i * 7919) % 8192) * 4096, 4096, write=True)
+            flags = VRING_DESC_F_NEXT if i < n - 1 else 0
+            desc = VRING_DESC.build(addr=a, len=4096, flags=flags, next=i + 1)
+            mem.write(table_gpa + 16 * i, desc)
+        self.head = VRING_DESC.build(addr=TABLE_IOVA, len=16 * n, flags=VRING_DESC_F_INDIRECT)
+        rtaddr = drv.rtaddr
+
+        async def regs() -> VtdRegs:
+            return VtdRegs(gsts=1 << 31, rtaddr=rtaddr)
+
+        self.tr = DeviceTranslator(WalkResolver(lambda: mem, SID, regs), sid=SID)
+        asyncio.run(self.tr.translate(RING_IOVA, False))  # reads the registers once
+        self.dma = Dma(lambda: mem, self.tr)
+        self.q = SplitQueue(0, num=QSIZE, desc=RING_IOVA, avail=RING_IOVA + 0x800,
+                            used=RING_IOVA + 0x1000)  # fmt: skip
+        self.q.enabled = self.q.started = True
+        self.bufs = [Buffer(a, 4096, True) for a in self.iovas]
+        self.avail = 0
+
+    def submit(self) -> None:
+        """The head in the ring, the avail index advanced, the table's page not cached (a fresh
+        IOVA in strict mode)."""
+        self.mem.write(self.ring_gpa, self.head)
+        self.mem.write(self.ring_gpa + 0x804 + 2 * (self.avail % QSIZE), bytes(2))
+        self.avail += 1
+        self.mem.write(self.ring_gpa + 0x802, (self.avail & 0xFFFF).to_bytes(2, "little"))
+        self.tr.invalidate(TABLE_IOVA, 0x1000)
+
+
+def least(setup: Callable[[], object], fn: Callable[[], object], runs: int = 300) -> float:
+    """Least seconds of ``runs`` single calls of ``fn``, each after ``setup`` (untimed): the run
+    no other process interrupted, on a shared machine."""
+    out = []
+    for _ in range(runs):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def request_figures() -> None:
+    loop = asyncio.new_event_loop()
+    r = Request(128)
+
+    def pop() -> None:
+        chain = loop.run_until_complete(r.q.pop(r.dma))
+        assert chain is not None and len(chain.buffers) == 128
+
+    emit("datapath_pop_indirect_128_us", least(r.submit, pop) * 1e6, "us")
+    for n in (85, 256):
+        r = Request(n)
+
+        def transfer(r: Request = r) -> None:
+            loop.run_until_complete(r.dma.transfer(r.bufs, True, len))
+
+        per = 1e6 / n
+        emit(f"datapath_transfer_{n}_single_pages_us_per_page",
+             least(r.tr.flush, transfer) * per, "us")  # fmt: skip
+        emit(f"datapath_transfer_{n}_single_pages_hit_us_per_page",
+             least(lambda: None, transfer) * per, "us")  # fmt: skip
+    # a read's shape: 4 buffers of 64 contiguous pages (the range walk's case)
+    lo = min(r.iovas)
+    segs = [Buffer(lo + k * 64 * 4096, 64 * 4096, True) for k in range(4)]
+
+    def segments() -> None:
+        loop.run_until_complete(r.dma.transfer(segs, True, len))
+
+    emit("datapath_transfer_4x64_pages_us_per_page", least(r.tr.flush, segments) * 1e6 / 256, "us")
+    loop.close()
+
+    # 85 posted single-page invalidations (the last request's pages), applied on entering the
+    # gate as the back-end wires it (one call for all of them where the translator has one)
+    r = Request(170)
+    tr = r.tr
+    ranges = [(a, 0x1000) for a in r.iovas]
+    many = getattr(tr, "invalidate_many", None)
+    try:
+        gate = InvalidationGate(tr.invalidate, many)
+    except TypeError:  # the code before the batch: one apply per invalidation
+        gate = InvalidationGate(tr.invalidate)
+
+    def posted() -> None:
+        for a, n in ranges:  # all 170 pages cached
+            tr.spans(a, n, True)
+        for iova, size in ranges[:85]:
+            gate.post(iova, size)
+
+    emit("datapath_apply_85_invalidations_us", least(posted, gate.drain) * 1e6, "us")
+
+    # a request's 85 buffers against 85 newer invalidations of other pages (none covers them)
+    since = tr.generation
+    for iova, size in ranges[85:]:
+        tr.invalidate(iova, size)
+    check = ranges[:85]
+
+    def fresh() -> None:
+        assert not tr.invalidated_since(since, check)
+
+    emit("datapath_invalidated_since_85x85_us", least(lambda: None, fresh) * 1e6, "us")
+
+
 async def ack_figures(rounds: int) -> None:
     from vioasid.vhost_user.backend import VhostUserBlkBackend
 
@@ -176,9 +309,16 @@ async def ack_figures(rounds: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=2000, help="IOTLB invalidations timed")
+    ap.add_argument("--only", choices=("translation", "request", "ack"), action="append",
+                    help="run only these parts (repeatable; default all)")  # fmt: skip
     args = ap.parse_args()
-    translation_figures()
-    asyncio.run(ack_figures(args.rounds))
+    parts = args.only or ["translation", "request", "ack"]
+    if "translation" in parts:
+        translation_figures()
+    if "request" in parts:
+        request_figures()
+    if "ack" in parts:
+        asyncio.run(ack_figures(args.rounds))
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def expected(mem: GuestMemory, rtaddr: int, op: tuple[Any, ...]) -> object:
     walker = Walker(mem, caches=Caches(enabled=False))
     walker.direct = False
     starts = [iova, *range((iova | 0xFFF) + 1, iova + length, 0x1000)]
-    gpas = [walker.translate_fast(rtaddr, SID, a, pasid, write) for a in starts]
-    if not all(isinstance(g, int) and mem.contains(g & ~0xFFF, 0x1000) for g in gpas):
+    answers = [walker.translate_fast(rtaddr, SID, a, pasid, write) for a in starts]
+    gpas = [g for g in answers if isinstance(g, int) and mem.contains(g & ~0xFFF, 0x1000)]
+    if len(gpas) != len(answers):
         return None
     out: list[list[int]] = []  # [gpa, length] runs
     for a, b, g in zip(starts, [*starts[1:], iova + length], gpas, strict=True):

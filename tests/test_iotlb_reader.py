@@ -13,7 +13,7 @@ import asyncio
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +88,9 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(kind: str) -> AsyncIterator[Rig]:
+async def rig(kind: str, batches: list[list[tuple[int, int]]] | None = None) -> AsyncIterator[Rig]:
+    """A reader of ``kind`` on a socket pair; with ``batches``, the gate applies what was
+    posted in one ``invalidate_many`` call (as the back-end wires it) and records each batch."""
     if kind == "native" and native.load() is None:
         pytest.skip("no C compiler: the native reader cannot be built here")
     loop = asyncio.get_running_loop()
@@ -97,6 +99,12 @@ async def rig(kind: str) -> AsyncIterator[Rig]:
     res = ShiftResolver()
     tr = DeviceTranslator(res)
     holder: list[Rig] = []
+    apply_many = None
+    if batches is not None:
+
+        def apply_many(ranges: list[tuple[int, int]]) -> None:
+            batches.append(list(ranges))
+            tr.invalidate_many(ranges)
 
     def on_chunk(data: bytes | memoryview) -> None:
         holder[0].delivered.append(bytes(data))
@@ -121,10 +129,11 @@ async def rig(kind: str) -> AsyncIterator[Rig]:
             lambda: None,
             acks=True,
             times=PhaseTimes(),
+            apply_many=apply_many,
         )
         assert reader.start()
     else:
-        gate = InvalidationGate(tr.invalidate)
+        gate = InvalidationGate(tr.invalidate, apply_many)
 
         def deliver_python(data: bytes | None, fds: list[int]) -> None:
             if data is not None:
@@ -186,21 +195,24 @@ async def test_a_translation_made_before_an_ack_is_made_again(kind: str) -> None
         def access(views: list[memoryview]) -> int:
             return _writer(b"N" * 2 * PAGE)(views)
 
-        orig_views = r.dma.views
+        orig_spans = r.tr.spans_many
 
-        async def views_then_unmap(iova: int, length: int, write: bool) -> list[memoryview]:
+        def spans_then_unmap(
+            ranges: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+        ) -> list[list[tuple[int, int]]]:
             nonlocal first
-            out = await orig_views(iova, length, write)
-            if first and iova == 0x50000:
-                # after buffer 1 was translated (a cache hit) the guest re-maps it and QEMU
-                # forwards the unmap; the reader acks it before the access happens
+            out = orig_spans(ranges, write, pasid)
+            if first and (0x50000, PAGE) in ranges[: len(out)]:
+                # after both buffers were translated (cache hits) the guest re-maps buffer 0
+                # and QEMU forwards the unmap; the reader acks it before the access happens
                 first = False
                 r.res.shift = 0x10_0000
                 r.fe.sendall(invalidation(0x30000, PAGE))
                 assert r.ack() == 0
             return out
 
-        r.dma.views = views_then_unmap  # type: ignore[method-assign]
+        assert r.dma.translator is r.tr
+        r.tr.spans_many = spans_then_unmap  # type: ignore[method-assign,assignment]
         await r.dma.transfer(bufs, True, access)
         assert r.mem.read(0x30000 + 0x10_0000, PAGE) == b"N" * PAGE
         assert r.mem.read(0x30000, 1) == b"x"  # the stale page was not written
@@ -301,3 +313,27 @@ async def test_the_backend_acks_from_its_reader_thread(
     s = backend.summary()
     assert s["iotlb_acked_by_reader"] == 1 and s["invalidations"] == 1
     await backend.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.asyncio
+async def test_posted_invalidations_are_applied_in_one_batch(kind: str) -> None:
+    batches: list[list[tuple[int, int]]] = []
+    async with rig(kind, batches) as r:
+        bufs = [Buffer(0x10000 + i * PAGE, PAGE, True) for i in range(6)]
+        await r.dma.transfer(bufs, True, _writer(b"a" * 6 * PAGE))
+        gen, walks = r.tr.generation, r.res.walks
+        r.res.shift = 0x20_0000  # the guest re-maps five of the six pages
+        posted = [(0x10000 + i * PAGE, PAGE) for i in (4, 0, 1, 1, 3)]  # a repeat, any order
+        for iova, size in posted:
+            r.fe.sendall(invalidation(iova, size))
+            assert r.ack() == 0
+        await r.dma.transfer(bufs, True, _writer(b"b" * 6 * PAGE))
+        assert batches == [posted]  # all of them at the first gate entry, in order
+        assert r.tr.generation == gen + 5 and r.tr.stats.invalidations == 5
+        assert r.res.walks == walks + 4  # pages 0, 1, 3 and 4 walked again, 2 and 5 cached
+        for i in (0, 1, 3, 4):
+            assert r.mem.read(0x10000 + i * PAGE + 0x20_0000, PAGE) == b"b" * PAGE
+            assert r.mem.read(0x10000 + i * PAGE, 1) == b"a"
+        for i in (2, 5):
+            assert r.mem.read(0x10000 + i * PAGE, PAGE) == b"b" * PAGE

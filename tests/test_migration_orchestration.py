@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -388,6 +388,11 @@ def test_dirty_log_marks_pages_of_writes_only() -> None:
             self, iova: int, length: int, write: bool, pasid: int | None = None
         ) -> list[tuple[int, int]]:
             return [(iova, length)]
+
+        def spans_many(
+            self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+        ) -> list[list[tuple[int, int]]]:
+            return [[(iova, length)] for iova, length in bufs]
 
     t = state.wrap(Ident())
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from collections.abc import Sequence
 
 from vioasid.device.translator import DmaTranslator as Translator
 from vioasid.formats.virtio import VHOST_USER_LOG, VirtioFeature
@@ -162,6 +163,18 @@ class LoggingTranslator:
             if dlog is not None:
                 for gpa, n in out:
                     dlog.mark(gpa, n)
+        return out
+
+    def spans_many(
+        self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+    ) -> list[list[tuple[int, int]]]:
+        out = self.inner.spans_many(bufs, write, pasid)
+        if write and out:
+            dlog = self.state.active
+            if dlog is not None:
+                for spans in out:
+                    for gpa, n in spans:
+                        dlog.mark(gpa, n)
         return out
 
 

@@ -34,7 +34,9 @@ re-walked before its first write).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import json
 import logging
 import time
@@ -94,7 +96,8 @@ class Resolver(Protocol):
     returns None when only ``resolve`` can (it may await); ``refresh()`` re-reads whatever
     state the answer depends on."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def resolve(
         self, iova: int, write: bool, pasid: int | None = None
@@ -248,6 +251,49 @@ class WalkResolver:
             walked = w.translate_range(regs.rtaddr, self.sid, iova, count, pasid, write)
         except MemoryAccessError as exc:  # the walker should turn these into faults itself
             return [Fault(FaultReason.ROOT_TABLE_INV, iova, self.sid, pasid, write, str(exc))]
+        return self._resolved_all(mem, walked, range(iova, iova + (count << PAGE_SHIFT), PAGE_SIZE),
+                                  write, pasid)  # fmt: skip
+
+    def resolve_pages_now(
+        self, iovas: Sequence[int], write: bool, pasid: int | None = None
+    ) -> list[Resolved | Fault] | None:
+        """:meth:`resolve_now` for each of ``iovas`` (a request's pages, in any order) in one
+        walk that shares the upper levels (``Walker.translate_pages``); the list ends at the
+        first fault."""
+        regs = self.regs
+        if regs is None:
+            return None
+        mem = self._memory()
+        if mem is None or not regs.gsts & GSTS_TES:
+            pages: list[Resolved | Fault] = []
+            for a in iovas:
+                res = self.resolve_now(a, write, pasid)
+                assert res is not None  # the registers are known
+                pages.append(res)
+                if type(res) is not Resolved:
+                    break
+            return pages
+        w = self._walker if self._walker_mem is mem else None
+        if w is None:
+            w = self._get_walker(mem)
+        try:
+            walked = w.translate_pages(regs.rtaddr, self.sid, iovas, pasid, write)
+        except MemoryAccessError as exc:  # the walker should turn these into faults itself
+            a = iovas[0] if iovas else 0
+            return [Fault(FaultReason.ROOT_TABLE_INV, a, self.sid, pasid, write, str(exc))]
+        return self._resolved_all(mem, walked, iovas, write, pasid)
+
+    def _resolved_all(
+        self,
+        mem: GuestMemory,
+        walked: list[int | Fault],
+        iovas: Sequence[int],
+        write: bool,
+        pasid: int | None,
+    ) -> list[Resolved | Fault]:
+        """The walk's answers ``walked`` for ``iovas`` as the device IOTLB keeps them, ending at
+        the first fault (:meth:`_resolved` each; a page in the region of the one before is
+        guest RAM without a lookup)."""
         out: list[Resolved | Fault] = []
         append = out.append
         new, read, lo, hi = tuple.__new__, not write, 0, -1
@@ -256,7 +302,7 @@ class WalkResolver:
             if lo <= page <= hi:  # in the region of the page before: guest RAM
                 append(new(Resolved, (page, read, write, "walk", pasid)))
                 continue
-            res = self._resolved(mem, o, iova + (i << PAGE_SHIFT), write, pasid)
+            res = self._resolved(mem, o, iovas[i], write, pasid)
             append(res)
             if type(res) is not Resolved:
                 break
@@ -444,6 +490,8 @@ class QemuResolver:
 # ``resolve_range_now(iova, count, write, pasid)`` of a resolver that has one (WalkResolver):
 # resolve_now for ``count`` consecutive pages, the list ending at the first fault, or None.
 _ResolveRange = Callable[[int, int, bool, int | None], list[Resolved | Fault] | None]
+# ``resolve_pages_now(iovas, write, pasid)``: resolve_now for each of ``iovas``, likewise.
+_ResolvePages = Callable[[list[int], bool, int | None], list[Resolved | Fault] | None]
 
 
 class DmaTranslator(Protocol):
@@ -460,6 +508,10 @@ class DmaTranslator(Protocol):
     def spans(
         self, iova: int, length: int, write: bool, pasid: int | None = None
     ) -> list[tuple[int, int]] | None: ...
+
+    def spans_many(
+        self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+    ) -> list[list[tuple[int, int]]]: ...
 
 
 @dataclass(slots=True)
@@ -532,6 +584,9 @@ class DeviceTranslator:
     """
 
     MAX_FAULT_LOG = 256
+    HISTORY = 1024  # invalidation ranges kept for invalidated_since()
+    _PAIRWISE = 64  # up to this many (range, invalidation) pairs are compared one by one
+    _RANGE_RUN = 8  # consecutive missing pages from this many on are one range walk
 
     def __init__(
         self,
@@ -548,9 +603,12 @@ class DeviceTranslator:
         self._pasid_keys: set[int] = set()  # key prefixes (PASID + 1, 0 for none) in the IOTLB
         self.stats = TranslatorStats()
         self._iq_handler = _IqHandler(self)
-        # One step per invalidation; the recent ones' page ranges, for invalidated_since().
+        # One step per invalidation; the recent ones' page ranges, for invalidated_since():
+        # (generation, first page, last page), oldest first, at most HISTORY of them; a batch
+        # (invalidate_many) is recorded as the union of its pages at its last generation.
         self.generation = 0
-        self._recent: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
+        self._recent: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._forgotten = 0  # the newest generation with ranges no longer in _recent
 
     # -- lookup -----------------------------------------------------------------------------
     def spans(
@@ -643,6 +701,141 @@ class DeviceTranslator:
                 if self.use_cache:
                     self._pasid_keys.add(prefix >> _PASID_SHIFT)
         out.append((run_gpa, run_len))
+        return out
+
+    def spans_many(
+        self, bufs: Sequence[tuple[int, int]], write: bool, pasid: int | None = None
+    ) -> list[list[tuple[int, int]]]:
+        """:meth:`spans` of each ``(iova, length)`` of ``bufs`` in turn — the same answers,
+        device IOTLB, statistics and faults as calling it once per buffer — with the misses
+        resolved together: at the first miss, every page from there on without an entry for
+        the access is resolved, the scattered ones in one walk (``resolve_pages_now``: the
+        upper levels read once per 2 MiB of IOVA, where :meth:`spans` walks each single-page
+        buffer from the root), runs of consecutive ones by the range walk as :meth:`spans`.
+        The list stops before the first buffer :meth:`spans` answers None for: the caller
+        translates that one on the awaited path, then asks again for the rest."""
+        out: list[list[tuple[int, int]]] = []
+        resolve_pages: _ResolvePages | None = getattr(self.primary, "resolve_pages_now", None)
+        if (
+            resolve_pages is None
+            or self.reference is not None
+            or self.trace is not None
+            or len(bufs) < 2
+        ):
+            for iova, length in bufs:  # one buffer after the other
+                got = self.spans(iova, length, write, pasid)
+                if got is None:
+                    break
+                out.append(got)
+            return out
+        iotlb = self._iotlb
+        prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        pre: dict[int, Resolved | Fault] | None = None  # the misses' answers, once resolved
+        use_cache, hits, misses = self.use_cache, 0, 0
+        try:
+            for b, (iova, length) in enumerate(bufs):
+                spans: list[tuple[int, int]] = []
+                out.append(spans)
+                if length <= 0:
+                    continue
+                pos, end = iova, iova + length
+                run_gpa = run_len = -1
+                while pos < end:  # _spans' loop
+                    n = PAGE_SIZE - (pos & PAGE_MASK)
+                    if n > end - pos:
+                        n = end - pos
+                    page = pos >> PAGE_SHIFT
+                    key = prefix | page
+                    ent = iotlb.get(key)
+                    if ent is not None and (ent.write if write else ent.read):
+                        hits += 1
+                    else:
+                        if pre is None:
+                            pre = self._resolve_misses(resolve_pages, bufs, b, pos, write, pasid)
+                        res = pre.get(page)
+                        if res is None:  # after the first fault, or the registers unknown
+                            res = self.primary.resolve_now(pos, write, pasid)
+                        if res is None or isinstance(res, Fault):
+                            out.pop()  # this buffer waits, or faults on the awaited path
+                            return out
+                        misses += 1
+                        if ent is None and use_cache and (res.write if write else res.read):
+                            iotlb[key] = res
+                            ent = res
+                        else:
+                            ent = self._store(key, ent, res, write, pos, pasid)
+                    gpa = ent.gpa | (pos & PAGE_MASK)
+                    if run_gpa + run_len == gpa:
+                        run_len += n
+                    else:
+                        if run_len > 0:
+                            spans.append((run_gpa, run_len))
+                        run_gpa, run_len = gpa, n
+                    pos += n
+                spans.append((run_gpa, run_len))
+            return out
+        finally:
+            st = self.stats
+            st.translations += hits + misses
+            if hits:
+                st.hits += hits
+            if misses:
+                st.misses += misses
+                if use_cache:
+                    self._pasid_keys.add(prefix >> _PASID_SHIFT)
+
+    def _resolve_misses(
+        self,
+        resolve_pages: _ResolvePages,
+        bufs: Sequence[tuple[int, int]],
+        first: int,
+        pos: int,
+        write: bool,
+        pasid: int | None,
+    ) -> dict[int, Resolved | Fault]:
+        """The answers for every page from ``pos`` (in buffer ``first``) to the end of
+        ``bufs`` that has no IOTLB entry for the access, by page number: in a buffer of at least
+        ``_RANGE_RUN`` pages, each run of that many consecutive missing pages one range walk,
+        all other pages in one page-list walk (each walk's answers up to its first fault; none
+        where the resolver cannot answer at once: the caller resolves a page missing here
+        itself)."""
+        iotlb = self._iotlb
+        prefix = (0 if pasid is None else pasid + 1) << _PASID_SHIFT
+        run = self._RANGE_RUN
+        singles: dict[int, None] = {}  # pages of short buffers, in order, each once
+        runs: list[tuple[int, int]] = []  # (first page, count) of long buffers' missing runs
+        for iova, length in bufs[first:]:
+            if length > 0:
+                lo = max(iova, pos) >> PAGE_SHIFT
+                hi = ((iova + length - 1) >> PAGE_SHIFT) + 1
+                start = -1  # the run of missing pages being gathered
+                for page in range(lo, hi):
+                    ent = iotlb.get(prefix | page)
+                    if ent is None or not (ent.write if write else ent.read):
+                        if hi - lo < run:
+                            singles[page] = None
+                        elif start < 0:
+                            start = page
+                    elif start >= 0:
+                        runs.append((start, page - start))
+                        start = -1
+                if start >= 0:
+                    runs.append((start, hi - start))
+            pos = 0
+        out: dict[int, Resolved | Fault] = {}
+        resolve_range: _ResolveRange | None = getattr(self.primary, "resolve_range_now", None)
+        for start, count in runs:
+            if count < run or resolve_range is None:
+                singles.update(dict.fromkeys(range(start, start + count)))
+                continue
+            ran = resolve_range(start << PAGE_SHIFT, count, write, pasid)
+            if ran:
+                out.update(zip(range(start, start + count), ran, strict=False))  # to a fault
+        if singles:  # the rest in one walk, the upper levels shared
+            pages = list(singles)
+            got = resolve_pages([p << PAGE_SHIFT for p in pages], write, pasid)
+            if got:
+                out.update(zip(pages, got, strict=False))  # up to its first fault
         return out
 
     async def translate(self, iova: int, write: bool, pasid: int | None = None) -> int:
@@ -741,24 +934,46 @@ class DeviceTranslator:
     def invalidated_since(self, generation: int, ranges: list[tuple[int, int]]) -> bool:
         """Whether an invalidation since ``generation`` may have covered a page of ``ranges``
         (IOVA, length): translations made before it must not be used for an access after it
-        (the caller translates again). True when the history no longer reaches back."""
+        (the caller translates again). True when the history no longer reaches back.
+
+        A few pairs are compared one by one; more (a request's ~85 buffers against the
+        invalidations strict mode posts meanwhile) against the sorted union of the newer
+        invalidations, one bisection per range."""
         if generation == self.generation:
             return False
         recent = self._recent
-        if not recent or recent[0][0] > generation + 1:
+        if not recent or generation < self._forgotten:
             return True
-        pages = [(iova >> PAGE_SHIFT, (iova + max(n, 1) - 1) >> PAGE_SHIFT) for iova, n in ranges]
+        newer: list[tuple[int, int]] = []
         for gen, first, last in reversed(recent):
             if gen <= generation:
                 break
-            for lo, hi in pages:
-                if lo <= last and hi >= first:
-                    return True
+            newer.append((first, last))
+        pages = [(iova >> PAGE_SHIFT, (iova + max(n, 1) - 1) >> PAGE_SHIFT) for iova, n in ranges]
+        if len(newer) * len(pages) <= self._PAIRWISE:
+            for first, last in newer:
+                for lo, hi in pages:
+                    if lo <= last and hi >= first:
+                        return True
+            return False
+        starts, ends = _union(newer)
+        right = bisect.bisect_right
+        for lo, hi in pages:
+            # the last invalidated run starting at or before hi is the only one that can reach lo
+            i = right(starts, hi) - 1
+            if i >= 0 and ends[i] >= lo:
+                return True
         return False
 
     def _note(self, first: int, last: int) -> None:
         self.generation += 1
-        self._recent.append((self.generation, first, last))
+        self._remember(self.generation, first, last)
+
+    def _remember(self, gen: int, first: int, last: int) -> None:
+        recent = self._recent
+        if len(recent) >= self.HISTORY:
+            self._forgotten = recent.popleft()[0]
+        recent.append((gen, first, last))
 
     def _drop(self, first: int, last: int, prefixes: list[int]) -> int:
         """Drop pages ``first..last`` of the given key prefixes; the number dropped."""
@@ -787,8 +1002,7 @@ class DeviceTranslator:
         it carries no PASID)."""
         st = self.stats
         st.invalidations += 1
-        first = (iova & U64) >> PAGE_SHIFT
-        last = min(((iova & U64) + max(size, 1) - 1) >> PAGE_SHIFT, _PAGE_BITS)
+        first, last = _page_range(iova, size)
         self._note(first, last)
         dropped = self._drop(first, last, list(self._pasid_keys)) if self._iotlb else 0
         st.invalidated_pages += dropped
@@ -803,6 +1017,57 @@ class DeviceTranslator:
                     "dropped": dropped,
                 }
             )
+
+    def invalidate_many(
+        self, ranges: Sequence[tuple[int, int]], source: str = "qemu-iotlb"
+    ) -> None:
+        """:meth:`invalidate` of each ``(iova, size)`` of ``ranges`` (invalidations posted by the
+        reader thread, applied at once inside the gate): the generation advances by one per
+        invalidation; their pages, coalesced (repeated and adjacent ranges merged), are dropped
+        and recorded as one step at the last generation — nobody sees the ones in between, the
+        gate applies a batch whole. With a trace, one :meth:`invalidate` each (one line each)."""
+        if self.trace is not None or len(ranges) < 2:
+            for iova, size in ranges:
+                self.invalidate(iova, size, source)
+            return
+        st = self.stats
+        st.invalidations += len(ranges)
+        self.generation += len(ranges)
+        gen = self.generation
+        u, top = U64, _PAGE_BITS
+        starts, ends = _union(
+            [((i & u) >> PAGE_SHIFT, min(((i & u) + (n if n > 0 else 1) - 1) >> PAGE_SHIFT, top))
+             for i, n in ranges]
+        )  # fmt: skip
+        recent = self._recent
+        recent.extend(zip(itertools.repeat(gen), starts, ends))
+        for _ in range(len(recent) - self.HISTORY):
+            self._forgotten = recent.popleft()[0]
+        iotlb = self._iotlb
+        before = len(iotlb)
+        if not before:
+            return
+        prefixes = list(self._pasid_keys)
+        pages = sum(ends) - sum(starts) + len(starts)
+        if pages * len(prefixes) >= before:  # fewer entries than pages: look at each entry
+            wanted, right = set(prefixes), bisect.bisect_right
+            kept = {}
+            for k, e in iotlb.items():
+                if k >> _PASID_SHIFT in wanted:
+                    page = k & top
+                    j = right(starts, page) - 1
+                    if j >= 0 and page <= ends[j]:
+                        continue
+                kept[k] = e
+            self._iotlb = kept
+        else:
+            pop = iotlb.pop
+            for pre in prefixes:
+                base = pre << _PASID_SHIFT
+                for first, last in zip(starts, ends, strict=True):
+                    for p in range(base | first, (base | last) + 1):
+                        pop(p, None)
+        st.invalidated_pages += before - len(self._iotlb)
 
     def on_iq_descriptor(self, desc: Descriptor) -> None:
         """A descriptor from the guest's invalidation queue (read by ``IqFollower``), applied
@@ -872,6 +1137,27 @@ class DeviceTranslator:
         assert self.trace is not None
         obj["t"] = round(time.time(), 6)
         self.trace.write(json.dumps(obj) + "\n")
+
+
+def _page_range(iova: int, size: int) -> tuple[int, int]:
+    """First and last page an IOTLB_MSG invalidation of ``[iova, iova + size)`` covers."""
+    first = (iova & U64) >> PAGE_SHIFT
+    return first, min(((iova & U64) + max(size, 1) - 1) >> PAGE_SHIFT, _PAGE_BITS)
+
+
+def _union(runs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The page runs ``(first, last)`` as sorted, disjoint, non-adjacent runs (their starts and
+    their ends)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for first, last in sorted(runs):
+        if ends and first <= ends[-1] + 1:
+            if last > ends[-1]:
+                ends[-1] = last
+        else:
+            starts.append(first)
+            ends.append(last)
+    return starts, ends
 
 
 def _describe(r: Resolved | Fault) -> dict[str, Any]:

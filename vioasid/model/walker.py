@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -179,6 +179,8 @@ class TranslateFast(Protocol):
 
 # (rtaddr, sid, addr, count, pasid=None, write=False) -> one answer per page (Walker docstring)
 TranslateRange = Callable[..., list[int | Fault]]
+# (rtaddr, sid, addrs, pasid=None, write=False) -> one answer per address (Walker docstring)
+TranslatePages = Callable[..., list[int | Fault]]
 
 
 # -- the direct walk, generated from the layouts ---------------------------------------------
@@ -340,7 +342,44 @@ def make(walker, slow, unpack, unpack3, unpack4, unpackn, name_fs, error):
             count -= 1
         return out
 
-    return translate_fast, direct, translate_range
+    def translate_pages(rtaddr, sid, addrs, pasid=None, write=False):
+        out = []
+        append = out.append
+        if write:
+            need, chk, want = {need_w}, {chk_w}, {want_w}
+        else:
+            need, chk, want = {need_r}, {chk_r}, {want_r}
+        b, buf = mem.largest
+        leaves = {{}}  # addr >> 21 (the L4-L2 indices and the canonical bits) -> its descent
+        for addr in addrs:
+            d = leaves.get(addr >> 21, leaves)
+            if d is leaves:
+                d = leaves[addr >> 21] = descend(rtaddr, sid, addr, pasid, write, b, buf)
+            if d is not None:
+                pa, size, table, up = d
+                if pa >= 0:  # a large page, every check made for all of it
+                    append(pa | (addr & (size - 1)))
+                    continue
+                if up & need == need:  # else the page faults: the walk names it
+                    g = table + ((addr >> 9) & 0xFF8)
+                    if g >= b:
+                        try:
+                            e = unpack(buf, g - b)[0]
+                        except error:
+                            e = 0
+                        if e & chk == want:
+                            pa = e & {addr_mask}
+                            if pa > {intr_hi} or pa + 0x1000 <= {intr_lo}:
+                                append(pa | (addr & 0xFFF))
+                                continue
+            # this page alone: the walk names its fault (or answers what the descent does not)
+            r = translate_fast(rtaddr, sid, addr, pasid, write)
+            append(r)
+            if type(r) is not int:
+                return out
+        return out
+
+    return translate_fast, direct, translate_range, translate_pages
 """
 
 _GENERATED: dict[int, dict[str, Any]] = {}
@@ -499,6 +538,13 @@ class Walker:
     largest region) is walked alone by ``translate_fast``. Otherwise (caches, ``direct``
     off): :meth:`translate_by_page`.
 
+    ``translate_pages(rtaddr, sid, addrs, pasid=None, write=False)``: the answers of
+    ``translate_fast`` for the addresses ``addrs`` (any order: a request's scattered pages), as
+    a list that ends at the first :class:`Fault` (included). Without caches, the descent runs
+    once per 2 MiB of IOVA the addresses fall in (the upper levels shared), then each page's L1
+    entry is read and checked as ``translate_range`` checks it; anything else is walked alone.
+    Otherwise: :meth:`translate_each`.
+
     The one reader of root, context and PASID entries: :meth:`context_info`,
     :meth:`pasid_table`, :meth:`pasid_info` / :func:`decode_pasid_entry` (every present and
     reserved bit checked, FaultError with the VT-d reason otherwise).
@@ -506,6 +552,7 @@ class Walker:
 
     translate_fast: TranslateFast
     translate_range: TranslateRange
+    translate_pages: TranslatePages
     # Whether PASID-entry words are a present, well-formed first-stage entry (False: the
     # decode_pasid_entry names the fault, or it is another PGTT): one folded test per word.
     first_stage_entry_ok: Callable[[tuple[int, ...]], bool]
@@ -556,12 +603,12 @@ class Walker:
         self._direct_fast: TranslateFast
         self._direct_first_stage: Callable[..., Any]
         self._direct_range: TranslateRange
-        self._direct_fast, self._direct_first_stage, self._direct_range = _generated(
-            haw, self._direct_consts(above)
-        )["make"](
+        self._direct_pages: TranslatePages
+        made = _generated(haw, self._direct_consts(above))["make"](
             self, self._slow_fast, _UNPACK_Q, _QPE.unpack_from, _Q4.unpack_from, _unpack_entries,
             _NAME_FS, struct.error,
         )  # fmt: skip
+        self._direct_fast, self._direct_first_stage, self._direct_range, self._direct_pages = made
         self.direct = True
 
     @property
@@ -579,6 +626,7 @@ class Walker:
             self.translate_fast = self._direct_fast if on else self._slow_fast
         direct_range = on and not self.caches.enabled
         self.translate_range = self._direct_range if direct_range else self.translate_by_page
+        self.translate_pages = self._direct_pages if direct_range else self.translate_each
 
     def _direct_consts(self, above: int) -> dict[str, int]:
         """The direct walk's folded "present and no reserved bit" masks for this width."""
@@ -675,6 +723,20 @@ class Walker:
         out: list[int | Fault] = []
         tf = self.translate_fast
         for a in range(addr, addr + (max(n, 0) << 12), 0x1000):
+            r = tf(rtaddr, sid, a, pasid, write)
+            out.append(r)
+            if type(r) is not int:
+                break
+        return out
+
+    def translate_each(
+        self, rtaddr: int, sid: int, addrs: Iterable[int], pasid: int | None = None,
+        write: bool = False,
+    ) -> list[int | Fault]:  # fmt: skip
+        """``translate_pages`` one ``translate_fast`` per address (the reference it must equal)."""
+        out: list[int | Fault] = []
+        tf = self.translate_fast
+        for a in addrs:
             r = tf(rtaddr, sid, a, pasid, write)
             out.append(r)
             if type(r) is not int:

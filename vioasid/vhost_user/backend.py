@@ -213,7 +213,7 @@ class VhostUserBlkBackend:
         self._identity = DeviceTranslator(IdentityResolver(mem, sid), sid=sid)
         self.dirty = DirtyLogging()  # migration: marks every page the device writes
         # invalidations acknowledged by the reader thread, applied before each DMA access
-        self.gate = InvalidationGate(self._apply_invalidation)
+        self.gate = InvalidationGate(self._apply_invalidation, self._apply_invalidations)
         self.dma = Dma(mem, self.dirty.wrap(self.translator), self.gate)
 
     # -- public ---------------------------------------------------------------------------
@@ -333,6 +333,7 @@ class VhostUserBlkBackend:
                 acks=self._acks(),
                 times=self.reader_times,
                 applied=self._invalidated,
+                apply_many=self._apply_invalidations,
             )
             if nat.start():
                 self._reader = nat
@@ -417,6 +418,11 @@ class VhostUserBlkBackend:
         """An invalidation the reader thread acknowledged (applied inside the DMA gate)."""
         self.stats.iotlb_invalidates += 1
         self.translator.invalidate(iova, size)
+
+    def _apply_invalidations(self, ranges: list[tuple[int, int]]) -> None:
+        """Invalidations the reader thread acknowledged, applied together (inside the gate)."""
+        self.stats.iotlb_invalidates += len(ranges)
+        self.translator.invalidate_many(ranges)
 
     def _invalidated(self) -> bool:
         """Poke whoever follows invalidations (the IQ follower); False: nobody does."""

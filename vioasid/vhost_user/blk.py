@@ -218,12 +218,13 @@ def _first_bytes(bufs: list[Buffer], n: int) -> tuple[int, int]:
 
 def _skip_head(bufs: list[Buffer], n: int) -> list[Buffer]:
     out: list[Buffer] = []
-    for b in bufs:
+    for i, b in enumerate(bufs):
         if n >= b.len:
             n -= b.len
             continue
         out.append(Buffer(b.addr + n, b.len - n, b.write))
-        n = 0
+        out += bufs[i + 1 :]  # the rest whole
+        break
     return out
 
 

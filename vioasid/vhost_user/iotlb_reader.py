@@ -81,12 +81,19 @@ def read_ready(
 class InvalidationGate:
     """Invalidations posted by any thread, applied by the data path on entering the gate.
 
-    ``apply(iova, size)`` runs in the thread that enters the gate, with the lock held.
+    ``apply(iova, size)`` runs in the thread that enters the gate, with the lock held;
+    ``apply_many([(iova, size), ...])``, when given, applies everything posted in one call
+    instead (``DeviceTranslator.invalidate_many``).
     ``with gate:`` holds the lock for the memory access that follows the check.
     """
 
-    def __init__(self, apply: Callable[[int, int], None]) -> None:
+    def __init__(
+        self,
+        apply: Callable[[int, int], None],
+        apply_many: Callable[[list[tuple[int, int]]], None] | None = None,
+    ) -> None:
         self._apply = apply
+        self._apply_many = apply_many
         self._lock = threading.Lock()
         self._pending: deque[tuple[int, int]] = deque()
         self.posted = 0
@@ -110,6 +117,10 @@ class InvalidationGate:
         self._lock.acquire()
         pending = self._pending
         try:
+            if len(pending) > 1 and self._apply_many is not None:
+                batch = list(pending)
+                pending.clear()
+                self._apply_many(batch)
             while pending:
                 self._apply(*pending.popleft())
         except BaseException:

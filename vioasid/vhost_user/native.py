@@ -169,11 +169,13 @@ class NativeReader:
         acks: bool,
         times: PhaseTimes,
         applied: Callable[[], object] | None = None,
+        apply_many: Callable[[list[tuple[int, int]]], None] | None = None,
     ) -> None:
         self.lib = lib
         self.conn = conn
         self.loop = loop
         self._apply = apply
+        self._apply_many = apply_many  # all that vr_enter took in one call, when given
         self._flush = flush
         self.deliver = deliver
         self.end = end
@@ -239,6 +241,9 @@ class NativeReader:
         """Apply the ``k`` invalidations vr_enter took (-1: the ring overflowed: all)."""
         if k < 0:
             self._flush()
+        elif k > 1 and self._apply_many is not None:
+            flat = iter(self._out[: 2 * k])
+            self._apply_many(list(zip(flat, flat, strict=True)))
         else:
             out = self._out
             for i in range(0, 2 * k, 2):

@@ -13,11 +13,15 @@ out-of-memory pointer ends in a fault, never in an exception escaping or a stray
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
+import operator
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from vioasid.device.translator import PAGE_MASK, PAGE_SIZE, DmaFault
 from vioasid.device.translator import DmaTranslator as Translator
@@ -139,14 +143,36 @@ class Dma:
         for _ in range(MAX_RETRANSLATIONS):
             gen = tr.generation
             views: list[memoryview] = []
-            for i, b in enumerate(bufs, 1):
-                views.extend(await self.views(b.addr, b.len, write))
-                if not i % YIELD_EVERY and i < len(bufs):
+            for start in range(0, len(ranges), YIELD_EVERY):
+                if start:
                     await asyncio.sleep(0)
+                await self._views_into(views, ranges[start : start + YIELD_EVERY], write)
             with self.gate:
                 if self._fresh(gen, ranges):
                     return access(views)
         raise self._stale(bufs[0].addr if bufs else 0, write)
+
+    async def _views_into(
+        self, views: list[memoryview], ranges: list[tuple[int, int]], write: bool
+    ) -> None:
+        """The views of the buffers ``ranges`` appended to ``views``, as :meth:`views` gives
+        them buffer after buffer: translated together (``spans_many``: the misses in one walk),
+        a buffer whose miss must wait on the awaited path alone, then the rest together again."""
+        tr = self.translator
+        done = 0
+        while done < len(ranges):
+            rest = ranges[done:] if done else ranges
+            got = tr.spans_many(rest, write)
+            if got:
+                mem = self._mem()
+                for (iova, _), spans in zip(rest, got, strict=False):
+                    self._extend(views, mem, iova, spans, write)
+                done += len(got)
+            if done < len(ranges):
+                iova, length = ranges[done]
+                spans = await self._spans_awaited(iova, length, write)
+                self._extend(views, self._mem(), iova, spans, write)
+                done += 1
 
     async def buffer_views(self, bufs: list[Buffer], write: bool) -> list[memoryview]:
         """Views of every buffer of a request, translated and checked as :meth:`transfer` does;
@@ -166,9 +192,26 @@ class Dma:
         spans = self.translator.spans(iova, length, write)
         if spans is None:
             spans = await self._spans_awaited(iova, length, write)
-        mem = self._mem()
         out: list[memoryview] = []
+        self._extend(out, self._mem(), iova, spans, write)
+        return out
+
+    def _extend(
+        self,
+        out: list[memoryview],
+        mem: GuestMemory,
+        iova: int,
+        spans: list[tuple[int, int]],
+        write: bool,
+    ) -> None:
+        """The views of one buffer's ``spans`` (at ``iova``) appended to ``out``."""
+        append = out.append
         for gpa, n in spans:
+            r = mem._last  # the common case: the span lies in the region of the last lookup
+            if r is not None and r.gpa <= gpa and gpa + n <= r.gpa + r.size and n > 0:
+                off = gpa - r.gpa
+                append(r.buf[off : off + n])
+                continue
             try:
                 out.extend(_region_views(mem, gpa, n))
             except MemoryAccessError as exc:
@@ -176,7 +219,6 @@ class Dma:
                 raise DmaFault(
                     Fault(FaultReason.ADDR_BEYOND_MGAW, iova, sid, None, write, str(exc))
                 ) from None
-        return out
 
     async def _spans_awaited(self, iova: int, length: int, write: bool) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
@@ -274,9 +316,9 @@ def _region_views(mem: GuestMemory, gpa: int, n: int) -> list[memoryview]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
-    """One descriptor's buffer: IOVA, length, device-writable or not."""
+class Buffer(NamedTuple):
+    """One descriptor's buffer: IOVA, length, device-writable or not (a tuple: one is made
+    per descriptor on the hot path)."""
 
     addr: int
     len: int
@@ -366,6 +408,9 @@ class SplitQueue:
                 budget = min(size, self.num)  # a whole chain never exceeds the queue size
                 indirect = True
                 tview = await _table_copy(dma, table, size)
+                if tview is not None:  # the whole table at hand: no await until the end
+                    _walk_indirect(chain.buffers, tview, size, budget)
+                    return
                 continue
             chain.buffers.append(Buffer(addr, length, bool(flags & VRING_DESC_F_WRITE)))
             if not flags & VRING_DESC_F_NEXT:
@@ -380,3 +425,58 @@ class SplitQueue:
         await dma.write(self.used + USED_RING_OFF + 8 * slot, _USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         await dma.write_u16(self.used + USED_IDX_OFF, self.used_idx)
+
+
+_INDIRECT, _NEXT, _WRITE = VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+_FIELDS = len(VRING_DESC.names)  # addr, len, flags, next: their places in an unpacked tuple
+_ADDR, _LEN, _FLAGS, _NXT = (VRING_DESC.names.index(n) for n in ("addr", "len", "flags", "next"))
+
+
+@functools.cache
+def _table_unpacker(n: int) -> Callable[[bytes], tuple[int, ...]]:
+    """``unpack`` of ``n`` consecutive descriptors (the VRING_DESC layout repeated): their
+    fields in one flat tuple."""
+    return struct.Struct(_DESC.format[0] + _DESC.format[1:] * n).unpack
+
+
+@functools.cache
+def _successors(n: int) -> tuple[int, ...]:
+    return tuple(range(1, n))
+
+
+def _walk_indirect(out: list[Buffer], table: bytes, size: int, budget: int) -> None:
+    """The chain of an indirect table copied whole (``size`` descriptors), appended to ``out``:
+    ``SplitQueue._walk``'s loop over it, every check the same (at most ``budget`` descriptors,
+    no nested indirect, next inside the table), the table unpacked at once. A table that is
+    one chain in order (what Linux writes: NEXT and next = i + 1 on all but the last, no
+    INDIRECT anywhere, no longer than the budget) is taken whole without a step per
+    descriptor; any other goes through the loop."""
+    flat = _table_unpacker(size)(table)
+    flags, nexts = flat[_FLAGS::_FIELDS], flat[_NXT::_FIELDS]
+    if (
+        size <= budget
+        and not flags[-1] & (_NEXT | _INDIRECT)
+        and nexts[:-1] == _successors(size)
+        and all(f & (_NEXT | _INDIRECT) == _NEXT for f in set(flags[:-1]))
+    ):
+        writes = map(bool, map(operator.and_, flags, itertools.repeat(_WRITE)))
+        out += map(tuple.__new__, itertools.repeat(Buffer),
+                   zip(flat[_ADDR::_FIELDS], flat[_LEN::_FIELDS], writes, strict=True))  # fmt: skip
+        return
+    append = out.append
+    new = tuple.__new__
+    idx = 0
+    while True:
+        if budget <= 0:
+            raise ChainError("descriptor chain loops or is longer than the queue")
+        budget -= 1
+        k = idx * _FIELDS
+        addr, length, f, nxt = flat[k + _ADDR], flat[k + _LEN], flags[idx], nexts[idx]
+        if f & _INDIRECT:
+            raise ChainError("nested indirect descriptor")
+        append(new(Buffer, (addr, length, bool(f & _WRITE))))
+        if not f & _NEXT:
+            return
+        if nxt >= size:
+            raise ChainError(f"next {nxt} >= table size {size}")
+        idx = nxt
